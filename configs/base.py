@@ -1,0 +1,129 @@
+"""Typed configuration: one dataclass per section, one `Config` that holds them all.
+
+Configs are plain data. Presets live in `configs/presets.py`; every check of a value lives in
+`configs/validate.py`; `configs/overrides.py` turns `section.field=value` strings into a new config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MESH_AXES = ("replica", "stage", "data", "fsdp", "seq", "expert", "tensor")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 512
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 8
+  n_kv_heads: int = 4
+  head_dim: int = 0  # 0: d_model // n_heads
+  d_ff: int = 256
+  max_seq_len: int = 128
+  rope_theta: float = 10000.0
+  # Llama-3 frequency scaling; rope_scaling_factor == 1.0 turns it off.
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"  # "bfloat16" for mixed precision
+  attention_impl: str = "xla"  # "xla" (any backend) or "cudnn" (flash attention on GPU)
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  scan_layers: bool = True
+  init_std: float = 0.02
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the named mesh axes, outermost (slowest link) to innermost. One may be -1."""
+
+  replica: int = 1
+  stage: int = 1
+  data: int = -1
+  fsdp: int = 1
+  seq: int = 1
+  expert: int = 1
+  tensor: int = 1
+  # Multi-host: how many processes (hosts) the `data`/`replica` axes span; fast axes stay inside a host.
+  hybrid: bool = True
+
+  def sizes(self) -> dict[str, int]:
+    return {a: getattr(self, a) for a in MESH_AXES}
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+  zero_stage: int = 0  # 0 DDP, 1 optimizer state, 2 + gradients, 3 + parameters (FSDP)
+  sequence_parallel: bool = False  # Megatron SP: norms and residual stream sharded over `tensor` on length
+  vocab_parallel: bool = True  # embedding and cross-entropy sharded over `tensor` on vocab
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 10
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0  # global norm; 0 disables
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  source: str = "builtin"  # builtin | text | tokens | synthetic
+  paths: tuple[str, ...] = ()  # text/JSONL files (source=text) or token shards (source=tokens)
+  tokenizer: str = "bytes"  # "bytes" or a path to a Hugging Face tokenizer.json
+  token_dtype: str = "uint16"  # dtype of pre-tokenized shards
+  jsonl_field: str = "text"
+  seq_len: int = 128
+  global_batch: int = 16
+  microbatches: int = 1  # gradient accumulation steps per optimizer step
+  val_fraction: float = 0.02
+  max_corpus_bytes: int = 4_000_000  # cap on the built-in corpus
+  seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 200
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 4
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+  enabled: bool = True
+  every: int = 100
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+  name: str = "tiny"
+  model: ModelConfig = field(default_factory=ModelConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  sharding: ShardingConfig = field(default_factory=ShardingConfig)
+  optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+  def replace(self, **sections) -> "Config":
+    return dataclasses.replace(self, **sections)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)

@@ -34,7 +34,6 @@ class ModelConfig:
   compute_dtype: str = "float32"  # "bfloat16" for mixed precision
   attention_impl: str = "xla"  # "xla" (any backend) or "cudnn" (flash attention on GPU)
   remat: str = "none"  # none | full | dots | dots_no_batch
-  scan_layers: bool = True
   init_std: float = 0.02
 
   @property

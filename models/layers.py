@@ -1,0 +1,87 @@
+"""Small building blocks of the Llama decoder: parameters with logical axes, RMSNorm, RoPE, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs import ModelConfig
+from parallel.rules import LogicalAxes, ShardingPlan
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, cfg: ModelConfig,
+          init: str = "normal") -> nnx.Param:
+  """A parameter carrying its logical axis names (metadata `logical_axes`), read by the rule tables."""
+  dtype = jnp.dtype(cfg.param_dtype)
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes, plan: ShardingPlan | None) -> jax.Array:
+  return x if plan is None else plan.constrain(x, axes)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.scale = param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies [head_dim/2], with Llama-3 frequency scaling when factor > 1."""
+  hd = cfg.resolved_head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  factor = cfg.rope_scaling_factor
+  if factor == 1.0:
+    return inv
+  low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+  wavelen = 2 * math.pi / inv
+  # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+  scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+  smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates halves (x1, x2) of each head by position * frequency (the Hugging Face Llama layout)."""
+  angles = positions_BxL[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel over `mlp`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.dtype = jnp.dtype(cfg.compute_dtype)
+    self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
+    self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
+    self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan | None) -> jax.Array:
+    x = x_BxLxD.astype(self.dtype)
+    gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))
+    up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(self.dtype))
+    h_BxLxF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"), plan)
+    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(self.dtype))

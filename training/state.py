@@ -1,0 +1,84 @@
+"""The train state as a pure pytree, its shardings, and its sharded initialisation.
+
+state = {"params": nested dict of arrays, "opt_state": optax state, "step": int32 scalar}
+
+Crossing jit boundaries with pure pytrees (not stateful NNX objects) keeps donation, explicit
+shardings and Orbax straightforward; the model is rebuilt inside the step with `nnx.merge`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from configs import Config
+from models.transformer import Transformer, logical_axes
+from parallel.rules import ShardingPlan
+from training.optimizer import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything static about a run: model structure, optimizer, shardings."""
+
+  config: Config
+  plan: ShardingPlan
+  graphdef: Any
+  axes: Any  # logical axes of every parameter, shaped like params
+  tx: optax.GradientTransformation
+  abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  grad_shardings: Any
+  opt_param_shardings: Any  # where the optimizer sees each parameter (ZeRO-1 and up: sharded)
+
+  @property
+  def n_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
+
+
+def _params(config: Config) -> dict:
+  return nnx.to_pure_dict(nnx.split(Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))[1])
+
+
+def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
+  abstract_model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))
+  graphdef, abstract_vars = nnx.split(abstract_model)
+  axes = logical_axes(abstract_vars)
+  abstract_params = jax.eval_shape(lambda: _params(config))
+  tx = make_optimizer(config.optimizer, config.train.steps, axes)
+
+  param_sh = plan.tree_shardings(axes, abstract_params, plan.params)
+  grad_sh = plan.tree_shardings(axes, abstract_params, plan.grads)
+  opt_param_sh = plan.tree_shardings(axes, abstract_params, plan.opt_state)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, opt_param_sh,
+                                 transform_non_params=lambda _: plan.replicated)
+  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": plan.replicated}
+  abstract = {"params": abstract_params, "opt_state": abstract_opt,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
+  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh)
+
+
+def init_state(setup: TrainSetup) -> dict:
+  """Initialises parameters and optimizer state directly in their sharded layout."""
+
+  def init():
+    params = _params(setup.config)
+    return {"params": params, "opt_state": setup.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes that one device holds of a pytree of sharded arrays (device 0's shards)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    total += jnp.dtype(x.dtype).itemsize * math.prod(x.sharding.shard_shape(x.shape))
+  return total

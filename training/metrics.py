@@ -1,0 +1,80 @@
+"""Run reporting: throughput and MFU, JSONL and TensorBoard event files, human-readable lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+# Dense bf16 peak per device (FLOP/s), by device kind prefix.
+_PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v5p": 459e12,
+               "TPU v5": 197e12, "TPU v4": 275e12}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in _PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return flops
+  return None
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Throughput:
+  """Step time, tokens/s and MFU over the interval since the last `measure`."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak = peak_flops_per_device()
+    self.reset()
+
+  def reset(self) -> None:
+    self._t, self._steps = time.perf_counter(), 0
+
+  def tick(self) -> None:
+    self._steps += 1
+
+  def measure(self) -> dict[str, float]:
+    elapsed = time.perf_counter() - self._t
+    steps = max(self._steps, 1)
+    step_time = elapsed / steps
+    tokens_per_s = self.tokens_per_step / step_time
+    out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s}
+    if self.peak:
+      out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count())
+    self.reset()
+    return out
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    from tensorboardX import SummaryWriter  # only the writing process needs it
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
+    for key, value in metrics.items():
+      self._tb.add_scalar(f"{split}/{key}", value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()

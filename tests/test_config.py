@@ -1,0 +1,73 @@
+"""Every configuration rule raises before compilation, naming the field, the value and the rule."""
+
+import pytest
+
+from configs import ConfigError, get_config, resolve_mesh_sizes, validate
+from configs.base import MeshConfig
+
+
+def _check(overrides, n_devices=8):
+  return validate(get_config("tiny", overrides), n_devices)
+
+
+def test_presets_validate():
+  assert _check([])["data"] == 8
+  one_b = get_config("1b").model
+  assert (one_b.d_model, one_b.n_layers, one_b.n_heads, one_b.n_kv_heads, one_b.d_ff, one_b.vocab_size,
+          one_b.max_seq_len) == (2048, 16, 16, 8, 5632, 32000, 4096)
+  validate(get_config("small", ["data.global_batch=8"]), 8)
+
+
+def test_fill_axis():
+  assert resolve_mesh_sizes(MeshConfig(data=2, fsdp=-1, tensor=2), 8)["fsdp"] == 2
+
+
+@pytest.mark.parametrize("overrides,n,pattern", [
+    (["mesh.data=2", "mesh.tensor=2"], 8, r"product of axis sizes \(data=2 x tensor=2\) is 4, but there are 8 devices"),
+    (["mesh.data=-1", "mesh.fsdp=-1"], 8, r"only one axis may be -1.*mesh.data.*mesh.fsdp"),
+    (["mesh.tensor=3"], 8, r"fixed axes multiply to 3, which does not divide the 8 devices"),
+    (["mesh.data=0"], 8, r"mesh.data=0: axis sizes must be positive"),
+    (["mesh.stage=2", "mesh.data=4"], 8, r"mesh.stage=2: stage parallelism is not available yet"),
+    (["mesh.data=1", "mesh.tensor=8", "model.n_heads=4", "model.n_kv_heads=4"], 8,
+     r"model.n_heads=4 is not divisible by mesh.tensor=8"),
+    (["mesh.data=2", "mesh.tensor=4", "model.n_kv_heads=2"], 8, r"model.n_kv_heads=2 is not divisible by mesh.tensor=4"),
+    (["model.n_heads=16", "model.n_kv_heads=3"], 8, r"model.n_heads=16, model.n_kv_heads=3: n_heads must be a multiple of n_kv_heads"),
+    (["model.d_model=100", "model.n_heads=8"], 8, r"model.d_model=100, model.n_heads=8: d_model must be divisible"),
+    (["mesh.data=2", "mesh.tensor=4", "model.vocab_size=510"], 8, r"model.vocab_size=510 is not divisible by mesh.tensor=4"),
+    (["data.global_batch=12"], 8, r"data.global_batch=12 / data.microbatches=1 = 12 rows per microbatch is not divisible by the data axes replica\*data\*fsdp=8"),
+    (["data.microbatches=3"], 8, r"data.global_batch=16 is not divisible by data.microbatches=3"),
+    (["data.seq_len=256"], 8, r"data.seq_len=256: must be in 1..model.max_seq_len=128"),
+    (["mesh.data=1", "mesh.fsdp=8", "sharding.zero_stage=3", "model.d_model=132", "model.n_heads=4", "model.head_dim=32"], 8,
+     r"model.d_model=132 is not divisible by mesh.fsdp=8"),
+    (["sharding.zero_stage=4"], 8, r"sharding.zero_stage=4: choose 0, 1, 2 or 3"),
+    (["model.remat=sometimes"], 8, r"model.remat='sometimes': choose one of"),
+    (["model.attention_impl=flash3"], 8, r"model.attention_impl='flash3': choose one of"),
+    (["data.source=text"], 8, r"data.paths is empty but data.source='text' needs files"),
+    (["data.source=web"], 8, r"data.source='web': choose one of"),
+    (["optimizer.learning_rate=0"], 8, r"optimizer.learning_rate=0.0: must be positive"),
+    (["train.steps=0"], 8, r"train.steps=0: must be positive"),
+    (["mesh.data=2", "mesh.tensor=4", "sharding.sequence_parallel=true", "data.seq_len=126"], 8,
+     r"data.seq_len=126 is not divisible by mesh.tensor=4 \(sharding.sequence_parallel=true\)"),
+])
+def test_rule_violations(overrides, n, pattern):
+  with pytest.raises(ConfigError, match=pattern):
+    _check(overrides, n)
+
+
+@pytest.mark.parametrize("preset,overrides,pattern", [
+    ("nope", [], r"config preset 'nope' is unknown; choose one of \['1b', 'small', 'tiny'\]"),
+    ("tiny", ["model.widht=3"], r"unknown field model.widht"),
+    ("tiny", ["modle.d_model=3"], r"unknown section 'modle'"),
+    ("tiny", ["model.d_model=big"], r"model.d_model='big': expected int"),
+    ("tiny", ["model.tie_embeddings=maybe"], r"expected a boolean"),
+    ("tiny", ["model.d_model"], r"expected section.field=value"),
+])
+def test_bad_overrides(preset, overrides, pattern):
+  with pytest.raises(ConfigError, match=pattern):
+    get_config(preset, overrides)
+
+
+def test_overrides_parse_types():
+  cfg = get_config("tiny", ["model.tie_embeddings=true", "optimizer.learning_rate=1e-4", "data.paths=a.txt,b.txt"])
+  assert cfg.model.tie_embeddings is True and cfg.optimizer.learning_rate == 1e-4
+  assert cfg.data.paths == ("a.txt", "b.txt")

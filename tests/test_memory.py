@@ -1,0 +1,61 @@
+"""Per-device bytes of parameters, gradients and optimizer state follow each ZeRO stage and TP layout."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import Config, DataConfig, MeshConfig, ModelConfig, ShardingConfig, validate
+from parallel.mesh import make_mesh
+from parallel.rules import make_plan
+from training.state import build_setup, bytes_per_device, init_state
+from training.step import BATCH_AXES, make_grad_fn
+
+MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=16)
+D, LAYERS = MODEL.d_model, MODEL.n_layers
+
+
+def _measure(mesh: dict, zero: int):
+  cfg = Config(model=MODEL, mesh=MeshConfig(**{"data": 1, **mesh}), sharding=ShardingConfig(zero_stage=zero),
+               data=DataConfig(seq_len=16, global_batch=8))
+  plan = make_plan(make_mesh(validate(cfg, 8)), zero_stage=zero)
+  setup = build_setup(cfg, plan)
+  state = init_state(setup)
+  batch = {k: np.zeros((8, 16), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+  batch["loss_mask"] = np.ones((8, 16), np.float32)
+  batch = jax.device_put(batch, plan.sharding(BATCH_AXES, plan.activations))
+  grads, _, _ = jax.jit(make_grad_fn(setup))(state["params"], batch)
+  # Adam's moments; the step counters are replicated scalars.
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
+  return bytes_per_device(state["params"]), bytes_per_device(grads), bytes_per_device(moments)
+
+
+@pytest.fixture(scope="module")
+def full():
+  """Unsharded bytes: DDP keeps a full copy of everything on every device."""
+  params, grads, moments = _measure({"data": 8}, 0)
+  assert grads == params and moments == 2 * params
+  return params
+
+
+@pytest.mark.parametrize("zero,param_div,grad_div,opt_div", [
+    (1, 1, 1, 8),  # ZeRO-1: optimizer state split 8 ways
+    (2, 1, 8, 8),  # ZeRO-2: + gradients
+    (3, 8, 8, 8),  # ZeRO-3: + parameters
+])
+def test_zero_stages_over_fsdp8(full, zero, param_div, grad_div, opt_div):
+  params, grads, moments = _measure({"fsdp": 8}, zero)
+  assert params * param_div == full
+  assert grads * grad_div == full
+  assert moments * opt_div == 2 * full
+
+
+def test_hierarchical_shards_inside_fsdp_only(full):
+  params, grads, moments = _measure({"data": 2, "fsdp": 4}, 3)
+  assert (params * 4, grads * 4, moments * 4) == (full, full, 2 * full)
+
+
+def test_tensor_parallel_splits_all_but_norms(full):
+  params, grads, moments = _measure({"tensor": 8}, 0)
+  norm_bytes = 4 * (2 * LAYERS * D + D)  # attn/mlp norm scales per layer + final norm, float32, replicated
+  assert params == (full - norm_bytes) // 8 + norm_bytes
+  assert grads == params and moments == 2 * params

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call: shardlab's train step in several variants, then the PyTorch peer, then a table.
+#   bash bench/run_gpu.sh [results_dir] [variant-set]
+# Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
+set -uo pipefail
+out=${1:-bench/results}
+set_name=${2:-single}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+
+run() {  # label, timeout, then train_speed flags
+  local label=$1 limit=$2; shift 2
+  timeout "$limit" python3 bench/train_speed.py --label="$label" --out="$out/$label.json" "$@" 2>&1 \
+    | grep -vE "^(W|I)[0-9]{4}|TF_CPP|oneDNN" | tail -n 15
+}
+
+case $set_name in
+  single)
+    run xla_dotsnb 150 --config=1b
+    run cudnn_dotsnb 150 --config=1b --set model.attention_impl=cudnn
+    run cudnn_none 150 --config=1b --set model.attention_impl=cudnn --set model.remat=none
+    timeout 200 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | tail -n 5
+    ;;
+esac
+echo "== summary =="
+grep -h "" "$out"/*.json >/dev/null 2>&1 && python3 - "$out" <<'PY'
+import glob, json, sys
+rows = [json.load(open(p)) for p in sorted(glob.glob(sys.argv[1] + "/*.json"))]
+print(f"{'variant':<28} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9}")
+for r in rows:
+  print(f"{r['label'][:28]:<28} {r['step_s']*1e3:9.1f} {r['tokens_per_s']:9.0f} {100*(r['mfu'] or 0):5.1f}% {r['peak_mem_gib']:9.1f}")
+PY

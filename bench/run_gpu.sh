@@ -28,6 +28,13 @@ case $set_name in
     run cudnn_none 150 --config=1b --set model.attention_impl=cudnn --set model.remat=none
     timeout 200 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | tail -n 5
     ;;
+  profile)
+    timeout 200 python3 bench/profile_step.py --config=1b --set model.attention_impl=cudnn --out="$out/profile_cudnn_dotsnb.prof" 2>&1 \
+      | grep -vE "^(W|I)[0-9]{4}" | tail -n 40
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run cudnn_dotsnb_notriton 150 --config=1b --set model.attention_impl=cudnn
+    run cudnn_dotsnb 150 --config=1b --set model.attention_impl=cudnn
+    run cudnn_full 150 --config=1b --set model.attention_impl=cudnn --set model.remat=full
+    ;;
 esac
 echo "== summary =="
 grep -h "" "$out"/*.json >/dev/null 2>&1 && python3 - "$out" <<'PY'

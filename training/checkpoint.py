@@ -14,7 +14,9 @@ import logging
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from configs import CheckpointConfig
 
@@ -45,11 +47,20 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
-        log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying an older one",
-                    step, self.manager.directory, type(err).__name__, err)
+        log.warning("checkpoint at step %d in %s is unreadable (%s: %s); moved it to %d.unreadable "
+                    "and trying an older one", step, self.manager.directory, type(err).__name__, err, step)
+        self._set_aside(step)
         continue
       return step, restored["state"], dict(restored["data"])
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Renames an unreadable checkpoint so the resumed run can save that step again."""
+    if jax.process_index() == 0:
+      path = os.path.join(str(self.manager.directory), str(step))
+      os.rename(path, f"{path}.unreadable")
+    multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -33,7 +33,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"  # "bfloat16" for mixed precision
   attention_impl: str = "xla"  # "xla" (any backend) or "cudnn" (flash attention on GPU)
-  remat: str = "none"  # none | full | dots | dots_no_batch
+  remat: str = "none"  # none | full | dots | dots_no_batch | dots_and_attention
   init_std: float = 0.02
 
   @property
@@ -91,6 +91,9 @@ class DataConfig:
   val_fraction: float = 0.02
   max_corpus_bytes: int = 4_000_000  # cap on the built-in corpus
   seed: int = 0
+  # Attention stays inside each packed document (segment ids). False: plain causal attention over
+  # the whole window, which lets cuDNN flash attention run without a dense mask (faster).
+  mask_documents: bool = True
 
 
 @dataclass(frozen=True)

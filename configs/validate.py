@@ -10,7 +10,7 @@ import math
 from configs.base import MESH_AXES, Config, MeshConfig
 from configs.overrides import ConfigError
 
-_REMAT = ("none", "full", "dots", "dots_no_batch")
+_REMAT = ("none", "full", "dots", "dots_no_batch", "dots_and_attention")
 _ATTENTION = ("xla", "cudnn")
 _DTYPES = ("float32", "bfloat16")
 _SOURCES = ("builtin", "text", "tokens", "synthetic")

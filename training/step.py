@@ -28,10 +28,16 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, plan: Sharding
                                       batch_axes=plan.mesh_axes("batch"))
 
 
-def loss_sum_and_count(graphdef, params, batch: Batch, plan: ShardingPlan | None):
+def uses_segments(config) -> bool:
+  """Whether attention is masked to documents: synthetic tokens have none, and users may opt out."""
+  return config.data.mask_documents and config.data.source != "synthetic"
+
+
+def loss_sum_and_count(graphdef, params, batch: Batch, plan: ShardingPlan | None, mask_documents: bool = True):
   """Sum of masked token losses and the number of counted tokens (float32 scalars)."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], plan=plan)
+  segments = batch["segment_ids"] if mask_documents else None
+  logits = model(batch["inputs"], batch["positions"], segments, plan=plan)
   mask = batch["loss_mask"]
   return jnp.sum(token_losses(logits, batch["targets"], plan) * mask), jnp.sum(mask)
 
@@ -49,7 +55,8 @@ def make_grad_fn(setup: TrainSetup) -> Callable:
   """(params, batch) -> (mean-loss gradients in the grad layout, mean loss, token count)."""
   plan, graphdef = setup.plan, setup.graphdef
   n_micro = setup.config.data.microbatches
-  vg = jax.value_and_grad(lambda p, b: loss_sum_and_count(graphdef, p, b, plan), has_aux=True)
+  masked = uses_segments(setup.config)
+  vg = jax.value_and_grad(lambda p, b: loss_sum_and_count(graphdef, p, b, plan, masked), has_aux=True)
   reduce = lambda g: jax.lax.with_sharding_constraint(g, setup.grad_shardings)
 
   def grad_fn(params, batch):
@@ -96,7 +103,8 @@ def make_train_step(setup: TrainSetup) -> Callable:
 
 def make_eval_step(setup: TrainSetup) -> Callable:
   """Returns jitted `(params, batch) -> (loss_sum, token_count)`."""
-  fn = lambda params, batch: loss_sum_and_count(setup.graphdef, params, batch, setup.plan)
+  masked = uses_segments(setup.config)
+  fn = lambda params, batch: loss_sum_and_count(setup.graphdef, params, batch, setup.plan, masked)
   batch_sh = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
   return jax.jit(fn, in_shardings=(setup.state_shardings["params"], batch_sh),
                  out_shardings=setup.plan.replicated)

@@ -35,6 +35,42 @@ case $set_name in
     run cudnn_dotsnb 150 --config=1b --set model.attention_impl=cudnn
     run cudnn_full 150 --config=1b --set model.attention_impl=cudnn --set model.remat=full
     ;;
+  opt1)
+    run cudnn_dotsnb 150 --config=1b --set model.attention_impl=cudnn
+    run cudnn_dots_attn 150 --config=1b --set model.attention_impl=cudnn --set model.remat=dots_and_attention
+    run cudnn_none 150 --config=1b --set model.attention_impl=cudnn --set model.remat=none
+    timeout 200 python3 bench/profile_step.py --config=1b --set model.attention_impl=cudnn --set model.remat=dots_and_attention \
+      --out="$out/profile_cudnn_dots_attn.prof" 2>&1 | grep -vE "^(W|I)[0-9]{4}" | tail -n 32
+    ;;
+  unroll)
+    for u in 2 4 16; do
+      run cudnn_dots_attn_unroll$u 200 --config=1b --set model.attention_impl=cudnn --set model.remat=dots_and_attention --set model.scan_unroll=$u
+    done
+    ;;
+  unroll_policies)
+    timeout 200 python3 bench/profile_step.py --config=1b --set model.attention_impl=cudnn --set model.remat=dots_and_attention \
+      --set model.scan_unroll=16 --out="$out/profile_unroll16.prof" 2>&1 | grep -vE "^(W|I)[0-9]{4}" | tail -n 32
+    run cudnn_none_unroll16 200 --config=1b --set model.attention_impl=cudnn --set model.remat=none --set model.scan_unroll=16
+    run cudnn_dotsnb_unroll16 200 --config=1b --set model.attention_impl=cudnn --set model.remat=dots_no_batch --set model.scan_unroll=16
+    ;;
+  cse)
+    for pol in dots_and_attention dots_no_batch none; do
+      run cudnn_${pol}_unroll16_cse 200 --config=1b --set model.attention_impl=cudnn --set model.remat=$pol --set model.scan_unroll=16
+    done
+    XLA_FLAGS="--xla_gpu_enable_cublaslt=true" run cudnn_dots_attn_unroll16_cublaslt 200 --config=1b --set model.attention_impl=cudnn \
+      --set model.remat=dots_and_attention --set model.scan_unroll=16
+    ;;
+  final)
+    # The README/BENCHMARKS numbers: shardlab's 1b preset as train.py runs it, and the peer, same machine.
+    run shardlab_1b 200 --config=1b
+    run shardlab_1b_dots_and_attention 200 --config=1b --set model.remat=dots_and_attention
+    XLA_FLAGS="--xla_gpu_enable_cublaslt=true" run shardlab_1b_cublaslt 200 --config=1b
+    timeout 240 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | grep RESULT
+    ;;
+  fit)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/memory_fit.py --config=1b \
+      --set model.attention_impl=cudnn --out="$out/memory_fit.fit" 2>&1 | grep -E "^FIT|Error|error" | tail -n 20
+    ;;
 esac
 echo "== summary =="
 grep -h "" "$out"/*.json >/dev/null 2>&1 && python3 - "$out" <<'PY'

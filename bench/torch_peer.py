@@ -23,7 +23,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--config", default="1b")
   ap.add_argument("--batch", type=int, default=0, help="sequences per step (default: the preset's)")
-  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
+  ap.add_argument("--windows", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--no-compile", action="store_true")
   ap.add_argument("--out", default="")
@@ -61,14 +62,13 @@ def main():
     step()
   torch.cuda.synchronize()
   torch.cuda.reset_peak_memory_stats()
-  times = []
-  for _ in range(args.steps):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    loss = step()
-    end.record()
+  times = []  # the same windowed timing as bench/train_speed.py: steps back to back, then wait
+  for _ in range(args.windows):
+    t = time.perf_counter()
+    for _ in range(args.steps):
+      loss = step()
     torch.cuda.synchronize()
-    times.append(start.elapsed_time(end) / 1e3)
+    times.append((time.perf_counter() - t) / args.steps)
   step_s = statistics.median(times)
   n_tok = batch * seq
   fpt = flops_per_token(m, n_params, seq)
@@ -76,7 +76,7 @@ def main():
             "transformers": transformers.__version__, "device_kind": torch.cuda.get_device_name(),
             "params": n_params, "tokens_per_step": n_tok, "compile_s": compile_s, "step_s": step_s,
             "tokens_per_s": n_tok / step_s, "flops_per_token": fpt, "mfu": n_tok / step_s * fpt / 989e12,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss.detach())}
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)

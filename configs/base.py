@@ -32,8 +32,10 @@ class ModelConfig:
   tie_embeddings: bool = False
   param_dtype: str = "float32"
   compute_dtype: str = "float32"  # "bfloat16" for mixed precision
-  attention_impl: str = "xla"  # "xla" (any backend) or "cudnn" (flash attention on GPU)
+  # "auto": cuDNN flash attention on GPUs with bf16 compute, XLA otherwise; or force "xla" / "cudnn".
+  attention_impl: str = "auto"
   remat: str = "none"  # none | full | dots | dots_no_batch | dots_and_attention
+  scan_unroll: int = 1  # layers per scan iteration; n_layers unrolls fully (slower compile)
   init_std: float = 0.02
 
   @property

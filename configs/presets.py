@@ -37,7 +37,9 @@ def one_b() -> Config:
       name="1b",
       model=ModelConfig(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,
                         d_ff=5632, max_seq_len=4096, rope_theta=500000.0, compute_dtype="bfloat16",
-                        remat="dots_no_batch"),
+                        # Fastest on one H100 at 16K tokens per step (BENCHMARKS.md): no remat
+                        # fits (30 GiB), and unrolled layers let XLA fuse across them.
+                        remat="none", scan_unroll=16),
       data=DataConfig(seq_len=4096, global_batch=4),
       optimizer=OptimizerConfig(learning_rate=3e-4, warmup_steps=500),
       train=TrainConfig(steps=10000, log_every=10, eval_every=1000),

@@ -11,7 +11,7 @@ from configs.base import MESH_AXES, Config, MeshConfig
 from configs.overrides import ConfigError
 
 _REMAT = ("none", "full", "dots", "dots_no_batch", "dots_and_attention")
-_ATTENTION = ("xla", "cudnn")
+_ATTENTION = ("auto", "xla", "cudnn")
 _DTYPES = ("float32", "bfloat16")
 _SOURCES = ("builtin", "text", "tokens", "synthetic")
 _NOT_YET = ("stage", "seq", "expert")  # axes whose parallel ops are not built yet
@@ -66,6 +66,11 @@ def validate(config: Config, n_devices: int) -> dict[str, int]:
   _require(m.attention_impl in _ATTENTION, f"model.attention_impl={m.attention_impl!r}: choose one of {_ATTENTION}")
   for name in ("param_dtype", "compute_dtype"):
     _require(getattr(m, name) in _DTYPES, f"model.{name}={getattr(m, name)!r}: choose one of {_DTYPES}")
+  _require(m.attention_impl != "cudnn" or m.compute_dtype == "bfloat16",
+           f"model.attention_impl='cudnn' needs model.compute_dtype='bfloat16' (got {m.compute_dtype!r}): "
+           f"cuDNN flash attention has no float32 kernels")
+  _require(1 <= m.scan_unroll <= m.n_layers and m.n_layers % m.scan_unroll == 0,
+           f"model.scan_unroll={m.scan_unroll}: must divide model.n_layers={m.n_layers}")
   _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be positive")
   _require(m.rope_scaling_factor >= 1.0, f"model.rope_scaling_factor={m.rope_scaling_factor}: must be >= 1")
 

@@ -11,6 +11,14 @@ from models.layers import apply_rope, constrain, param
 from parallel.rules import ShardingPlan
 
 
+def resolve_implementation(cfg: ModelConfig) -> str:
+  """"auto" picks cuDNN flash attention where it exists (NVIDIA GPUs, bf16), else XLA."""
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and cfg.compute_dtype == "bfloat16" else "xla"
+
+
 def attention_core(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
                    segment_ids_BxL: jax.Array | None, implementation: str) -> jax.Array:
   """Causal attention; with segment ids, tokens attend only within their own document.
@@ -31,7 +39,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
     self.dtype = jnp.dtype(cfg.compute_dtype)
-    self.implementation = cfg.attention_impl
+    self.implementation = resolve_implementation(cfg)
     self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
     self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
     self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)

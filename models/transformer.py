@@ -92,8 +92,10 @@ class Transformer(nnx.Module):
       return block(x, positions_BxL, segment_ids_BxL, inv_freq, plan), None
 
     if cfg.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, stacked)
+      # Inside a rolled scan XLA cannot merge the recomputation with the forward pass, so CSE
+      # needs no barrier; unrolled layers sit side by side, and without one remat would vanish.
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_unroll > 1)
+    x, _ = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
     return self.final_norm(x)
 
   def logits(self, h_BxLxD: jax.Array, *, plan: ShardingPlan | None = None) -> jax.Array:

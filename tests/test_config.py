@@ -42,6 +42,7 @@ def test_fill_axis():
     (["sharding.zero_stage=4"], 8, r"sharding.zero_stage=4: choose 0, 1, 2 or 3"),
     (["model.remat=sometimes"], 8, r"model.remat='sometimes': choose one of"),
     (["model.attention_impl=flash3"], 8, r"model.attention_impl='flash3': choose one of"),
+    (["model.attention_impl=cudnn"], 8, r"model.attention_impl='cudnn' needs model.compute_dtype='bfloat16'"),
     (["data.source=text"], 8, r"data.paths is empty but data.source='text' needs files"),
     (["data.source=web"], 8, r"data.source='web': choose one of"),
     (["optimizer.learning_rate=0"], 8, r"optimizer.learning_rate=0.0: must be positive"),

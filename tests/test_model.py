@@ -121,3 +121,9 @@ def test_sharded_model_loss_and_grads_match_dense(mesh, zero, sp):
   assert _rel(l, l_ref) <= 1e-5
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     assert _rel(a, b) <= 1e-5
+
+
+def test_auto_attention_is_xla_off_gpu():
+  from models.attention import resolve_implementation
+  assert resolve_implementation(dataclasses.replace(CFG, compute_dtype="bfloat16")) == "xla"  # CPU here
+  assert resolve_implementation(dataclasses.replace(CFG, attention_impl="cudnn")) == "cudnn"

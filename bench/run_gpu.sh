@@ -67,9 +67,20 @@ case $set_name in
     XLA_FLAGS="--xla_gpu_enable_cublaslt=true" run shardlab_1b_cublaslt 200 --config=1b
     timeout 240 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | grep RESULT
     ;;
+  scale)
+    # Same per-GPU batch (4 x 4096 tokens): one GPU, then two GPUs under ZeRO-3 (FSDP) and ZeRO-1.
+    nvidia-smi topo -m | head -n 4
+    CUDA_VISIBLE_DEVICES=0 run h200x1_1b 200 --config=1b
+    two="--set mesh.data=1 --set mesh.fsdp=2 --set data.global_batch=8"
+    run h200x2_zero3 200 --config=1b $two --set sharding.zero_stage=3
+    run h200x2_zero1 200 --config=1b $two --set sharding.zero_stage=1
+    lhs="--xla_gpu_enable_latency_hiding_scheduler=true"
+    XLA_FLAGS=$lhs run h200x2_zero3_lhs 200 --config=1b $two --set sharding.zero_stage=3
+    XLA_FLAGS=$lhs run h200x2_zero1_lhs 200 --config=1b $two --set sharding.zero_stage=1
+    ;;
   fit)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/memory_fit.py --config=1b \
-      --set model.attention_impl=cudnn --out="$out/memory_fit.fit" 2>&1 | grep -E "^FIT|Error|error" | tail -n 20
+      --max_batch=32 --max_seq=65536 --out="$out/memory_fit.fit" 2>&1 | grep -E "^FIT|Error|error" | tail -n 20
     ;;
 esac
 echo "== summary =="

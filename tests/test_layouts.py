@@ -1,5 +1,7 @@
 """The same training steps give the same losses on one device and under every mesh layout."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -79,3 +81,19 @@ def test_layout_matches_single_device(name, reference):
   losses = _losses(LAYOUTS[name])
   assert reference[-1] < reference[0]  # the steps really train
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+BF16 = dataclasses.replace(MODEL, compute_dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def reference_bf16():
+  return _losses(_config({}, model=BF16))
+
+
+@pytest.mark.parametrize("mesh,zero", [({"fsdp": 8}, 1), ({"data": 2, "fsdp": 4}, 2), ({"fsdp": 8}, 3)])
+def test_bfloat16_zero_matches_single_device(mesh, zero, reference_bf16):
+  """Mixed precision: ZeRO-1/2 keep float32 masters sharded and gather bf16 copies each step."""
+  losses = _losses(_config(mesh, zero=zero, model=BF16))
+  assert reference_bf16[-1] < reference_bf16[0]
+  np.testing.assert_allclose(losses, reference_bf16, rtol=2e-2)

@@ -1,5 +1,7 @@
 """Per-device bytes of parameters, gradients and optimizer state follow each ZeRO stage and TP layout."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -14,8 +16,8 @@ MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_head
 D, LAYERS = MODEL.d_model, MODEL.n_layers
 
 
-def _measure(mesh: dict, zero: int):
-  cfg = Config(model=MODEL, mesh=MeshConfig(**{"data": 1, **mesh}), sharding=ShardingConfig(zero_stage=zero),
+def _measure(mesh: dict, zero: int, model: ModelConfig = MODEL):
+  cfg = Config(model=model, mesh=MeshConfig(**{"data": 1, **mesh}), sharding=ShardingConfig(zero_stage=zero),
                data=DataConfig(seq_len=16, global_batch=8))
   plan = make_plan(make_mesh(validate(cfg, 8)), zero_stage=zero)
   setup = build_setup(cfg, plan)
@@ -59,3 +61,9 @@ def test_tensor_parallel_splits_all_but_norms(full):
   norm_bytes = 4 * (2 * LAYERS * D + D)  # attn/mlp norm scales per layer + final norm, float32, replicated
   assert params == (full - norm_bytes) // 8 + norm_bytes
   assert grads == params and moments == 2 * params
+
+
+def test_mixed_precision_zero1_shards_master_weights(full):
+  """With bf16 compute, ZeRO-1/2 count the float32 masters as optimizer state: sharded 8 ways."""
+  params, grads, moments = _measure({"fsdp": 8}, 1, dataclasses.replace(MODEL, compute_dtype="bfloat16"))
+  assert (params * 8, grads, moments * 8) == (full, full, 2 * full)

@@ -16,8 +16,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
       decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def decay_mask(axes_tree: Any) -> Any:
-  """Weight decay applies to matrices: parameters with two or more non-`layers` axes."""
+def matrix_mask(axes_tree: Any) -> Any:
+  """True for weight matrices (two or more non-`layers` axes): what weight decay applies to, and
+  what mixed precision casts to the compute dtype (norm scales stay float32)."""
   return jax.tree.map(lambda axes: sum(a != "layers" for a in axes) >= 2, axes_tree,
                       is_leaf=lambda x: isinstance(x, tuple))
 
@@ -25,5 +26,5 @@ def decay_mask(axes_tree: Any) -> Any:
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, axes_tree: Any) -> optax.GradientTransformation:
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask(axes_tree)))
+                           weight_decay=cfg.weight_decay, mask=matrix_mask(axes_tree)))
   return optax.chain(*parts)

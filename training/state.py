@@ -36,6 +36,7 @@ class TrainSetup:
   state_shardings: Any
   grad_shardings: Any
   opt_param_shardings: Any  # where the optimizer sees each parameter (ZeRO-1 and up: sharded)
+  compute_shardings: Any  # where the forward/backward pass reads parameters (the `params` table)
 
   @property
   def n_params(self) -> int:
@@ -44,6 +45,13 @@ class TrainSetup:
 
 def _params(config: Config) -> dict:
   return nnx.to_pure_dict(nnx.split(Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))[1])
+
+
+def sharded_masters(config: Config) -> bool:
+  """Mixed-precision ZeRO-1/2: the float32 master weights count as optimizer state (as in the
+  ZeRO paper) and live sharded beside Adam's moments; each step all-gathers a compute-dtype copy.
+  That halves the gather's bytes and drops the float32 all-gather after the update."""
+  return config.model.compute_dtype != config.model.param_dtype and config.sharding.zero_stage in (1, 2)
 
 
 def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
@@ -59,11 +67,12 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, opt_param_sh,
                                  transform_non_params=lambda _: plan.replicated)
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": plan.replicated}
+  master_sh = opt_param_sh if sharded_masters(config) else param_sh
+  state_sh = {"params": master_sh, "opt_state": opt_sh, "step": plan.replicated}
   abstract = {"params": abstract_params, "opt_state": abstract_opt,
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh)
+  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh, param_sh)
 
 
 def init_state(setup: TrainSetup) -> dict:

@@ -11,8 +11,8 @@ from flax import nnx
 
 from parallel.rules import ShardingPlan
 from parallel.vocab_parallel import cross_entropy, vocab_parallel_cross_entropy
-from training.optimizer import learning_rate_schedule
-from training.state import TrainSetup
+from training.optimizer import matrix_mask, learning_rate_schedule
+from training.state import TrainSetup, sharded_masters
 
 Batch = dict[str, jax.Array]
 BATCH_AXES = ("batch", "length")
@@ -51,12 +51,37 @@ def _split_microbatches(batch: Batch, n: int, plan: ShardingPlan) -> Batch:
   return jax.tree.map(split, batch)
 
 
+def make_compute_params(setup: TrainSetup) -> Callable:
+  """Master parameters -> the parameters the model computes with.
+
+  With sharded masters (mixed-precision ZeRO-1/2) this casts weight matrices to the compute dtype
+  and all-gathers them into the compute layout; its backward converts the gradients to float32
+  before they are reduced, so reductions keep float32 precision. Otherwise it is the identity.
+  """
+  if not sharded_masters(setup.config):
+    return lambda params: params
+  dtype = jnp.dtype(setup.config.model.compute_dtype)
+  matrices = matrix_mask(setup.axes)
+  wsc = jax.lax.with_sharding_constraint
+
+  def gather(masters):
+    cast = jax.tree.map(lambda x, m: x.astype(dtype) if m else x, masters, matrices)
+    return wsc(cast, setup.compute_shardings)
+
+  def backward(_, grads):
+    return (wsc(jax.tree.map(lambda g: g.astype(jnp.float32), grads), setup.grad_shardings),)
+
+  gather_fn = jax.custom_vjp(gather)
+  gather_fn.defvjp(lambda masters: (gather(masters), None), backward)
+  return gather_fn
+
+
 def make_grad_fn(setup: TrainSetup) -> Callable:
   """(params, batch) -> (mean-loss gradients in the grad layout, mean loss, token count)."""
   plan, graphdef = setup.plan, setup.graphdef
   n_micro = setup.config.data.microbatches
-  masked = uses_segments(setup.config)
-  vg = jax.value_and_grad(lambda p, b: loss_sum_and_count(graphdef, p, b, plan, masked), has_aux=True)
+  masked, to_compute = uses_segments(setup.config), make_compute_params(setup)
+  vg = jax.value_and_grad(lambda p, b: loss_sum_and_count(graphdef, to_compute(p), b, plan, masked), has_aux=True)
   reduce = lambda g: jax.lax.with_sharding_constraint(g, setup.grad_shardings)
 
   def grad_fn(params, batch):
@@ -88,10 +113,12 @@ def make_train_step(setup: TrainSetup) -> Callable:
     grads, loss, count = grad_fn(state["params"], batch)
     # ZeRO-1/2: each device updates only its slice of parameters and moments, then the new
     # parameters are all-gathered into their own layout by the output sharding.
-    params = to_opt(state["params"])
-    updates, opt_state = setup.tx.update(to_opt(grads), state["opt_state"], params)
+    params, grads = to_opt(state["params"]), to_opt(grads)
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
+    # The norm of the sliced gradients: then the full gradients' only consumer is the slice, and
+    # XLA can turn ZeRO-1's all-reduce + slice into a reduce-scatter.
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": count}
     return new_state, metrics
@@ -103,8 +130,8 @@ def make_train_step(setup: TrainSetup) -> Callable:
 
 def make_eval_step(setup: TrainSetup) -> Callable:
   """Returns jitted `(params, batch) -> (loss_sum, token_count)`."""
-  masked = uses_segments(setup.config)
-  fn = lambda params, batch: loss_sum_and_count(setup.graphdef, params, batch, setup.plan, masked)
+  masked, to_compute = uses_segments(setup.config), make_compute_params(setup)
+  fn = lambda params, batch: loss_sum_and_count(setup.graphdef, to_compute(params), batch, setup.plan, masked)
   batch_sh = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
   return jax.jit(fn, in_shardings=(setup.state_shardings["params"], batch_sh),
                  out_shardings=setup.plan.replicated)

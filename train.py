@@ -36,7 +36,9 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   config = configs.get_config(FLAGS.config, FLAGS.set)
-  # Multi-host start-up must come before anything touches a JAX backend.
+  # XLA flags and multi-host start-up must come before anything touches a JAX backend.
+  from parallel.xla_flags import apply_default_flags
+  apply_default_flags()
   from parallel.mesh import initialize_distributed
   ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
   initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, ids)

@@ -60,6 +60,8 @@ def largest(config_for, values, limit: int) -> tuple[int | None, list[dict]]:
 
 def main(argv):
   del argv
+  from parallel.xla_flags import apply_default_flags
+  apply_default_flags()  # as train.py does
   import jax
 
   limit = jax.local_devices()[0].memory_stats()["bytes_limit"]

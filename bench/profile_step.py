@@ -62,6 +62,8 @@ def device_kernel_times(trace_dir: str) -> dict[str, tuple[float, int]]:
 
 def main(argv):
   del argv
+  from parallel.xla_flags import apply_default_flags
+  apply_default_flags()  # as train.py does
   import jax
 
   from data import make_dataset

@@ -78,6 +78,25 @@ case $set_name in
     XLA_FLAGS=$lhs run h200x2_zero3_lhs 200 --config=1b $two --set sharding.zero_stage=3
     XLA_FLAGS=$lhs run h200x2_zero1_lhs 200 --config=1b $two --set sharding.zero_stage=1
     ;;
+  scale_flags)
+    # Overlap per-layer gradient reductions with the rest of the backward: small combine sizes.
+    CUDA_VISIBLE_DEVICES=0 run h200x1_1b_again 200 --config=1b
+    two="--set mesh.data=1 --set mesh.fsdp=2 --set data.global_batch=8"
+    for mb in 64 256; do
+      b=$((mb * 1024 * 1024))
+      f="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_all_reduce_combine_threshold_bytes=$b"
+      f="$f --xla_gpu_reduce_scatter_combine_threshold_bytes=$b --xla_gpu_all_gather_combine_threshold_bytes=$b"
+      XLA_FLAGS="$f" run h200x2_zero1_lhs_combine${mb}mb 200 --config=1b $two --set sharding.zero_stage=1
+      XLA_FLAGS="$f" run h200x2_zero3_lhs_combine${mb}mb 200 --config=1b $two --set sharding.zero_stage=3
+    done
+    ;;
+  scale_zero)
+    # Defaults now include the collective flags (parallel/xla_flags.py); ZeRO-1/2 gather bf16 copies.
+    CUDA_VISIBLE_DEVICES=0 run h200x1_1b_defaults 200 --config=1b
+    two="--set mesh.data=1 --set mesh.fsdp=2 --set data.global_batch=8"
+    for z in 1 2 3; do run h200x2_zero${z}_defaults 200 --config=1b $two --set sharding.zero_stage=$z; done
+    echo "XLA_FLAGS seen by the runs: $(PYTHONPATH=$PWD python3 -c 'from parallel.xla_flags import apply_default_flags as a; import os; a(); print(os.environ.get("XLA_FLAGS"))')"
+    ;;
   fit)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/memory_fit.py --config=1b \
       --max_batch=32 --max_seq=65536 --out="$out/memory_fit.fit" 2>&1 | grep -E "^FIT|Error|error" | tail -n 20

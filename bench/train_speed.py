@@ -74,6 +74,8 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
 
 def main(argv):
   del argv
+  from parallel.xla_flags import apply_default_flags
+  apply_default_flags()  # as train.py does
   config = configs.get_config(FLAGS.config, ["data.source=synthetic", "checkpoint.enabled=false", *FLAGS.set])
   result = {"label": FLAGS.label or " ".join(FLAGS.set), "overrides": FLAGS.set,
             **measure(config, FLAGS.warmup, FLAGS.steps, FLAGS.windows)}

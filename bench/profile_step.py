@@ -67,7 +67,7 @@ def main(argv):
   import jax
 
   from data import make_dataset
-  from training.loop import _to_global, setup_for
+  from training.loop import to_global_batch, setup_for
   from training.state import init_state
   from training.step import make_train_step
 
@@ -76,12 +76,12 @@ def main(argv):
   data = make_dataset(config.data, vocab_size=config.model.vocab_size)
   state, step = init_state(setup), make_train_step(setup)
   for _ in range(3):
-    state, metrics = step(state, _to_global(setup, next(data)))
+    state, metrics = step(state, to_global_batch(setup, next(data)))
   jax.block_until_ready(metrics)
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(FLAGS.steps):
-      state, metrics = step(state, _to_global(setup, next(data)))
+      state, metrics = step(state, to_global_batch(setup, next(data)))
     jax.block_until_ready(metrics)
   kernels = device_kernel_times(trace_dir)
   per_step = lambda us: us / FLAGS.steps / 1e3

@@ -32,7 +32,7 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
 
   from data import make_dataset
   from models.transformer import flops_per_token
-  from training.loop import _to_global, setup_for
+  from training.loop import to_global_batch, setup_for
   from training.metrics import peak_flops_per_device
   from training.state import init_state
   from training.step import make_train_step
@@ -42,17 +42,17 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
                       process_count=jax.process_count())
   state, step = init_state(setup), make_train_step(setup)
   t0 = time.perf_counter()
-  state, metrics = step(state, _to_global(setup, next(data)))
+  state, metrics = step(state, to_global_batch(setup, next(data)))
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):
-    state, metrics = step(state, _to_global(setup, next(data)))
+    state, metrics = step(state, to_global_batch(setup, next(data)))
   jax.block_until_ready(metrics)
   times = []
   for _ in range(windows):
     t = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step(state, _to_global(setup, next(data)))
+      state, metrics = step(state, to_global_batch(setup, next(data)))
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - t) / steps)
   step_s = statistics.median(times)

@@ -51,7 +51,8 @@ def setup_for(config: Config) -> TrainSetup:
   return build_setup(config, plan)
 
 
-def _to_global(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays laid out as the plan's batch sharding."""
   sharding = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
@@ -60,7 +61,7 @@ def evaluate(setup: TrainSetup, eval_step, params, dataset, n_batches: int) -> f
   """Mean token loss over the first `n_batches` validation batches."""
   total = count = 0.0
   for i in range(n_batches):
-    loss_sum, n = eval_step(params, _to_global(setup, dataset.get_batch(i)))
+    loss_sum, n = eval_step(params, to_global_batch(setup, dataset.get_batch(i)))
     total, count = total + float(loss_sum), count + float(n)
   return total / max(count, 1.0)
 
@@ -105,7 +106,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
   try:
     while step < total and stop.received is None:
-      state, metrics = train_step(state, _to_global(setup, next(train_data)))
+      state, metrics = train_step(state, to_global_batch(setup, next(train_data)))
       step += 1
       meter.tick()
       if step == first_step + 1:

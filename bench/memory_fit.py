@@ -29,15 +29,14 @@ def compiled_bytes(config: configs.Config) -> int:
   import jax
 
   from training.loop import setup_for
-  from training.step import BATCH_AXES, make_train_step
+  from training.step import make_train_step
 
   setup = setup_for(config)
   shape = (config.data.global_batch, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for k in
            ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jax.numpy.float32)
-  sharding = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in batch.items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in batch.items()}
   m = make_train_step(setup).lower(setup.abstract_state, batch).compile().memory_analysis()
   return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
           + m.temp_size_in_bytes)

@@ -19,7 +19,7 @@ from parallel.rules import make_plan
 from training.checkpoint import Checkpointer
 from training.metrics import MetricsWriter, Throughput, format_duration
 from training.state import TrainSetup, build_setup, bytes_per_device, init_state
-from training.step import BATCH_AXES, make_eval_step, make_train_step
+from training.step import make_eval_step, make_train_step
 
 log = logging.getLogger("shardlab")
 
@@ -53,8 +53,7 @@ def setup_for(config: Config) -> TrainSetup:
 
 def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays laid out as the plan's batch sharding."""
-  sharding = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+  return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v) for k, v in local.items()}
 
 
 def evaluate(setup: TrainSetup, eval_step, params, dataset, n_batches: int) -> float:

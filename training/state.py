@@ -22,6 +22,8 @@ from models.transformer import Transformer, logical_axes
 from parallel.rules import ShardingPlan
 from training.optimizer import make_optimizer
 
+BATCH_AXES = ("batch", "length")  # logical axes of every input array of a batch
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
@@ -37,6 +39,7 @@ class TrainSetup:
   grad_shardings: Any
   opt_param_shardings: Any  # where the optimizer sees each parameter (ZeRO-1 and up: sharded)
   compute_shardings: Any  # where the forward/backward pass reads parameters (the `params` table)
+  batch_sharding: Any  # every [batch, length] input array
 
   @property
   def n_params(self) -> int:
@@ -58,7 +61,7 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
   abstract_model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))
   graphdef, abstract_vars = nnx.split(abstract_model)
   axes = logical_axes(abstract_vars)
-  abstract_params = jax.eval_shape(lambda: _params(config))
+  abstract_params = nnx.to_pure_dict(abstract_vars)  # ShapeDtypeStructs
   tx = make_optimizer(config.optimizer, config.train.steps, axes)
 
   param_sh = plan.tree_shardings(axes, abstract_params, plan.params)
@@ -72,7 +75,8 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
   abstract = {"params": abstract_params, "opt_state": abstract_opt,
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh, param_sh)
+  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh, param_sh,
+                    plan.sharding(BATCH_AXES, plan.activations))
 
 
 def init_state(setup: TrainSetup) -> dict:

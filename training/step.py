@@ -12,10 +12,9 @@ from flax import nnx
 from parallel.rules import ShardingPlan
 from parallel.vocab_parallel import cross_entropy, vocab_parallel_cross_entropy
 from training.optimizer import matrix_mask, learning_rate_schedule
-from training.state import TrainSetup, sharded_masters
+from training.state import BATCH_AXES, TrainSetup, sharded_masters
 
 Batch = dict[str, jax.Array]
-BATCH_AXES = ("batch", "length")
 
 
 def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, plan: ShardingPlan | None) -> jax.Array:
@@ -123,8 +122,7 @@ def make_train_step(setup: TrainSetup) -> Callable:
                "tokens": count}
     return new_state, metrics
 
-  batch_sh = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
-  return jax.jit(step, in_shardings=(setup.state_shardings, batch_sh),
+  return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, setup.plan.replicated), donate_argnums=0)
 
 
@@ -132,6 +130,5 @@ def make_eval_step(setup: TrainSetup) -> Callable:
   """Returns jitted `(params, batch) -> (loss_sum, token_count)`."""
   masked, to_compute = uses_segments(setup.config), make_compute_params(setup)
   fn = lambda params, batch: loss_sum_and_count(setup.graphdef, to_compute(params), batch, setup.plan, masked)
-  batch_sh = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
-  return jax.jit(fn, in_shardings=(setup.state_shardings["params"], batch_sh),
+  return jax.jit(fn, in_shardings=(setup.state_shardings["params"], setup.batch_sharding),
                  out_shardings=setup.plan.replicated)

@@ -97,6 +97,16 @@ case $set_name in
     for z in 1 2 3; do run h200x2_zero${z}_defaults 200 --config=1b $two --set sharding.zero_stage=$z; done
     echo "XLA_FLAGS seen by the runs: $(PYTHONPATH=$PWD python3 -c 'from parallel.xla_flags import apply_default_flags as a; import os; a(); print(os.environ.get("XLA_FLAGS"))')"
     ;;
+  scale_layerwise)
+    # ZeRO-1/2 gather each layer's bf16 weights where it runs; gradients leave the backward in bf16.
+    CUDA_VISIBLE_DEVICES=0 run h200x1_1b 200 --config=1b
+    two="--set mesh.data=1 --set mesh.fsdp=2 --set data.global_batch=8"
+    for z in 1 2 3; do run h200x2_zero$z 200 --config=1b $two --set sharding.zero_stage=$z; done
+    for z in 1 3; do
+      timeout 200 python3 bench/profile_step.py --config=1b $two --set sharding.zero_stage=$z \
+        --out="$out/profile_zero$z.prof" 2>&1 | grep -vE "^(W|I)[0-9]{4}" | grep -A3 "per GPU"
+    done
+    ;;
   fit)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/memory_fit.py --config=1b \
       --max_batch=32 --max_seq=65536 --out="$out/memory_fit.fit" 2>&1 | grep -E "^FIT|Error|error" | tail -n 20

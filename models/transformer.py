@@ -34,6 +34,14 @@ _REMAT_POLICIES = {
 RESIDUAL = ("batch", "residual_length", "embed")
 
 
+def _compute_layout(layer_state: nnx.State, plan: ShardingPlan | None) -> nnx.State:
+  """One layer's weights (a slice of the stack) pinned to the `params` table's layout."""
+  if plan is None:
+    return layer_state
+  pin = lambda v: v.replace(plan.constrain_weight(v[...], v.get_metadata()["logical_axes"][1:]))
+  return jax.tree.map(pin, layer_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class Block(nnx.Module):
   """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
 
@@ -87,14 +95,20 @@ class Transformer(nnx.Module):
     inv_freq = rope_inv_freq(cfg)
     graphdef, stacked = nnx.split(self.layers)
 
-    def body(x, layer_state):
+    def block_fn(x, layer_state):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions_BxL, segment_ids_BxL, inv_freq, plan), None
+      return block(x, positions_BxL, segment_ids_BxL, inv_freq, plan)
 
     if cfg.remat != "none":
       # Inside a rolled scan XLA cannot merge the recomputation with the forward pass, so CSE
       # needs no barrier; unrolled layers sit side by side, and without one remat would vanish.
-      body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_unroll > 1)
+      block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_unroll > 1)
+
+    def body(x, layer_state):
+      # Outside remat, so a gather this implies (ZeRO-1/2 masters live sharded) is done once per
+      # step, layer by layer, and its result is kept for the backward pass.
+      return block_fn(x, _compute_layout(layer_state, plan)), None
+
     x, _ = jax.lax.scan(body, x, stacked, unroll=cfg.scan_unroll)
     return self.final_norm(x)
 

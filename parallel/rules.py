@@ -86,6 +86,10 @@ class ShardingPlan:
     """Pins an activation to the layout the activation table gives it."""
     return jax.lax.with_sharding_constraint(x, self.sharding(axes, self.activations, x.shape))
 
+  def constrain_weight(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
+    """Pins a weight to the layout the `params` table gives it: where the model computes with it."""
+    return jax.lax.with_sharding_constraint(x, self.sharding(axes, self.params, x.shape))
+
   def mesh_axes(self, name: str) -> tuple[str, ...]:
     """The mesh axes (size > 1) an activation dimension is split over; () if none."""
     axes = self.activations.get(name)

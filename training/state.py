@@ -38,7 +38,6 @@ class TrainSetup:
   state_shardings: Any
   grad_shardings: Any
   opt_param_shardings: Any  # where the optimizer sees each parameter (ZeRO-1 and up: sharded)
-  compute_shardings: Any  # where the forward/backward pass reads parameters (the `params` table)
   batch_sharding: Any  # every [batch, length] input array
 
   @property
@@ -52,8 +51,9 @@ def _params(config: Config) -> dict:
 
 def sharded_masters(config: Config) -> bool:
   """Mixed-precision ZeRO-1/2: the float32 master weights count as optimizer state (as in the
-  ZeRO paper) and live sharded beside Adam's moments; each step all-gathers a compute-dtype copy.
-  That halves the gather's bytes and drops the float32 all-gather after the update."""
+  ZeRO paper) and live sharded beside Adam's moments. The forward pass all-gathers each layer's
+  weights in the compute dtype where it uses them (`training.step.make_compute_params`), so no
+  float32 all-gather of the updated parameters follows the update."""
   return config.model.compute_dtype != config.model.param_dtype and config.sharding.zero_stage in (1, 2)
 
 
@@ -75,7 +75,7 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
   abstract = {"params": abstract_params, "opt_state": abstract_opt,
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh, param_sh,
+  return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh,
                     plan.sharding(BATCH_AXES, plan.activations))
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 from parallel.rules import ShardingPlan
 from parallel.vocab_parallel import cross_entropy, vocab_parallel_cross_entropy
 from training.optimizer import matrix_mask, learning_rate_schedule
-from training.state import BATCH_AXES, TrainSetup, sharded_masters
+from training.state import BATCH_AXES, TrainSetup
 
 Batch = dict[str, jax.Array]
 
@@ -53,51 +53,49 @@ def _split_microbatches(batch: Batch, n: int, plan: ShardingPlan) -> Batch:
 def make_compute_params(setup: TrainSetup) -> Callable:
   """Master parameters -> the parameters the model computes with.
 
-  With sharded masters (mixed-precision ZeRO-1/2) this casts weight matrices to the compute dtype
-  and all-gathers them into the compute layout; its backward converts the gradients to float32
-  before they are reduced, so reductions keep float32 precision. Otherwise it is the identity.
+  Under mixed precision the weight matrices the model only multiplies by are cast to the compute
+  dtype once, before differentiation, so their gradients come out in the compute dtype. They
+  hold the same values the float32 gradients did (each is one bf16 matmul output, upcast), at
+  half the bytes to stack across layers and to read in the update. The input embedding stays
+  float32: its gradient is a scatter-add, which must accumulate in float32.
+
+  Nothing is gathered here. Each layer's weights are all-gathered (in the compute dtype) where
+  that layer uses them, and XLA overlaps those gathers with the layers before; gathering the
+  whole tree up front would put every layer's weights on the first layer's critical path.
   """
-  if not sharded_masters(setup.config):
-    return lambda params: params
   dtype = jnp.dtype(setup.config.model.compute_dtype)
-  matrices = matrix_mask(setup.axes)
-  wsc = jax.lax.with_sharding_constraint
-
-  def gather(masters):
-    cast = jax.tree.map(lambda x, m: x.astype(dtype) if m else x, masters, matrices)
-    return wsc(cast, setup.compute_shardings)
-
-  def backward(_, grads):
-    return (wsc(jax.tree.map(lambda g: g.astype(jnp.float32), grads), setup.grad_shardings),)
-
-  gather_fn = jax.custom_vjp(gather)
-  gather_fn.defvjp(lambda masters: (gather(masters), None), backward)
-  return gather_fn
+  if dtype == jnp.dtype(setup.config.model.param_dtype):
+    return lambda params: params
+  cast = matrix_mask(setup.axes)
+  cast["embed"] = False
+  return lambda params: jax.tree.map(lambda x, c: x.astype(dtype) if c else x, params, cast)
 
 
 def make_grad_fn(setup: TrainSetup) -> Callable:
-  """(params, batch) -> (mean-loss gradients in the grad layout, mean loss, token count)."""
+  """(params, batch) -> (float32 mean-loss gradients in the grad layout, mean loss, token count)."""
   plan, graphdef = setup.plan, setup.graphdef
   n_micro = setup.config.data.microbatches
   masked, to_compute = uses_segments(setup.config), make_compute_params(setup)
-  vg = jax.value_and_grad(lambda p, b: loss_sum_and_count(graphdef, to_compute(p), b, plan, masked), has_aux=True)
+  vg = jax.value_and_grad(lambda p, b: loss_sum_and_count(graphdef, p, b, plan, masked), has_aux=True)
   reduce = lambda g: jax.lax.with_sharding_constraint(g, setup.grad_shardings)
 
   def grad_fn(params, batch):
+    compute = to_compute(params)  # gradients are taken with respect to these
     if n_micro == 1:
-      (loss_sum, count), grads = vg(params, batch)
+      (loss_sum, count), grads = vg(compute, batch)
       grads = reduce(grads)
     else:
       def body(acc, mb):
-        (l, c), g = vg(params, mb)
+        (l, c), g = vg(compute, mb)
         g_acc, l_acc, c_acc = acc
         return (jax.tree.map(jnp.add, g_acc, reduce(g)), l_acc + l, c_acc + c), None
       zeros = reduce(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
       (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0),
                                                  _split_microbatches(batch, n_micro, plan))
     # Normalise by tokens of the whole global batch, so layouts and accumulation agree exactly.
+    # The upcast fuses into the gradient's consumers (norm, update); it is not stored.
     count = jnp.maximum(count, 1.0)
-    return jax.tree.map(lambda g: g / count, grads), loss_sum / count, count
+    return jax.tree.map(lambda g: g.astype(jnp.float32) / count, grads), loss_sum / count, count
 
   return grad_fn
 

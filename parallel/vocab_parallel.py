@@ -18,6 +18,17 @@ def _slice_start(axis: str, local_size: int) -> jax.Array:
   return jax.lax.axis_index(axis) * local_size
 
 
+def _pick(logits_BxLxV: jax.Array, index_BxL: jax.Array) -> jax.Array:
+  """logits[b, l, index[b, l]] as a masked sum over the vocabulary (exact: the rest adds zeros).
+
+  Its gradient is a select, which XLA fuses with the softmax's into one pass that writes the
+  logits' gradient in their own dtype; `take_along_axis` would scatter into a float32 buffer the
+  size of the logits instead.
+  """
+  vocab = jax.lax.broadcasted_iota(index_BxL.dtype, logits_BxLxV.shape, logits_BxLxV.ndim - 1)
+  return jnp.sum(jnp.where(vocab == index_BxL[..., None], logits_BxLxV, 0.0), axis=-1)
+
+
 def vocab_parallel_embed(table_VxD: jax.Array, ids_BxL: jax.Array, *, mesh: Mesh, axis: str = "tensor",
                          batch_axes: Sequence[str] = (), scatter_length: bool = False) -> jax.Array:
   """Embedding lookup with the table split on vocab over `axis`.
@@ -68,9 +79,8 @@ def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), axis)
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), axis)
     rel = targets - _slice_start(axis, v_local)
-    mine = (rel >= 0) & (rel < v_local)
-    picked = jnp.take_along_axis(logits, jnp.where(mine, rel, 0)[..., None], axis=-1)[..., 0]
-    target_logit = jax.lax.psum(jnp.where(mine, picked, 0.0), axis)
+    # Out-of-slice targets match no index here, so they pick 0.
+    target_logit = jax.lax.psum(_pick(logits, rel), axis)
     return jnp.log(sum_exp) + m - target_logit
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(batch, None, axis), P(batch, None)),
@@ -81,4 +91,4 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   """Dense reference: float32 per-token cross-entropy, [B, L]."""
   logits = logits_BxLxV.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  return lse - jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  return lse - _pick(logits, targets_BxL)

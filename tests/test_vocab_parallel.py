@@ -19,6 +19,20 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def test_dense_cross_entropy_is_log_softmax():
+  """The dense reference against the textbook formula in numpy: values, and softmax - onehot."""
+  k1, k2 = jax.random.split(jax.random.key(1))
+  logits = 3.0 * jax.random.normal(k1, (B, L, V))
+  targets = jax.random.randint(k2, (B, L), 0, V)
+  x = np.asarray(logits, np.float64)
+  log_softmax = x - x.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  onehot = np.eye(V)[np.asarray(targets)]
+  np.testing.assert_allclose(cross_entropy(logits, targets), -(log_softmax * onehot).sum(-1), rtol=1e-5)
+  grad = jax.grad(lambda lg: cross_entropy(lg, targets).sum())(logits)
+  np.testing.assert_allclose(grad, np.exp(log_softmax) - onehot, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("data,tensor", [(2, 4), (1, 8)])
 def test_cross_entropy_matches_dense(data, tensor):
   mesh = _mesh(data, tensor)

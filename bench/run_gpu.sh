@@ -64,7 +64,7 @@ case $set_name in
     # The README/BENCHMARKS numbers: shardlab's 1b preset as train.py runs it, and the peer, same machine.
     run shardlab_1b 200 --config=1b
     run shardlab_1b_dots_and_attention 200 --config=1b --set model.remat=dots_and_attention
-    XLA_FLAGS="--xla_gpu_enable_cublaslt=true" run shardlab_1b_cublaslt 200 --config=1b
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" run shardlab_1b_triton_gemm 200 --config=1b
     timeout 240 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | grep RESULT
     ;;
   scale)

@@ -102,31 +102,48 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   stop = StopSignal()
   step, total = int(state["step"]), config.train.steps
   first_step, last = step, {}
+  pending = None  # (step, metrics) of a log step, read once the step after it is queued
+
+  def report() -> None:
+    """Logs the pending step's metrics (reading them waits for that step), if any."""
+    nonlocal last, pending
+    if pending is None:
+      return
+    (logged_step, metrics), pending = pending, None
+    last = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for that step
+    last.update(meter.measure(logged_step))
+    writer.write(logged_step, last)
+    rate = ""
+    if "step_time_s" in last:
+      mfu = f" mfu {100 * last['mfu']:.1f}%" if "mfu" in last else ""
+      rate = (f" | {last['step_time_s']:.3f}s/step {last['tokens_per_s']:.0f} tokens/s{mfu}"
+              f" | eta {format_duration(last['step_time_s'] * (total - logged_step))}")
+    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s", logged_step, total, last["loss"],
+             last["grad_norm"], last["lr"], rate)
+
   t_start = time.perf_counter()
   try:
     while step < total and stop.received is None:
       state, metrics = train_step(state, to_global_batch(setup, next(train_data)))
       step += 1
-      meter.tick()
       if step == first_step + 1:
         jax.block_until_ready(metrics)
         log.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - t_start)
-        meter.reset()
+        meter.reset(step)
+      # The previous log step is read only now, with this step queued behind it, so the device
+      # stays busy while the host logs and prepares the next batch.
+      report()
       if step % config.train.log_every == 0 or step == total:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        last.update(meter.measure())
-        writer.write(step, last)
-        mfu = f" mfu {100 * last['mfu']:.1f}%" if "mfu" in last else ""
-        log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.3fs/step %.0f tokens/s%s | eta %s",
-                 step, total, last["loss"], last["grad_norm"], last["lr"], last["step_time_s"],
-                 last["tokens_per_s"], mfu, format_duration(last["step_time_s"] * (total - step)))
+        pending = (step, metrics)
       if val_data is not None and (step % config.train.eval_every == 0 or step == total):
+        report()
         last["eval_loss"] = evaluate(setup, eval_step, state["params"], val_data, config.train.eval_batches)
         writer.write(step, {"loss": last["eval_loss"]}, split="eval")
         log.info("step %d eval loss %.4f", step, last["eval_loss"])
-        meter.reset()
+        meter.reset(step)
       if ckpt and (ckpt.due(step) or step == total or stop.received is not None):
         ckpt.save(step, state, train_data.get_state())
+    report()
     if stop.received is not None:
       log.info("received signal %d: saved step %d, stopping", stop.received, step)
   finally:

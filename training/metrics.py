@@ -29,29 +29,32 @@ def format_duration(seconds: float) -> str:
 
 
 class Throughput:
-  """Step time, tokens/s and MFU over the interval since the last `measure`."""
+  """Step time, tokens/s and MFU between two finished steps.
+
+  `reset(step)` and `measure(step)` are called when `step` has finished on the device, so the
+  interval covers exactly the steps in between, however far ahead the host has dispatched.
+  """
 
   def __init__(self, tokens_per_step: int, flops_per_token: float):
     self.tokens_per_step = tokens_per_step
     self.flops_per_token = flops_per_token
     self.peak = peak_flops_per_device()
-    self.reset()
+    self.reset(0)
 
-  def reset(self) -> None:
-    self._t, self._steps = time.perf_counter(), 0
+  def reset(self, step: int) -> None:
+    self._t, self._step = time.perf_counter(), step
 
-  def tick(self) -> None:
-    self._steps += 1
-
-  def measure(self) -> dict[str, float]:
-    elapsed = time.perf_counter() - self._t
-    steps = max(self._steps, 1)
+  def measure(self, step: int) -> dict[str, float]:
+    """Rates since the last reset/measure; empty if no step finished in between."""
+    now, steps = time.perf_counter(), step - self._step
+    elapsed, self._t, self._step = now - self._t, now, step
+    if steps <= 0:
+      return {}
     step_time = elapsed / steps
     tokens_per_s = self.tokens_per_step / step_time
     out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s}
     if self.peak:
       out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count())
-    self.reset()
     return out
 
 

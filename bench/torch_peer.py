@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import transformers
 
 import configs
+from bench.timing import steady_step_times, summarize
 from models.transformer import flops_per_token
 
 
@@ -23,7 +23,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--config", default="1b")
   ap.add_argument("--batch", type=int, default=0, help="sequences per step (default: the preset's)")
-  ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
+  ap.add_argument("--steps", type=int, default=10, help="steps per timed window")
   ap.add_argument("--windows", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--no-compile", action="store_true")
@@ -62,19 +62,23 @@ def main():
     step()
   torch.cuda.synchronize()
   torch.cuda.reset_peak_memory_stats()
-  times = []  # the same windowed timing as bench/train_speed.py: steps back to back, then wait
-  for _ in range(args.windows):
-    t = time.perf_counter()
-    for _ in range(args.steps):
-      loss = step()
-    torch.cuda.synchronize()
-    times.append((time.perf_counter() - t) / args.steps)
-  step_s = statistics.median(times)
+
+  def dispatch():
+    loss = step()
+    done = torch.cuda.Event()
+    done.record()
+    return loss, done
+
+  # The same steady-state timing as bench/train_speed.py: step i+1 queued before waiting for step i.
+  timing = summarize(steady_step_times(dispatch, lambda h: h[1].synchronize(), args.steps, args.windows))
+  loss, _ = dispatch()
+  torch.cuda.synchronize()
+  step_s = timing["step_s"]
   n_tok = batch * seq
   fpt = flops_per_token(m, n_params, seq)
   result = {"label": "pytorch transformers peer", "config": args.config, "torch": torch.__version__,
             "transformers": transformers.__version__, "device_kind": torch.cuda.get_device_name(),
-            "params": n_params, "tokens_per_step": n_tok, "compile_s": compile_s, "step_s": step_s,
+            "params": n_params, "tokens_per_step": n_tok, "compile_s": compile_s, **timing,
             "tokens_per_s": n_tok / step_s, "flops_per_token": fpt, "mfu": n_tok / step_s * fpt / 989e12,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss.detach())}
   if args.out:

@@ -3,25 +3,25 @@
   PYTHONPATH=. python bench/train_speed.py --config=1b --set model.attention_impl=cudnn --out=r.json
 
 Prints one table row and writes JSON: step time, tokens/s, MFU against the dense bf16 peak, and
-peak device memory. Steps are dispatched back to back and timed in windows, as `train.py` runs
-them (it only waits for the device when it logs); the step time is the median window's mean.
+peak device memory. Each step is queued before the host waits for the previous one, as `train.py`
+runs them (bench/timing.py); the step time is the median window's mean.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 
 from absl import app, flags
 
 import configs
+from bench.timing import steady_step_times, summarize
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "1b", "Preset to benchmark.")
 flags.DEFINE_multi_string("set", [], "Config overrides, section.field=value (repeatable).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.DEFINE_integer("steps", 5, "Steps per timed window.")
+flags.DEFINE_integer("steps", 10, "Steps per timed window.")
 flags.DEFINE_integer("windows", 3, "Timed windows.")
 flags.DEFINE_string("label", "", "Name of this variant in the table.")
 flags.DEFINE_string("out", "", "Write the result as JSON here.")
@@ -47,15 +47,15 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):
     state, metrics = step(state, to_global_batch(setup, next(data)))
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(windows):
-    t = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, to_global_batch(setup, next(data)))
-    jax.block_until_ready(metrics)
-    times.append((time.perf_counter() - t) / steps)
-  step_s = statistics.median(times)
+
+  def dispatch():
+    nonlocal state
+    state, out = step(state, to_global_batch(setup, next(data)))
+    return out
+
+  timing = summarize(steady_step_times(dispatch, jax.block_until_ready, steps, windows))
+  metrics = dispatch()
+  step_s = timing["step_s"]
   tokens = config.data.global_batch * config.data.seq_len
   fpt = flops_per_token(config.model, setup.n_params, config.data.seq_len)
   peak = peak_flops_per_device()
@@ -64,7 +64,7 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
   return {
       "config": config.name, "devices": n_dev, "device_kind": jax.devices()[0].device_kind,
       "jax": jax.__version__, "params": setup.n_params, "tokens_per_step": tokens,
-      "compile_s": compile_s, "step_s": step_s, "step_s_min": min(times), "step_s_max": max(times),
+      "compile_s": compile_s, **timing,
       "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s / n_dev,
       "flops_per_token": fpt, "mfu": (tokens / step_s * fpt / (peak * n_dev)) if peak else None,
       "peak_mem_gib": max(m.get("peak_bytes_in_use", 0) for m in mem) / 2**30,

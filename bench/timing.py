@@ -1,0 +1,37 @@
+"""Steady-state step timing shared by shardlab's benchmark and the PyTorch peer.
+
+Each step is queued before the host waits for the one before it, as `train.py` runs: the device
+never idles on the host, and the time between two steps finishing is the device's step time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+Handle = TypeVar("Handle")
+
+
+def steady_step_times(dispatch: Callable[[], Handle], wait: Callable[[Handle], None], steps: int,
+                      windows: int) -> list[float]:
+  """Mean seconds per step in each of `windows` consecutive windows of `steps` steps.
+
+  `dispatch()` queues one step and returns something `wait` blocks on until that step is done.
+  One extra step is left queued at the end (the caller waits for it or lets it run).
+  """
+  done = dispatch()
+  wait(done)
+  finished = [time.perf_counter()]  # the first timed step starts now, then each entry is a step done
+  queued = dispatch()
+  for _ in range(steps * windows):
+    done, queued = queued, dispatch()
+    wait(done)
+    finished.append(time.perf_counter())
+  return [(finished[(w + 1) * steps] - finished[w * steps]) / steps for w in range(windows)]
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+  """The reported step time is the median window's mean; min and max show the spread."""
+  return {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}

@@ -55,7 +55,8 @@ case $set_name in
     for z in 1 2 3; do run h200x2_zero$z 200 --config=1b $two --set sharding.zero_stage=$z; done
     for z in 1 3; do
       timeout 200 python3 bench/profile_step.py --config=1b $two --set sharding.zero_stage=$z \
-        --out="$out/profile_zero$z.prof" 2>&1 | quiet | grep -A3 "per GPU"
+        --out="$out/profile_zero$z.prof" --hlo="$out/step_zero$z.hlo.gz" 2>&1 | quiet | grep -A3 "per GPU"
+      echo "zero$z gradient reductions by dtype: $(zcat "$out/step_zero$z.hlo.gz" | grep -E " (all-reduce|reduce-scatter)(-start)?\(" | grep -oE "= \(?[a-z0-9]+\[" | tr -d "=( [" | sort | uniq -c | tr "\n" " ")"
     done
     ;;
   profile)

@@ -15,16 +15,13 @@ import numpy as np
 
 from configs.base import DataConfig
 from data.corpus import builtin_corpus
+from data.packing import pack_documents
 from data.tokenizer import ByteTokenizer
 
 
 def main(path: str) -> None:
-  tok = ByteTokenizer()
-  ids = []
-  for doc in builtin_corpus(DataConfig().max_corpus_bytes):
-    ids.extend(tok.encode(doc))
-    ids.append(tok.eos_id)
-  np.asarray(ids, np.uint16).tofile(path)
+  ids = pack_documents(builtin_corpus(DataConfig().max_corpus_bytes), ByteTokenizer())
+  ids.astype(np.uint16).tofile(path)
   print(f"wrote {len(ids):,} tokens to {path}")
 
 

@@ -15,11 +15,11 @@ Handle = TypeVar("Handle")
 
 
 def steady_step_times(dispatch: Callable[[], Handle], wait: Callable[[Handle], None], steps: int,
-                      windows: int) -> list[float]:
-  """Mean seconds per step in each of `windows` consecutive windows of `steps` steps.
+                      windows: int) -> tuple[list[float], Handle]:
+  """Mean seconds per step in each of `windows` consecutive windows of `steps` steps, and the
+  handle of the one step left queued at the end (wait on it for final values or memory).
 
   `dispatch()` queues one step and returns something `wait` blocks on until that step is done.
-  One extra step is left queued at the end (the caller waits for it or lets it run).
   """
   done = dispatch()
   wait(done)
@@ -29,7 +29,8 @@ def steady_step_times(dispatch: Callable[[], Handle], wait: Callable[[Handle], N
     done, queued = queued, dispatch()
     wait(done)
     finished.append(time.perf_counter())
-  return [(finished[(w + 1) * steps] - finished[w * steps]) / steps for w in range(windows)]
+  times = [(finished[(w + 1) * steps] - finished[w * steps]) / steps for w in range(windows)]
+  return times, queued
 
 
 def summarize(times: list[float]) -> dict[str, float]:

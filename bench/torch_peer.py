@@ -70,9 +70,9 @@ def main():
     return loss, done
 
   # The same steady-state timing as bench/train_speed.py: step i+1 queued before waiting for step i.
-  timing = summarize(steady_step_times(dispatch, lambda h: h[1].synchronize(), args.steps, args.windows))
-  loss, _ = dispatch()
+  times, (loss, _) = steady_step_times(dispatch, lambda h: h[1].synchronize(), args.steps, args.windows)
   torch.cuda.synchronize()
+  timing = summarize(times)
   step_s = timing["step_s"]
   n_tok = batch * seq
   fpt = flops_per_token(m, n_params, seq)

@@ -53,8 +53,9 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
     state, out = step(state, to_global_batch(setup, next(data)))
     return out
 
-  timing = summarize(steady_step_times(dispatch, jax.block_until_ready, steps, windows))
-  metrics = dispatch()
+  times, metrics = steady_step_times(dispatch, jax.block_until_ready, steps, windows)
+  jax.block_until_ready(metrics)
+  timing = summarize(times)
   step_s = timing["step_s"]
   tokens = config.data.global_batch * config.data.seq_len
   fpt = flops_per_token(config.model, setup.n_params, config.data.seq_len)

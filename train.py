@@ -4,14 +4,15 @@
   python train.py --config=1b --set mesh.fsdp=8 --set sharding.zero_stage=3 --workdir=runs/1b
 
 A workdir that already holds checkpoints is resumed. Multi-host: start one process per host with
-the same --coordinator and --num_processes and its own --process_id.
+the same --coordinator and --num_processes and its own --process_id. A configuration error is
+printed as one line naming the field, the value and the rule, and the exit status is 2.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import sys
 
 from absl import app, flags
 
@@ -30,11 +31,7 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0
 flags.DEFINE_list("local_device_ids", None, "Multi-host: device ids this process owns (default: all visible).")
 
 
-def main(argv):
-  del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "orbax", "jax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+def _run() -> None:
   config = configs.get_config(FLAGS.config, FLAGS.set)
   # XLA flags and multi-host start-up must come before anything touches a JAX backend.
   from parallel.xla_flags import apply_default_flags
@@ -42,16 +39,21 @@ def main(argv):
   from parallel.mesh import initialize_distributed
   ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
   initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, ids)
-
-  import jax
   from training.loop import train
-  configs.validate(config, jax.device_count())
-  if jax.process_index() == 0:
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2)
   result = train(config, FLAGS.workdir)
   logging.getLogger("shardlab").info("done: %s", json.dumps(result))
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    _run()
+  except configs.ConfigError as err:
+    print(f"ConfigError: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

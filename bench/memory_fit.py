@@ -28,10 +28,10 @@ def compiled_bytes(config: configs.Config) -> int:
   """Device bytes the compiled train step needs (XLA's estimate)."""
   import jax
 
-  from training.loop import setup_for
+  from training.state import setup_from_config
   from training.step import make_train_step
 
-  setup = setup_for(config)
+  setup = setup_from_config(config)
   shape = (config.data.global_batch, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for k in
            ("inputs", "targets", "segment_ids", "positions")}

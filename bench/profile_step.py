@@ -123,12 +123,12 @@ def main(argv):
   import jax
 
   from data import make_dataset
-  from training.loop import to_global_batch, setup_for
-  from training.state import init_state
+  from training.loop import to_global_batch
+  from training.state import init_state, setup_from_config
   from training.step import make_train_step
 
   config = configs.get_config(FLAGS.config, ["data.source=synthetic", "checkpoint.enabled=false", *FLAGS.set])
-  setup = setup_for(config)
+  setup = setup_from_config(config)
   data = make_dataset(config.data, vocab_size=config.model.vocab_size)
   state, step = init_state(setup), make_train_step(setup)
   for _ in range(3):

@@ -32,12 +32,12 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
 
   from data import make_dataset
   from models.transformer import flops_per_token
-  from training.loop import to_global_batch, setup_for
+  from training.loop import to_global_batch
   from training.metrics import peak_flops_per_device
-  from training.state import init_state
+  from training.state import init_state, setup_from_config
   from training.step import make_train_step
 
-  setup = setup_for(config)
+  setup = setup_from_config(config)
   data = make_dataset(config.data, vocab_size=config.model.vocab_size, process_index=jax.process_index(),
                       process_count=jax.process_count())
   state, step = init_state(setup), make_train_step(setup)

@@ -1,8 +1,9 @@
 """Typed configuration for shardlab: dataclass sections, presets, overrides and validation."""
 
-from configs.base import (MESH_AXES, CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
-                          OptimizerConfig, ShardingConfig, TrainConfig)
-from configs.overrides import ConfigError, apply_overrides
+from configs.base import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig,
+                          ShardingConfig, TrainConfig)
+from configs.errors import ConfigError, MissingFileError
+from configs.overrides import apply_overrides
 from configs.presets import PRESETS
 from configs.validate import resolve_mesh_sizes, validate
 
@@ -14,6 +15,6 @@ def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Conf
   return apply_overrides(PRESETS[preset](), overrides)
 
 
-__all__ = ["MESH_AXES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "MeshConfig",
-           "ModelConfig", "OptimizerConfig", "PRESETS", "ShardingConfig", "TrainConfig",
-           "apply_overrides", "get_config", "resolve_mesh_sizes", "validate"]
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig",
+           "MissingFileError", "OptimizerConfig", "PRESETS", "ShardingConfig", "TrainConfig", "apply_overrides", "get_config",
+           "resolve_mesh_sizes", "validate"]

@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per section, one `Config` that holds them all.
 
 Configs are plain data. Presets live in `configs/presets.py`; every check of a value lives in
-`configs/validate.py`; `configs/overrides.py` turns `section.field=value` strings into a new config.
+`configs/validate/`; `configs/overrides.py` turns `section.field=value` strings into a new config.
+The names other packages share (mesh axes, data sources, strategies) are defined here, once.
 """
 
 from __future__ import annotations
@@ -9,7 +10,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Mesh axes, outermost (slowest link) to innermost. Every mesh has all of them; size 1 costs nothing.
 MESH_AXES = ("replica", "stage", "data", "fsdp", "seq", "expert", "tensor")
+# The mesh axes a global batch is split over, by rows.
+BATCH_MESH_AXES = ("replica", "data", "fsdp")
+# Multi-host: the axes that may be split across hosts (slow links), outermost first.
+CROSS_HOST_AXES = ("replica", "data", "fsdp", "stage")
+
+DATA_SOURCES = ("builtin", "text", "tokens", "synthetic")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16")
+
+# Named strategies of a `ShardingPlan` (parallel/plan.py), one tuple of choices per family.
+ATTENTION_METHODS = ("dense",)  # attention over the `seq` axis; context parallelism adds more
+PIPELINE_SCHEDULES = ("none",)  # schedule over the `stage` axis
+REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduces every step
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,7 @@ class ModelConfig:
   compute_dtype: str = "float32"  # "bfloat16" for mixed precision
   # "auto": cuDNN flash attention on GPUs with bf16 compute, XLA otherwise; or force "xla" / "cudnn".
   attention_impl: str = "auto"
-  remat: str = "none"  # none | full | dots | dots_no_batch | dots_and_attention
+  remat: str = "none"  # one of REMAT_POLICIES
   scan_unroll: int = 1  # layers per scan iteration; n_layers unrolls fully (slower compile)
   init_std: float = 0.02
 
@@ -45,7 +61,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-  """Sizes of the named mesh axes, outermost (slowest link) to innermost. One may be -1."""
+  """Sizes of the named mesh axes (MESH_AXES), outermost to innermost. One may be -1 (fill)."""
 
   replica: int = 1
   stage: int = 1
@@ -54,8 +70,9 @@ class MeshConfig:
   seq: int = 1
   expert: int = 1
   tensor: int = 1
-  # Multi-host: how many processes (hosts) the `data`/`replica` axes span; fast axes stay inside a host.
-  hybrid: bool = True
+  # With several processes: lay the slow axes (CROSS_HOST_AXES) across hosts and keep the fast
+  # ones (seq, expert, tensor) inside each host. False: devices in plain process order.
+  outer_axes_across_hosts: bool = True
 
   def sizes(self) -> dict[str, int]:
     return {a: getattr(self, a) for a in MESH_AXES}
@@ -66,6 +83,9 @@ class ShardingConfig:
   zero_stage: int = 0  # 0 DDP, 1 optimizer state, 2 + gradients, 3 + parameters (FSDP)
   sequence_parallel: bool = False  # Megatron SP: norms and residual stream sharded over `tensor` on length
   vocab_parallel: bool = True  # embedding and cross-entropy sharded over `tensor` on vocab
+  attention: str = "dense"  # one of ATTENTION_METHODS
+  pipeline: str = "none"  # one of PIPELINE_SCHEDULES
+  replica: str = "sync"  # one of REPLICA_ALGORITHMS
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-  source: str = "builtin"  # builtin | text | tokens | synthetic
+  source: str = "builtin"  # one of DATA_SOURCES
   paths: tuple[str, ...] = ()  # text/JSONL files (source=text) or token shards (source=tokens)
   tokenizer: str = "bytes"  # "bytes" or a path to a Hugging Face tokenizer.json
   token_dtype: str = "uint16"  # dtype of pre-tokenized shards
@@ -113,6 +133,9 @@ class CheckpointConfig:
   every: int = 100
   keep: int = 3
   async_save: bool = True
+  # A fresh run (no checkpoint in its own workdir) starts from the parameters of this run's newest
+  # checkpoint (a workdir or its checkpoints/ folder), with a new optimizer state: fine-tuning.
+  init_params_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,9 +148,6 @@ class Config:
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-  def replace(self, **sections) -> "Config":
-    return dataclasses.replace(self, **sections)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -6,10 +6,7 @@ import dataclasses
 import typing
 
 from configs.base import Config
-
-
-class ConfigError(ValueError):
-  """A configuration value breaks a rule. The message names the field, the value and the rule."""
+from configs.errors import ConfigError
 
 
 def _parse(text: str, typ, key: str):

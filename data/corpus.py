@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sysconfig
 
+from configs.errors import ConfigError
+
 # Tests are repetitive fixtures and idlelib is GUI code; site-packages is not the standard library.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 
@@ -43,10 +45,10 @@ def builtin_corpus(max_bytes: int, root: str | None = None) -> list[str]:
   Files that are not valid UTF-8 are skipped. Returns a list of documents (str).
   """
   if max_bytes <= 0:
-    raise ValueError(f"data.max_corpus_bytes={max_bytes}: must be positive")
+    raise ConfigError(f"data.max_corpus_bytes={max_bytes}: must be positive")
   files = stdlib_files(root)
   if not files:
-    raise ValueError(f"no .py files found under the standard library at {root or stdlib_dir()}")
+    raise ConfigError(f"no .py files found under the standard library at {root or stdlib_dir()}")
   docs, used = [], 0
   for _, path in files:
     try:

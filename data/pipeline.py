@@ -13,14 +13,14 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from configs.base import DataConfig
+from configs.base import DATA_SOURCES, DataConfig
+from configs.errors import ConfigError
 from data.corpus import builtin_corpus
 from data.packing import PackedSequences, pack_documents
 from data.sources import ShardedTokens, SyntheticSequences, read_documents
 from data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
-SOURCES = ("builtin", "text", "tokens", "synthetic")
 
 
 class Dataset:
@@ -78,9 +78,9 @@ def split_documents(docs: Sequence[str], val_fraction: float, split: str) -> lis
   """The last `val_fraction` of documents (at least one if val_fraction > 0) are validation."""
   n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
   if split == "validation" and n_val == 0:
-    raise ValueError("split 'validation' is empty because data.val_fraction=0")
+    raise ConfigError("split 'validation' is empty because data.val_fraction=0")
   if n_val >= len(docs):
-    raise ValueError(f"only {len(docs)} document(s): holding out {n_val} for validation "
+    raise ConfigError(f"only {len(docs)} document(s): holding out {n_val} for validation "
                      f"(data.val_fraction={val_fraction}) leaves none to train on; add documents or "
                      f"set data.val_fraction=0")
   return list(docs[len(docs) - n_val:]) if split == "validation" else list(docs[:len(docs) - n_val])
@@ -88,7 +88,7 @@ def split_documents(docs: Sequence[str], val_fraction: float, split: str) -> lis
 
 def _check_tokenizer(tokenizer: Tokenizer, spec: str, vocab_size: int) -> None:
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer {spec!r} has vocab_size {tokenizer.vocab_size} > model vocab_size "
+    raise ConfigError(f"tokenizer {spec!r} has vocab_size {tokenizer.vocab_size} > model vocab_size "
                      f"{vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
 
 
@@ -102,7 +102,7 @@ def _packed_split(config: DataConfig, vocab_size: int, split: str) -> tuple[Pack
     stream.check_vocab(vocab_size)
     n_val = int(len(stream) * config.val_fraction)
     if split == "validation" and n_val == 0:
-      raise ValueError(f"split 'validation' is empty: data.val_fraction={config.val_fraction} of "
+      raise ConfigError(f"split 'validation' is empty: data.val_fraction={config.val_fraction} of "
                        f"{len(stream)} tokens is no tokens")
     cut = len(stream) - n_val
     start, stop = (cut, len(stream)) if split == "validation" else (0, cut)
@@ -119,21 +119,22 @@ def make_dataset(config: DataConfig, *, vocab_size: int, split: str = "train", p
                  process_count: int = 1) -> Dataset:
   """Builds this process's view of one split; see `Dataset` for the batch layout.
 
-  `vocab_size` is the model's: every token id must be below it. Raises ValueError (or
-  FileNotFoundError for missing files) with a message naming the offending setting.
+  `vocab_size` is the model's: every token id must be below it. Raises `ConfigError` (a
+  ValueError; `MissingFileError`, also a FileNotFoundError, for missing files) with a message
+  naming the offending setting or file.
   """
   if split not in SPLITS:
-    raise ValueError(f"split={split!r}: choose one of {SPLITS}")
-  if config.source not in SOURCES:
-    raise ValueError(f"data.source={config.source!r}: choose one of {SOURCES}")
+    raise ConfigError(f"split={split!r}: choose one of {SPLITS}")
+  if config.source not in DATA_SOURCES:
+    raise ConfigError(f"data.source={config.source!r}: choose one of {DATA_SOURCES}")
   if process_count <= 0 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index}, process_count={process_count}: need "
+    raise ConfigError(f"process_index={process_index}, process_count={process_count}: need "
                      f"0 <= process_index < process_count")
   if config.global_batch <= 0 or config.global_batch % process_count:
-    raise ValueError(f"data.global_batch={config.global_batch} is not divisible by process_count="
+    raise ConfigError(f"data.global_batch={config.global_batch} is not divisible by process_count="
                      f"{process_count}; every process must hold the same number of rows")
   if config.seq_len <= 0:
-    raise ValueError(f"data.seq_len={config.seq_len}: must be positive")
+    raise ConfigError(f"data.seq_len={config.seq_len}: must be positive")
   common = dict(config=config, split=split, process_index=process_index, process_count=process_count)
 
   if config.source == "synthetic":
@@ -145,7 +146,7 @@ def make_dataset(config: DataConfig, *, vocab_size: int, split: str = "train", p
   sequences, tokenizer = _packed_split(config, vocab_size, split)
   if len(sequences) < config.global_batch:
     need = config.global_batch * config.seq_len + 1
-    raise ValueError(f"split {split!r} of data.source={config.source!r} has {len(sequences)} sequences "
+    raise ConfigError(f"split {split!r} of data.source={config.source!r} has {len(sequences)} sequences "
                      f"({sequences.num_tokens} tokens), fewer than one global batch of "
                      f"{config.global_batch}; it needs at least {need} tokens "
                      f"(global_batch * seq_len + 1)")

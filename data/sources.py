@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from configs.errors import ConfigError, MissingFileError
+
 from data.packing import window_features
 
 TEXT_SUFFIXES = (".txt",)
@@ -22,7 +24,7 @@ _MAX_CHUNK = 1 << 26  # tokens per read when scanning a shard for its largest id
 
 def _require_file(path: str) -> None:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data file not found: {path}")
+    raise MissingFileError(f"data file not found: {path}")
 
 
 def _read_jsonl(path: str, field: str) -> list[str]:
@@ -34,12 +36,12 @@ def _read_jsonl(path: str, field: str) -> list[str]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
       if not isinstance(record, dict) or field not in record:
-        raise ValueError(f"{path}:{line_no}: no field {field!r} (set data.jsonl_field)")
+        raise ConfigError(f"{path}:{line_no}: no field {field!r} (set data.jsonl_field)")
       text = record[field]
       if not isinstance(text, str):
-        raise ValueError(f"{path}:{line_no}: field {field!r} is {type(text).__name__}, expected a string")
+        raise ConfigError(f"{path}:{line_no}: field {field!r} is {type(text).__name__}, expected a string")
       docs.append(text)
   return docs
 
@@ -50,7 +52,7 @@ def read_documents(paths: Sequence[str], jsonl_field: str = "text") -> list[str]
   Files are read in the order given; empty documents are dropped. Returns a list of str.
   """
   if not paths:
-    raise ValueError("data.paths is empty: source 'text' needs .txt or .jsonl files")
+    raise ConfigError("data.paths is empty: source 'text' needs .txt or .jsonl files")
   docs: list[str] = []
   for path in paths:
     _require_file(path)
@@ -60,10 +62,10 @@ def read_documents(paths: Sequence[str], jsonl_field: str = "text") -> list[str]
       with open(path, encoding="utf-8") as f:
         docs.append(f.read())
     else:
-      raise ValueError(f"{path}: unsupported file type; source 'text' reads {TEXT_SUFFIXES + JSONL_SUFFIXES}")
+      raise ConfigError(f"{path}: unsupported file type; source 'text' reads {TEXT_SUFFIXES + JSONL_SUFFIXES}")
   docs = [d for d in docs if d]
   if not docs:
-    raise ValueError(f"the text corpus is empty: no non-empty documents in {list(paths)}")
+    raise ConfigError(f"the text corpus is empty: no non-empty documents in {list(paths)}")
   return docs
 
 
@@ -75,23 +77,23 @@ class ShardedTokens:
 
   def __init__(self, paths: Sequence[str], dtype: str = "uint16"):
     if dtype not in ("uint16", "uint32"):
-      raise ValueError(f"data.token_dtype={dtype!r}: choose uint16 or uint32")
+      raise ConfigError(f"data.token_dtype={dtype!r}: choose uint16 or uint32")
     if not paths:
-      raise ValueError("data.paths is empty: source 'tokens' needs token shard files")
+      raise ConfigError("data.paths is empty: source 'tokens' needs token shard files")
     self.dtype = np.dtype(dtype)
     self.paths, self.shards = [], []
     for path in paths:
       _require_file(path)
       size = os.path.getsize(path)
       if size % self.dtype.itemsize:
-        raise ValueError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; "
+        raise ConfigError(f"{path}: {size} bytes is not a whole number of {dtype} tokens; "
                          f"is data.token_dtype right?")
       if size == 0:
         continue  # numpy cannot map an empty file, and it adds no tokens
       self.paths.append(path)
       self.shards.append(np.memmap(path, dtype=self.dtype, mode="r"))
     if not self.shards:
-      raise ValueError(f"the token shards hold no tokens: {list(paths)}")
+      raise ConfigError(f"the token shards hold no tokens: {list(paths)}")
     # offsets[k] is the stream index of shard k's first token; offsets[-1] is the total.
     self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
 
@@ -126,7 +128,7 @@ class ShardedTokens:
     """Raises if any id could index past the model's embedding table."""
     largest, path = self.max_id()
     if largest >= vocab_size:
-      raise ValueError(f"{path}: token id {largest} >= model vocab_size {vocab_size}; the shards were "
+      raise ConfigError(f"{path}: token id {largest} >= model vocab_size {vocab_size}; the shards were "
                        f"made with a larger vocabulary (or data.token_dtype is wrong)")
 
 
@@ -140,7 +142,7 @@ class SyntheticSequences:
 
   def __init__(self, vocab_size: int, seq_len: int, seed: int, stream: int = 0):
     if vocab_size <= 0 or seq_len <= 0:
-      raise ValueError(f"vocab_size={vocab_size}, seq_len={seq_len}: must be positive")
+      raise ConfigError(f"vocab_size={vocab_size}, seq_len={seq_len}: must be positive")
     self.vocab_size, self.seq_len = vocab_size, seq_len
     self._key = np.array([seed % 2**64, stream], dtype=np.uint64)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Protocol, runtime_checkable
 
+from configs.errors import ConfigError, MissingFileError
+
 # Tried in order; the first one present in the vocabulary is the document separator.
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 
@@ -59,9 +61,13 @@ class HFTokenizer:
     import tokenizers  # deferred: the byte tokenizer must work without it
 
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
+      raise MissingFileError(f"tokenizer file not found: {path}")
     self.path = path
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as err:  # the Rust side raises its own exception type
+      raise ConfigError(f"tokenizer file {path} could not be parsed as a Hugging Face tokenizer.json: "
+                        f"{err}") from None
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     for token in EOS_CANDIDATES:
       token_id = self._tok.token_to_id(token)
@@ -69,7 +75,7 @@ class HFTokenizer:
         self.eos_token, self.eos_id = token, int(token_id)
         break
     else:
-      raise ValueError(f"tokenizer {path} has none of the end-of-text tokens {EOS_CANDIDATES}; "
+      raise ConfigError(f"tokenizer {path} has none of the end-of-text tokens {EOS_CANDIDATES}; "
                        f"add one of them as a special token so documents can be separated")
 
   def encode(self, text: str) -> list[int]:
@@ -92,6 +98,6 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return ByteTokenizer()
   path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.tokenizer={spec!r}: no such tokenizer file ({path}); use 'bytes' or "
+    raise MissingFileError(f"data.tokenizer={spec!r}: no such tokenizer file ({path}); use 'bytes' or "
                             f"the path to a Hugging Face tokenizer.json")
   return HFTokenizer(path)

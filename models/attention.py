@@ -1,4 +1,4 @@
-"""Grouped-query self-attention with RoPE and a pluggable attention core."""
+"""Grouped-query self-attention with RoPE; the attention op itself comes from the plan's dispatch."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
-from models.layers import apply_rope, constrain, param
-from parallel.rules import ShardingPlan
+from models.layers import apply_rope, param, rope_inv_freq
+from parallel.attention.dispatch import attend
+from parallel.plan import ShardingPlan
 
 
 def resolve_implementation(cfg: ModelConfig) -> str:
@@ -19,25 +20,12 @@ def resolve_implementation(cfg: ModelConfig) -> str:
   return "cudnn" if on_gpu and cfg.compute_dtype == "bfloat16" else "xla"
 
 
-def attention_core(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                   segment_ids_BxL: jax.Array | None, implementation: str) -> jax.Array:
-  """Causal attention; with segment ids, tokens attend only within their own document.
-
-  GQA/MQA: H query heads share K key/value heads (H % K == 0). `implementation` is "xla" (any
-  backend) or "cudnn" (flash attention on NVIDIA GPUs). Returns [B, L, H, D].
-  """
-  mask = None
-  if segment_ids_BxL is not None:
-    mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
-  return jax.nn.dot_product_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, is_causal=True,
-                                      implementation=implementation)
-
-
 class Attention(nnx.Module):
   """Megatron layout: q/k/v column-parallel over heads, the output projection row-parallel."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+    self.cfg = cfg
     self.dtype = jnp.dtype(cfg.compute_dtype)
     self.implementation = resolve_implementation(cfg)
     self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
@@ -46,13 +34,15 @@ class Attention(nnx.Module):
     self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
-               inv_freq: jax.Array, plan: ShardingPlan | None) -> jax.Array:
+               plan: ShardingPlan) -> jax.Array:
     x = x_BxLxD.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
-    q = constrain(jnp.einsum("bld,dhk->blhk", x, w(self.wq)), ("batch", "length", "heads", "head_dim"), plan)
-    k = constrain(jnp.einsum("bld,dhk->blhk", x, w(self.wk)), ("batch", "length", "kv_heads", "head_dim"), plan)
-    v = constrain(jnp.einsum("bld,dhk->blhk", x, w(self.wv)), ("batch", "length", "kv_heads", "head_dim"), plan)
+    project = lambda p, axes: plan.constrain(jnp.einsum("bld,dhk->blhk", x, w(p)), ("batch", "length") + axes)
+    q = project(self.wq, ("heads", "head_dim"))
+    k = project(self.wk, ("kv_heads", "head_dim"))
+    v = project(self.wv, ("kv_heads", "head_dim"))
+    inv_freq = rope_inv_freq(self.cfg)
     q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
-    out_BxLxHxD = attention_core(q, k, v, segment_ids_BxL, self.implementation)
-    out_BxLxHxD = constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"), plan)
+    out_BxLxHxD = attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
+    out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, w(self.wo))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
-from parallel.rules import LogicalAxes, ShardingPlan
+from parallel.plan import LogicalAxes, ShardingPlan
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, cfg: ModelConfig,
@@ -21,10 +21,6 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, cfg: ModelC
   else:
     value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
   return nnx.Param(value, logical_axes=axes)
-
-
-def constrain(x: jax.Array, axes: LogicalAxes, plan: ShardingPlan | None) -> jax.Array:
-  return x if plan is None else plan.constrain(x, axes)
 
 
 class RMSNorm(nnx.Module):
@@ -111,9 +107,9 @@ class MLP(nnx.Module):
     self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan | None) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan) -> jax.Array:
     x = x_BxLxD.astype(self.dtype)
     gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))
     up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(self.dtype))
-    h_BxLxF = constrain(swiglu(gate, up), ("batch", "length", "mlp"), plan)
+    h_BxLxF = plan.constrain(swiglu(gate, up), ("batch", "length", "mlp"))
     return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(self.dtype))

@@ -1,11 +1,13 @@
 """Device meshes: the one helper that builds every mesh, and multi-host start-up.
 
-Axes run outermost (slowest link) to innermost: replica, stage, data, fsdp, seq, expert, tensor.
-Every axis is always present (size 1 costs nothing), so rule tables can name any of them.
+Axes run outermost (slowest link) to innermost: replica, stage, data, fsdp, seq, expert, tensor
+(`configs.base.MESH_AXES`). Every axis is always present (size 1 costs nothing), so rule tables
+can name any of them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -14,45 +16,53 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-AXES = ("replica", "stage", "data", "fsdp", "seq", "expert", "tensor")
-# Axes that may be split across hosts (slow links), outermost first.
-_CROSS_HOST_AXES = ("replica", "data", "fsdp", "stage")
+from configs.base import CROSS_HOST_AXES, MESH_AXES
 
 
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None, *,
-              hybrid: bool = True) -> Mesh:
+              outer_axes_across_hosts: bool = True) -> Mesh:
   """Builds a mesh with all seven named axes and `Auto` axis types.
 
   Args:
-    sizes: axis name -> size, every size resolved (no -1); see `configs.resolve_mesh_sizes`.
+    sizes: axis name -> size, every size resolved (no -1; missing axes are 1); see
+      `configs.resolve_mesh_sizes`.
     devices: defaults to all devices of all processes.
-    hybrid: with several processes, lay the slow outer axes (replica, data, fsdp, stage) across
-      hosts and keep the fast inner axes (seq, expert, tensor) inside one host.
+    outer_axes_across_hosts: with several processes, lay the slow outer axes (CROSS_HOST_AXES)
+      across hosts and keep the fast inner axes (seq, expert, tensor) inside one host.
   """
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}")
   devices = list(jax.devices() if devices is None else devices)
-  shape = tuple(sizes.get(a, 1) for a in AXES)
+  shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
   if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh shape {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, "
+    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
                      f"got {len(devices)}")
   n_hosts = len({d.process_index for d in devices})
-  if hybrid and n_hosts > 1:
+  if outer_axes_across_hosts and n_hosts > 1:
     grid = _hybrid_grid(shape, devices, n_hosts)
   else:
     grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@functools.cache
+def single_device_mesh() -> Mesh:
+  """All axes of size 1 over this process's first device."""
+  return make_mesh({}, jax.local_devices()[:1])
 
 
 def _hybrid_grid(shape: tuple[int, ...], devices: list[jax.Device], n_hosts: int) -> np.ndarray:
   """Splits `n_hosts` over the outer axes (DCN) and the rest inside each host (ICI/NVLink)."""
-  dcn = [1] * len(AXES)
+  dcn = [1] * len(MESH_AXES)
   left = n_hosts
-  for axis in _CROSS_HOST_AXES:
-    i = AXES.index(axis)
+  for axis in CROSS_HOST_AXES:
+    i = MESH_AXES.index(axis)
     g = math.gcd(left, shape[i])
     dcn[i], left = g, left // g
   if left != 1:
     raise ValueError(f"cannot spread {n_hosts} hosts over the outer mesh axes of shape "
-                     f"{dict(zip(AXES, shape))}: make replica*data*fsdp*stage a multiple of {n_hosts}")
+                     f"{dict(zip(MESH_AXES, shape))}: make {'*'.join(CROSS_HOST_AXES)} a multiple of {n_hosts}")
   ici = [s // d for s, d in zip(shape, dcn)]
   return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
 

@@ -13,7 +13,6 @@ every process is shown.
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,13 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import runs
+
 STEPS = 5
 RTOL = 1e-5
-TIMEOUT = 300  # seconds per run (all its processes); generous, as a loaded 2-core machine is slow
-SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
-         "model.vocab_size=264", "data.seq_len=32", "data.global_batch=8", "data.max_corpus_bytes=300000",
-         f"train.steps={STEPS}", "train.log_every=1"]
+SMALL = runs.SMALL + [f"train.steps={STEPS}"]
 NO_CKPT = ["checkpoint.enabled=false"]
 DATA_PARALLEL = ["mesh.data=-1"]
 HYBRID = ["mesh.data=2", "mesh.fsdp=4", "sharding.zero_stage=3"]
@@ -43,15 +40,6 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["PYTHONUNBUFFERED"] = "1"
-  return env
 
 
 def _tail(log: Path, lines: int = 150) -> str:
@@ -74,9 +62,9 @@ def _launch(script: str, args: list[str], workdir: Path, n_proc: int, devices: i
   try:
     for i, log in enumerate(logs):
       with open(log, "w") as f:  # a file cannot fill up and block the child like a pipe
-        procs.append(subprocess.Popen([sys.executable, str(REPO / script), *args, *dist[i]], env=_env(devices),
-                                      cwd=REPO, stdout=f, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + TIMEOUT
+        procs.append(subprocess.Popen([sys.executable, str(runs.REPO / script), *args, *dist[i]], env=runs.env(devices),
+                                      cwd=runs.REPO, stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + runs.TIMEOUT
     while True:
       codes = [p.poll() for p in procs]
       bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
@@ -86,7 +74,7 @@ def _launch(script: str, args: list[str], workdir: Path, n_proc: int, devices: i
         return "", logs
       if time.monotonic() > deadline:
         running = [i for i, c in enumerate(codes) if c is None]
-        return f"timed out after {TIMEOUT}s (still running: processes {running})", logs
+        return f"timed out after {runs.TIMEOUT}s (still running: processes {running})", logs
       time.sleep(0.1)
   finally:
     for p in procs:
@@ -112,11 +100,6 @@ def _run(workdir: Path, overrides: list[str], n_proc: int, devices: int) -> list
   """Runs train.py on `workdir` to completion."""
   args = ["--config=tiny", f"--workdir={workdir}", *[f"--set={o}" for o in SMALL + overrides]]
   return _run_script("train.py", args, workdir, n_proc, devices)
-
-
-def _records(workdir: Path) -> list[dict]:
-  with open(workdir / "metrics.jsonl") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _assert_same_steps(got: list[dict], want: list[dict]) -> None:
@@ -160,7 +143,7 @@ def runs(tmp_path_factory):
 def _reference(runs, name: str, layout: list[str]) -> list[dict]:
   """The same command as one process with 8 devices."""
   workdir, _ = runs(f"{name}_1proc", layout + NO_CKPT, 1, 8)
-  records = _records(workdir)
+  records = runs.records(workdir)
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, STEPS + 1))
   return records
 
@@ -196,14 +179,14 @@ def test_data_parallel_two_processes_match_one(runs):
   want = _reference(runs, "dp", DATA_PARALLEL)
   workdir, outputs = runs("dp_2proc", DATA_PARALLEL + NO_CKPT, 2, 4)
   _check_mesh(outputs[0], "data=8")
-  _assert_same_steps(_records(workdir), want)
+  _assert_same_steps(runs.records(workdir), want)
 
 
 def test_hybrid_data_across_hosts_fsdp_inside_matches_one(runs):
   want = _reference(runs, "hybrid", HYBRID)
   workdir, outputs = _hybrid_with_checkpoints(runs)
   _check_mesh(outputs[0], "data=2 x fsdp=4")
-  _assert_same_steps(_records(workdir), want)
+  _assert_same_steps(runs.records(workdir), want)
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [CKPT_EVERY, STEPS], f"checkpoints of the 2-process run: {steps}"
 
@@ -219,5 +202,5 @@ def test_two_processes_resume_from_checkpoint(runs, tmp_path):
   outputs = _run(workdir, HYBRID + [f"checkpoint.every={CKPT_EVERY}"], 2, 4)
   for i, out in enumerate(outputs):
     assert f"resumed from the checkpoint at step {CKPT_EVERY}" in out, f"process {i}:\n{out[-3000:]}"
-  _assert_same_steps(_records(workdir), want)
+  _assert_same_steps(runs.records(workdir), want)
   assert (workdir / "checkpoints" / str(STEPS)).is_dir(), "the resumed run did not save its last step"

@@ -1,7 +1,8 @@
-"""The training loop: config -> mesh -> model -> data -> steps, with logging, eval and checkpoints."""
+"""The training loop: config -> setup -> data -> steps, with logging, eval and checkpoints."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -11,14 +12,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from configs import Config, validate
+from configs import Config
 from data import make_dataset
 from models.transformer import flops_per_token
-from parallel.mesh import make_mesh
-from parallel.rules import make_plan
-from training.checkpoint import Checkpointer
+from training.checkpoint import Checkpointer, restore_params
 from training.metrics import MetricsWriter, Throughput, format_duration
-from training.state import TrainSetup, build_setup, bytes_per_device, init_state
+from training.state import TrainSetup, bytes_per_device, init_state, setup_from_config
 from training.step import make_eval_step, make_train_step
 
 log = logging.getLogger("shardlab")
@@ -41,23 +40,13 @@ class StopSignal:
       signal.signal(sig, handler)
 
 
-def setup_for(config: Config) -> TrainSetup:
-  """Validates the config against the devices present and builds mesh, plan and train setup."""
-  sizes = validate(config, jax.device_count())
-  mesh = make_mesh(sizes, hybrid=config.mesh.hybrid)
-  s = config.sharding
-  plan = make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
-                   vocab_parallel=s.vocab_parallel)
-  return build_setup(config, plan)
-
-
 def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays laid out as the plan's batch sharding."""
   return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v) for k, v in local.items()}
 
 
 def evaluate(setup: TrainSetup, eval_step, params, dataset, n_batches: int) -> float:
-  """Mean token loss over the first `n_batches` validation batches."""
+  """Mean loss per counted token over the first `n_batches` validation batches."""
   total = count = 0.0
   for i in range(n_batches):
     loss_sum, n = eval_step(params, to_global_batch(setup, dataset.get_batch(i)))
@@ -75,34 +64,66 @@ def _describe(setup: TrainSetup, state: Any) -> str:
           f"optimizer state {mib(state['opt_state']):.2f} MiB")
 
 
-def train(config: Config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) training in `workdir`; returns the last train and eval metrics."""
-  setup = setup_for(config)
-  proc, nproc = jax.process_index(), jax.process_count()
-  train_data = make_dataset(config.data, vocab_size=config.model.vocab_size, split="train",
-                            process_index=proc, process_count=nproc)
-  val_data = (make_dataset(config.data, vocab_size=config.model.vocab_size, split="validation",
-                           process_index=proc, process_count=nproc)
-              if config.data.val_fraction > 0 or config.data.source == "synthetic" else None)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint) if config.checkpoint.enabled else None
-
-  restored = ckpt.restore_latest(setup.abstract_state) if ckpt else None
+def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data) -> tuple[dict, int]:
+  """(state, first step): the newest own checkpoint, else `init_params_from`, else a fresh init."""
+  config = setup.config
+  restored = ckpt.restore_latest(setup.abstract_state, config) if ckpt else None
   if restored:
     start, state, data_state = restored
     train_data.set_state(data_state)
-    log.info("resumed from the checkpoint at step %d in %s", start, workdir)
-  else:
-    state = init_state(setup)
-  log.info(_describe(setup, state))
+    log.info("resumed from the checkpoint at step %d in %s", start, ckpt.directory)
+    return state, start
+  source = config.checkpoint.init_params_from
+  if source:
+    step, params = restore_params(source, setup.abstract_state["params"], config)
+    log.info("initialised the parameters from step %d of %s (optimizer state new)", step, source)
+    return init_state(setup, params), 0
+  return init_state(setup), 0
 
+
+def train(config: Config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training in `workdir`; returns the last train and eval metrics.
+
+  Validates `config` (raising `ConfigError` before anything is written or compiled), writes
+  `config.json`, then trains, logging to `metrics.jsonl` and TensorBoard and checkpointing.
+  """
+  setup = setup_from_config(config)
+  proc, nproc = jax.process_index(), jax.process_count()
+  data_args = dict(vocab_size=config.model.vocab_size, process_index=proc, process_count=nproc)
+  train_data = make_dataset(config.data, split="train", **data_args)
+  val_data = (make_dataset(config.data, split="validation", **data_args)
+              if config.data.val_fraction > 0 or config.data.source == "synthetic" else None)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint) if config.checkpoint.enabled else None
+  writer = stop = None
+  try:
+    state, start = _initial_state(setup, ckpt, train_data)
+    if proc == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    log.info(_describe(setup, state))
+    writer = MetricsWriter(workdir, enabled=proc == 0, resume_step=start)
+    stop = StopSignal()
+    return _run(setup, state, start, train_data, val_data, ckpt, writer, stop)
+  finally:
+    if stop:
+      stop.restore()
+    if ckpt:
+      ckpt.close()
+    if writer:
+      writer.close()
+
+
+def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, writer, stop) -> dict[str, Any]:
+  config = setup.config
   train_step, eval_step = make_train_step(setup), make_eval_step(setup)
   tokens_per_step = config.data.global_batch * config.data.seq_len
   meter = Throughput(tokens_per_step, flops_per_token(config.model, setup.n_params, config.data.seq_len))
-  writer = MetricsWriter(workdir, enabled=proc == 0)
-  stop = StopSignal()
-  step, total = int(state["step"]), config.train.steps
-  first_step, last = step, {}
+  step, total = start, config.train.steps
+  last = {}
   pending = None  # (step, metrics) of a log step, read once the step after it is queued
+  if step >= total:
+    log.info("the run in this workdir already reached train.steps=%d; raise it to train further", total)
 
   def report() -> None:
     """Logs the pending step's metrics (reading them waits for that step), if any."""
@@ -122,33 +143,27 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
              last["grad_norm"], last["lr"], rate)
 
   t_start = time.perf_counter()
-  try:
-    while step < total and stop.received is None:
-      state, metrics = train_step(state, to_global_batch(setup, next(train_data)))
-      step += 1
-      if step == first_step + 1:
-        jax.block_until_ready(metrics)
-        log.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - t_start)
-        meter.reset(step)
-      # The previous log step is read only now, with this step queued behind it, so the device
-      # stays busy while the host logs and prepares the next batch.
-      report()
-      if step % config.train.log_every == 0 or step == total:
-        pending = (step, metrics)
-      if val_data is not None and (step % config.train.eval_every == 0 or step == total):
-        report()
-        last["eval_loss"] = evaluate(setup, eval_step, state["params"], val_data, config.train.eval_batches)
-        writer.write(step, {"loss": last["eval_loss"]}, split="eval")
-        log.info("step %d eval loss %.4f", step, last["eval_loss"])
-        meter.reset(step)
-      if ckpt and (ckpt.due(step) or step == total or stop.received is not None):
-        ckpt.save(step, state, train_data.get_state())
+  while step < total and stop.received is None:
+    state, metrics = train_step(state, to_global_batch(setup, next(train_data)))
+    step += 1
+    if step == start + 1:
+      jax.block_until_ready(metrics)
+      log.info("step %d compiled and ran in %.1fs", step, time.perf_counter() - t_start)
+      meter.reset(step)
+    # The previous log step is read only now, with this step queued behind it, so the device
+    # stays busy while the host logs and prepares the next batch.
     report()
-    if stop.received is not None:
-      log.info("received signal %d: saved step %d, stopping", stop.received, step)
-  finally:
-    stop.restore()
-    if ckpt:
-      ckpt.close()
-    writer.close()
+    if step % config.train.log_every == 0 or step == total:
+      pending = (step, metrics)
+    if val_data is not None and (step % config.train.eval_every == 0 or step == total):
+      report()
+      last["eval_loss"] = evaluate(setup, eval_step, state["params"], val_data, config.train.eval_batches)
+      writer.write(step, {"loss": last["eval_loss"]}, split="eval")
+      log.info("step %d eval loss %.4f", step, last["eval_loss"])
+      meter.reset(step)
+    if ckpt and (ckpt.due(step) or step == total or stop.received is not None):
+      ckpt.save(step, state, train_data.get_state(), config)
+  report()
+  if stop.received is not None:
+    log.info("received signal %d: saved step %d, stopping", stop.received, step)
   return {"step": step, **last}

@@ -33,12 +33,16 @@ class Throughput:
 
   `reset(step)` and `measure(step)` are called when `step` has finished on the device, so the
   interval covers exactly the steps in between, however far ahead the host has dispatched.
+  MFU = tokens/s x model FLOPs per token / (peak FLOP/s per device x devices); it is reported
+  where the peak is known (`peak_flops_per_device`, or `peak_flops` given here).
   """
 
-  def __init__(self, tokens_per_step: int, flops_per_token: float):
+  def __init__(self, tokens_per_step: int, flops_per_token: float, *, peak_flops: float | None = None,
+               n_devices: int | None = None):
     self.tokens_per_step = tokens_per_step
     self.flops_per_token = flops_per_token
-    self.peak = peak_flops_per_device()
+    self.peak = peak_flops if peak_flops is not None else peak_flops_per_device()
+    self.n_devices = n_devices if n_devices is not None else jax.device_count()
     self.reset(0)
 
   def reset(self, step: int) -> None:
@@ -54,21 +58,39 @@ class Throughput:
     tokens_per_s = self.tokens_per_step / step_time
     out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s}
     if self.peak:
-      out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count())
+      out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.n_devices)
     return out
 
 
-class MetricsWriter:
-  """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+def _read_records(path: str) -> list[str]:
+  with open(path) as f:
+    return [line for line in f if line.strip()]
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricsWriter:
+  """Appends one JSON object per line to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+  `resume_step`: the step a resumed run starts after. Records of later steps (written by the run
+  that was killed after its last checkpoint, and about to be recomputed) are dropped from
+  `metrics.jsonl`, and TensorBoard is told to discard its events from those steps on, so every
+  step keeps exactly one record.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      kept = [line for line in _read_records(path) if _step_of(line) is not None and _step_of(line) <= resume_step]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a", buffering=1)
     from tensorboardX import SummaryWriter  # only the writing process needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step > 0 else None)
 
   def write(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
     if not self.enabled:
@@ -81,3 +103,11 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of one JSONL record; None for a line cut short by a kill."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None

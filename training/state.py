@@ -17,12 +17,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from configs import Config
+from configs import Config, validate
 from models.transformer import Transformer, logical_axes
-from parallel.rules import ShardingPlan
+from parallel.mesh import make_mesh
+from parallel.plan import ShardingPlan, plan_from_config
 from training.optimizer import make_optimizer
-
-BATCH_AXES = ("batch", "length")  # logical axes of every input array of a batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +57,7 @@ def sharded_masters(config: Config) -> bool:
 
 
 def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
+  """The abstract state of `config`'s model and optimizer, laid out by `plan` (nothing is run)."""
   abstract_model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))
   graphdef, abstract_vars = nnx.split(abstract_model)
   axes = logical_axes(abstract_vars)
@@ -76,17 +76,32 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
   return TrainSetup(config, plan, graphdef, axes, tx, abstract, state_sh, grad_sh, opt_param_sh,
-                    plan.sharding(BATCH_AXES, plan.activations))
+                    plan.batch_sharding)
 
 
-def init_state(setup: TrainSetup) -> dict:
-  """Initialises parameters and optimizer state directly in their sharded layout."""
+def setup_from_config(config: Config, devices: list[jax.Device] | None = None) -> TrainSetup:
+  """Validates `config` against the devices (default: all), then builds mesh, plan and setup.
 
-  def init():
-    params = _params(setup.config)
+  The one place a run turns its config into a plan; validation runs here, once per start.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = validate(config, len(devices), devices[0].platform)
+  mesh = make_mesh(sizes, devices, outer_axes_across_hosts=config.mesh.outer_axes_across_hosts)
+  return build_setup(config, plan_from_config(config, mesh))
+
+
+def init_state(setup: TrainSetup, params: Any = None) -> dict:
+  """Parameters and a fresh optimizer state, created directly in their sharded layout.
+
+  `params`: start from these (e.g. `training.checkpoint.restore_params`) instead of a random init.
+  """
+  def init(params):
+    params = _params(setup.config) if params is None else params
     return {"params": params, "opt_state": setup.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-  return jax.jit(init, out_shardings=setup.state_shardings)()
+  if params is None:
+    return jax.jit(lambda: init(None), out_shardings=setup.state_shardings)()
+  return jax.jit(init, in_shardings=(setup.state_shardings["params"],), out_shardings=setup.state_shardings)(params)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -3,30 +3,59 @@
 The vocabulary is split into contiguous slices over one mesh axis (`tensor`). Each device looks up
 or scores only its slice; the results are combined with all-reduces of [batch, length] statistics,
 so the full-vocabulary logits are never gathered on one device.
+
+Token ids outside [0, V) would silently pick nothing (a zero embedding, or a loss equal to the
+log-sum-exp). Both ops check them: at once when the ids are concrete arrays; inside `jit` (where
+a check would cost a device-to-host sync every step) only when
+`jax.config.update("jax_enable_checks", True)` is set, as a `checkify` check: run the function
+under `jax.experimental.checkify.checkify` and call `err.throw()` on the error it returns.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 from jax.sharding import Mesh, PartitionSpec as P
+
+from parallel.vocab.dense import pick_target
 
 
 def _slice_start(axis: str, local_size: int) -> jax.Array:
   return jax.lax.axis_index(axis) * local_size
 
 
-def _pick(logits_BxLxV: jax.Array, index_BxL: jax.Array) -> jax.Array:
-  """logits[b, l, index[b, l]] as a masked sum over the vocabulary (exact: the rest adds zeros).
+def _raise_if_out_of_range(ids: np.ndarray, size: int, what: str) -> None:
+  ids = np.asarray(ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= size):
+    bad = ids[(ids < 0) | (ids >= size)]
+    raise ValueError(f"{what}: {bad.size} id(s) outside [0, {size}), e.g. {int(bad.flat[0])}")
 
-  Its gradient is a select, which XLA fuses with the softmax's into one pass that writes the
-  logits' gradient in their own dtype; `take_along_axis` would scatter into a float32 buffer the
-  size of the logits instead.
-  """
-  vocab = jax.lax.broadcasted_iota(index_BxL.dtype, logits_BxLxV.shape, logits_BxLxV.ndim - 1)
-  return jnp.sum(jnp.where(vocab == index_BxL[..., None], logits_BxLxV, 0.0), axis=-1)
+
+def _check_ids(ids: jax.Array, size: int, what: str) -> None:
+  if not isinstance(ids, jax.core.Tracer):
+    _raise_if_out_of_range(ids, size, what)
+  elif jax.config.jax_enable_checks:
+    bad = (ids < 0) | (ids >= size)
+    checkify.check(~jnp.any(bad), f"{what}: id(s) outside [0, {size}), e.g. {{first}}",
+                   first=jnp.where(jnp.any(bad), ids.ravel()[jnp.argmax(bad.ravel())], 0))
+
+
+def _check_shapes(mesh: Mesh, axis: str, batch_axes: Sequence[str], vocab: int, shape_BxL: tuple[int, ...],
+                  what: str) -> None:
+  if axis not in mesh.shape:
+    raise ValueError(f"{what}: axis={axis!r} is not a mesh axis (mesh axes: {tuple(mesh.shape)})")
+  if vocab % mesh.shape[axis]:
+    raise ValueError(f"{what}: vocabulary size {vocab} is not divisible by mesh axis {axis!r} of size "
+                     f"{mesh.shape[axis]}")
+  rows = math.prod(mesh.shape[a] for a in batch_axes)
+  if len(shape_BxL) != 2 or shape_BxL[0] % rows:
+    raise ValueError(f"{what}: ids/targets must be [batch, length] with batch divisible by the batch axes "
+                     f"{tuple(batch_axes)} (size {rows}); got shape {shape_BxL}")
 
 
 def vocab_parallel_embed(table_VxD: jax.Array, ids_BxL: jax.Array, *, mesh: Mesh, axis: str = "tensor",
@@ -35,13 +64,18 @@ def vocab_parallel_embed(table_VxD: jax.Array, ids_BxL: jax.Array, *, mesh: Mesh
 
   Args:
     table_VxD: [V, D], sharded P(axis, None) (other shardings are resharded on entry).
-    ids_BxL: int [B, L], batch split over `batch_axes`.
+    ids_BxL: int [B, L], ids in [0, V), batch split over `batch_axes`.
     scatter_length: Megatron sequence parallelism: return the sum reduce-scattered on length over
       `axis` (P(batch, axis, None)) instead of all-reduced (P(batch, None, None)).
 
   Communication: one all-reduce (or reduce-scatter) of [B/b, L, D] over `axis`.
   Returns: [B, L, D] in the table's dtype.
   """
+  _check_shapes(mesh, axis, batch_axes, table_VxD.shape[0], ids_BxL.shape, "vocab_parallel_embed")
+  if scatter_length and ids_BxL.shape[1] % mesh.shape[axis]:
+    raise ValueError(f"vocab_parallel_embed: scatter_length needs the length {ids_BxL.shape[1]} to be "
+                     f"divisible by mesh axis {axis!r} of size {mesh.shape[axis]}")
+  _check_ids(ids_BxL, table_VxD.shape[0], "vocab_parallel_embed ids")
   batch = tuple(batch_axes) or None
 
   def local(table, ids):
@@ -70,6 +104,12 @@ def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array
   Communication: three all-reduces of [B/b, L] over `axis` (max, sum of exponentials, target logit).
   Returns: float32 [B, L], sharded P(batch, None).
   """
+  what = "vocab_parallel_cross_entropy"
+  if logits_BxLxV.ndim != 3 or logits_BxLxV.shape[:2] != targets_BxL.shape:
+    raise ValueError(f"{what}: logits must be [B, L, V] and targets [B, L]; got {logits_BxLxV.shape} and "
+                     f"{targets_BxL.shape}")
+  _check_shapes(mesh, axis, batch_axes, logits_BxLxV.shape[-1], targets_BxL.shape, what)
+  _check_ids(targets_BxL, logits_BxLxV.shape[-1], f"{what} targets")
   batch = tuple(batch_axes) or None
 
   def local(logits, targets):
@@ -80,15 +120,8 @@ def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array
     sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), axis)
     rel = targets - _slice_start(axis, v_local)
     # Out-of-slice targets match no index here, so they pick 0.
-    target_logit = jax.lax.psum(_pick(logits, rel), axis)
+    target_logit = jax.lax.psum(pick_target(logits, rel), axis)
     return jnp.log(sum_exp) + m - target_logit
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(batch, None, axis), P(batch, None)),
                        out_specs=P(batch, None), check_vma=True)(logits_BxLxV, targets_BxL)
-
-
-def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """Dense reference: float32 per-token cross-entropy, [B, L]."""
-  logits = logits_BxLxV.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  return lse - _pick(logits, targets_BxL)

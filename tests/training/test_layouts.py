@@ -6,18 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from configs import Config, DataConfig, ModelConfig, OptimizerConfig, ShardingConfig, TrainConfig, validate
-from parallel.mesh import make_mesh
-from parallel.rules import make_plan
-from training.state import build_setup, bytes_per_device, init_state
-from training.step import make_train_step, BATCH_AXES
+from configs import Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig, ShardingConfig, TrainConfig
+from training.state import init_state, setup_from_config
+from training.step import make_train_step
 
 STEPS = 5
 MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=16)
 
 
 def _config(mesh: dict, zero=0, sp=False, micro=1, model=MODEL) -> Config:
-  from configs import MeshConfig
   return Config(model=model, mesh=MeshConfig(**{"data": 1, **mesh}),
                 sharding=ShardingConfig(zero_stage=zero, sequence_parallel=sp),
                 data=DataConfig(seq_len=16, global_batch=8, microbatches=micro),
@@ -39,22 +36,13 @@ def _batches(cfg: Config):
            "loss_mask": (rng.random((b, l)) > 0.1).astype(np.float32)}
 
 
-def _setup(cfg: Config):
-  n = int(np.prod([v for v in cfg.mesh.sizes().values() if v > 0]))
-  sizes = validate(cfg, n)
-  mesh = make_mesh(sizes, jax.devices()[:n])
-  s = cfg.sharding
-  return build_setup(cfg, make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
-                                    vocab_parallel=s.vocab_parallel))
-
-
 def _losses(cfg: Config) -> list[float]:
-  setup = _setup(cfg)
+  n = int(np.prod(list(cfg.mesh.sizes().values())))
+  setup = setup_from_config(cfg, jax.devices()[:n])
   state, step = init_state(setup), make_train_step(setup)
-  batch_sh = setup.plan.sharding(BATCH_AXES, setup.plan.activations)
   out = []
   for batch in _batches(cfg):
-    state, metrics = step(state, jax.device_put(batch, batch_sh))
+    state, metrics = step(state, jax.device_put(batch, setup.batch_sharding))
     out.append(float(metrics["loss"]))
   return out
 

@@ -6,11 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import Config, DataConfig, MeshConfig, ModelConfig, ShardingConfig, validate
-from parallel.mesh import make_mesh
-from parallel.rules import make_plan
-from training.state import build_setup, bytes_per_device, init_state
-from training.step import BATCH_AXES, make_grad_fn
+from configs import Config, DataConfig, MeshConfig, ModelConfig, ShardingConfig
+from training.grad import make_grad_fn
+from training.state import bytes_per_device, init_state, setup_from_config
 
 MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=16)
 D, LAYERS = MODEL.d_model, MODEL.n_layers
@@ -19,12 +17,11 @@ D, LAYERS = MODEL.d_model, MODEL.n_layers
 def _measure(mesh: dict, zero: int, model: ModelConfig = MODEL):
   cfg = Config(model=model, mesh=MeshConfig(**{"data": 1, **mesh}), sharding=ShardingConfig(zero_stage=zero),
                data=DataConfig(seq_len=16, global_batch=8))
-  plan = make_plan(make_mesh(validate(cfg, 8)), zero_stage=zero)
-  setup = build_setup(cfg, plan)
+  setup = setup_from_config(cfg)
   state = init_state(setup)
   batch = {k: np.zeros((8, 16), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_mask"] = np.ones((8, 16), np.float32)
-  batch = jax.device_put(batch, plan.sharding(BATCH_AXES, plan.activations))
+  batch = jax.device_put(batch, setup.batch_sharding)
   grads, _, _ = jax.jit(make_grad_fn(setup))(state["params"], batch)
   # Adam's moments; the step counters are replicated scalars.
   moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]

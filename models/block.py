@@ -1,0 +1,39 @@
+"""The Llama pre-norm decoder block, as the layer stack calls it: (carry, layer inputs) -> (carry, outputs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from configs import ModelConfig
+from models.attention import Attention
+from models.layers import MLP, RMSNorm
+from parallel.plan import ShardingPlan
+
+# The residual stream: split on length over `tensor` under Megatron sequence parallelism.
+RESIDUAL_AXES = ("batch", "residual_length", "embed")
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then + mlp(norm(.)).
+
+  The carry is the activation that flows from layer to layer: {"x": [B, L, D] residual stream,
+  "positions": int [B, L], "segment_ids": int [B, L] or None}. Positions and segment ids ride
+  along unchanged, so a pipeline stage that receives a carry has all it needs.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, carry: dict, layer_inputs: Any, plan: ShardingPlan) -> tuple[dict, dict]:
+    """Returns the next carry and this layer's outputs for the loss (none for a dense block)."""
+    del layer_inputs  # a dense block has no per-layer inputs
+    x = carry["x"]
+    h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan).astype(x.dtype)
+    h = plan.constrain(h, RESIDUAL_AXES)
+    out = h + self.mlp(self.mlp_norm(h), plan).astype(h.dtype)
+    return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, {}

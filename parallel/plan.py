@@ -1,0 +1,147 @@
+"""`ShardingPlan`: the one object that carries a run's parallel choices.
+
+A plan holds a mesh, four rule tables mapping logical dimension names (`batch`, `length`,
+`residual_length`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`) to mesh
+axes, and the named strategies that are not tables:
+
+  params      where parameters live between steps (ZeRO-3/FSDP shards `embed` over `fsdp`)
+  grads       where gradients are reduced to (ZeRO-2 and up: reduce-scatter over `fsdp`)
+  opt_state   where Adam moments live (ZeRO-1 and up: sharded over `fsdp`)
+  activations where activations are constrained inside the model
+  strategies  which attention op runs over `seq`, which pipeline schedule over `stage`, which
+              algorithm over `replica`
+
+It is built once per run by `plan_from_config`; model and step read it through one small
+dispatch per op family (`parallel/<family>/dispatch.py`), never through the config. A
+single-device plan is a plan like any other (`single_device_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs.base import ATTENTION_METHODS, PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
+from parallel.mesh import single_device_mesh
+from parallel.rules import Rules
+from parallel.rules.megatron import activation_rules, tensor_rules
+from parallel.rules.zero import zero_tables
+
+LogicalAxes = tuple[str | None, ...]
+TOKEN_AXES = ("batch", "length")  # logical axes of every [batch, length] input of a batch
+
+
+def _is_axes(x: Any) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategies:
+  """The plan's named choices, one per family (choices: `configs.base`)."""
+
+  attention: str = "dense"
+  pipeline: str = "none"
+  replica: str = "sync"
+
+  def __post_init__(self):
+    for name, choices in (("attention", ATTENTION_METHODS), ("pipeline", PIPELINE_SCHEDULES),
+                          ("replica", REPLICA_ALGORITHMS)):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name} strategy {getattr(self, name)!r}: choose one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+  """A mesh, the four rule tables and the strategies. Immutable; build it with `make_plan`."""
+
+  mesh: Mesh
+  params: Rules
+  grads: Rules
+  opt_state: Rules
+  activations: Rules
+  strategies: Strategies = Strategies()
+
+  def spec(self, axes: LogicalAxes, rules: Rules, shape: tuple[int, ...] | None = None) -> P:
+    """Logical axes -> PartitionSpec; checks that each sharded dimension divides evenly."""
+    out, used = [], set()
+    for i, name in enumerate(axes):
+      mesh_axes = rules.get(name) if name is not None else None
+      if isinstance(mesh_axes, str):
+        mesh_axes = (mesh_axes,)
+      # Axes of size 1 shard nothing; leaving them out keeps specs readable.
+      kept = tuple(a for a in (mesh_axes or ()) if self.mesh.shape[a] > 1)
+      for a in kept:
+        if a in used:
+          raise ValueError(f"logical axes {axes} map mesh axis {a!r} twice")
+        used.add(a)
+      if shape is not None and kept:
+        size = 1
+        for a in kept:
+          size *= self.mesh.shape[a]
+        if shape[i] % size:
+          raise ValueError(f"dimension {name!r} of size {shape[i]} (shape {shape}) does not divide "
+                           f"over mesh axes {kept} of total size {size}")
+      out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return P(*out)
+
+  def sharding(self, axes: LogicalAxes, rules: Rules, shape: tuple[int, ...] | None = None) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(axes, rules, shape))
+
+  def tree_shardings(self, axes_tree: Any, shapes_tree: Any, rules: Rules) -> Any:
+    """A pytree of logical-axes tuples (+ matching shapes) -> a pytree of NamedShardings."""
+    return jax.tree.map(lambda ax, x: self.sharding(ax, rules, tuple(x.shape)), axes_tree, shapes_tree,
+                        is_leaf=_is_axes)
+
+  def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
+    """Pins an activation to the layout the activation table gives it (nothing on one device)."""
+    if self.mesh.size == 1:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.sharding(axes, self.activations, x.shape))
+
+  def pin_to_params_layout(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
+    """Pins a weight to the layout the `params` table gives it: where the model computes with it."""
+    if self.mesh.size == 1:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.sharding(axes, self.params, x.shape))
+
+  def activation_axes(self, name: str) -> tuple[str, ...]:
+    """The mesh axes (size > 1) that the activation table splits dimension `name` over; () if none."""
+    axes = self.activations.get(name)
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return tuple(a for a in axes if self.mesh.shape[a] > 1)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    """Where every [batch, length] input array of a batch lives."""
+    return self.sharding(TOKEN_AXES, self.activations)
+
+
+def make_plan(mesh: Mesh, *, zero_stage: int = 0, sequence_parallel: bool = False, vocab_parallel: bool = True,
+              strategies: Strategies = Strategies()) -> ShardingPlan:
+  """Megatron TP (+SP) and a ZeRO stage over whatever axes `mesh` has, plus the strategies."""
+  weights = tensor_rules(vocab_parallel)
+  params, grads, opt_state = zero_tables(weights, zero_stage)
+  return ShardingPlan(mesh=mesh, params=params, grads=grads, opt_state=opt_state,
+                      activations=activation_rules(weights, sequence_parallel), strategies=strategies)
+
+
+def plan_from_config(config: Config, mesh: Mesh) -> ShardingPlan:
+  """The run's plan: the one place that reads `config.sharding`."""
+  s = config.sharding
+  return make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
+                   vocab_parallel=s.vocab_parallel,
+                   strategies=Strategies(attention=s.attention, pipeline=s.pipeline, replica=s.replica))
+
+
+@functools.cache
+def single_device_plan() -> ShardingPlan:
+  """The plan of a plain dense model on one device: every table maps to axes of size 1."""
+  return make_plan(single_device_mesh())

@@ -1,0 +1,54 @@
+"""The plan: rule tables per ZeRO stage and tensor layout, the residual stream's layout under
+Megatron sequence parallelism (and the collectives it compiles to), strategies, one device."""
+
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import configs
+from parallel.mesh import make_mesh
+from parallel.plan import Strategies, make_plan, plan_from_config, single_device_plan
+
+
+def test_zero_stages_shard_what_they_should():
+  mesh = make_mesh({"fsdp": 4, "tensor": 2})
+  w = ("embed", "mlp")
+  specs = lambda plan: tuple(plan.spec(w, t) for t in (plan.params, plan.grads, plan.opt_state))
+  assert specs(make_plan(mesh, zero_stage=0)) == (P(None, "tensor"),) * 3
+  assert specs(make_plan(mesh, zero_stage=1)) == (P(None, "tensor"), P(None, "tensor"), P("fsdp", "tensor"))
+  assert specs(make_plan(mesh, zero_stage=2)) == (P(None, "tensor"), P("fsdp", "tensor"), P("fsdp", "tensor"))
+  assert specs(make_plan(mesh, zero_stage=3)) == (P("fsdp", "tensor"),) * 3
+  with pytest.raises(ValueError, match="zero_stage=4"):
+    make_plan(mesh, zero_stage=4)
+
+
+def test_sequence_parallel_puts_the_residual_stream_on_tensor():
+  mesh = make_mesh({"data": 2, "tensor": 4})
+  residual = ("batch", "residual_length", "embed")
+  assert make_plan(mesh, sequence_parallel=True).spec(residual, make_plan(mesh, sequence_parallel=True).activations) \
+      == P("data", "tensor", None)
+  assert make_plan(mesh).spec(residual, make_plan(mesh).activations) == P("data", None, None)
+  # Attention and MLP activations keep the whole length and split heads.
+  plan = make_plan(mesh, sequence_parallel=True)
+  assert plan.spec(("batch", "length", "heads", "head_dim"), plan.activations) == P("data", None, "tensor", None)
+
+
+def test_plan_from_config_reads_the_sharding_section():
+  cfg = configs.get_config("tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.zero_stage=2",
+                                    "sharding.sequence_parallel=true", "sharding.vocab_parallel=false"])
+  plan = plan_from_config(cfg, make_mesh(configs.validate(cfg, 8)))
+  assert plan.strategies == Strategies(attention="dense", pipeline="none", replica="sync")
+  assert plan.spec(("embed", "vocab"), plan.params) == P(None, None)  # vocab_parallel=false
+  assert plan.spec(("embed", "mlp"), plan.grads) == P("fsdp", "tensor")
+  assert plan.activation_axes("residual_length") == ("tensor",)
+  assert plan.activation_axes("batch") == ("data", "fsdp")
+  with pytest.raises(ValueError, match="attention strategy 'ring'"):
+    Strategies(attention="ring")
+
+
+def test_single_device_plan_constrains_nothing():
+  plan = single_device_plan()
+  assert plan.mesh.size == 1 and plan.activation_axes("batch") == () and plan.activation_axes("vocab") == ()
+  x = jnp.ones((2, 4, 8))
+  assert plan.constrain(x, ("batch", "residual_length", "embed")) is x
+  assert plan.batch_sharding.spec == P(None, None)

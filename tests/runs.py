@@ -1,8 +1,8 @@
 """Running `train.py` as a user does, in a subprocess with its own emulated CPU devices.
 
-Every test that starts `train.py` goes through these helpers. The subprocesses share one
-persistent compilation cache per test process (`JAX_COMPILATION_CACHE_DIR`), so the second run of a
-configuration (a resume, the same layout on more processes) skips XLA compilation.
+Every test that starts `train.py` goes through these helpers. The subprocesses inherit the
+session's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, see conftest.py), so the
+second run of a configuration (a resume, the same layout in-process) skips XLA compilation.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,17 +19,15 @@ TIMEOUT = 300  # seconds per run: generous, as a loaded 2-core machine is slow
 SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
          "model.vocab_size=264", "data.seq_len=32", "data.global_batch=8", "data.max_corpus_bytes=300000",
          "train.log_every=1", "train.eval_every=1000", "train.eval_batches=2"]
-_CACHE = os.path.join(tempfile.gettempdir(), f"shardlab-test-jax-cache-{os.getpid()}")
 
 
 def env(devices: int = 8) -> dict:
-  """The environment of a subprocess: CPU only, `devices` emulated devices, the shared cache."""
+  """The environment of a subprocess: CPU only, `devices` emulated devices (and the session's
+  compilation cache, inherited from os.environ)."""
   out = dict(os.environ)
   out["JAX_PLATFORMS"] = "cpu"
   flags = [f for f in out.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
   out["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  out["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-  out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
   out["PYTHONUNBUFFERED"] = "1"
   return out
 

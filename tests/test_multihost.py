@@ -121,7 +121,7 @@ def _check_mesh(output: str, mesh: str) -> None:
 # --- runs (each once per module) -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def run_once(tmp_path_factory):
   """Lazily runs, and caches, train.py by (name, layout overrides, processes, devices per process)."""
   root, done = tmp_path_factory.mktemp("multihost"), {}
 
@@ -140,16 +140,16 @@ def runs(tmp_path_factory):
   return get
 
 
-def _reference(runs, name: str, layout: list[str]) -> list[dict]:
+def _reference(run_once, name: str, layout: list[str]) -> list[dict]:
   """The same command as one process with 8 devices."""
-  workdir, _ = runs(f"{name}_1proc", layout + NO_CKPT, 1, 8)
+  workdir, _ = run_once(f"{name}_1proc", layout + NO_CKPT, 1, 8)
   records = runs.records(workdir)
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, STEPS + 1))
   return records
 
 
-def _hybrid_with_checkpoints(runs) -> tuple[Path, list[str]]:
-  return runs("hybrid_2proc", HYBRID + [f"checkpoint.every={CKPT_EVERY}"], 2, 4)
+def _hybrid_with_checkpoints(run_once) -> tuple[Path, list[str]]:
+  return run_once("hybrid_2proc", HYBRID + [f"checkpoint.every={CKPT_EVERY}"], 2, 4)
 
 
 # --- tests -----------------------------------------------------------------------------------------
@@ -175,25 +175,25 @@ def test_hybrid_mesh_spreads_outer_axes_over_hosts(tmp_path):
     assert owners.tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]], owners
 
 
-def test_data_parallel_two_processes_match_one(runs):
-  want = _reference(runs, "dp", DATA_PARALLEL)
-  workdir, outputs = runs("dp_2proc", DATA_PARALLEL + NO_CKPT, 2, 4)
+def test_data_parallel_two_processes_match_one(run_once):
+  want = _reference(run_once, "dp", DATA_PARALLEL)
+  workdir, outputs = run_once("dp_2proc", DATA_PARALLEL + NO_CKPT, 2, 4)
   _check_mesh(outputs[0], "data=8")
   _assert_same_steps(runs.records(workdir), want)
 
 
-def test_hybrid_data_across_hosts_fsdp_inside_matches_one(runs):
-  want = _reference(runs, "hybrid", HYBRID)
-  workdir, outputs = _hybrid_with_checkpoints(runs)
+def test_hybrid_data_across_hosts_fsdp_inside_matches_one(run_once):
+  want = _reference(run_once, "hybrid", HYBRID)
+  workdir, outputs = _hybrid_with_checkpoints(run_once)
   _check_mesh(outputs[0], "data=2 x fsdp=4")
   _assert_same_steps(runs.records(workdir), want)
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [CKPT_EVERY, STEPS], f"checkpoints of the 2-process run: {steps}"
 
 
-def test_two_processes_resume_from_checkpoint(runs, tmp_path):
-  want = [r for r in _reference(runs, "hybrid", HYBRID) if r["step"] > CKPT_EVERY]
-  saved, _ = _hybrid_with_checkpoints(runs)
+def test_two_processes_resume_from_checkpoint(run_once, tmp_path):
+  want = [r for r in _reference(run_once, "hybrid", HYBRID) if r["step"] > CKPT_EVERY]
+  saved, _ = _hybrid_with_checkpoints(run_once)
   assert (saved / "checkpoints" / str(CKPT_EVERY)).is_dir(), "the 2-process run wrote no checkpoint"
   # A copy without the last checkpoint and metrics: the new run must resume from step CKPT_EVERY.
   workdir = tmp_path / "resume"

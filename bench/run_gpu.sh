@@ -4,6 +4,8 @@
 # SET is one of:
 #   final    one GPU: the `1b` preset twice (two compilations), remat dots_and_attention, the
 #            PyTorch peer, train.py itself for 60 steps, and the `tiny` curve against the CPU one
+#   check    one GPU, the short form of `final` that fits one call: the `1b` preset once, the
+#            peer, train.py for 30 steps and the `tiny` curve
 #   scale    two GPUs: one GPU, then ZeRO-1/2/3 over both at the same per-GPU batch
 #   profile  one GPU: where the `1b` step's device time goes (bench/profile_step.py)
 #   fit      one GPU: the largest batch and sequence per remat policy (bench/memory_fit.py)
@@ -29,23 +31,36 @@ run() {  # label, timeout, then train_speed flags
   timeout "$limit" python3 bench/train_speed.py --label="$label" --out="$out/$label.json" "$@" 2>&1 | quiet | tail -n 5
 }
 
+tiny_curves() {  # the `tiny` curve on GPU at both precisions, against the CPU one
+  if [ -f .cmp/tiny_tokens.bin ]; then
+    for precision in default highest; do
+      JAX_DEFAULT_MATMUL_PRECISION=$precision bash bench/tiny_curve.sh .cmp/tiny_tokens.bin /tmp/tiny_$precision >/dev/null
+      cp /tmp/tiny_$precision/metrics.jsonl "$out/tiny_gpu_$precision.jsonl"
+      echo "tiny, $precision precision: $(python3 bench/curve_diff.py bench/results/tiny_curve/cpu.jsonl "$out/tiny_gpu_$precision.jsonl")"
+    done
+  fi
+}
+
+train_py_1b() {  # train.py as users run it: its own logged throughput, every 10 steps
+  timeout 200 python3 train.py --config=1b --workdir=/tmp/train_1b --set data.source=synthetic \
+    --set train.steps=$1 --set checkpoint.enabled=false 2>&1 | grep -E "step ($2)/|Error"
+  cp /tmp/train_1b/metrics.jsonl "$out/train_py_1b.jsonl"
+}
+
 case $set_name in
+  check)
+    run shardlab_1b 200 --config=1b
+    timeout 240 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | grep RESULT
+    train_py_1b 30 "20|30"
+    tiny_curves
+    ;;
   final)
     run shardlab_1b 200 --config=1b
     run shardlab_1b_again 200 --config=1b
     run shardlab_1b_dots_and_attention 200 --config=1b --set model.remat=dots_and_attention
     timeout 240 python3 bench/torch_peer.py --config=1b --out="$out/torch_peer.json" 2>&1 | grep RESULT
-    # train.py as users run it: its own logged throughput, every 10 steps.
-    timeout 200 python3 train.py --config=1b --workdir=/tmp/train_1b --set data.source=synthetic \
-      --set train.steps=60 --set checkpoint.enabled=false 2>&1 | grep -E "step (30|60)/|Error"
-    cp /tmp/train_1b/metrics.jsonl "$out/train_py_1b.jsonl"
-    if [ -f .cmp/tiny_tokens.bin ]; then
-      for precision in default highest; do
-        JAX_DEFAULT_MATMUL_PRECISION=$precision bash bench/tiny_curve.sh .cmp/tiny_tokens.bin /tmp/tiny_$precision >/dev/null
-        cp /tmp/tiny_$precision/metrics.jsonl "$out/tiny_gpu_$precision.jsonl"
-        echo "tiny, $precision precision: $(python3 bench/curve_diff.py bench/results/tiny_curve/cpu.jsonl "$out/tiny_gpu_$precision.jsonl")"
-      done
-    fi
+    train_py_1b 60 "30|60"
+    tiny_curves
     ;;
   scale)
     # Same per-GPU batch (4 x 4096 tokens): one GPU, then two GPUs under ZeRO-1, 2 and 3.
@@ -83,7 +98,7 @@ if peer and ours:
 try:
   logged = [json.loads(l) for l in open(sys.argv[1] + "/train_py_1b.jsonl")]
   rates = [r for r in logged if r["split"] == "train" and "tokens_per_s" in r and r["step"] > 10]
-  print(f"train.py, steps 11-60 as logged: {statistics.median(r['tokens_per_s'] for r in rates):.0f} tokens/s, "
+  print(f"train.py, steps 11-{max(r['step'] for r in rates)} as logged: {statistics.median(r['tokens_per_s'] for r in rates):.0f} tokens/s, "
         f"MFU {100 * statistics.median(r['mfu'] for r in rates):.1f}% (median of {len(rates)} intervals)")
 except FileNotFoundError:
   pass

@@ -48,12 +48,13 @@ def _params(config: Config) -> dict:
   return nnx.to_pure_dict(nnx.split(Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))[1])
 
 
-def sharded_masters(config: Config) -> bool:
-  """Mixed-precision ZeRO-1/2: the float32 master weights count as optimizer state (as in the
-  ZeRO paper) and live sharded beside Adam's moments. The forward pass all-gathers each layer's
-  weights in the compute dtype where it uses them (`training.step.make_compute_params`), so no
-  float32 all-gather of the updated parameters follows the update."""
-  return config.model.compute_dtype != config.model.param_dtype and config.sharding.zero_stage in (1, 2)
+def sharded_masters(config: Config, plan: ShardingPlan) -> bool:
+  """Mixed-precision ZeRO-1/2 (the plan shards optimizer state but not parameters): the float32
+  master weights count as optimizer state (as in the ZeRO paper) and live sharded beside Adam's
+  moments. The forward pass all-gathers each layer's weights in the compute dtype where it uses
+  them (`models.stack.gather_for_compute`), so no float32 all-gather of the updated parameters
+  follows the update."""
+  return config.model.compute_dtype != config.model.param_dtype and plan.opt_state != plan.params
 
 
 def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
@@ -70,7 +71,7 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, opt_param_sh,
                                  transform_non_params=lambda _: plan.replicated)
-  master_sh = opt_param_sh if sharded_masters(config) else param_sh
+  master_sh = opt_param_sh if sharded_masters(config, plan) else param_sh
   state_sh = {"params": master_sh, "opt_state": opt_sh, "step": plan.replicated}
   abstract = {"params": abstract_params, "opt_state": abstract_opt,
               "step": jax.ShapeDtypeStruct((), jnp.int32)}

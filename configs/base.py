@@ -23,7 +23,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 # Named strategies of a `ShardingPlan` (parallel/plan.py), one tuple of choices per family.
-ATTENTION_METHODS = ("dense",)  # attention over the `seq` axis; context parallelism adds more
+# Attention over the `seq` axis: "dense" keeps the whole sequence on each device (mesh.seq == 1);
+# the others are the context-parallel ops of parallel/attention/.
+ATTENTION_METHODS = ("dense", "allgather", "ring", "tokenring", "ulysses", "usp")
+CONTEXT_LAYOUTS = ("contiguous", "zigzag", "striped")  # token order over `seq` (causal load balance)
 PIPELINE_SCHEDULES = ("none",)  # schedule over the `stage` axis
 REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduces every step
 
@@ -84,6 +87,8 @@ class ShardingConfig:
   sequence_parallel: bool = False  # Megatron SP: norms and residual stream sharded over `tensor` on length
   vocab_parallel: bool = True  # embedding and cross-entropy sharded over `tensor` on vocab
   attention: str = "dense"  # one of ATTENTION_METHODS
+  context_layout: str = "zigzag"  # one of CONTEXT_LAYOUTS, for allgather/ring/tokenring/usp
+  ulysses_degree: int = 1  # usp: devices per Ulysses group (divides mesh.seq); the ring spans the rest
   pipeline: str = "none"  # one of PIPELINE_SCHEDULES
   replica: str = "sync"  # one of REPLICA_ALGORITHMS
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from configs.base import ATTENTION_METHODS, PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
+from configs.base import ATTENTION_METHODS, CONTEXT_LAYOUTS, PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
 from parallel.mesh import single_device_mesh
 from parallel.rules import Rules
 from parallel.rules.megatron import activation_rules, tensor_rules
@@ -41,15 +41,23 @@ def _is_axes(x: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Strategies:
-  """The plan's named choices, one per family (choices: `configs.base`)."""
+  """The plan's named choices, one per family (choices: `configs.base`).
+
+  attention  the op over `seq` (context parallelism), with `layout`, the token order over the
+             `seq` devices it expects, and `ulysses`, USP's devices per Ulysses group
+  pipeline   the schedule over `stage`
+  replica    what runs over `replica` ("sync": gradients all-reduced every step)
+  """
 
   attention: str = "dense"
+  layout: str = "contiguous"
+  ulysses: int = 1
   pipeline: str = "none"
   replica: str = "sync"
 
   def __post_init__(self):
-    for name, choices in (("attention", ATTENTION_METHODS), ("pipeline", PIPELINE_SCHEDULES),
-                          ("replica", REPLICA_ALGORITHMS)):
+    for name, choices in (("attention", ATTENTION_METHODS), ("layout", CONTEXT_LAYOUTS),
+                          ("pipeline", PIPELINE_SCHEDULES), ("replica", REPLICA_ALGORITHMS)):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name} strategy {getattr(self, name)!r}: choose one of {choices}")
 
@@ -136,9 +144,11 @@ def make_plan(mesh: Mesh, *, zero_stage: int = 0, sequence_parallel: bool = Fals
 def plan_from_config(config: Config, mesh: Mesh) -> ShardingPlan:
   """The run's plan: the one place that reads `config.sharding`."""
   s = config.sharding
+  layout = "contiguous" if s.attention in ("dense", "ulysses") else s.context_layout
+  strategies = Strategies(attention=s.attention, layout=layout, ulysses=s.ulysses_degree if s.attention == "usp" else 1,
+                          pipeline=s.pipeline, replica=s.replica)
   return make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
-                   vocab_parallel=s.vocab_parallel,
-                   strategies=Strategies(attention=s.attention, pipeline=s.pipeline, replica=s.replica))
+                   vocab_parallel=s.vocab_parallel, strategies=strategies)
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import Config
+from parallel.attention.dispatch import order_batch
 from parallel.plan import ShardingPlan
 from parallel.vocab.dispatch import token_cross_entropy
 
@@ -26,7 +27,8 @@ def uses_segments(config: Config) -> bool:
 
 
 def token_losses(model: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool = True) -> tuple[jax.Array, dict]:
-  """(float32 per-token cross-entropy [B, L], per-layer outputs) of the model's three pieces."""
+  """(float32 per-token cross-entropy [B, L], per-layer outputs) of the model's three pieces, for
+  a batch already in the plan's token order (`order_batch`)."""
   segments = batch["segment_ids"] if mask_documents else None
   carry = model.embed_tokens(batch["inputs"], batch["positions"], segments, plan=plan)
   carry, layer_outputs = model.forward_layers(carry, plan=plan)
@@ -36,7 +38,12 @@ def token_losses(model: Any, batch: Batch, plan: ShardingPlan, mask_documents: b
 
 def loss_sum_and_count(graphdef: nnx.GraphDef, params: Any, batch: Batch, plan: ShardingPlan,
                        mask_documents: bool = True) -> tuple[jax.Array, jax.Array]:
-  """Sum of masked token losses and the number of counted tokens (float32 scalars)."""
+  """Sum of masked token losses and the number of counted tokens (float32 scalars).
+
+  The tokens are first laid out in the order the plan's attention method expects over `seq`, with
+  everything that belongs to them; the sums do not depend on the order.
+  """
+  batch = order_batch(batch, plan)
   losses, _ = token_losses(nnx.merge(graphdef, params), batch, plan, mask_documents)
   mask = batch["loss_mask"]
   return jnp.sum(losses * mask), jnp.sum(mask)

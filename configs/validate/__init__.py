@@ -1,6 +1,7 @@
 """Every rule a configuration must obey, checked once per start, before anything is built or compiled.
 
-One file per family: `mesh`, `model`, `sharding` (tensor, ZeRO, the plan's strategies), `data`,
+One file per family: `mesh`, `model`, `sharding` (tensor, ZeRO, the plan's strategies),
+`context` (the attention method over `seq`), `data`,
 `optimizer` and `loop` (train and checkpoint sections). Each failure raises `ConfigError` naming
 the field(s), the value(s) and the rule that was broken.
 """
@@ -8,7 +9,7 @@ the field(s), the value(s) and the rule that was broken.
 from __future__ import annotations
 
 from configs.base import Config
-from configs.validate import data, loop, mesh, model, optimizer, sharding
+from configs.validate import context, data, loop, mesh, model, optimizer, sharding
 from configs.validate.mesh import resolve_mesh_sizes
 
 
@@ -24,6 +25,7 @@ def validate(config: Config, n_devices: int, backend: str | None = None) -> dict
   mesh.check(config, sizes)
   model.check(config.model, backend)
   sharding.check(config, sizes)
+  context.check(config, sizes)
   data.check(config, sizes)
   optimizer.check(config.optimizer)
   loop.check(config)

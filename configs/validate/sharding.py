@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from configs.base import ATTENTION_METHODS, PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
+from configs.base import PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
 from configs.validate.require import require, require_choice
 
 
@@ -16,8 +16,10 @@ def check(config: Config, sizes: dict[str, int]) -> None:
     require(m.vocab_size % tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by mesh.tensor={tp} "
                                     f"(sharding.vocab_parallel=true)")
   if s.sequence_parallel:
-    require(d.seq_len % tp == 0, f"data.seq_len={d.seq_len} is not divisible by mesh.tensor={tp} "
-                                 f"(sharding.sequence_parallel=true)")
+    seq = sizes["seq"]
+    require(d.seq_len % (tp * seq) == 0,
+            f"data.seq_len={d.seq_len} is not divisible by mesh.tensor={tp}" + (f" x mesh.seq={seq}" if seq > 1 else "")
+            + " (sharding.sequence_parallel=true)")
 
   # ZeRO shards parameters and optimizer state over `fsdp` on the embed dimension.
   require(s.zero_stage in (0, 1, 2, 3), f"sharding.zero_stage={s.zero_stage}: choose 0, 1, 2 or 3")
@@ -26,6 +28,5 @@ def check(config: Config, sizes: dict[str, int]) -> None:
             f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']} "
             f"(sharding.zero_stage={s.zero_stage} shards the embed dimension over fsdp)")
 
-  require_choice(s.attention, ATTENTION_METHODS, "sharding.attention")
   require_choice(s.pipeline, PIPELINE_SCHEDULES, "sharding.pipeline")
   require_choice(s.replica, REPLICA_ALGORITHMS, "sharding.replica")

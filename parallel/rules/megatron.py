@@ -22,7 +22,8 @@ def tensor_rules(vocab_parallel: bool = True) -> dict[str, MeshAxes]:
 
 
 def activation_rules(weights: Rules, sequence_parallel: bool = False) -> dict[str, MeshAxes]:
-  """Activations: batch over the data axes, heads/mlp/vocab as the weights, and the residual
-  stream's length (`residual_length`) over `tensor` under sequence parallelism."""
-  return {**weights, "batch": BATCH_MESH_AXES, "length": None,
-          "residual_length": "tensor" if sequence_parallel else None}
+  """Activations: batch over the data axes, heads/mlp/vocab as the weights, length over `seq`
+  (context parallelism; nothing when the axis has size 1), and the residual stream's length
+  (`residual_length`) also over `tensor` under sequence parallelism."""
+  return {**weights, "batch": BATCH_MESH_AXES, "length": "seq",
+          "residual_length": ("seq", "tensor") if sequence_parallel else "seq"}

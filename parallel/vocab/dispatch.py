@@ -25,9 +25,10 @@ def embed_lookup(table_VxD: jax.Array, ids_BxL: jax.Array, plan: ShardingPlan) -
   axis = _vocab_axis(plan)
   if axis is None:
     return jnp.take(table_VxD, ids_BxL, axis=0)
-  return vocab_parallel_embed(table_VxD, ids_BxL, mesh=plan.mesh, axis=axis,
-                              batch_axes=plan.activation_axes("batch"),
-                              scatter_length=plan.activation_axes("residual_length") == (axis,))
+  length = plan.activation_axes("length")
+  return vocab_parallel_embed(table_VxD, ids_BxL, mesh=plan.mesh, axis=axis, batch_axes=plan.activation_axes("batch"),
+                              length_axes=length,
+                              scatter_length=plan.activation_axes("residual_length") == (*length, axis))
 
 
 def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, plan: ShardingPlan) -> jax.Array:
@@ -36,4 +37,5 @@ def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, plan: S
   if axis is None:
     return cross_entropy(logits_BxLxV, targets_BxL)
   return vocab_parallel_cross_entropy(logits_BxLxV, targets_BxL, mesh=plan.mesh, axis=axis,
-                                      batch_axes=plan.activation_axes("batch"))
+                                      batch_axes=plan.activation_axes("batch"),
+                                      length_axes=plan.activation_axes("length"))

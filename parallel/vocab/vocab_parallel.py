@@ -45,38 +45,44 @@ def _check_ids(ids: jax.Array, size: int, what: str) -> None:
                    first=jnp.where(jnp.any(bad), ids.ravel()[jnp.argmax(bad.ravel())], 0))
 
 
-def _check_shapes(mesh: Mesh, axis: str, batch_axes: Sequence[str], vocab: int, shape_BxL: tuple[int, ...],
-                  what: str) -> None:
+def _check_shapes(mesh: Mesh, axis: str, batch_axes: Sequence[str], length_axes: Sequence[str], vocab: int,
+                  shape_BxL: tuple[int, ...], what: str) -> None:
   if axis not in mesh.shape:
     raise ValueError(f"{what}: axis={axis!r} is not a mesh axis (mesh axes: {tuple(mesh.shape)})")
   if vocab % mesh.shape[axis]:
     raise ValueError(f"{what}: vocabulary size {vocab} is not divisible by mesh axis {axis!r} of size "
                      f"{mesh.shape[axis]}")
   rows = math.prod(mesh.shape[a] for a in batch_axes)
-  if len(shape_BxL) != 2 or shape_BxL[0] % rows:
+  cols = math.prod(mesh.shape[a] for a in length_axes)
+  if len(shape_BxL) != 2 or shape_BxL[0] % rows or shape_BxL[1] % cols:
     raise ValueError(f"{what}: ids/targets must be [batch, length] with batch divisible by the batch axes "
-                     f"{tuple(batch_axes)} (size {rows}); got shape {shape_BxL}")
+                     f"{tuple(batch_axes)} (size {rows}) and length by the length axes {tuple(length_axes)} "
+                     f"(size {cols}); got shape {shape_BxL}")
 
 
 def vocab_parallel_embed(table_VxD: jax.Array, ids_BxL: jax.Array, *, mesh: Mesh, axis: str = "tensor",
-                         batch_axes: Sequence[str] = (), scatter_length: bool = False) -> jax.Array:
+                         batch_axes: Sequence[str] = (), length_axes: Sequence[str] = (),
+                         scatter_length: bool = False) -> jax.Array:
   """Embedding lookup with the table split on vocab over `axis`.
 
   Args:
     table_VxD: [V, D], sharded P(axis, None) (other shardings are resharded on entry).
-    ids_BxL: int [B, L], ids in [0, V), batch split over `batch_axes`.
+    ids_BxL: int [B, L], ids in [0, V), batch split over `batch_axes`, length over `length_axes`
+      (context parallelism).
     scatter_length: Megatron sequence parallelism: return the sum reduce-scattered on length over
-      `axis` (P(batch, axis, None)) instead of all-reduced (P(batch, None, None)).
+      `axis` too (P(batch, (*length, axis), None)) instead of all-reduced (P(batch, length, None)).
 
-  Communication: one all-reduce (or reduce-scatter) of [B/b, L, D] over `axis`.
+  Communication: one all-reduce (or reduce-scatter) of the local [B/b, L/l, D] over `axis`.
   Returns: [B, L, D] in the table's dtype.
   """
-  _check_shapes(mesh, axis, batch_axes, table_VxD.shape[0], ids_BxL.shape, "vocab_parallel_embed")
-  if scatter_length and ids_BxL.shape[1] % mesh.shape[axis]:
-    raise ValueError(f"vocab_parallel_embed: scatter_length needs the length {ids_BxL.shape[1]} to be "
-                     f"divisible by mesh axis {axis!r} of size {mesh.shape[axis]}")
-  _check_ids(ids_BxL, table_VxD.shape[0], "vocab_parallel_embed ids")
-  batch = tuple(batch_axes) or None
+  what = "vocab_parallel_embed"
+  _check_shapes(mesh, axis, batch_axes, length_axes, table_VxD.shape[0], ids_BxL.shape, what)
+  local_length = ids_BxL.shape[1] // math.prod(mesh.shape[a] for a in length_axes)
+  if scatter_length and local_length % mesh.shape[axis]:
+    raise ValueError(f"{what}: scatter_length needs the local length {local_length} to be divisible by mesh "
+                     f"axis {axis!r} of size {mesh.shape[axis]}")
+  _check_ids(ids_BxL, table_VxD.shape[0], f"{what} ids")
+  batch, length = tuple(batch_axes) or None, tuple(length_axes) or None
 
   def local(table, ids):
     v_local = table.shape[0]
@@ -88,29 +94,31 @@ def vocab_parallel_embed(table_VxD: jax.Array, ids_BxL: jax.Array, *, mesh: Mesh
       return jax.lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True)
     return jax.lax.psum(x, axis)
 
-  out_spec = P(batch, axis, None) if scatter_length else P(batch, None, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axis, None), P(batch, None)), out_specs=out_spec,
+  out_spec = P(batch, (*length_axes, axis), None) if scatter_length else P(batch, length, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(axis, None), P(batch, length)), out_specs=out_spec,
                        check_vma=True)(table_VxD, ids_BxL)
 
 
 def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, *, mesh: Mesh,
-                                 axis: str = "tensor", batch_axes: Sequence[str] = ()) -> jax.Array:
+                                 axis: str = "tensor", batch_axes: Sequence[str] = (),
+                                 length_axes: Sequence[str] = ()) -> jax.Array:
   """Per-token cross-entropy -log softmax(logits)[target] with logits split on vocab over `axis`.
 
   Args:
-    logits_BxLxV: [B, L, V] sharded P(batch, None, axis); any float dtype (math in float32).
+    logits_BxLxV: [B, L, V] sharded P(batch, length, axis); any float dtype (math in float32).
     targets_BxL: int [B, L], ids in [0, V).
 
-  Communication: three all-reduces of [B/b, L] over `axis` (max, sum of exponentials, target logit).
-  Returns: float32 [B, L], sharded P(batch, None).
+  Communication: three all-reduces of the local [B/b, L/l] over `axis` (max, sum of exponentials,
+  target logit).
+  Returns: float32 [B, L], sharded P(batch, length).
   """
   what = "vocab_parallel_cross_entropy"
   if logits_BxLxV.ndim != 3 or logits_BxLxV.shape[:2] != targets_BxL.shape:
     raise ValueError(f"{what}: logits must be [B, L, V] and targets [B, L]; got {logits_BxLxV.shape} and "
                      f"{targets_BxL.shape}")
-  _check_shapes(mesh, axis, batch_axes, logits_BxLxV.shape[-1], targets_BxL.shape, what)
+  _check_shapes(mesh, axis, batch_axes, length_axes, logits_BxLxV.shape[-1], targets_BxL.shape, what)
   _check_ids(targets_BxL, logits_BxLxV.shape[-1], f"{what} targets")
-  batch = tuple(batch_axes) or None
+  batch, length = tuple(batch_axes) or None, tuple(length_axes) or None
 
   def local(logits, targets):
     logits = logits.astype(jnp.float32)
@@ -123,5 +131,5 @@ def vocab_parallel_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array
     target_logit = jax.lax.psum(pick_target(logits, rel), axis)
     return jnp.log(sum_exp) + m - target_logit
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch, None, axis), P(batch, None)),
-                       out_specs=P(batch, None), check_vma=True)(logits_BxLxV, targets_BxL)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch, length, axis), P(batch, length)),
+                       out_specs=P(batch, length), check_vma=True)(logits_BxLxV, targets_BxL)

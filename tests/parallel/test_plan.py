@@ -37,13 +37,23 @@ def test_plan_from_config_reads_the_sharding_section():
   cfg = configs.get_config("tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.zero_stage=2",
                                     "sharding.sequence_parallel=true", "sharding.vocab_parallel=false"])
   plan = plan_from_config(cfg, make_mesh(configs.validate(cfg, 8)))
-  assert plan.strategies == Strategies(attention="dense", pipeline="none", replica="sync")
+  assert plan.strategies == Strategies(attention="dense", layout="contiguous", pipeline="none", replica="sync")
   assert plan.spec(("embed", "vocab"), plan.params) == P(None, None)  # vocab_parallel=false
   assert plan.spec(("embed", "mlp"), plan.grads) == P("fsdp", "tensor")
   assert plan.activation_axes("residual_length") == ("tensor",)
   assert plan.activation_axes("batch") == ("data", "fsdp")
-  with pytest.raises(ValueError, match="attention strategy 'ring'"):
-    Strategies(attention="ring")
+  with pytest.raises(ValueError, match="attention strategy 'flash'"):
+    Strategies(attention="flash")
+
+
+def test_context_parallel_plan_splits_length_over_seq():
+  cfg = configs.get_config("tiny", ["mesh.data=1", "mesh.seq=4", "mesh.tensor=2", "sharding.attention=usp",
+                                    "sharding.ulysses_degree=2", "sharding.sequence_parallel=true"])
+  plan = plan_from_config(cfg, make_mesh(configs.validate(cfg, 8)))
+  assert plan.strategies.layout == "zigzag" and plan.strategies.ulysses == 2
+  assert plan.batch_sharding.spec == P(None, "seq")
+  assert plan.spec(("batch", "residual_length", "embed"), plan.activations) == P(None, ("seq", "tensor"), None)
+  assert plan.spec(("batch", "length", "heads", "head_dim"), plan.activations) == P(None, "seq", "tensor", None)
 
 
 def test_single_device_plan_constrains_nothing():

@@ -14,10 +14,10 @@ STEPS = 5
 MODEL = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=128, max_seq_len=16)
 
 
-def _config(mesh: dict, zero=0, sp=False, micro=1, model=MODEL) -> Config:
+def _config(mesh: dict, zero=0, sp=False, micro=1, model=MODEL, seq_len=16, **sharding) -> Config:
   return Config(model=model, mesh=MeshConfig(**{"data": 1, **mesh}),
-                sharding=ShardingConfig(zero_stage=zero, sequence_parallel=sp),
-                data=DataConfig(seq_len=16, global_batch=8, microbatches=micro),
+                sharding=ShardingConfig(zero_stage=zero, sequence_parallel=sp, **sharding),
+                data=DataConfig(seq_len=seq_len, global_batch=8, microbatches=micro),
                 optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
                 train=TrainConfig(steps=STEPS))
 
@@ -85,3 +85,28 @@ def test_bfloat16_zero_matches_single_device(mesh, zero, reference_bf16):
   losses = _losses(_config(mesh, zero=zero, model=BF16))
   assert reference_bf16[-1] < reference_bf16[0]
   np.testing.assert_allclose(losses, reference_bf16, rtol=2e-2)
+
+
+# Context parallelism: 48 tokens (6 per device at seq=8), GQA with fewer key/value heads than
+# sequence devices (Ulysses replicates them), documents packed two per row.
+CONTEXT_MODEL = dataclasses.replace(MODEL, n_kv_heads=4, max_seq_len=48)
+CONTEXT_MESHES = {"seq8": ({"seq": 8}, 0), "data2_seq4": ({"data": 2, "seq": 4}, 0),
+                  "fsdp2_seq2_tensor2_zero3": ({"fsdp": 2, "seq": 2, "tensor": 2}, 3)}
+CONTEXT_METHODS = {"allgather": {}, "ring": {}, "tokenring": {}, "ulysses": {}, "usp": {"ulysses_degree": 2}}
+# Every method under every mesh, and the striped ring (the others run zigzag) under seq8.
+CONTEXT_ROWS = [(m, mesh) for m in CONTEXT_METHODS for mesh in CONTEXT_MESHES] + [("ring_striped", "seq8")]
+
+
+@pytest.fixture(scope="module")
+def reference_context():
+  return _losses(_config({}, model=CONTEXT_MODEL, seq_len=48))
+
+
+@pytest.mark.parametrize("method,mesh", CONTEXT_ROWS)
+def test_context_parallel_matches_single_device(method, mesh, reference_context):
+  sizes, zero = CONTEXT_MESHES[mesh]
+  extra = {"context_layout": "striped"} if method == "ring_striped" else CONTEXT_METHODS[method]
+  losses = _losses(_config(sizes, zero=zero, model=CONTEXT_MODEL, seq_len=48, attention=method.split("_")[0],
+                           **extra))
+  assert reference_context[-1] < reference_context[0]
+  np.testing.assert_allclose(losses, reference_context, rtol=1e-5)

@@ -1,0 +1,209 @@
+"""Ring attention: key/value blocks travel around the `seq` devices while each device's queries stay.
+
+Papers: Li et al., "Sequence Parallelism: Long Sequence Training from System Perspective" (Ring
+Self-Attention); Liu et al., "Ring Attention with Blockwise Transformers"; causal load balance by
+the zigzag split (Ring Flash Attention) or the striped one (Brandon et al., "Striped Attention").
+
+Shapes and sharding: q [B, L, H, D], k and v [B, L, K, D], segment ids [B, L] or None; L split over
+`axis` in `layout` order (`layout.py`), B over `batch_axes`, heads over `head_axes`. Output
+[B, L, H, D] laid out as q.
+
+Communication, per device and pass: n - 1 `ppermute`s of one K/V block (+ its segment ids) to the
+next device, each issued before the current block's compute so the two can overlap. Partial
+results merge by their float32 log-sum-exp. The backward is a `jax.custom_vjp` over the whole
+ring: K/V make the same trip again, and their gradients travel with them and arrive home after
+one more hop, so no received block is kept alive for the backward (autodiff through the loop
+would store all n of them, and through a fused kernel would drop the LSE's gradient).
+
+Work per step under causal masking: with `zigzag` every device computes the same share at every
+step (the diagonal step: the causal half of its 2x2 chunk block; earlier blocks: all queries
+against the block's first chunk; later blocks: the second query chunk against the whole block).
+`contiguous` skips blocks wholly in the future, which leaves the device holding the sequence's
+end with n times the work of the first. `striped` computes every block with a causal mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
+from parallel.attention.context import check_inputs, shard_attention
+from parallel.attention.layout import global_index
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+  """A ring over `size` positions of `axis`: this device's position and neighbour are static
+  functions of its axis index (one device per position for ring attention; one group of Ulysses
+  devices per position for USP)."""
+
+  axis: str
+  size: int  # positions on the ring
+  stride: int  # axis indices between neighbouring positions
+  layout: str
+  scale: float
+
+  def position(self) -> jax.Array:
+    return jax.lax.axis_index(self.axis) // self.stride
+
+  def shift(self, n_axis: int) -> list[tuple[int, int]]:
+    """ppermute pairs sending each device's block to the same slot of the next position."""
+    return [(i, (i + self.stride) % n_axis) for i in range(n_axis)]
+
+  def indices(self, local_length: int, position: jax.Array) -> jax.Array:
+    return global_index(self.layout, local_length, self.size, position)
+
+
+def empty_result(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A float32 output of zeros and an LSE of `NEG` shaped for `q`'s rows; like `q`, they vary over
+  the mesh axes (a scan carry and every switch branch must agree on that)."""
+  return jnp.zeros_like(q, F32), jnp.full_like(q[..., 0], NEG, F32)
+
+
+def sub_blocks(layout: str, local_length: int) -> list[tuple[slice, slice] | None]:
+  """Per case (see `case`): which query rows meet which key rows; None computes nothing."""
+  every, half = slice(None), local_length // 2
+  if layout == "zigzag":  # diagonal, earlier block, later block
+    return [(every, every), (every, slice(0, half)), (slice(half, None), every)]
+  if layout == "contiguous":
+    return [(every, every), (every, every), None]
+  return [(every, every)]
+
+
+def case(layout: str, mine: jax.Array, theirs: jax.Array) -> jax.Array:
+  """0: the block is my own; 1: it comes from an earlier position; 2: from a later one."""
+  if layout == "striped":
+    return jnp.zeros((), jnp.int32)
+  return jnp.where(theirs == mine, 0, jnp.where(theirs < mine, 1, 2)).astype(jnp.int32)
+
+
+def _segments(segment_ids, rows):
+  return None if segment_ids is None else segment_ids[:, rows]
+
+
+def block_fwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos) -> tuple[jax.Array, jax.Array]:
+  """Output and LSE (full query rows; `NEG` where the case computes nothing) of my queries
+  against the key/value block that position `kv_pos` holds."""
+  k, v, kv_seg = kv
+  lq, lk = q.shape[1], k.shape[1]
+  gq, gk = ring.indices(lq, q_pos), ring.indices(lk, kv_pos)
+  empty_o, empty_lse = empty_result(q)
+
+  def branch(rows):
+    def run(_):
+      if rows is None:
+        return empty_o, empty_lse
+      qr, kr = rows
+      mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr))
+      o, lse = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
+      return empty_o.at[:, qr].set(o), empty_lse.at[:, qr].set(lse)
+    return run
+
+  branches = [branch(rows) for rows in sub_blocks(ring.layout, lq)]
+  return jax.lax.switch(case(ring.layout, q_pos, kv_pos), branches, None)
+
+
+def block_bwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos, lse, delta, do):
+  """Float32 (dq, dk, dv) of my queries against position `kv_pos`'s block, full shapes."""
+  k, v, kv_seg = kv
+  lq, lk = q.shape[1], k.shape[1]
+  gq, gk = ring.indices(lq, q_pos), ring.indices(lk, kv_pos)
+  zeros = lambda x: jnp.zeros_like(x, F32)
+
+  def branch(rows):
+    def run(_):
+      dq, dk, dv = zeros(q), zeros(k), zeros(v)
+      if rows is None:
+        return dq, dk, dv
+      qr, kr = rows
+      mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr))
+      bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr], do[:, qr])
+      return dq.at[:, qr].set(bq), dk.at[:, kr].set(bk), dv.at[:, kr].set(bv)
+    return run
+
+  branches = [branch(rows) for rows in sub_blocks(ring.layout, lq)]
+  return jax.lax.switch(case(ring.layout, q_pos, kv_pos), branches, None)
+
+
+def ring_forward(ring: Ring, q, k, v, segment_ids) -> tuple[jax.Array, jax.Array]:
+  """(float32 output, float32 LSE) of my queries against every position's keys and values."""
+  n_axis = jax.lax.axis_size(ring.axis)
+  me = ring.position()
+  o, lse = empty_result(q)
+
+  def step(o, lse, kv, s):
+    ob, lb = block_fwd(ring, q, segment_ids, me, kv, (me - s) % ring.size)
+    return merge(o, lse, ob, lb)
+
+  def body(carry, s):
+    o, lse, kv = carry
+    arriving = jax.lax.ppermute(kv, ring.axis, ring.shift(n_axis))  # issued before the compute
+    o, lse = step(o, lse, kv, s)
+    return (o, lse, arriving), None
+
+  (o, lse, kv), _ = jax.lax.scan(body, (o, lse, (k, v, segment_ids)), jnp.arange(ring.size - 1))
+  return step(o, lse, kv, ring.size - 1)
+
+
+def ring_backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
+  """(dq, dk, dv) in the inputs' dtypes: K/V and their gradients go round once more."""
+  n_axis = jax.lax.axis_size(ring.axis)
+  me = ring.position()
+  delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
+  zeros = lambda x: jnp.zeros_like(x, F32)
+
+  def step(dq, kv, dkv, s):
+    bq, bk, bv = block_bwd(ring, q, segment_ids, me, kv, (me - s) % ring.size, lse, delta, do)
+    return dq + bq, (dkv[0] + bk, dkv[1] + bv)
+
+  def body(carry, s):
+    dq, kv, dkv = carry
+    arriving = jax.lax.ppermute(kv, ring.axis, ring.shift(n_axis))
+    dq, dkv = step(dq, kv, dkv, s)
+    return (dq, arriving, jax.lax.ppermute(dkv, ring.axis, ring.shift(n_axis))), None
+
+  init = (zeros(q), (k, v, segment_ids), (zeros(k), zeros(v)))
+  (dq, kv, dkv), _ = jax.lax.scan(body, init, jnp.arange(ring.size - 1))
+  dq, dkv = step(dq, kv, dkv, ring.size - 1)
+  dk, dv = jax.lax.ppermute(dkv, ring.axis, ring.shift(n_axis))  # the last hop home
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ring_core(ring: Ring, q, k, v, segment_ids):
+  """Local ring attention inside `shard_map` (the custom VJP spans the whole ring)."""
+  o, _ = ring_forward(ring, q, k, v, segment_ids)
+  return o.astype(q.dtype)
+
+
+def _core_fwd(ring, q, k, v, segment_ids):
+  o, lse = ring_forward(ring, q, k, v, segment_ids)
+  o = o.astype(q.dtype)
+  return o, (q, k, v, segment_ids, o, lse)
+
+
+def _core_bwd(ring, residuals, do):
+  q, k, v, segment_ids, o, lse = residuals
+  return (*ring_backward(ring, q, k, v, segment_ids, o, lse, do), None)
+
+
+ring_core.defvjp(_core_fwd, _core_bwd)
+
+
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *, mesh: Mesh,
+                   axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
+                   head_axes: Sequence[str] = ()) -> jax.Array:
+  """Causal (and, with segment ids, document-masked) GQA attention with the sequence split over
+  `axis` in `layout` order; see the module docstring for sharding and communication."""
+  check_inputs("ring_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
+               batch_axes=batch_axes, head_axes=head_axes)
+  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5)
+  local: Callable = functools.partial(ring_core, ring)
+  return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, batch_axes=batch_axes,
+                         head_axes=head_axes)

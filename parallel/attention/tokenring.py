@@ -1,0 +1,102 @@
+"""TokenRing: queries travel around the `seq` devices while keys and values stay home; each
+partial output and its log-sum-exp go straight back to the queries' owner, so both directions of
+every link are busy at once.
+
+Paper: Wang et al., "TokenRing: An Efficient Parallelism Framework for Infinite-Context LLMs via
+Bidirectional Communication". The paper's public code has only the forward pass; the backward
+here mirrors it: queries, their output gradients and row statistics travel forward, the
+keys' and values' gradients accumulate where the keys and values live, and each partial query
+gradient goes back to its owner.
+
+Shapes and sharding as `ring.ring_attention`: q [B, L, H, D], k and v [B, L, K, D], segment ids
+[B, L] or None, L split over `axis` in `layout` order.
+
+Communication per device and step (n steps): forward, one `ppermute` of a query block (+ segment
+ids) to the next device and one of a float32 partial output + LSE to the owner, s devices back;
+backward, the query block with its output gradient and statistics forward, and a float32 partial
+query gradient back. With `zigzag` every step does the same work on every device (as in ring
+attention, with the roles of queries and keys swapped).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from parallel.attention.blockwise import F32, merge
+from parallel.attention.context import check_inputs, shard_attention
+from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
+
+
+def _back(n: int, s: jax.Array | int) -> list[tuple[int, int]]:
+  """ppermute pairs returning a result computed s devices ahead to the device it belongs to."""
+  return [(d, (d - s) % n) for d in range(n)]
+
+
+def _forward(ring: Ring, q, k, v, segment_ids):
+  n = ring.size
+  me = ring.position()
+  kv = (k, v, segment_ids)
+  o, lse = empty_result(q)
+  travelling = (q, segment_ids)
+  for s in range(n):  # static: the return distance `s` is part of each step's permutation
+    arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
+    visitor, visitor_seg = travelling
+    ob, lb = block_fwd(ring, visitor, visitor_seg, (me - s) % n, kv, me)
+    ob, lb = jax.lax.ppermute((ob, lb), ring.axis, _back(n, s)) if s else (ob, lb)
+    o, lse = merge(o, lse, ob, lb)
+    travelling = arriving
+  return o, lse
+
+
+def _backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
+  n = ring.size
+  me = ring.position()
+  kv = (k, v, segment_ids)
+  delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
+  zeros = lambda x: jnp.zeros_like(x, F32)
+  dq, dk, dv = zeros(q), zeros(k), zeros(v)
+  travelling = (q, segment_ids, lse, delta, do)
+  for s in range(n):
+    arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
+    vq, vseg, vlse, vdelta, vdo = travelling
+    bq, bk, bv = block_bwd(ring, vq, vseg, (me - s) % n, kv, me, vlse, vdelta, vdo)
+    dk, dv = dk + bk, dv + bv
+    dq = dq + (jax.lax.ppermute(bq, ring.axis, _back(n, s)) if s else bq)
+    travelling = arriving
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def tokenring_core(ring: Ring, q, k, v, segment_ids):
+  """Local TokenRing attention inside `shard_map`."""
+  o, _ = _forward(ring, q, k, v, segment_ids)
+  return o.astype(q.dtype)
+
+
+def _core_fwd(ring, q, k, v, segment_ids):
+  o, lse = _forward(ring, q, k, v, segment_ids)
+  o = o.astype(q.dtype)
+  return o, (q, k, v, segment_ids, o, lse)
+
+
+def _core_bwd(ring, residuals, do):
+  return (*_backward(ring, *residuals, do), None)
+
+
+tokenring_core.defvjp(_core_fwd, _core_bwd)
+
+
+def tokenring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+                        mesh: Mesh, axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
+                        head_axes: Sequence[str] = ()) -> jax.Array:
+  """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`."""
+  check_inputs("tokenring_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
+               batch_axes=batch_axes, head_axes=head_axes)
+  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5)
+  return shard_attention(functools.partial(tokenring_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
+                         batch_axes=batch_axes, head_axes=head_axes)

@@ -16,10 +16,14 @@ one more hop, so no received block is kept alive for the backward (autodiff thro
 would store all n of them, and through a fused kernel would drop the LSE's gradient).
 
 Work per step under causal masking: with `zigzag` every device computes the same share at every
-step (the diagonal step: the causal half of its 2x2 chunk block; earlier blocks: all queries
-against the block's first chunk; later blocks: the second query chunk against the whole block).
+step (its own block: causal in its local order; an earlier position's block: all queries against
+the block's first chunk; a later one's: the second query chunk against the whole block).
 `contiguous` skips blocks wholly in the future, which leaves the device holding the sequence's
-end with n times the work of the first. `striped` computes every block with a causal mask.
+end with n times the work of the first. `striped` computes every block with a causal mask
+(strictly causal for blocks from later positions).
+
+Blocks run as plain XLA (any backend, segment ids) or as cuDNN flash-attention calls
+(`implementation="cudnn"`, `cudnn_blocks.py`), whose backward takes the final output and LSE.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from parallel.attention import cudnn_blocks
 from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
 from parallel.attention.context import check_inputs, shard_attention
 from parallel.attention.layout import global_index
@@ -48,6 +53,8 @@ class Ring:
   stride: int  # axis indices between neighbouring positions
   layout: str
   scale: float
+  fused: bool = False  # cuDNN flash-attention blocks (GPU; used when there are no segment ids)
+  causal: bool = True  # False: every query sees every key (no load balance needed)
 
   def position(self) -> jax.Array:
     return jax.lax.axis_index(self.axis) // self.stride
@@ -66,21 +73,35 @@ def empty_result(q: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.zeros_like(q, F32), jnp.full_like(q[..., 0], NEG, F32)
 
 
-def sub_blocks(layout: str, local_length: int) -> list[tuple[slice, slice] | None]:
-  """Per case (see `case`): which query rows meet which key rows; None computes nothing."""
-  every, half = slice(None), local_length // 2
-  if layout == "zigzag":  # diagonal, earlier block, later block
-    return [(every, every), (every, slice(0, half)), (slice(half, None), every)]
+def sub_blocks(ring: "Ring", local_length: int) -> list[tuple[slice, slice, bool] | None]:
+  """Per case (see `case`): which query rows meet which key rows, and whether the mask between
+  them is causal on their local order (else none); None computes nothing. The XLA path masks by
+  original indices and segment ids instead, which agrees wherever both apply."""
+  every, half, layout = slice(None), local_length // 2, ring.layout
+  if not ring.causal:
+    return [(every, every, False)]
+  if layout == "zigzag":  # my own block (its local order is causal), an earlier block, a later one
+    return [(every, every, True), (every, slice(0, half), False), (slice(half, None), every, False)]
   if layout == "contiguous":
-    return [(every, every), (every, every), None]
-  return [(every, every)]
+    return [(every, every, True), (every, every, False), None]
+  # striped: token j of position p is j*n + p, so a block from a later position is strictly
+  # causal (query j sees keys < j): shift by one row.
+  return [(every, every, True), (slice(1, None), slice(0, local_length - 1), True)]
 
 
-def case(layout: str, mine: jax.Array, theirs: jax.Array) -> jax.Array:
-  """0: the block is my own; 1: it comes from an earlier position; 2: from a later one."""
-  if layout == "striped":
+def case(ring: "Ring", mine: jax.Array, theirs: jax.Array) -> jax.Array:
+  """zigzag, contiguous: 0 my own block, 1 an earlier position's, 2 a later one's.
+  striped: 0 a position at or before mine, 1 a later one. Not causal: always 0."""
+  layout = ring.layout
+  if not ring.causal:
     return jnp.zeros((), jnp.int32)
+  if layout == "striped":
+    return (theirs > mine).astype(jnp.int32)
   return jnp.where(theirs == mine, 0, jnp.where(theirs < mine, 1, 2)).astype(jnp.int32)
+
+
+def _fused(ring: "Ring", *segment_ids) -> bool:
+  return ring.fused and all(s is None for s in segment_ids)
 
 
 def _segments(segment_ids, rows):
@@ -99,18 +120,22 @@ def block_fwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos) -> tuple[jax.Array, jax.A
     def run(_):
       if rows is None:
         return empty_o, empty_lse
-      qr, kr = rows
-      mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr))
-      o, lse = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
-      return empty_o.at[:, qr].set(o), empty_lse.at[:, qr].set(lse)
+      qr, kr, causal = rows
+      if _fused(ring, q_seg, kv_seg):
+        o, lse = cudnn_blocks.block_forward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale)
+      else:
+        mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr), ring.causal)
+        o, lse = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
+      return empty_o.at[:, qr].set(o.astype(F32)), empty_lse.at[:, qr].set(lse)
     return run
 
-  branches = [branch(rows) for rows in sub_blocks(ring.layout, lq)]
-  return jax.lax.switch(case(ring.layout, q_pos, kv_pos), branches, None)
+  branches = [branch(rows) for rows in sub_blocks(ring, lq)]
+  return jax.lax.switch(case(ring, q_pos, kv_pos), branches, None)
 
 
-def block_bwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos, lse, delta, do):
-  """Float32 (dq, dk, dv) of my queries against position `kv_pos`'s block, full shapes."""
+def block_bwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos, o, lse, delta, do):
+  """Float32 (dq, dk, dv) of my queries against position `kv_pos`'s block, full shapes, given
+  the queries' final output `o`, LSE and delta = sum(dO * O, -1)."""
   k, v, kv_seg = kv
   lq, lk = q.shape[1], k.shape[1]
   gq, gk = ring.indices(lq, q_pos), ring.indices(lk, kv_pos)
@@ -121,14 +146,19 @@ def block_bwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos, lse, delta, do):
       dq, dk, dv = zeros(q), zeros(k), zeros(v)
       if rows is None:
         return dq, dk, dv
-      qr, kr = rows
-      mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr))
-      bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr], do[:, qr])
+      qr, kr, causal = rows
+      if _fused(ring, q_seg, kv_seg):
+        bq, bk, bv = cudnn_blocks.block_backward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale, o[:, qr],
+                                                 lse[:, qr], do[:, qr])
+      else:
+        mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr), ring.causal)
+        bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr],
+                                    do[:, qr])
       return dq.at[:, qr].set(bq), dk.at[:, kr].set(bk), dv.at[:, kr].set(bv)
     return run
 
-  branches = [branch(rows) for rows in sub_blocks(ring.layout, lq)]
-  return jax.lax.switch(case(ring.layout, q_pos, kv_pos), branches, None)
+  branches = [branch(rows) for rows in sub_blocks(ring, lq)]
+  return jax.lax.switch(case(ring, q_pos, kv_pos), branches, None)
 
 
 def ring_forward(ring: Ring, q, k, v, segment_ids) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +189,7 @@ def ring_backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
   zeros = lambda x: jnp.zeros_like(x, F32)
 
   def step(dq, kv, dkv, s):
-    bq, bk, bv = block_bwd(ring, q, segment_ids, me, kv, (me - s) % ring.size, lse, delta, do)
+    bq, bk, bv = block_bwd(ring, q, segment_ids, me, kv, (me - s) % ring.size, o, lse, delta, do)
     return dq + bq, (dkv[0] + bk, dkv[1] + bv)
 
   def body(carry, s):
@@ -198,12 +228,16 @@ ring_core.defvjp(_core_fwd, _core_bwd)
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *, mesh: Mesh,
                    axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
-                   head_axes: Sequence[str] = ()) -> jax.Array:
+                   head_axes: Sequence[str] = (), implementation: str = "xla", causal: bool = True) -> jax.Array:
   """Causal (and, with segment ids, document-masked) GQA attention with the sequence split over
-  `axis` in `layout` order; see the module docstring for sharding and communication."""
+  `axis` in `layout` order; see the module docstring for sharding and communication.
+  `causal=False`: every query sees every key (of its document).
+  `implementation="cudnn"` runs each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16,
+  no segment ids); "xla" everywhere else."""
   check_inputs("ring_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                batch_axes=batch_axes, head_axes=head_axes)
-  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5)
+  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
+              fused=implementation == "cudnn", causal=causal)
   local: Callable = functools.partial(ring_core, ring)
   return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, batch_axes=batch_axes,
                          head_axes=head_axes)

@@ -60,11 +60,12 @@ def _backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
   delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
   zeros = lambda x: jnp.zeros_like(x, F32)
   dq, dk, dv = zeros(q), zeros(k), zeros(v)
-  travelling = (q, segment_ids, lse, delta, do)
+  # The output travels too, for fused kernels (whose backward recomputes delta from it).
+  travelling = (q, segment_ids, o if ring.fused else None, lse, delta, do)
   for s in range(n):
     arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
-    vq, vseg, vlse, vdelta, vdo = travelling
-    bq, bk, bv = block_bwd(ring, vq, vseg, (me - s) % n, kv, me, vlse, vdelta, vdo)
+    vq, vseg, vo, vlse, vdelta, vdo = travelling
+    bq, bk, bv = block_bwd(ring, vq, vseg, (me - s) % n, kv, me, vo, vlse, vdelta, vdo)
     dk, dv = dk + bk, dv + bv
     dq = dq + (jax.lax.ppermute(bq, ring.axis, _back(n, s)) if s else bq)
     travelling = arriving
@@ -93,10 +94,12 @@ tokenring_core.defvjp(_core_fwd, _core_bwd)
 
 def tokenring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
                         mesh: Mesh, axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
-                        head_axes: Sequence[str] = ()) -> jax.Array:
-  """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`."""
+                        head_axes: Sequence[str] = (), implementation: str = "xla") -> jax.Array:
+  """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`;
+  `implementation` as in `ring.ring_attention`."""
   check_inputs("tokenring_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                batch_axes=batch_axes, head_axes=head_axes)
-  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5)
+  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
+              fused=implementation == "cudnn")
   return shard_attention(functools.partial(tokenring_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
                          batch_axes=batch_axes, head_axes=head_axes)

@@ -29,20 +29,20 @@ from parallel.attention.ring import Ring, ring_core
 from parallel.attention.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
 
 
-def _local(q, k, v, segment_ids, *, axis: str, ulysses: int, layout: str, scale: float):
+def _local(q, k, v, segment_ids, *, axis: str, ulysses: int, layout: str, scale: float, fused: bool):
   n = jax.lax.axis_size(axis)
   groups = [[g * ulysses + j for j in range(ulysses)] for g in range(n // ulysses)]
   k, v = replicate_kv_heads(k, ulysses), replicate_kv_heads(v, ulysses)
   q, k, v = (heads_to_sequence(x, axis, groups) for x in (q, k, v))
   seg = None if segment_ids is None else jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True,
                                                             axis_index_groups=groups)
-  ring = Ring(axis=axis, size=n // ulysses, stride=ulysses, layout=layout, scale=scale)
+  ring = Ring(axis=axis, size=n // ulysses, stride=ulysses, layout=layout, scale=scale, fused=fused)
   return sequence_to_heads(ring_core(ring, q, k, v, seg), axis, groups)
 
 
 def usp_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *, mesh: Mesh,
                   ulysses: int, axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
-                  head_axes: Sequence[str] = ()) -> jax.Array:
+                  head_axes: Sequence[str] = (), implementation: str = "xla") -> jax.Array:
   """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`, with
   Ulysses degree `ulysses` (dividing the axis size) and ring degree axis size / `ulysses`."""
   n = mesh.shape[axis] if axis in mesh.shape else 0
@@ -54,6 +54,7 @@ def usp_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   if (q.shape[2] // tp) % ulysses:
     raise ValueError(f"usp_attention: {q.shape[2] // tp} query heads per device are not divisible by "
                      f"ulysses={ulysses}")
-  local = functools.partial(_local, axis=axis, ulysses=ulysses, layout=layout, scale=q.shape[-1] ** -0.5)
+  local = functools.partial(_local, axis=axis, ulysses=ulysses, layout=layout, scale=q.shape[-1] ** -0.5,
+                            fused=implementation == "cudnn")
   return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, batch_axes=batch_axes,
                          head_axes=head_axes)

@@ -1,0 +1,163 @@
+"""The compute side of ring attention on one GPU: one device's ring pass against one cuDNN call.
+
+One device's queries (L tokens) meet N key/value blocks of L tokens each, every block handled as a
+ring step handles it (`parallel.attention.ring.block_fwd` / `block_bwd`: a cuDNN flash-attention
+block, the float32 LSE merge, and the backward from the final output and LSE), with no
+communication. The reference is one monolithic cuDNN call:
+
+  full    the same L queries against all N x L keys, no mask; both do the same FLOPs.
+  causal  zigzag: the device holds chunks i and 2N-1-i of the N x L sequence; the reference is one
+          causal cuDNN call over the whole sequence, whose FLOPs are N times one device's share,
+          so rates are compared (FLOPs per second), and outputs on the device's rows.
+
+Forward+backward time of each, the ratio of rates (ring / monolithic), and the largest relative
+error of the output and dq rows against the reference. A table is printed last; JSON with --out.
+
+  python bench/ring_block.py --lengths=16384,32768 --blocks=2,4,8 --out=ring_block.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from parallel.attention.blockwise import merge
+from parallel.attention.layout import device_tokens
+from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("lengths", ["16384", "32768"], "Tokens per device (L).")
+flags.DEFINE_list("blocks", ["2", "4", "8"], "Key/value blocks per ring pass (N).")
+flags.DEFINE_integer("heads", 16, "Query heads.")
+flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
+flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+flags.DEFINE_integer("repeats", 5, "Timed runs (after one warm-up); the median is reported.")
+flags.DEFINE_string("implementation", "cudnn", "cudnn (GPU), or xla to try the script on a CPU at small sizes.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def ring_pass(ring: Ring, me: int, q, ks, vs):
+  """Forward and backward of one device's ring pass, as a custom VJP over the N steps."""
+  n = ks.shape[0]
+  order = [(me - s) % n for s in range(n)]
+
+  @jax.custom_vjp
+  def attend(q, ks, vs):
+    return forward(q, ks, vs)[0]
+
+  def forward(q, ks, vs):
+    o, lse = empty_result(q)
+    for src in order:
+      ob, lb = block_fwd(ring, q, None, me, (ks[src], vs[src], None), src)
+      o, lse = merge(o, lse, ob, lb)
+    return o.astype(q.dtype), lse
+
+  def fwd(q, ks, vs):
+    o, lse = forward(q, ks, vs)
+    return o, (q, ks, vs, o, lse)
+
+  def bwd(res, do):
+    q, ks, vs, o, lse = res
+    dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [None] * n, [None] * n
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    for src in order:
+      bq, dks[src], dvs[src] = block_bwd(ring, q, None, me, (ks[src], vs[src], None), src, o, lse, delta, do)
+      dq = dq + bq
+    return dq.astype(q.dtype), jnp.stack(dks).astype(ks.dtype), jnp.stack(dvs).astype(vs.dtype)
+
+  attend.defvjp(fwd, bwd)
+  return attend(q, ks, vs)
+
+
+def _time(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(FLAGS.repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def measure(length: int, n: int, causal: bool) -> dict:
+  h, kh, d = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
+  total = n * length
+  keys = jax.random.split(jax.random.key(length + n), 4)
+  seq_q = jax.random.normal(keys[0], (1, total, h, d), jnp.bfloat16)
+  seq_k = jax.random.normal(keys[1], (1, total, kh, d), jnp.bfloat16)
+  seq_v = jax.random.normal(keys[2], (1, total, kh, d), jnp.bfloat16)
+  layout = "zigzag" if causal else "contiguous"
+  me = 0
+  rows = device_tokens(layout, total, n)  # [n, L]: original indices of each device's tokens
+  take = lambda x, r: jnp.take(x, jnp.asarray(r), axis=1)
+  ks = jnp.stack([take(seq_k, rows[i]) for i in range(n)])
+  vs = jnp.stack([take(seq_v, rows[i]) for i in range(n)])
+  # Full attention: my L queries see every key (a fresh random query block, no mask).
+  q = take(seq_q, rows[me]) if causal else jax.random.normal(keys[3], (1, length, h, d), jnp.bfloat16)
+  impl = FLAGS.implementation
+  ring = Ring(axis="unused", size=n, stride=1, layout=layout, scale=d ** -0.5, fused=impl == "cudnn", causal=causal)
+  cot = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+  ring_fn = jax.jit(lambda q, ks, vs: _fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, q, ks, vs), q, ks, vs, cot))
+  mono = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+  if causal:  # the whole sequence; the cotangent is mine on my rows and zero elsewhere, so the
+    # gradients of my rows are those of the ring pass
+    mono_cot = jnp.zeros_like(seq_q).at[:, jnp.asarray(rows[me])].set(cot)
+    mono_args = (seq_q, seq_k, seq_v)
+  else:
+    mono_cot = cot
+    flat = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(1, total, kh, d)  # blocks back in sequence order
+    mono_args = (q, flat(ks), flat(vs))
+  mono_fn = jax.jit(lambda q, k, v: _fwd_bwd(mono, q, k, v, mono_cot))
+
+  t_ring, t_mono = _time(ring_fn, q, ks, vs), _time(mono_fn, *mono_args)
+  (o_ring, dq_ring), (o_mono, dq_mono) = ring_fn(q, ks, vs)[:2], mono_fn(*mono_args)[:2]
+  if causal:
+    o_mono, dq_mono = take(o_mono, rows[me]), take(dq_mono, rows[me])
+  # One device's share of the forward FLOPs (causal: 1/N of the sequence's); backward ~2.5x.
+  flops_fwd = 4 * length * total * h * d * (0.5 if causal else 1.0)
+  ratio = (t_mono / (n if causal else 1)) / t_ring
+  return {"tokens_per_device": length, "blocks": n, "mask": "causal zigzag" if causal else "full",
+          "ring_ms": 1e3 * t_ring, "monolithic_ms": 1e3 * t_mono, "ratio": ratio,
+          "ring_tflops": 3.5 * flops_fwd / t_ring / 1e12, "out_rel_err": _rel(o_ring, o_mono),
+          "dq_rel_err": _rel(dq_ring, dq_mono)}
+
+
+def _fwd_bwd(fn, q, k, v, cot):
+  """(output, dq, dk, dv) for the cotangent `cot` of the output."""
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(cot))
+
+
+def main(argv):
+  del argv
+  print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
+  rows = []
+  for causal in (False, True):
+    for length in map(int, FLAGS.lengths):
+      for n in map(int, FLAGS.blocks):
+        r = measure(length, n, causal)
+        rows.append(r)
+        print(f"RESULT {r['mask']:<13} L={length:<6} N={n} ring {r['ring_ms']:8.1f} ms  mono {r['monolithic_ms']:8.1f} ms  "
+              f"ratio {r['ratio']:.3f}  err {r['out_rel_err']:.2e}", flush=True)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=2)
+  print(f"\n{'mask':<14}{'L':>7}{'N':>3}{'ring ms':>10}{'mono ms':>10}{'ratio':>8}{'TFLOP/s':>9}{'out err':>10}{'dq err':>10}")
+  for r in rows:
+    dq = f"{r['dq_rel_err']:.1e}"
+    print(f"{r['mask']:<14}{r['tokens_per_device']:>7}{r['blocks']:>3}{r['ring_ms']:>10.1f}{r['monolithic_ms']:>10.1f}"
+          f"{r['ratio']:>8.3f}{r['ring_tflops']:>9.0f}{r['out_rel_err']:>10.1e}{dq:>10}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -41,10 +41,12 @@ flags.DEFINE_string("implementation", "cudnn", "cudnn (GPU), or xla to try the s
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
-def ring_pass(ring: Ring, me: int, q, ks, vs):
-  """Forward and backward of one device's ring pass, as a custom VJP over the N steps."""
+def ring_pass(ring: Ring, me: int, rows, q, ks, vs):
+  """Forward and backward of one device's ring pass, as a custom VJP over the N steps; `rows`
+  [N, L] holds each position's original token indices."""
   n = ks.shape[0]
   order = [(me - s) % n for s in range(n)]
+  block = lambda ks, vs, src: (ks[src], vs[src], None, jnp.asarray(rows[src]))
 
   @jax.custom_vjp
   def attend(q, ks, vs):
@@ -53,7 +55,7 @@ def ring_pass(ring: Ring, me: int, q, ks, vs):
   def forward(q, ks, vs):
     o, lse = empty_result(q)
     for src in order:
-      ob, lb = block_fwd(ring, q, None, me, (ks[src], vs[src], None), src)
+      ob, lb = block_fwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, src))
       o, lse = merge(o, lse, ob, lb)
     return o.astype(q.dtype), lse
 
@@ -66,7 +68,7 @@ def ring_pass(ring: Ring, me: int, q, ks, vs):
     dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [None] * n, [None] * n
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
     for src in order:
-      bq, dks[src], dvs[src] = block_bwd(ring, q, None, me, (ks[src], vs[src], None), src, o, lse, delta, do)
+      bq, dks[src], dvs[src] = block_bwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, src), o, lse, delta, do)
       dq = dq + bq
     return dq.astype(q.dtype), jnp.stack(dks).astype(ks.dtype), jnp.stack(dvs).astype(vs.dtype)
 
@@ -107,7 +109,7 @@ def measure(length: int, n: int, causal: bool) -> dict:
   impl = FLAGS.implementation
   ring = Ring(axis="unused", size=n, stride=1, layout=layout, scale=d ** -0.5, fused=impl == "cudnn", causal=causal)
   cot = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-  ring_fn = jax.jit(lambda q, ks, vs: _fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, q, ks, vs), q, ks, vs, cot))
+  ring_fn = jax.jit(lambda q, ks, vs: _fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs), q, ks, vs, cot))
   mono = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
   if causal:  # the whole sequence; the cotangent is mine on my rows and zero elsewhere, so the
     # gradients of my rows are those of the ring pass

@@ -17,22 +17,17 @@ import functools
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from parallel.attention.blockwise import attention_mask, block_forward
 from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.layout import global_index, permutation
 
 
-def _local(q, k, v, segment_ids, *, axis: str, layout: str, scale: float):
-  n, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
-  gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+def _local(q, k, v, segment_ids, index, *, axis: str, scale: float):
+  gather = lambda x, dim=1: jax.lax.all_gather(x, axis, axis=dim, tiled=True)
   k_all, v_all = gather(k), gather(v)
   seg_all = None if segment_ids is None else gather(segment_ids)
-  # The gathered sequence is in device order: position j holds original token permutation[j].
-  kv_index = jnp.asarray(permutation(layout, k_all.shape[1], n), jnp.int32)
-  mask = attention_mask(global_index(layout, q.shape[1], n, me), kv_index, segment_ids, seg_all)
+  mask = attention_mask(index, gather(index, 0), segment_ids, seg_all)
   o, _ = block_forward(q, k_all, v_all, mask, scale)
   return o.astype(q.dtype)
 
@@ -43,6 +38,6 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
   """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`."""
   check_inputs("allgather_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                batch_axes=batch_axes, head_axes=head_axes)
-  local = functools.partial(_local, axis=axis, layout=layout, scale=q.shape[-1] ** -0.5)
-  return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, batch_axes=batch_axes,
-                         head_axes=head_axes)
+  local = functools.partial(_local, axis=axis, scale=q.shape[-1] ** -0.5)
+  return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
+                         batch_axes=batch_axes, head_axes=head_axes)

@@ -2,8 +2,9 @@
 
 An op sees q [B, L, H, D], k and v [B, L, K, D] and segment ids [B, L] (or None) laid out with
 the batch split over `batch_axes`, the (permuted, see `layout.py`) sequence over the `seq` axis and
-the heads over `head_axes` (tensor parallelism). Inside, each device holds
-[B/b, L/n, H/t, D] and the op's local function communicates over the sequence axis only.
+the heads over `head_axes` (tensor parallelism). Inside, each device holds [B/b, L/n, H/t, D],
+plus `index` [L/n]: the original position of each of its tokens, which the causal mask needs and
+which travels with blocks that travel. The local function communicates over `seq` only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Callable, Sequence
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from parallel.attention.layout import check_layout
+import jax.numpy as jnp
+
+from parallel.attention.layout import check_layout, permutation
 
 
 def check_inputs(name: str, q, k, v, segment_ids, *, mesh: Mesh, axis: str, layout: str,
@@ -38,13 +41,19 @@ def check_inputs(name: str, q, k, v, segment_ids, *, mesh: Mesh, axis: str, layo
                      f"{tuple(head_axes)} ({heads})")
 
 
-def shard_attention(local: Callable, q, k, v, segment_ids, *, mesh: Mesh, axis: str, batch_axes: Sequence[str],
-                    head_axes: Sequence[str]) -> jax.Array:
-  """Runs `local(q, k, v, segment_ids)` on each device's blocks; segment ids may be None."""
+def shard_attention(local: Callable, q, k, v, segment_ids, *, mesh: Mesh, axis: str, layout: str,
+                    batch_axes: Sequence[str], head_axes: Sequence[str], positions: int | None = None) -> jax.Array:
+  """Runs `local(q, k, v, segment_ids, index)` on each device's blocks; segment ids may be None.
+
+  `positions`: how many positions the layout spreads the sequence over (default: the axis size;
+  USP: one per Ulysses group, each group's block split contiguously over its devices).
+  """
   batch, heads = tuple(batch_axes) or None, tuple(head_axes) or None
   spec, seg_spec = P(batch, axis, heads, None), P(batch, axis)
+  index = jnp.asarray(permutation(layout, q.shape[1], positions or mesh.shape[axis]), jnp.int32)
   if segment_ids is None:
-    fn = lambda q, k, v: local(q, k, v, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=True)(q, k, v)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,), out_specs=spec,
-                       check_vma=True)(q, k, v, segment_ids)
+    fn = lambda q, k, v, index: local(q, k, v, None, index)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3 + (P(axis),), out_specs=spec,
+                         check_vma=True)(q, k, v, index)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec, P(axis)), out_specs=spec,
+                       check_vma=True)(q, k, v, segment_ids, index)

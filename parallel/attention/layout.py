@@ -12,13 +12,12 @@ contiguous block of the permuted sequence holds an even share of the work:
 
 Positions, segment ids, targets and the loss mask travel with the tokens (`permute_batch`), so
 RoPE, document masking and the summed loss are unchanged. The attention ops need each local
-token's index in the original sequence to apply the causal mask: `global_index` gives it from
-the device's index along the axis, inside `shard_map`.
+token's index in the original sequence to apply the causal mask: `permutation` gives them, and
+each device receives its slice of it.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,14 +57,3 @@ def permute_batch(batch: dict, layout: str, n: int) -> dict:
     return batch
   perm = permutation(layout, next(iter(batch.values())).shape[1], n)
   return {k: jnp.take(v, perm, axis=1) for k, v in batch.items()}
-
-
-def global_index(layout: str, local_length: int, n: int, device: jax.Array | int) -> jax.Array:
-  """int32 [local_length]: the original index of each local token of `device` (traced or not)."""
-  j = jnp.arange(local_length, dtype=jnp.int32)
-  if layout == "contiguous":
-    return device * local_length + j
-  if layout == "striped":
-    return j * n + device
-  chunk = local_length // 2
-  return jnp.where(j < chunk, device * chunk + j, (2 * n - 1 - device) * chunk + (j - chunk))

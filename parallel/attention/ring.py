@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +39,12 @@ from jax.sharding import Mesh
 from parallel.attention import cudnn_blocks
 from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
 from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.layout import global_index
 
 
 @dataclasses.dataclass(frozen=True)
 class Ring:
-  """A ring over `size` positions of `axis`: this device's position and neighbour are static
-  functions of its axis index (one device per position for ring attention; one group of Ulysses
-  devices per position for USP)."""
+  """A ring over `size` positions of `axis`, neighbouring positions `stride` axis indices apart
+  (one device per position for ring attention; one group of Ulysses devices per position for USP)."""
 
   axis: str
   size: int  # positions on the ring
@@ -56,15 +54,9 @@ class Ring:
   fused: bool = False  # cuDNN flash-attention blocks (GPU; used when there are no segment ids)
   causal: bool = True  # False: every query sees every key (no load balance needed)
 
-  def position(self) -> jax.Array:
-    return jax.lax.axis_index(self.axis) // self.stride
-
   def shift(self, n_axis: int) -> list[tuple[int, int]]:
     """ppermute pairs sending each device's block to the same slot of the next position."""
     return [(i, (i + self.stride) % n_axis) for i in range(n_axis)]
-
-  def indices(self, local_length: int, position: jax.Array) -> jax.Array:
-    return global_index(self.layout, local_length, self.size, position)
 
 
 def empty_result(q: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -73,7 +65,7 @@ def empty_result(q: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.zeros_like(q, F32), jnp.full_like(q[..., 0], NEG, F32)
 
 
-def sub_blocks(ring: "Ring", local_length: int) -> list[tuple[slice, slice, bool] | None]:
+def sub_blocks(ring: Ring, local_length: int) -> list[tuple[slice, slice, bool] | None]:
   """Per case (see `case`): which query rows meet which key rows, and whether the mask between
   them is causal on their local order (else none); None computes nothing. The XLA path masks by
   original indices and segment ids instead, which agrees wherever both apply."""
@@ -89,31 +81,30 @@ def sub_blocks(ring: "Ring", local_length: int) -> list[tuple[slice, slice, bool
   return [(every, every, True), (slice(1, None), slice(0, local_length - 1), True)]
 
 
-def case(ring: "Ring", mine: jax.Array, theirs: jax.Array) -> jax.Array:
-  """zigzag, contiguous: 0 my own block, 1 an earlier position's, 2 a later one's.
-  striped: 0 a position at or before mine, 1 a later one. Not causal: always 0."""
-  layout = ring.layout
+def case(ring: Ring, q_index: jax.Array, kv_index: jax.Array) -> jax.Array:
+  """Which sub-blocks apply, from the first original index of each block (which orders the
+  positions in every layout). zigzag, contiguous: 0 my own block, 1 an earlier position's, 2 a
+  later one's; striped: 0 a position at or before mine, 1 a later one; not causal: 0."""
+  mine, theirs = q_index[0], kv_index[0]
   if not ring.causal:
     return jnp.zeros((), jnp.int32)
-  if layout == "striped":
+  if ring.layout == "striped":
     return (theirs > mine).astype(jnp.int32)
   return jnp.where(theirs == mine, 0, jnp.where(theirs < mine, 1, 2)).astype(jnp.int32)
 
 
-def _fused(ring: "Ring", *segment_ids) -> bool:
+def _fused(ring: Ring, *segment_ids) -> bool:
   return ring.fused and all(s is None for s in segment_ids)
 
 
-def _segments(segment_ids, rows):
-  return None if segment_ids is None else segment_ids[:, rows]
+def _rows(x, rows):
+  return None if x is None else x[:, rows]
 
 
-def block_fwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos) -> tuple[jax.Array, jax.Array]:
-  """Output and LSE (full query rows; `NEG` where the case computes nothing) of my queries
-  against the key/value block that position `kv_pos` holds."""
-  k, v, kv_seg = kv
-  lq, lk = q.shape[1], k.shape[1]
-  gq, gk = ring.indices(lq, q_pos), ring.indices(lk, kv_pos)
+def block_fwd(ring: Ring, q, q_seg, q_index, kv) -> tuple[jax.Array, jax.Array]:
+  """Output and LSE (full query rows; `NEG` where the case computes nothing) of my queries against
+  one key/value block kv = (k, v, segment ids or None, original indices [Lk])."""
+  k, v, kv_seg, kv_index = kv
   empty_o, empty_lse = empty_result(q)
 
   def branch(rows):
@@ -124,21 +115,19 @@ def block_fwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos) -> tuple[jax.Array, jax.A
       if _fused(ring, q_seg, kv_seg):
         o, lse = cudnn_blocks.block_forward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale)
       else:
-        mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr), ring.causal)
+        mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         o, lse = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
       return empty_o.at[:, qr].set(o.astype(F32)), empty_lse.at[:, qr].set(lse)
     return run
 
-  branches = [branch(rows) for rows in sub_blocks(ring, lq)]
-  return jax.lax.switch(case(ring, q_pos, kv_pos), branches, None)
+  branches = [branch(rows) for rows in sub_blocks(ring, q.shape[1])]
+  return jax.lax.switch(case(ring, q_index, kv_index), branches, None)
 
 
-def block_bwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos, o, lse, delta, do):
-  """Float32 (dq, dk, dv) of my queries against position `kv_pos`'s block, full shapes, given
-  the queries' final output `o`, LSE and delta = sum(dO * O, -1)."""
-  k, v, kv_seg = kv
-  lq, lk = q.shape[1], k.shape[1]
-  gq, gk = ring.indices(lq, q_pos), ring.indices(lk, kv_pos)
+def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do):
+  """Float32 (dq, dk, dv) of my queries against one key/value block (as in `block_fwd`), full
+  shapes, given the queries' final output `o`, LSE and delta = sum(dO * O, -1)."""
+  k, v, kv_seg, kv_index = kv
   zeros = lambda x: jnp.zeros_like(x, F32)
 
   def branch(rows):
@@ -151,76 +140,71 @@ def block_bwd(ring: Ring, q, q_seg, q_pos, kv, kv_pos, o, lse, delta, do):
         bq, bk, bv = cudnn_blocks.block_backward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale, o[:, qr],
                                                  lse[:, qr], do[:, qr])
       else:
-        mask = attention_mask(gq[qr], gk[kr], _segments(q_seg, qr), _segments(kv_seg, kr), ring.causal)
+        mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr],
                                     do[:, qr])
       return dq.at[:, qr].set(bq), dk.at[:, kr].set(bk), dv.at[:, kr].set(bv)
     return run
 
-  branches = [branch(rows) for rows in sub_blocks(ring, lq)]
-  return jax.lax.switch(case(ring, q_pos, kv_pos), branches, None)
+  branches = [branch(rows) for rows in sub_blocks(ring, q.shape[1])]
+  return jax.lax.switch(case(ring, q_index, kv_index), branches, None)
 
 
-def ring_forward(ring: Ring, q, k, v, segment_ids) -> tuple[jax.Array, jax.Array]:
+def ring_forward(ring: Ring, q, k, v, segment_ids, index) -> tuple[jax.Array, jax.Array]:
   """(float32 output, float32 LSE) of my queries against every position's keys and values."""
-  n_axis = jax.lax.axis_size(ring.axis)
-  me = ring.position()
+  shift = ring.shift(jax.lax.axis_size(ring.axis))
   o, lse = empty_result(q)
 
-  def step(o, lse, kv, s):
-    ob, lb = block_fwd(ring, q, segment_ids, me, kv, (me - s) % ring.size)
-    return merge(o, lse, ob, lb)
-
-  def body(carry, s):
+  def body(carry, _):
     o, lse, kv = carry
-    arriving = jax.lax.ppermute(kv, ring.axis, ring.shift(n_axis))  # issued before the compute
-    o, lse = step(o, lse, kv, s)
+    arriving = jax.lax.ppermute(kv, ring.axis, shift)  # issued before the compute
+    o, lse = merge(o, lse, *block_fwd(ring, q, segment_ids, index, kv))
     return (o, lse, arriving), None
 
-  (o, lse, kv), _ = jax.lax.scan(body, (o, lse, (k, v, segment_ids)), jnp.arange(ring.size - 1))
-  return step(o, lse, kv, ring.size - 1)
+  (o, lse, kv), _ = jax.lax.scan(body, (o, lse, (k, v, segment_ids, index)), None, length=ring.size - 1)
+  return merge(o, lse, *block_fwd(ring, q, segment_ids, index, kv))
 
 
-def ring_backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
+def ring_backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
   """(dq, dk, dv) in the inputs' dtypes: K/V and their gradients go round once more."""
-  n_axis = jax.lax.axis_size(ring.axis)
-  me = ring.position()
+  shift = ring.shift(jax.lax.axis_size(ring.axis))
   delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
-  zeros = lambda x: jnp.zeros_like(x, F32)
 
-  def step(dq, kv, dkv, s):
-    bq, bk, bv = block_bwd(ring, q, segment_ids, me, kv, (me - s) % ring.size, o, lse, delta, do)
+  def step(dq, kv, dkv):
+    bq, bk, bv = block_bwd(ring, q, segment_ids, index, kv, o, lse, delta, do)
     return dq + bq, (dkv[0] + bk, dkv[1] + bv)
 
-  def body(carry, s):
+  def body(carry, _):
     dq, kv, dkv = carry
-    arriving = jax.lax.ppermute(kv, ring.axis, ring.shift(n_axis))
-    dq, dkv = step(dq, kv, dkv, s)
-    return (dq, arriving, jax.lax.ppermute(dkv, ring.axis, ring.shift(n_axis))), None
+    arriving = jax.lax.ppermute(kv, ring.axis, shift)
+    dq, dkv = step(dq, kv, dkv)
+    return (dq, arriving, jax.lax.ppermute(dkv, ring.axis, shift)), None
 
-  init = (zeros(q), (k, v, segment_ids), (zeros(k), zeros(v)))
-  (dq, kv, dkv), _ = jax.lax.scan(body, init, jnp.arange(ring.size - 1))
-  dq, dkv = step(dq, kv, dkv, ring.size - 1)
-  dk, dv = jax.lax.ppermute(dkv, ring.axis, ring.shift(n_axis))  # the last hop home
+  zeros = lambda x: jnp.zeros_like(x, F32)
+  init = (zeros(q), (k, v, segment_ids, index), (zeros(k), zeros(v)))
+  (dq, kv, dkv), _ = jax.lax.scan(body, init, None, length=ring.size - 1)
+  dq, dkv = step(dq, kv, dkv)
+  dk, dv = jax.lax.ppermute(dkv, ring.axis, shift)  # the last hop home
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_core(ring: Ring, q, k, v, segment_ids):
-  """Local ring attention inside `shard_map` (the custom VJP spans the whole ring)."""
-  o, _ = ring_forward(ring, q, k, v, segment_ids)
+def ring_core(ring: Ring, q, k, v, segment_ids, index):
+  """Local ring attention inside `shard_map` (the custom VJP spans the whole ring). `index`: the
+  original position of each local token ([L/n] int32); blocks carry theirs around the ring."""
+  o, _ = ring_forward(ring, q, k, v, segment_ids, index)
   return o.astype(q.dtype)
 
 
-def _core_fwd(ring, q, k, v, segment_ids):
-  o, lse = ring_forward(ring, q, k, v, segment_ids)
+def _core_fwd(ring, q, k, v, segment_ids, index):
+  o, lse = ring_forward(ring, q, k, v, segment_ids, index)
   o = o.astype(q.dtype)
-  return o, (q, k, v, segment_ids, o, lse)
+  return o, (q, k, v, segment_ids, index, o, lse)
 
 
 def _core_bwd(ring, residuals, do):
-  q, k, v, segment_ids, o, lse = residuals
-  return (*ring_backward(ring, q, k, v, segment_ids, o, lse, do), None)
+  q, k, v, segment_ids, index, o, lse = residuals
+  return (*ring_backward(ring, q, k, v, segment_ids, index, o, lse, do), None, None)
 
 
 ring_core.defvjp(_core_fwd, _core_bwd)
@@ -238,6 +222,5 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
                batch_axes=batch_axes, head_axes=head_axes)
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
               fused=implementation == "cudnn", causal=causal)
-  local: Callable = functools.partial(ring_core, ring)
-  return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, batch_axes=batch_axes,
-                         head_axes=head_axes)
+  return shard_attention(functools.partial(ring_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
+                         layout=layout, batch_axes=batch_axes, head_axes=head_axes)

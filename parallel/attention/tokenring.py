@@ -37,35 +37,32 @@ def _back(n: int, s: jax.Array | int) -> list[tuple[int, int]]:
   return [(d, (d - s) % n) for d in range(n)]
 
 
-def _forward(ring: Ring, q, k, v, segment_ids):
+def _forward(ring: Ring, q, k, v, segment_ids, index):
   n = ring.size
-  me = ring.position()
-  kv = (k, v, segment_ids)
+  kv = (k, v, segment_ids, index)
   o, lse = empty_result(q)
-  travelling = (q, segment_ids)
+  travelling = (q, segment_ids, index)
   for s in range(n):  # static: the return distance `s` is part of each step's permutation
     arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
-    visitor, visitor_seg = travelling
-    ob, lb = block_fwd(ring, visitor, visitor_seg, (me - s) % n, kv, me)
+    ob, lb = block_fwd(ring, *travelling, kv)
     ob, lb = jax.lax.ppermute((ob, lb), ring.axis, _back(n, s)) if s else (ob, lb)
     o, lse = merge(o, lse, ob, lb)
     travelling = arriving
   return o, lse
 
 
-def _backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
+def _backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
   n = ring.size
-  me = ring.position()
-  kv = (k, v, segment_ids)
+  kv = (k, v, segment_ids, index)
   delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
   zeros = lambda x: jnp.zeros_like(x, F32)
   dq, dk, dv = zeros(q), zeros(k), zeros(v)
   # The output travels too, for fused kernels (whose backward recomputes delta from it).
-  travelling = (q, segment_ids, o if ring.fused else None, lse, delta, do)
+  travelling = (q, segment_ids, index, o if ring.fused else None, lse, delta, do)
   for s in range(n):
     arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
-    vq, vseg, vo, vlse, vdelta, vdo = travelling
-    bq, bk, bv = block_bwd(ring, vq, vseg, (me - s) % n, kv, me, vo, vlse, vdelta, vdo)
+    vq, vseg, vindex, vo, vlse, vdelta, vdo = travelling
+    bq, bk, bv = block_bwd(ring, vq, vseg, vindex, kv, vo, vlse, vdelta, vdo)
     dk, dv = dk + bk, dv + bv
     dq = dq + (jax.lax.ppermute(bq, ring.axis, _back(n, s)) if s else bq)
     travelling = arriving
@@ -73,20 +70,20 @@ def _backward(ring: Ring, q, k, v, segment_ids, o, lse, do):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def tokenring_core(ring: Ring, q, k, v, segment_ids):
-  """Local TokenRing attention inside `shard_map`."""
-  o, _ = _forward(ring, q, k, v, segment_ids)
+def tokenring_core(ring: Ring, q, k, v, segment_ids, index):
+  """Local TokenRing attention inside `shard_map` (`index` as in `ring.ring_core`)."""
+  o, _ = _forward(ring, q, k, v, segment_ids, index)
   return o.astype(q.dtype)
 
 
-def _core_fwd(ring, q, k, v, segment_ids):
-  o, lse = _forward(ring, q, k, v, segment_ids)
+def _core_fwd(ring, q, k, v, segment_ids, index):
+  o, lse = _forward(ring, q, k, v, segment_ids, index)
   o = o.astype(q.dtype)
-  return o, (q, k, v, segment_ids, o, lse)
+  return o, (q, k, v, segment_ids, index, o, lse)
 
 
 def _core_bwd(ring, residuals, do):
-  return (*_backward(ring, *residuals, do), None)
+  return (*_backward(ring, *residuals, do), None, None)
 
 
 tokenring_core.defvjp(_core_fwd, _core_bwd)
@@ -102,4 +99,4 @@ def tokenring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
               fused=implementation == "cudnn")
   return shard_attention(functools.partial(tokenring_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
-                         batch_axes=batch_axes, head_axes=head_axes)
+                         layout=layout, batch_axes=batch_axes, head_axes=head_axes)

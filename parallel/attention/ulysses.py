@@ -50,7 +50,8 @@ def sequence_to_heads(x, axis: str, groups: list[list[int]] | None):
   return jax.lax.all_to_all(x, axis, split_axis=1, concat_axis=2, tiled=True, axis_index_groups=groups)
 
 
-def _local(q, k, v, segment_ids, *, axis: str, layout: str, implementation: str):
+def _local(q, k, v, segment_ids, index, *, axis: str, layout: str, implementation: str):
+  del index  # attention runs on the un-permuted whole sequence
   n = jax.lax.axis_size(axis)
   k, v = replicate_kv_heads(k, n), replicate_kv_heads(v, n)
   q, k, v = (heads_to_sequence(x, axis, None) for x in (q, k, v))
@@ -76,5 +77,5 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     raise ValueError(f"ulysses_attention: {q.shape[2] // tp} query heads per device (of {q.shape[2]}, over "
                      f"{tp} tensor devices) are not divisible by {n} sequence devices")
   local = functools.partial(_local, axis=axis, layout=layout, implementation=implementation)
-  return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, batch_axes=batch_axes,
-                         head_axes=head_axes)
+  return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
+                         batch_axes=batch_axes, head_axes=head_axes)

@@ -121,6 +121,9 @@ class DataConfig:
   # Attention stays inside each packed document (segment ids). False: plain causal attention over
   # the whole window, which lets cuDNN flash attention run without a dense mask (faster).
   mask_documents: bool = True
+  # Order each global batch's rows so that every data-parallel rank gets about the same attention
+  # work (sum of squared document lengths); see data/balance.py.
+  balance_attention: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from configs.base import DATA_SOURCES, DataConfig
 from configs.errors import ConfigError
+from data.balance import attention_work, balance_rows
 from data.corpus import builtin_corpus
 from data.packing import PackedSequences, pack_documents
 from data.sources import ShardedTokens, SyntheticSequences, read_documents
@@ -33,23 +34,36 @@ class Dataset:
   """
 
   def __init__(self, examples: grain.MapDataset, *, config: DataConfig, split: str, process_index: int,
-               process_count: int, tokenizer: Tokenizer | None, num_sequences: int | None):
+               process_count: int, tokenizer: Tokenizer | None, num_sequences: int | None, balance_ranks: int = 0):
     self.config, self.split = config, split
     self.process_index, self.process_count = process_index, process_count
     self.global_batch, self.seq_len = config.global_batch, config.seq_len
     self.local_batch = config.global_batch // process_count
     self.tokenizer = tokenizer
     self.num_sequences = num_sequences  # windows in one epoch of this split; None when endless
-    # Batch k holds rows [k*b, (k+1)*b), so global step s on process p is batch s*P + p.
-    self._batches = examples.batch(self.local_batch, drop_remainder=True)
+    self.balance_ranks = balance_ranks
+    if balance_ranks:  # every process reads the whole global batch to order its rows
+      self._batches = examples.batch(self.global_batch, drop_remainder=True)
+    else:  # batch k holds rows [k*b, (k+1)*b), so global step s on process p is batch s*P + p
+      self._batches = examples.batch(self.local_batch, drop_remainder=True)
     self.step = 0
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of global batch `step`; each array is [global_batch / P, seq_len]."""
+    """This process's rows of global batch `step`; each array is [global_batch / P, seq_len].
+
+    With `balance_ranks` R, the global batch's rows are first ordered so that each of the R
+    contiguous blocks of rows (one per data-parallel rank) carries about equal attention work
+    (`data.balance`).
+    """
     step = int(step)
     if step < 0:
       raise ValueError(f"step={step}: must be >= 0")
-    return self._batches[step * self.process_count + self.process_index]
+    if not self.balance_ranks:
+      return self._batches[step * self.process_count + self.process_index]
+    batch = self._batches[step]
+    order = balance_rows(attention_work(batch["segment_ids"]), self.balance_ranks)
+    mine = order[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
+    return {k: v[mine] for k, v in batch.items()}
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -116,8 +130,11 @@ def _packed_split(config: DataConfig, vocab_size: int, split: str) -> tuple[Pack
 
 
 def make_dataset(config: DataConfig, *, vocab_size: int, split: str = "train", process_index: int = 0,
-                 process_count: int = 1) -> Dataset:
+                 process_count: int = 1, balance_ranks: int = 0) -> Dataset:
   """Builds this process's view of one split; see `Dataset` for the batch layout.
+
+  `balance_ranks`: order each global batch's rows for equal attention work over that many
+  data-parallel ranks (0: rows in order).
 
   `vocab_size` is the model's: every token id must be below it. Raises `ConfigError` (a
   ValueError; `MissingFileError`, also a FileNotFoundError, for missing files) with a message
@@ -135,7 +152,11 @@ def make_dataset(config: DataConfig, *, vocab_size: int, split: str = "train", p
                      f"{process_count}; every process must hold the same number of rows")
   if config.seq_len <= 0:
     raise ConfigError(f"data.seq_len={config.seq_len}: must be positive")
-  common = dict(config=config, split=split, process_index=process_index, process_count=process_count)
+  if balance_ranks and config.global_batch % balance_ranks:
+    raise ConfigError(f"data.global_batch={config.global_batch} does not split over {balance_ranks} data-parallel "
+                      f"ranks for balancing")
+  common = dict(config=config, split=split, process_index=process_index, process_count=process_count,
+                balance_ranks=balance_ranks)
 
   if config.source == "synthetic":
     # Distinct Philox streams keep train and validation apart; the data is endless, so no epochs.

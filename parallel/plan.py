@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -121,6 +122,11 @@ class ShardingPlan:
     axes = self.activations.get(name)
     axes = (axes,) if isinstance(axes, str) else (axes or ())
     return tuple(a for a in axes if self.mesh.shape[a] > 1)
+
+  @property
+  def data_parallel_size(self) -> int:
+    """How many ways the batch's rows are split (the product of its mesh axes)."""
+    return math.prod(self.mesh.shape[a] for a in self.activation_axes("batch"))
 
   @property
   def replicated(self) -> NamedSharding:

@@ -90,7 +90,8 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   setup = setup_from_config(config)
   proc, nproc = jax.process_index(), jax.process_count()
   data_args = dict(vocab_size=config.model.vocab_size, process_index=proc, process_count=nproc)
-  train_data = make_dataset(config.data, split="train", **data_args)
+  balance = setup.plan.data_parallel_size if config.data.balance_attention else 0
+  train_data = make_dataset(config.data, split="train", balance_ranks=balance, **data_args)
   val_data = (make_dataset(config.data, split="validation", **data_args)
               if config.data.val_fraction > 0 or config.data.source == "synthetic" else None)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint) if config.checkpoint.enabled else None

@@ -25,7 +25,9 @@ DTYPES = ("float32", "bfloat16")
 # Named strategies of a `ShardingPlan` (parallel/plan.py), one tuple of choices per family.
 # Attention over the `seq` axis: "dense" keeps the whole sequence on each device (mesh.seq == 1);
 # the others are the context-parallel ops of parallel/attention/.
-ATTENTION_METHODS = ("dense", "allgather", "ring", "tokenring", "ulysses", "usp")
+# "lasp2": LASP-2H, for models with linear-attention layers: LASP-2 for those, all-gather-KV for
+# the softmax ones. (Linear layers use LASP-2 over `seq` under every method.)
+ATTENTION_METHODS = ("dense", "allgather", "ring", "tokenring", "ulysses", "usp", "lasp2")
 CONTEXT_LAYOUTS = ("contiguous", "zigzag", "striped")  # token order over `seq` (causal load balance)
 PIPELINE_SCHEDULES = ("none",)  # schedule over the `stage` axis
 REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduces every step
@@ -54,6 +56,10 @@ class ModelConfig:
   # "auto": cuDNN flash attention on GPUs with bf16 compute, XLA otherwise; or force "xla" / "cudnn".
   attention_impl: str = "auto"
   remat: str = "none"  # one of REMAT_POLICIES
+  # Attention kind of each layer, "S" softmax or "L" decayed linear attention, repeated to
+  # n_layers: "S" (the default) is a plain Llama, "L" all linear, "LLS" a hybrid.
+  layer_pattern: str = "S"
+  linear_chunk: int = 64  # tokens per chunk of the chunked linear attention
   scan_unroll: int = 1  # layers per scan iteration; n_layers unrolls fully (slower compile)
   init_std: float = 0.02
 

@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with RoPE; the attention op itself comes from the plan's dispatch."""
+"""Grouped-query self-attention with RoPE, softmax or decayed linear; the attention op itself comes
+from the plan's dispatch (`parallel.attention` or `parallel.linear`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from flax import nnx
 from configs import ModelConfig
 from models.layers import apply_rope, param, rope_inv_freq
 from parallel.attention.dispatch import attend
+from parallel.linear.dispatch import linear_attend
+from parallel.linear.linear_attention import decay_rates
 from parallel.plan import ShardingPlan
 
 
@@ -20,8 +23,23 @@ def resolve_implementation(cfg: ModelConfig) -> str:
   return "cudnn" if on_gpu and cfg.compute_dtype == "bfloat16" else "xla"
 
 
+def layer_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+  """"S" (softmax) or "L" (linear) for each layer: `model.layer_pattern` repeated."""
+  return tuple(cfg.layer_pattern * (cfg.n_layers // len(cfg.layer_pattern)))
+
+
+def _rms_per_head(o_BxLxHxD: jax.Array, eps: float) -> jax.Array:
+  """Linear attention's outputs grow with the decayed history; RetNet normalises each head."""
+  return o_BxLxHxD * jax.lax.rsqrt(jnp.mean(o_BxLxHxD * o_BxLxHxD, axis=-1, keepdims=True) + eps)
+
+
 class Attention(nnx.Module):
-  """Megatron layout: q/k/v column-parallel over heads, the output projection row-parallel."""
+  """Megatron layout: q/k/v column-parallel over heads, the output projection row-parallel.
+
+  The same projections serve softmax attention and decayed linear attention (RetNet-style: RoPE
+  on q and k, a fixed decay per key/value head, each head's output RMS-normalised), so a hybrid
+  model's layers share one parameter structure and scan as one stack.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
@@ -34,7 +52,8 @@ class Attention(nnx.Module):
     self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
-               plan: ShardingPlan) -> jax.Array:
+               plan: ShardingPlan, linear: bool | jax.Array = False) -> jax.Array:
+    """`linear`: a Python bool, or a traced one (a hybrid stack's per-layer kind)."""
     x = x_BxLxD.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
     project = lambda p, axes: plan.constrain(jnp.einsum("bld,dhk->blhk", x, w(p)), ("batch", "length") + axes)
@@ -43,6 +62,18 @@ class Attention(nnx.Module):
     v = project(self.wv, ("kv_heads", "head_dim"))
     inv_freq = rope_inv_freq(self.cfg)
     q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
-    out_BxLxHxD = attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
+
+    def softmax():
+      return attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
+
+    def decayed_linear():
+      o = linear_attend(q, k, v, segment_ids_BxL, jnp.asarray(decay_rates(self.cfg.n_kv_heads)), plan=plan,
+                        chunk=self.cfg.linear_chunk)
+      return _rms_per_head(o, self.cfg.norm_eps).astype(self.dtype)
+
+    if isinstance(linear, bool):
+      out_BxLxHxD = decayed_linear() if linear else softmax()
+    else:
+      out_BxLxHxD = jax.lax.cond(linear, decayed_linear, softmax)
     out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, w(self.wo))

@@ -7,7 +7,7 @@ from typing import Any
 from flax import nnx
 
 from configs import ModelConfig
-from models.attention import Attention
+from models.attention import Attention, layer_kinds
 from models.layers import MLP, RMSNorm
 from parallel.plan import ShardingPlan
 
@@ -24,16 +24,21 @@ class Block(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kinds = set(layer_kinds(cfg))
+    self.linear = None if len(kinds) > 1 else kinds == {"L"}  # None: each layer's kind comes as its input
     self.attn_norm = RMSNorm(cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, carry: dict, layer_inputs: Any, plan: ShardingPlan) -> tuple[dict, dict]:
-    """Returns the next carry and this layer's outputs for the loss (none for a dense block)."""
-    del layer_inputs  # a dense block has no per-layer inputs
+    """Returns the next carry and this layer's outputs for the loss (none for a dense block).
+
+    `layer_inputs`: None, or in a hybrid stack this layer's kind (1 linear attention, 0 softmax).
+    """
+    linear = self.linear if self.linear is not None else layer_inputs == 1
     x = carry["x"]
-    h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan).astype(x.dtype)
+    h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan, linear).astype(x.dtype)
     h = plan.constrain(h, RESIDUAL_AXES)
     out = h + self.mlp(self.mlp_norm(h), plan).astype(h.dtype)
     return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, {}

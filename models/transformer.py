@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
+from models.attention import layer_kinds
 from models.block import RESIDUAL_AXES, Block
 from models.layers import RMSNorm, param
 from models.stack import Carry, make_layer_fn, scan_layers
@@ -80,11 +81,16 @@ class Transformer(nnx.Module):
     fn = make_layer_fn(graphdef, per_layer_axes, plan=plan, remat=cfg.remat, prevent_cse=cfg.scan_unroll > 1)
     return fn, nnx.to_pure_dict(stacked)
 
+  def layer_inputs(self) -> jax.Array | None:
+    """Each layer's own input to the layer function: its attention kind in a hybrid stack."""
+    kinds = layer_kinds(self.cfg)
+    return None if len(set(kinds)) == 1 else jnp.asarray([k == "L" for k in kinds], jnp.int32)
+
   def forward_layers(self, carry: Carry, *, plan: ShardingPlan, run_layers=scan_layers) -> tuple[Carry, dict]:
     """The second piece: every layer in order, by `run_layers` (the scan, or a replacement with
     the same signature). Returns the last carry and the per-layer outputs."""
     fn, stacked = self.layer_fn(plan)
-    return run_layers(fn, stacked, carry, None, unroll=self.cfg.scan_unroll)
+    return run_layers(fn, stacked, carry, self.layer_inputs(), unroll=self.cfg.scan_unroll)
 
   def head(self, x_BxLxD: jax.Array, *, plan: ShardingPlan) -> jax.Array:
     """The last piece: final norm and output projection. Logits in the compute dtype; the loss
@@ -100,6 +106,12 @@ class Transformer(nnx.Module):
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x (parameters but the input embedding) + 6 x layers x d_model x seq."""
+  """Training FLOPs per token: 6 x (parameters but the input embedding), plus attention: causal
+  softmax layers 6 x d_model x seq each; linear layers 6 x d_model x (chunk + 2 x head_dim) each
+  (the causal half of a chunk's quadratic form, and the state's read and update)."""
   non_embedding = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-  return 6.0 * non_embedding + 6.0 * cfg.n_layers * cfg.d_model * seq_len
+  kinds = layer_kinds(cfg)
+  softmax, linear = kinds.count("S"), kinds.count("L")
+  chunk = min(cfg.linear_chunk, seq_len)
+  return (6.0 * non_embedding + 6.0 * softmax * cfg.d_model * seq_len
+          + 6.0 * linear * cfg.d_model * (chunk + 2 * cfg.resolved_head_dim))

@@ -14,8 +14,15 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   require(seq == 1 or s.attention != "dense",
           f"mesh.seq={seq} needs a context-parallel sharding.attention (one of {ATTENTION_METHODS[1:]}); "
           f"'dense' keeps the whole sequence on every device")
+  linear = "L" in m.layer_pattern
+  require(s.attention != "lasp2" or linear,
+          f"sharding.attention='lasp2' needs linear-attention layers, but model.layer_pattern={m.layer_pattern!r} "
+          f"has none (use L, e.g. 'LLS')")
   if s.attention == "dense" or seq == 1:
     return
+  require(not linear or s.context_layout != "striped" or s.attention == "ulysses",
+          f"model.layer_pattern={m.layer_pattern!r} has linear layers, which LASP-2 runs over seq in contiguous "
+          f"stretches; sharding.context_layout='striped' interleaves tokens (use zigzag or contiguous)")
   layout = "contiguous" if s.attention == "ulysses" else s.context_layout
   parts = seq * (2 if layout == "zigzag" else 1)
   require(d.seq_len % parts == 0,

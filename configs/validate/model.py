@@ -32,4 +32,10 @@ def check(m: ModelConfig, backend: str) -> None:
   require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be positive")
   require(m.rope_scaling_factor >= 1.0, f"model.rope_scaling_factor={m.rope_scaling_factor}: must be >= 1")
   require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps}: must be positive")
+  require(len(m.layer_pattern) > 0 and set(m.layer_pattern) <= {"S", "L"},
+          f"model.layer_pattern={m.layer_pattern!r}: use the letters S (softmax) and L (linear attention)")
+  require(m.n_layers % max(len(m.layer_pattern), 1) == 0,
+          f"model.layer_pattern={m.layer_pattern!r} ({len(m.layer_pattern)} layers) does not repeat evenly over "
+          f"model.n_layers={m.n_layers}")
+  require(m.linear_chunk > 0, f"model.linear_chunk={m.linear_chunk}: must be positive")
   require(m.init_std > 0, f"model.init_std={m.init_std}: must be positive")

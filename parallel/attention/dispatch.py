@@ -22,12 +22,14 @@ from parallel.attention.ulysses import ulysses_attention
 from parallel.attention.usp import usp_attention
 from parallel.plan import ShardingPlan
 
+# "lasp2" (LASP-2H) runs its softmax layers with the all-gather op; its linear layers go through
+# `parallel.linear.dispatch`.
 _METHODS = {"allgather": allgather_attention, "ring": ring_attention, "tokenring": tokenring_attention,
-            "ulysses": ulysses_attention, "usp": usp_attention}
+            "ulysses": ulysses_attention, "usp": usp_attention, "lasp2": allgather_attention}
 SEQ = "seq"
 
 
-def _layout_positions(plan: ShardingPlan) -> int:
+def layout_positions(plan: ShardingPlan) -> int:
   """How many positions the layout spreads the sequence over (USP: one per Ulysses group)."""
   return plan.mesh.shape[SEQ] // plan.strategies.ulysses
 
@@ -36,7 +38,7 @@ def order_batch(batch: dict, plan: ShardingPlan) -> dict:
   """Permutes every [B, L] array of a batch into the plan's token layout over `seq`."""
   if plan.strategies.attention == "dense" or plan.mesh.shape[SEQ] == 1:
     return batch
-  return permute_batch(batch, plan.strategies.layout, _layout_positions(plan))
+  return permute_batch(batch, plan.strategies.layout, layout_positions(plan))
 
 
 def attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array, segment_ids_BxL: jax.Array | None,
@@ -48,7 +50,7 @@ def attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array, seg
   op = _METHODS[method]
   if method == "usp":
     op = functools.partial(op, ulysses=plan.strategies.ulysses)
-  if method != "allgather":  # all-gather-KV masks by original indices, which needs the XLA block
+  if method not in ("allgather", "lasp2"):  # all-gather-KV masks by original indices: the XLA block
     op = functools.partial(op, implementation=implementation)
   return op(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, mesh=plan.mesh, axis=SEQ,
             layout=plan.strategies.layout, batch_axes=plan.activation_axes("batch"),

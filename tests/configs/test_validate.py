@@ -61,6 +61,12 @@ def test_fill_axis():
      8, r"model.n_heads=12 / mesh.tensor=2 = 6 heads per device is not divisible by mesh.seq=4 \(sharding.attention='ulysses'"),
     (["mesh.data=1", "mesh.seq=8", "sharding.attention=usp", "sharding.ulysses_degree=3"], 8,
      r"sharding.ulysses_degree=3 does not divide mesh.seq=8 \(USP: ulysses degree x ring degree = mesh.seq\)"),
+    (["sharding.attention=lasp2"], 8, r"sharding.attention='lasp2' needs linear-attention layers, but "
+                                      r"model.layer_pattern='S' has none"),
+    (["model.layer_pattern=SLX"], 8, r"model.layer_pattern='SLX': use the letters S \(softmax\) and L"),
+    (["model.layer_pattern=LLS"], 8, r"model.layer_pattern='LLS' \(3 layers\) does not repeat evenly over model.n_layers=2"),
+    (["model.layer_pattern=LS", "mesh.data=1", "mesh.seq=8", "sharding.attention=ring",
+      "sharding.context_layout=striped"], 8, r"has linear layers, which LASP-2 runs over seq in contiguous stretches"),
     (["mesh.data=2", "mesh.seq=2", "mesh.tensor=2", "sharding.attention=ring", "sharding.sequence_parallel=true",
       "data.seq_len=126"], 8, r"data.seq_len=126 is not divisible by mesh.tensor=2 x mesh.seq=2"),
     (["sharding.pipeline=gpipe"], 8, r"sharding.pipeline='gpipe': choose one of"),

@@ -109,3 +109,42 @@ def test_auto_attention_is_xla_off_gpu():
   from models.attention import resolve_implementation
   assert resolve_implementation(dataclasses.replace(CFG, compute_dtype="bfloat16")) == "xla"  # CPU here
   assert resolve_implementation(dataclasses.replace(CFG, attention_impl="cudnn")) == "cudnn"
+
+
+def test_linear_attention_layer_is_the_recurrence():
+  """The attention module in linear mode: its projections and RoPE, the token-by-token decayed
+  recurrence, each head RMS-normalised, the output projection."""
+  from models.attention import Attention
+  from models.layers import apply_rope, rope_inv_freq
+  from parallel.linear.linear_attention import decay_rates
+  from tests.parallel.linear_reference import recurrent_linear_attention
+  cfg = dataclasses.replace(CFG, layer_pattern="L", linear_chunk=4)
+  attn = Attention(cfg, rngs=nnx.Rngs(3))
+  x = jax.random.normal(jax.random.key(4), (2, 12, cfg.d_model))
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12])
+  got = attn(x, pos, seg, single_device_plan(), linear=True)
+  proj = lambda w: jnp.einsum("bld,dhk->blhk", x, w[...])
+  inv = rope_inv_freq(cfg)
+  q, k = apply_rope(proj(attn.wq), pos, inv), apply_rope(proj(attn.wk), pos, inv)
+  o = recurrent_linear_attention(q, k, proj(attn.wv), seg, decay_rates(cfg.n_kv_heads))
+  o = o / jnp.sqrt(jnp.mean(o * o, axis=-1, keepdims=True) + cfg.norm_eps)
+  assert rel_err(got, jnp.einsum("blhk,hkd->bld", o, attn.wo[...])) <= 1e-5
+
+
+def test_hybrid_stack_runs_each_layer_as_its_pattern_says():
+  """"LS": layer 0 linear, layer 1 softmax, by hand through the layer function; the same weights
+  as "SS" or "LL" give other logits."""
+  tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, CFG.vocab_size)
+  plan = single_device_plan()
+  hybrid = _model(dataclasses.replace(CFG, layer_pattern="LS", linear_chunk=4))
+  fn, stacked = hybrid.layer_fn(plan)
+  carry = hybrid.embed_tokens(tokens, plan=plan)
+  for i, kind in enumerate((1, 0)):
+    carry, _ = fn(jax.tree.map(lambda p: p[i], stacked), carry, jnp.int32(kind))
+  want = hybrid(tokens)
+  np.testing.assert_allclose(hybrid.head(carry["x"], plan=plan), want, rtol=1e-5, atol=1e-5)
+  _, state = nnx.split(hybrid)
+  for pattern in ("SS", "LL"):
+    graphdef, _ = nnx.split(_model(dataclasses.replace(CFG, layer_pattern=pattern, linear_chunk=4)))
+    assert rel_err(nnx.merge(graphdef, state)(tokens), want) > 1e-3

@@ -110,3 +110,22 @@ def test_context_parallel_matches_single_device(method, mesh, reference_context)
                            **extra))
   assert reference_context[-1] < reference_context[0]
   np.testing.assert_allclose(losses, reference_context, rtol=1e-5)
+
+
+# LASP-2 on a hybrid model: linear-attention layers (LASP-2) and softmax ones (all-gather-KV in
+# LASP-2H, the ring otherwise).
+HYBRID_MODEL = dataclasses.replace(CONTEXT_MODEL, layer_pattern="LS", linear_chunk=4)
+HYBRID_ROWS = [("lasp2", mesh) for mesh in CONTEXT_MESHES] + [("ring", "data2_seq4")]
+
+
+@pytest.fixture(scope="module")
+def reference_hybrid():
+  return _losses(_config({}, model=HYBRID_MODEL, seq_len=48))
+
+
+@pytest.mark.parametrize("method,mesh", HYBRID_ROWS)
+def test_hybrid_linear_model_matches_single_device(method, mesh, reference_hybrid):
+  sizes, zero = CONTEXT_MESHES[mesh]
+  losses = _losses(_config(sizes, zero=zero, model=HYBRID_MODEL, seq_len=48, attention=method))
+  assert reference_hybrid[-1] < reference_hybrid[0]
+  np.testing.assert_allclose(losses, reference_hybrid, rtol=1e-5)

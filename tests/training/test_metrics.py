@@ -49,3 +49,14 @@ def test_flops_per_token_counts_six_per_weight_and_causal_attention(tied):
   matmul_weights = params - (0 if tied else v * d)
   seq = 128
   assert flops_per_token(cfg.model, params, seq) == 6 * matmul_weights + 6 * n * d * seq
+
+
+def test_flops_per_token_of_linear_layers():
+  """A linear-attention layer's attention: the causal half of each chunk's quadratic form (forward
+  2 x d x chunk) and the state's read and update (forward 4 x d x head_dim), times 3 to train."""
+  base = ["model.d_model=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=4", "model.linear_chunk=16"]
+  hybrid = configs.get_config("tiny", base + ["model.layer_pattern=LS"]).model
+  n_params, seq = 10_000, 128
+  matmuls = n_params - hybrid.vocab_size * 32
+  want = 6 * matmuls + 2 * 6 * 32 * seq + 2 * 3 * (2 * 32 * 16 + 4 * 32 * 8)
+  assert flops_per_token(hybrid, n_params, seq) == want

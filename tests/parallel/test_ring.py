@@ -45,3 +45,20 @@ def test_ring_inside_a_layer_scan(segments):
   par = lambda x: layers(x[:, perm], ring)[:, inverse]
   ref = lambda x: layers(x, lambda y: _reference(y, y, y, seg if segments else jnp.ones_like(seg)))
   check_against_reference(par, ref, (q,))
+
+
+def test_ring_without_causal_mask():
+  """Every query sees every key of its document, whatever the layout."""
+  mesh = make_mesh({"data": 2, "seq": 4}, jax.devices())
+  q, k, v, seg = inputs(24, 4, 2)
+
+  def dense(q, k, v):
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = jnp.where((seg[:, :, None] == seg[:, None, :])[:, None], s, -1e30)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+  par = lambda q, k, v: ring_attention(q, k, v, seg, mesh=mesh, layout="contiguous", batch_axes=("data",),
+                                       causal=False)
+  check_against_reference(par, dense, (q, k, v))

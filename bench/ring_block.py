@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from parallel.attention.blockwise import merge
 from parallel.attention.layout import device_tokens
 from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
 
@@ -55,8 +54,7 @@ def ring_pass(ring: Ring, me: int, rows, q, ks, vs):
   def forward(q, ks, vs):
     o, lse = empty_result(q)
     for src in order:
-      ob, lb = block_fwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, src))
-      o, lse = merge(o, lse, ob, lb)
+      o, lse = block_fwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, src), o, lse)
     return o.astype(q.dtype), lse
 
   def fwd(q, ks, vs):
@@ -67,9 +65,10 @@ def ring_pass(ring: Ring, me: int, rows, q, ks, vs):
     q, ks, vs, o, lse = res
     dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [None] * n, [None] * n
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    zeros = jnp.zeros(ks.shape[1:], jnp.float32)
     for src in order:
-      bq, dks[src], dvs[src] = block_bwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, src), o, lse, delta, do)
-      dq = dq + bq
+      dq, dks[src], dvs[src] = block_bwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, src), o, lse, delta,
+                                         do, (dq, zeros, zeros))
     return dq.astype(q.dtype), jnp.stack(dks).astype(ks.dtype), jnp.stack(dvs).astype(vs.dtype)
 
   attend.defvjp(fwd, bwd)

@@ -101,38 +101,37 @@ def _rows(x, rows):
   return None if x is None else x[:, rows]
 
 
-def block_fwd(ring: Ring, q, q_seg, q_index, kv) -> tuple[jax.Array, jax.Array]:
-  """Output and LSE (full query rows; `NEG` where the case computes nothing) of my queries against
-  one key/value block kv = (k, v, segment ids or None, original indices [Lk])."""
+def block_fwd(ring: Ring, q, q_seg, q_index, kv, o, lse) -> tuple[jax.Array, jax.Array]:
+  """My queries' float32 output and LSE `(o, lse)` after merging in one key/value block
+  kv = (k, v, segment ids or None, original indices [Lk]). Each case merges into the rows it
+  touches only, in place: no padded temporaries."""
   k, v, kv_seg, kv_index = kv
-  empty_o, empty_lse = empty_result(q)
 
   def branch(rows):
-    def run(_):
+    def run(o, lse):
       if rows is None:
-        return empty_o, empty_lse
+        return o, lse
       qr, kr, causal = rows
       if _fused(ring, q_seg, kv_seg):
-        o, lse = cudnn_blocks.block_forward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale)
+        ob, lb = cudnn_blocks.block_forward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale)
       else:
         mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
-        o, lse = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
-      return empty_o.at[:, qr].set(o.astype(F32)), empty_lse.at[:, qr].set(lse)
+        ob, lb = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
+      om, lm = merge(o[:, qr], lse[:, qr], ob.astype(F32), lb)
+      return o.at[:, qr].set(om), lse.at[:, qr].set(lm)
     return run
 
   branches = [branch(rows) for rows in sub_blocks(ring, q.shape[1])]
-  return jax.lax.switch(case(ring, q_index, kv_index), branches, None)
+  return jax.lax.switch(case(ring, q_index, kv_index), branches, o, lse)
 
 
-def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do):
-  """Float32 (dq, dk, dv) of my queries against one key/value block (as in `block_fwd`), full
-  shapes, given the queries' final output `o`, LSE and delta = sum(dO * O, -1)."""
+def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do, grads):
+  """The float32 gradients `grads = (dq, dk, dv)` plus one key/value block's share (as in
+  `block_fwd`), given my queries' final output `o`, LSE and delta = sum(dO * O, -1)."""
   k, v, kv_seg, kv_index = kv
-  zeros = lambda x: jnp.zeros_like(x, F32)
 
   def branch(rows):
-    def run(_):
-      dq, dk, dv = zeros(q), zeros(k), zeros(v)
+    def run(dq, dk, dv):
       if rows is None:
         return dq, dk, dv
       qr, kr, causal = rows
@@ -143,11 +142,11 @@ def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do):
         mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr],
                                     do[:, qr])
-      return dq.at[:, qr].set(bq), dk.at[:, kr].set(bk), dv.at[:, kr].set(bv)
+      return dq.at[:, qr].add(bq), dk.at[:, kr].add(bk), dv.at[:, kr].add(bv)
     return run
 
   branches = [branch(rows) for rows in sub_blocks(ring, q.shape[1])]
-  return jax.lax.switch(case(ring, q_index, kv_index), branches, None)
+  return jax.lax.switch(case(ring, q_index, kv_index), branches, *grads)
 
 
 def ring_forward(ring: Ring, q, k, v, segment_ids, index) -> tuple[jax.Array, jax.Array]:
@@ -158,11 +157,11 @@ def ring_forward(ring: Ring, q, k, v, segment_ids, index) -> tuple[jax.Array, ja
   def body(carry, _):
     o, lse, kv = carry
     arriving = jax.lax.ppermute(kv, ring.axis, shift)  # issued before the compute
-    o, lse = merge(o, lse, *block_fwd(ring, q, segment_ids, index, kv))
+    o, lse = block_fwd(ring, q, segment_ids, index, kv, o, lse)
     return (o, lse, arriving), None
 
   (o, lse, kv), _ = jax.lax.scan(body, (o, lse, (k, v, segment_ids, index)), None, length=ring.size - 1)
-  return merge(o, lse, *block_fwd(ring, q, segment_ids, index, kv))
+  return block_fwd(ring, q, segment_ids, index, kv, o, lse)
 
 
 def ring_backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
@@ -171,8 +170,8 @@ def ring_backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
   delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
 
   def step(dq, kv, dkv):
-    bq, bk, bv = block_bwd(ring, q, segment_ids, index, kv, o, lse, delta, do)
-    return dq + bq, (dkv[0] + bk, dkv[1] + bv)
+    dq, dk, dv = block_bwd(ring, q, segment_ids, index, kv, o, lse, delta, do, (dq, *dkv))
+    return dq, (dk, dv)
 
   def body(carry, _):
     dq, kv, dkv = carry

@@ -44,7 +44,8 @@ def _forward(ring: Ring, q, k, v, segment_ids, index):
   travelling = (q, segment_ids, index)
   for s in range(n):  # static: the return distance `s` is part of each step's permutation
     arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
-    ob, lb = block_fwd(ring, *travelling, kv)
+    # The visitor's partial result: merged into an empty one (its owner merges it into the rest).
+    ob, lb = block_fwd(ring, *travelling, kv, *empty_result(travelling[0]))
     ob, lb = jax.lax.ppermute((ob, lb), ring.axis, _back(n, s)) if s else (ob, lb)
     o, lse = merge(o, lse, ob, lb)
     travelling = arriving
@@ -62,8 +63,8 @@ def _backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
   for s in range(n):
     arriving = jax.lax.ppermute(travelling, ring.axis, ring.shift(n)) if s < n - 1 else None
     vq, vseg, vindex, vo, vlse, vdelta, vdo = travelling
-    bq, bk, bv = block_bwd(ring, vq, vseg, vindex, kv, vo, vlse, vdelta, vdo)
-    dk, dv = dk + bk, dv + bv
+    # The visitor's query gradient starts from zero and goes home; dK, dV accumulate here.
+    bq, dk, dv = block_bwd(ring, vq, vseg, vindex, kv, vo, vlse, vdelta, vdo, (zeros(vq), dk, dv))
     dq = dq + (jax.lax.ppermute(bq, ring.axis, _back(n, s)) if s else bq)
     travelling = arriving
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

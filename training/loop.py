@@ -58,8 +58,10 @@ def _describe(setup: TrainSetup, state: Any) -> str:
   mesh = setup.plan.mesh
   axes = " x ".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "single device"
   mib = lambda t: bytes_per_device(t) / 2**20
+  strategies = setup.plan.strategies
+  context = (f"; attention={strategies.attention} ({strategies.layout})" if mesh.shape["seq"] > 1 else "")
   return (f"mesh: {axes} ({mesh.devices.size} devices, {jax.process_count()} processes); "
-          f"zero_stage={setup.config.sharding.zero_stage}\n"
+          f"zero_stage={setup.config.sharding.zero_stage}{context}\n"
           f"parameters: {setup.n_params:,}; per device: params {mib(state['params']):.2f} MiB, "
           f"optimizer state {mib(state['opt_state']):.2f} MiB")
 

@@ -187,26 +187,30 @@ def ring_backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_core(ring: Ring, q, k, v, segment_ids, index):
-  """Local ring attention inside `shard_map` (the custom VJP spans the whole ring). `index`: the
-  original position of each local token ([L/n] int32); blocks carry theirs around the ring."""
-  o, _ = ring_forward(ring, q, k, v, segment_ids, index)
-  return o.astype(q.dtype)
+def ring_custom_vjp(forward, backward):
+  """A local op whose VJP spans a whole ring: `forward(ring, q, k, v, segment_ids, index)` gives
+  the float32 output and LSE; `backward(ring, q, k, v, segment_ids, index, o, lse, do)` the
+  gradients of q, k and v from them. Only q, k, v, the indices and the output and LSE are kept."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def core(ring: Ring, q, k, v, segment_ids, index):
+    return forward(ring, q, k, v, segment_ids, index)[0].astype(q.dtype)
+
+  def fwd(ring, q, k, v, segment_ids, index):
+    o, lse = forward(ring, q, k, v, segment_ids, index)
+    o = o.astype(q.dtype)
+    return o, (q, k, v, segment_ids, index, o, lse)
+
+  def bwd(ring, residuals, do):
+    return (*backward(ring, *residuals, do), None, None)
+
+  core.defvjp(fwd, bwd)
+  return core
 
 
-def _core_fwd(ring, q, k, v, segment_ids, index):
-  o, lse = ring_forward(ring, q, k, v, segment_ids, index)
-  o = o.astype(q.dtype)
-  return o, (q, k, v, segment_ids, index, o, lse)
-
-
-def _core_bwd(ring, residuals, do):
-  q, k, v, segment_ids, index, o, lse = residuals
-  return (*ring_backward(ring, q, k, v, segment_ids, index, o, lse, do), None, None)
-
-
-ring_core.defvjp(_core_fwd, _core_bwd)
+# Local ring attention inside `shard_map`. `index`: the original position of each local token
+# ([L/n] int32); blocks carry theirs around the ring.
+ring_core = ring_custom_vjp(ring_forward, ring_backward)
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *, mesh: Mesh,

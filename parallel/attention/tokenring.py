@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from parallel.attention.blockwise import F32, merge
 from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
+from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result, ring_custom_vjp
 
 
 def _back(n: int, s: jax.Array | int) -> list[tuple[int, int]]:
@@ -70,24 +70,8 @@ def _backward(ring: Ring, q, k, v, segment_ids, index, o, lse, do):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def tokenring_core(ring: Ring, q, k, v, segment_ids, index):
-  """Local TokenRing attention inside `shard_map` (`index` as in `ring.ring_core`)."""
-  o, _ = _forward(ring, q, k, v, segment_ids, index)
-  return o.astype(q.dtype)
-
-
-def _core_fwd(ring, q, k, v, segment_ids, index):
-  o, lse = _forward(ring, q, k, v, segment_ids, index)
-  o = o.astype(q.dtype)
-  return o, (q, k, v, segment_ids, index, o, lse)
-
-
-def _core_bwd(ring, residuals, do):
-  return (*_backward(ring, *residuals, do), None, None)
-
-
-tokenring_core.defvjp(_core_fwd, _core_bwd)
+# Local TokenRing attention inside `shard_map` (`index` as in `ring.ring_core`).
+tokenring_core = ring_custom_vjp(_forward, _backward)
 
 
 def tokenring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,

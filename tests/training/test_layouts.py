@@ -92,40 +92,31 @@ def test_bfloat16_zero_matches_single_device(mesh, zero, reference_bf16):
 CONTEXT_MODEL = dataclasses.replace(MODEL, n_kv_heads=4, max_seq_len=48)
 CONTEXT_MESHES = {"seq8": ({"seq": 8}, 0), "data2_seq4": ({"data": 2, "seq": 4}, 0),
                   "fsdp2_seq2_tensor2_zero3": ({"fsdp": 2, "seq": 2, "tensor": 2}, 3)}
-CONTEXT_METHODS = {"allgather": {}, "ring": {}, "tokenring": {}, "ulysses": {}, "usp": {"ulysses_degree": 2}}
-# Every method under every mesh, and the striped ring (the others run zigzag) under seq8.
-CONTEXT_ROWS = [(m, mesh) for m in CONTEXT_METHODS for mesh in CONTEXT_MESHES] + [("ring_striped", "seq8")]
-
-
-@pytest.fixture(scope="module")
-def reference_context():
-  return _losses(_config({}, model=CONTEXT_MODEL, seq_len=48))
-
-
-@pytest.mark.parametrize("method,mesh", CONTEXT_ROWS)
-def test_context_parallel_matches_single_device(method, mesh, reference_context):
-  sizes, zero = CONTEXT_MESHES[mesh]
-  extra = {"context_layout": "striped"} if method == "ring_striped" else CONTEXT_METHODS[method]
-  losses = _losses(_config(sizes, zero=zero, model=CONTEXT_MODEL, seq_len=48, attention=method.split("_")[0],
-                           **extra))
-  assert reference_context[-1] < reference_context[0]
-  np.testing.assert_allclose(losses, reference_context, rtol=1e-5)
-
-
-# LASP-2 on a hybrid model: linear-attention layers (LASP-2) and softmax ones (all-gather-KV in
+CONTEXT_METHODS = {"allgather": {}, "ring": {}, "tokenring": {}, "ulysses": {}, "usp": {"ulysses_degree": 2},
+                   "ring_striped": {"context_layout": "striped"}, "lasp2": {}}
+# LASP-2 runs on a hybrid model: linear-attention layers (LASP-2) and softmax ones (all-gather-KV in
 # LASP-2H, the ring otherwise).
 HYBRID_MODEL = dataclasses.replace(CONTEXT_MODEL, layer_pattern="LS", linear_chunk=4)
-HYBRID_ROWS = [("lasp2", mesh) for mesh in CONTEXT_MESHES] + [("ring", "data2_seq4")]
+MODELS = {"dense": CONTEXT_MODEL, "hybrid": HYBRID_MODEL}
+# Every softmax method under every mesh; the striped ring (the others run zigzag) under seq8;
+# LASP-2H under every mesh, and the ring with linear layers.
+CONTEXT_ROWS = ([(m, mesh, "dense") for m in list(CONTEXT_METHODS)[:5] for mesh in CONTEXT_MESHES]
+                + [("ring_striped", "seq8", "dense")] + [("lasp2", mesh, "hybrid") for mesh in CONTEXT_MESHES]
+                + [("ring", "data2_seq4", "hybrid")])
 
 
 @pytest.fixture(scope="module")
-def reference_hybrid():
-  return _losses(_config({}, model=HYBRID_MODEL, seq_len=48))
+def context_reference():
+  """One device's losses, per model, computed once."""
+  cache = {}
+  return lambda model: cache.setdefault(model, _losses(_config({}, model=MODELS[model], seq_len=48)))
 
 
-@pytest.mark.parametrize("method,mesh", HYBRID_ROWS)
-def test_hybrid_linear_model_matches_single_device(method, mesh, reference_hybrid):
+@pytest.mark.parametrize("method,mesh,model", CONTEXT_ROWS)
+def test_context_parallel_matches_single_device(method, mesh, model, context_reference):
   sizes, zero = CONTEXT_MESHES[mesh]
-  losses = _losses(_config(sizes, zero=zero, model=HYBRID_MODEL, seq_len=48, attention=method))
-  assert reference_hybrid[-1] < reference_hybrid[0]
-  np.testing.assert_allclose(losses, reference_hybrid, rtol=1e-5)
+  losses = _losses(_config(sizes, zero=zero, model=MODELS[model], seq_len=48, attention=method.split("_")[0],
+                           **CONTEXT_METHODS[method]))
+  reference = context_reference(model)
+  assert reference[-1] < reference[0]
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)

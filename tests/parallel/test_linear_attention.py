@@ -41,13 +41,15 @@ def test_chunked_matches_recurrence(length, chunk, kv_heads, segments):
                           lambda q, k, v: recurrent_linear_attention(q, k, v, seg, decay), (q, k, v))
 
 
-@pytest.mark.parametrize("mesh,layout", [("seq8", "zigzag"), ("seq8", "contiguous"), ("data2_seq4", "zigzag"),
-                                         ("data2_seq2_tensor2", "zigzag")])
-def test_lasp2_matches_recurrence(mesh, layout):
+@pytest.mark.parametrize("mesh,layout,dtype", [("seq8", "zigzag", jnp.float32), ("seq8", "contiguous", jnp.float32),
+                                               ("data2_seq4", "zigzag", jnp.float32),
+                                               ("data2_seq2_tensor2", "zigzag", jnp.float32),
+                                               ("data2_seq4", "zigzag", jnp.bfloat16)])
+def test_lasp2_matches_recurrence(mesh, layout, dtype):
   sizes, batch_axes, head_axes = MESHES[mesh]
   m = make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
   length = 48 if mesh == "seq8" else 24
-  q, k, v, seg = inputs(length, 4, 2)
+  q, k, v, seg = inputs(length, 4, 2, dtype)
   decay = jnp.asarray(decay_rates(2))
   perm = permutation(layout, length, m.shape["seq"])
   inverse = np.argsort(perm)
@@ -57,7 +59,8 @@ def test_lasp2_matches_recurrence(mesh, layout):
                           batch_axes=batch_axes, head_axes=head_axes, chunk=2)
     return out[:, inverse]
 
-  check_against_reference(parallel, lambda q, k, v: recurrent_linear_attention(q, k, v, seg, decay), (q, k, v))
+  check_against_reference(parallel, lambda q, k, v: recurrent_linear_attention(q, k, v, seg, decay), (q, k, v),
+                          dtype=dtype)
 
 
 def test_lasp2_without_documents_and_striped_refused():

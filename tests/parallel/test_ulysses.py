@@ -34,3 +34,8 @@ def test_heads_that_do_not_divide_are_refused():
     ulysses_attention(q, k, v, seg, mesh=mesh)
   with pytest.raises(ValueError, match=r"ulysses=3 must divide the 8 devices"):
     usp_attention(q, k, v, seg, mesh=mesh, ulysses=3)
+
+
+def test_usp_bfloat16_mqa():
+  check_context_op(usp_attention, "seq8", "zigzag", length=48, kv_heads=1, dtype=jnp.bfloat16, ulysses=2,
+                   ring_divisor=2)

@@ -1,0 +1,79 @@
+"""Pipeline schedules and the simulator: every generated table is valid (checked again here by
+an independent replay), memory and bubbles against the closed forms of the papers."""
+
+import numpy as np
+import pytest
+
+from parallel.pipeline.schedule import BW, B, F, IDLE, SCHEDULES, W, check, make_schedule
+from parallel.pipeline.simulate import draw, simulate
+
+CASES = [(p, m) for p in (2, 4, 8) for m in (p, 2 * p, 4 * p)]
+
+
+def _replay(s):
+  """Stage by stage, tick by tick: what each action needs must have run on an earlier tick."""
+  ran = {}
+  for t in range(s.ticks):
+    for st in range(s.stages):
+      k = int(s.kind[t, st])
+      if k == IDLE:
+        continue
+      mb, part = int(s.microbatch[t, st]), s.part(st, int(s.chunk[t, st]))
+      back = B if s.split_backward else BW
+      needs = {F: [(F, mb, part - 1)] if part else [],
+               B: [(F, mb, part)] + ([(back, mb, part + 1)] if part < s.n_parts - 1 else []),
+               BW: [(F, mb, part)] + ([(back, mb, part + 1)] if part < s.n_parts - 1 else []),
+               W: [(B, mb, part)]}[k]
+      for need in needs:
+        assert ran.get(need, t) < t, (s.name, t, st, (k, mb, part), need)
+      ran[(k, mb, part)] = t
+  assert len(ran) == s.microbatches * s.n_parts * (3 if s.split_backward else 2)
+
+
+@pytest.mark.parametrize("p,m", CASES)
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_tables_are_valid(name, p, m):
+  s = make_schedule(name, p, m, 2 if name in ("circular", "interleaved", "zb-v") else 1)
+  _replay(s)
+  check(s)
+
+
+@pytest.mark.parametrize("p,m", CASES)
+def test_bubbles_match_the_closed_forms(p, m):
+  """With F = B + W (a tick is a tick): GPipe and 1F1B (p-1)/(m+p-1); interleaving two chunks
+  (p-1)/(2m+p-1)."""
+  sim = lambda name, chunks=1: simulate(make_schedule(name, p, m, chunks), f=1.0, b=1.0, w=0.0)["bubble"]
+  assert sim("gpipe") == pytest.approx((p - 1) / (m + p - 1))
+  assert sim("1f1b") == pytest.approx((p - 1) / (m + p - 1))
+  assert sim("circular", 2) == pytest.approx((p - 1) / (2 * m + p - 1))
+  assert sim("interleaved", 2) == pytest.approx((p - 1) / (2 * m + p - 1))
+
+
+@pytest.mark.parametrize("p,m", [(4, 8), (4, 16), (8, 16), (8, 32)])
+def test_zero_bubble_schedules(p, m):
+  """F = B = W: ZB-H1 idles at most about a third as long as 1F1B (with 1F1B's forwards in
+  flight); ZB-V less than ZB-H1; W really runs after B, often much later."""
+  f1b, h1, v = (simulate(make_schedule(n, p, m), 1.0, 1.0, 1.0) for n in ("1f1b", "zb-h1", "zb-v"))
+  idle = lambda r: r["time"] - 3 * m
+  assert idle(h1) <= 0.4 * idle(f1b)
+  assert v["bubble"] < h1["bubble"] < f1b["bubble"]
+  s = make_schedule("zb-h1", p, m)
+  gaps = [np.argwhere((s.kind == W) & (s.microbatch == mb))[0][0] - np.argwhere((s.kind == B) & (s.microbatch == mb))[0][0]
+          for mb in range(m)]
+  assert min(gaps) >= 1 and max(gaps) > 1
+
+
+@pytest.mark.parametrize("p,m", CASES)
+def test_activation_memory(p, m):
+  """Peak microbatch inputs held per stage: GPipe all m; 1F1B p - s (stage 0: p)."""
+  assert make_schedule("gpipe", p, m).peak_stored().tolist() == [m] * p
+  assert make_schedule("1f1b", p, m).peak_stored().tolist() == [min(p - s, m) for s in range(p)]
+
+
+def test_errors_and_a_drawing(tmp_path):
+  with pytest.raises(ValueError, match="schedule 'pipedream'"):
+    make_schedule("pipedream", 4, 8)
+  with pytest.raises(ValueError, match="interleaved: microbatches=6 must be a multiple of stages=4"):
+    make_schedule("interleaved", 4, 6, 2)
+  draw(make_schedule("zb-v", 2, 4), str(tmp_path / "zbv.png"))
+  assert (tmp_path / "zbv.png").read_bytes()[:4] == b"\x89PNG"

@@ -58,21 +58,13 @@ class Schedule:
   def part(self, stage: int, chunk: int) -> int:
     return part_of(self.placement, self.stages, stage, chunk)
 
+  def chunk_direction(self, chunk: int) -> int:
+    """+1 if the forward of `chunk` runs up the stages (to s+1), -1 if down (a V's second arm)."""
+    return -1 if self.placement == "v" and chunk == 1 else 1
+
   def location(self, part: int) -> tuple[int, int]:
     """(stage, chunk) that runs `part`."""
     return location_of(self.placement, self.stages, part)
-
-  def peak_stored(self) -> np.ndarray:
-    """int [stages]: the most microbatch-parts whose activations a stage holds at once (forward
-    done, weight gradient not yet): what the executor's buffers are sized by."""
-    held = np.zeros(self.stages, int)
-    peak = np.zeros(self.stages, int)
-    for t in range(self.ticks):
-      for s in range(self.stages):
-        k = self.kind[t, s]
-        held[s] += int(k == F) - int(k in (W, BW))
-        peak[s] = max(peak[s], held[s])
-    return peak
 
   def render(self) -> str:
     """One line per stage, one cell per tick: F3 / B3 / W3 (microbatch 3), lowercase for chunk 1+."""

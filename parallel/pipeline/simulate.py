@@ -6,7 +6,8 @@ long as its slowest action, plus one transfer when any stage sends something on.
 microbatch and whole stage (all of its layers); a part of a stage with `chunks` parts costs 1/chunks
 of it. A combined backward (no B/W split) costs B + W.
 
-Closed forms this agrees with (checked in the tests), for F = B + W and no transfer cost: GPipe
+Memory is the executor's: `buffers.plan_buffers` holds each input from its arrival to its last
+use. Closed forms this agrees with (checked in the tests), for F = B + W and no transfer cost: GPipe
 and 1F1B idle a fraction (p-1)/(m+p-1) of the step; interleaving v chunks per stage divides the
 idle time by v, (p-1)/(v*m+p-1); ZB-H1 idles about a third as long as 1F1B when F = B = W.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from parallel.pipeline.buffers import plan_buffers
 from parallel.pipeline.schedule import ACTION_NAMES, B, BW, F, IDLE, W, Schedule
 
 
@@ -25,7 +27,9 @@ def action_costs(schedule: Schedule, f: float, b: float, w: float) -> np.ndarray
 
 
 def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0, transfer: float = 0.0) -> dict:
-  """Step time, bubble fraction (idle over stages x time) and peak stored activations per stage."""
+  """Step time, bubble fraction (idle over stages x time) and, per stage, the most microbatch
+  activation inputs held at once (from their arrival until their last backward use): exactly the
+  executor's buffer slots."""
   cost = action_costs(schedule, f, b, w)
   sends = np.any(np.isin(schedule.kind, (F, B, BW)), axis=1) & (schedule.stages > 1)
   tick = cost.max(axis=1) + transfer * sends
@@ -33,7 +37,7 @@ def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0,
   busy = cost.sum(axis=0)
   return {"schedule": schedule.name, "stages": schedule.stages, "microbatches": schedule.microbatches,
           "chunks": schedule.chunks, "ticks": schedule.ticks, "time": time,
-          "bubble": float(1.0 - busy.mean() / time), "peak_stored": schedule.peak_stored().tolist()}
+          "bubble": float(1.0 - busy.mean() / time), "peak_stored": plan_buffers(schedule).held.max(axis=0).tolist()}
 
 
 def draw(schedule: Schedule, path: str, f: float = 1.0, b: float = 1.0, w: float = 1.0) -> None:

@@ -1,0 +1,195 @@
+"""One SPMD executor for every pipeline schedule: a `scan` over the table's ticks inside a
+`shard_map` over `stage`, owning the forward and the backward.
+
+At each tick every stage stores what arrived, does its action (a `switch` on the table: idle, F,
+B, W or a combined backward), and sends on: activations towards the next part's stage, input
+gradients towards the previous part's, by `ppermute` (one neighbour up and, for V-shaped
+schedules, one down; a V's turn stays on its stage). The backward is the executor's: each part is
+re-run under `jax.vjp` from its stored input, B taking the input's gradient only and W the
+weights' (zero-bubble schedules), a combined backward both; weight gradients accumulate per stage
+and chunk. Buffers hold each input and output gradient from arrival to last use
+(`buffers.plan_buffers`), sized by the schedule's peak.
+
+The model comes in as callables, so `parallel/` knows nothing of `models/`:
+
+  first_fn(first_params, mb_inputs) -> x             the embedding, on the first part's stage
+  part_fn(part_params, x, mb_inputs) -> x             one part (a slice of the layer stack)
+  last_fn(last_params, x, mb_inputs) -> (loss_sum, count)   the head and loss, on the last part's
+
+`mb_inputs` is one microbatch of `inputs` (every array's leading axis is the microbatch), so each
+part can read what it needs (positions, segment ids) without it travelling.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from parallel.pipeline.buffers import DOWN, LOCAL, UP, plan_buffers
+from parallel.pipeline.schedule import Schedule
+
+F32 = jnp.float32
+
+
+def _shift(p: int, direction: int) -> list[tuple[int, int]]:
+  return [(i, (i + direction) % p) for i in range(p)]
+
+
+def _put(buf: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
+  """buf[slot] = value; slot -1 writes to the spare last slot (so there is no branch)."""
+  return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), jnp.where(slot < 0, buf.shape[0] - 1, slot), 0)
+
+
+def _get(buf: jax.Array, slot: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_index_in_dim(buf, jnp.maximum(slot, 0), 0, keepdims=False)
+
+
+def _vjp(fn: Callable, primals: dict, wanted: set, cotangent: Any) -> tuple[Any, dict]:
+  """fn(**primals) and the float32 gradients of the `wanted` primals for `cotangent`."""
+  keys = [k for k in primals if k in wanted]
+  out, vjp = jax.vjp(lambda *vals: fn(**{**primals, **dict(zip(keys, vals))}), *[primals[k] for k in keys])
+  grads = vjp(cotangent)
+  return out, {k: jax.tree.map(lambda a: a.astype(F32), g) for k, g in zip(keys, grads)}
+
+
+def _add_at(tree: Any, index: jax.Array, update: Any) -> Any:
+  return jax.tree.map(lambda acc, u: acc.at[index].add(u.astype(acc.dtype)), tree, update)
+
+
+def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last_fn: Callable, first_params: Any,
+                 part_params: Any, last_params: Any, inputs: Any, *, mesh: Mesh, axis: str = "stage") -> tuple:
+  """Loss and gradients of a pipelined model.
+
+  Args:
+    part_params: every leaf [stages, chunks, ...], split over `axis` on its first dimension;
+      [s, c] is the part `schedule.part(s, c)` runs.
+    first_params, last_params, inputs: the same on every stage (`inputs` leaves [m, ...]).
+  Returns (loss_sum, count, d_first_params, d_part_params, d_last_params): float32 scalars and
+  gradients of loss_sum, laid out like the parameters.
+
+  Communication per tick: one activation-sized `ppermute` up (and one down for V schedules) and
+  the same for gradients; at the end, psums over `axis` of the loss and of the first and last
+  parameters' gradients.
+  """
+  if mesh.shape[axis] != schedule.stages:
+    raise ValueError(f"run_pipeline: the schedule has {schedule.stages} stages, mesh axis {axis!r} {mesh.shape[axis]}")
+  buffers = plan_buffers(schedule)
+  p = schedule.stages
+  table = {"kind": schedule.kind, "mb": schedule.microbatch, "chunk": schedule.chunk,
+           **{f.name: getattr(buffers, f.name) for f in buffers.__dataclass_fields__.values()
+              if isinstance(getattr(buffers, f.name), np.ndarray) and f.name != "held"}}
+  table = {k: jnp.asarray(v, jnp.int32) for k, v in table.items()}  # [ticks, stages]
+  x_shape = jax.eval_shape(first_fn, first_params, jax.tree.map(lambda x: x[0], inputs))
+  two_way = schedule.placement == "v"
+  local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
+                            x_shape=x_shape, x_slots=buffers.x_slots, g_slots=buffers.g_slots, two_way=two_way)
+  rep = P()
+  part_spec = jax.tree.map(lambda _: P(axis), part_params)
+  out = jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis}),
+                      in_specs=(jax.tree.map(lambda _: P(None, axis), table), jax.tree.map(lambda _: rep, first_params),
+                                part_spec, jax.tree.map(lambda _: rep, last_params), jax.tree.map(lambda _: rep, inputs)),
+                      out_specs=(rep, rep, jax.tree.map(lambda _: rep, first_params), part_spec,
+                                 jax.tree.map(lambda _: rep, last_params)),
+                      check_vma=False)(table, first_params, part_params, last_params, inputs)
+  return out
+
+
+def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, x_shape,
+           x_slots, g_slots, two_way):
+  part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
+  zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
+  xbuf = jnp.zeros((x_slots + 1,) + x_shape.shape, x_shape.dtype)
+  gbuf = jnp.zeros((g_slots + 1,) + x_shape.shape, F32)
+  acc = {"first": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), first_params),
+         "part": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), part_params),
+         "last": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), last_params),
+         "loss": jnp.zeros((), F32), "count": jnp.zeros((), F32)}
+  arrived = {"x_up": zeros_x, "x_down": zeros_x, "g_up": zeros_x.astype(F32), "g_down": zeros_x.astype(F32)}
+  take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+  def loss_of(x, params, last_p, mb_in):
+    return last_fn(last_p, part_fn(params, x, mb_in), mb_in)
+
+  def forward(state, r):
+    xbuf, gbuf, acc = state
+    mb_in, params = take(inputs, r["mb"]), take(part_params, r["chunk"])
+    x = jax.lax.cond(r["first"] == 1, lambda: first_fn(first_params, mb_in).astype(x_shape.dtype),
+                     lambda: _get(xbuf, r["x_slot"]))
+    xbuf = _put(xbuf, jnp.where(r["first"] == 1, r["x_slot"], -1), x)
+    y = jax.lax.cond(r["last"] == 1, lambda: x, lambda: part_fn(params, x, mb_in).astype(x_shape.dtype))
+    xbuf = _put(xbuf, jnp.where(r["send_x"] == LOCAL, r["local_slot"], -1), y)
+    return (xbuf, gbuf, acc), y, jnp.zeros(x_shape.shape, F32)
+
+  def backward(state, r, weights: bool, inputs_grad: bool):
+    """B (inputs_grad), W (weights) or both; returns the input gradient to send (or zeros).
+    Only the gradients asked for are taken, so B does not pay for W's matmuls or W for B's."""
+    xbuf, gbuf, acc = state
+    mb_in, params, x = take(inputs, r["mb"]), take(part_params, r["chunk"]), _get(xbuf, r["x_slot"])
+    wanted = ({"x", "last"} if inputs_grad else set()) | ({"w"} if weights else set())
+    zero = {"x": jnp.zeros(x.shape, F32), "w": jax.tree.map(lambda a: jnp.zeros(a.shape, F32), params),
+            "last": jax.tree.map(lambda a: jnp.zeros(a.shape, F32), last_params)}
+
+    def from_loss():
+      primals = {"x": x, "w": params, "last": last_params}
+      (loss, count), g = _vjp(lambda x, w, last: loss_of(x, w, last, mb_in), primals, wanted,
+                              (jnp.ones((), F32), jnp.zeros((), F32)))
+      return {**zero, **g}, loss.astype(F32), count.astype(F32)
+
+    def from_grad():
+      _, g = _vjp(lambda x, w: part_fn(w, x, mb_in), {"x": x, "w": params}, wanted - {"last"},
+                  _get(gbuf, r["g_slot"]).astype(x.dtype))
+      return {**zero, **g}, jnp.zeros((), F32), jnp.zeros((), F32)
+
+    g, loss, count = jax.lax.cond(r["last"] == 1, from_loss, from_grad)
+    if weights:
+      acc = {**acc, "part": _add_at(acc["part"], r["chunk"], g["w"])}
+    if not inputs_grad:
+      return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
+    # The loss (and the head's gradient) is counted once, with the input gradient.
+    dx = g["x"]
+    acc = {**acc, "last": jax.tree.map(jnp.add, acc["last"], g["last"]), "loss": acc["loss"] + loss,
+           "count": acc["count"] + count}
+
+    def embed_grad():
+      _, vjp = jax.vjp(lambda fp: first_fn(fp, mb_in), first_params)
+      (d,) = vjp(dx.astype(x_shape.dtype))
+      return jax.tree.map(lambda a, b: a + b.astype(F32), acc["first"], d)
+
+    acc = {**acc, "first": jax.lax.cond(r["first"] == 1, embed_grad, lambda: acc["first"])}
+    gbuf = _put(gbuf, jnp.where(r["send_g"] == LOCAL, r["local_slot"], -1), dx)
+    return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), dx
+
+  def idle(state, r):
+    del r
+    return state, jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
+
+  branches = [idle, forward, functools.partial(backward, weights=False, inputs_grad=True),
+              functools.partial(backward, weights=True, inputs_grad=False),
+              functools.partial(backward, weights=True, inputs_grad=True)]
+
+  def tick(carry, row):
+    xbuf, gbuf, acc, arrived = carry
+    r = jax.tree.map(lambda a: a[0], row)
+    xbuf = _put(_put(xbuf, r["arrive_x_up"], arrived["x_up"]), r["arrive_x_down"], arrived["x_down"])
+    gbuf = _put(_put(gbuf, r["arrive_g_up"], arrived["g_up"]), r["arrive_g_down"], arrived["g_down"])
+    (xbuf, gbuf, acc), y, dx = jax.lax.switch(r["kind"], branches, (xbuf, gbuf, acc), r)
+    pick = lambda v, sel, direction: jnp.where(sel == direction, v, jnp.zeros_like(v))
+    arrived = {"x_up": jax.lax.ppermute(pick(y, r["send_x"], UP), axis, _shift(p, 1)),
+               "g_down": jax.lax.ppermute(pick(dx, r["send_g"], DOWN), axis, _shift(p, -1))}
+    if two_way:
+      arrived["x_down"] = jax.lax.ppermute(pick(y, r["send_x"], DOWN), axis, _shift(p, -1))
+      arrived["g_up"] = jax.lax.ppermute(pick(dx, r["send_g"], UP), axis, _shift(p, 1))
+    else:
+      arrived["x_down"], arrived["g_up"] = jnp.zeros_like(y), jnp.zeros_like(dx)
+    return (xbuf, gbuf, acc, arrived), None
+
+  (_, _, acc, _), _ = jax.lax.scan(tick, (xbuf, gbuf, acc, arrived), table)  # rows [1]: this stage's
+  psum = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)
+  part_grads = jax.tree.map(lambda a: a[None], acc["part"])
+  return psum(acc["loss"]), psum(acc["count"]), psum(acc["first"]), part_grads, psum(acc["last"])

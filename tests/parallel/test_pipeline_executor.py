@@ -1,0 +1,87 @@
+"""The pipeline executor against the plain model on one device: loss and gradients of every
+schedule at 2, 4 and 8 stages, microbatches equal to and more than the stages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parallel.mesh import make_mesh
+from parallel.pipeline.executor import run_pipeline
+from parallel.pipeline.schedule import SCHEDULES, make_schedule
+from tests.reference import assert_close
+
+V, D, T, MB = 16, 8, 6, 2  # vocab, width, tokens, rows per microbatch
+CHUNKS = {"circular": 2, "interleaved": 2, "zb-v": 2}
+
+
+def first_fn(fp, mb):
+  return jnp.take(fp["embed"], mb["inputs"], axis=0)
+
+
+def part_fn(w, x, mb):
+  del mb
+  def layer(x, wl):
+    return x + jnp.tanh(x @ wl["a"]) @ wl["b"], None
+  return jax.lax.scan(layer, x, w)[0]
+
+
+def last_fn(lp, x, mb):
+  logits = x @ lp["head"]
+  ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, mb["targets"][..., None], -1)[..., 0]
+  return jnp.sum(ce * mb["mask"]), jnp.sum(mb["mask"])
+
+
+def model(n_layers, m, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  fp = {"embed": jax.random.normal(ks[0], (V, D))}
+  layers = {"a": 0.5 * jax.random.normal(ks[1], (n_layers, D, D)), "b": 0.5 * jax.random.normal(ks[2], (n_layers, D, D))}
+  lp = {"head": jax.random.normal(ks[3], (D, V))}
+  inputs = {"inputs": jax.random.randint(ks[4], (m, MB, T), 0, V), "targets": jax.random.randint(ks[5], (m, MB, T), 0, V),
+            "mask": (jax.random.uniform(ks[5], (m, MB, T)) > 0.2).astype(jnp.float32)}
+  return fp, layers, lp, inputs
+
+
+def dense_loss(fp, layers, lp, inputs):
+  total = count = 0.0
+  for i in range(inputs["inputs"].shape[0]):
+    mb = jax.tree.map(lambda a: a[i], inputs)
+    s, c = last_fn(lp, part_fn(layers, first_fn(fp, mb), mb), mb)
+    total, count = total + s, count + c
+  return total, count
+
+
+def to_stages(layers, schedule):
+  """[n_layers, ...] -> [stages, chunks, layers per part, ...] in the schedule's placement."""
+  per_part = jax.tree.leaves(layers)[0].shape[0] // schedule.n_parts
+  order = [[schedule.part(s, c) for c in range(schedule.chunks)] for s in range(schedule.stages)]
+  return jax.tree.map(lambda a: a.reshape(schedule.n_parts, per_part, *a.shape[1:])[np.asarray(order)], layers)
+
+
+def from_stages(grads, schedule):
+  parts = [None] * schedule.n_parts
+  for s in range(schedule.stages):
+    for c in range(schedule.chunks):
+      parts[schedule.part(s, c)] = jax.tree.map(lambda a: a[s, c], grads)
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_matches_the_plain_model(name, p):
+  mesh = make_mesh({"stage": p}, jax.devices()[:p])
+  for m in (p, 2 * p):
+    schedule = make_schedule(name, p, m, CHUNKS.get(name, 1))
+    fp, layers, lp, inputs = model(2 * schedule.n_parts, m)
+    (want_loss, want_count), want = _dense_grads(fp, layers, lp, inputs)
+    loss, count, dfp, dparts, dlp = jax.jit(lambda *a: run_pipeline(schedule, first_fn, part_fn, last_fn, *a, mesh=mesh))(
+        fp, to_stages(layers, schedule), lp, inputs)
+    np.testing.assert_allclose(float(count), float(want_count))
+    assert_close(loss, want_loss, what=f"{name} m={m} loss")
+    assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} m={m} gradients")
+
+
+def _dense_grads(fp, layers, lp, inputs):
+  (loss, count), grads = jax.value_and_grad(lambda a, b, c: dense_loss(a, b, c, inputs), argnums=(0, 1, 2),
+                                            has_aux=True)(fp, layers, lp)
+  return (loss, count), grads

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from parallel.pipeline.buffers import DOWN, LOCAL, UP, plan_buffers
-from parallel.pipeline.schedule import Schedule
+from parallel.pipeline.schedule import BW, B, F, W, Schedule
 
 F32 = jnp.float32
 
@@ -70,8 +70,10 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
     part_params: every leaf [stages, chunks, ...], split over `axis` on its first dimension;
       [s, c] is the part `schedule.part(s, c)` runs.
     first_params, last_params, inputs: the same on every stage (`inputs` leaves [m, ...]).
-  Returns (loss_sum, count, d_first_params, d_part_params, d_last_params): float32 scalars and
-  gradients of loss_sum, laid out like the parameters.
+  Returns (loss_sum, count, d_first_params, d_part_params, d_last_params, stats): float32 scalars,
+  gradients of loss_sum laid out like the parameters, and what the executor did, counted as it
+  ran, per stage ([stages, ...]): `peak_held`, the most activation inputs it held at once, and
+  `b_tick` / `w_tick` [stages, m, chunks], the tick of each backward for inputs and for weights.
 
   Communication per tick: one activation-sized `ppermute` up (and one down for V schedules) and
   the same for gradients; at the end, psums over `axis` of the loss and of the first and last
@@ -88,20 +90,21 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   x_shape = jax.eval_shape(first_fn, first_params, jax.tree.map(lambda x: x[0], inputs))
   two_way = schedule.placement == "v"
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
-                            x_shape=x_shape, x_slots=buffers.x_slots, g_slots=buffers.g_slots, two_way=two_way)
+                            x_shape=x_shape, x_slots=buffers.x_slots, g_slots=buffers.g_slots, two_way=two_way,
+                            microbatches=schedule.microbatches, chunks=schedule.chunks)
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
-  out = jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis}),
-                      in_specs=(jax.tree.map(lambda _: P(None, axis), table), jax.tree.map(lambda _: rep, first_params),
-                                part_spec, jax.tree.map(lambda _: rep, last_params), jax.tree.map(lambda _: rep, inputs)),
-                      out_specs=(rep, rep, jax.tree.map(lambda _: rep, first_params), part_spec,
-                                 jax.tree.map(lambda _: rep, last_params)),
-                      check_vma=False)(table, first_params, part_params, last_params, inputs)
-  return out
+  stats_spec = {"peak_held": P(axis), "b_tick": P(axis), "w_tick": P(axis)}
+  return jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis}),
+                       in_specs=(jax.tree.map(lambda _: P(None, axis), table), jax.tree.map(lambda _: rep, first_params),
+                                 part_spec, jax.tree.map(lambda _: rep, last_params), jax.tree.map(lambda _: rep, inputs)),
+                       out_specs=(rep, rep, jax.tree.map(lambda _: rep, first_params), part_spec,
+                                  jax.tree.map(lambda _: rep, last_params), stats_spec),
+                       check_vma=False)(table, first_params, part_params, last_params, inputs)
 
 
 def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, x_shape,
-           x_slots, g_slots, two_way):
+           x_slots, g_slots, two_way, microbatches, chunks):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
   zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
   xbuf = jnp.zeros((x_slots + 1,) + x_shape.shape, x_shape.dtype)
@@ -109,7 +112,10 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   acc = {"first": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), first_params),
          "part": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), part_params),
          "last": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), last_params),
-         "loss": jnp.zeros((), F32), "count": jnp.zeros((), F32)}
+         "loss": jnp.zeros((), F32), "count": jnp.zeros((), F32),
+         # What ran, counted at run time (tests compare it with the simulator).
+         "held": jnp.zeros((), jnp.int32), "peak_held": jnp.zeros((), jnp.int32),
+         "b_tick": jnp.full((microbatches, chunks), -1, jnp.int32), "w_tick": jnp.full((microbatches, chunks), -1, jnp.int32)}
   arrived = {"x_up": zeros_x, "x_down": zeros_x, "g_up": zeros_x.astype(F32), "g_down": zeros_x.astype(F32)}
   take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
@@ -175,10 +181,13 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
 
   def tick(carry, row):
     xbuf, gbuf, acc, arrived = carry
-    r = jax.tree.map(lambda a: a[0], row)
+    t, r = row[0], jax.tree.map(lambda a: a[0], row[1])
     xbuf = _put(_put(xbuf, r["arrive_x_up"], arrived["x_up"]), r["arrive_x_down"], arrived["x_down"])
     gbuf = _put(_put(gbuf, r["arrive_g_up"], arrived["g_up"]), r["arrive_g_down"], arrived["g_down"])
+    stored = ((r["arrive_x_up"] >= 0).astype(jnp.int32) + (r["arrive_x_down"] >= 0)
+              + ((r["kind"] == F) & (r["first"] == 1)) + ((r["kind"] == F) & (r["send_x"] == LOCAL)))
     (xbuf, gbuf, acc), y, dx = jax.lax.switch(r["kind"], branches, (xbuf, gbuf, acc), r)
+    acc = _count(acc, r, t, stored)
     pick = lambda v, sel, direction: jnp.where(sel == direction, v, jnp.zeros_like(v))
     arrived = {"x_up": jax.lax.ppermute(pick(y, r["send_x"], UP), axis, _shift(p, 1)),
                "g_down": jax.lax.ppermute(pick(dx, r["send_g"], DOWN), axis, _shift(p, -1))}
@@ -189,7 +198,20 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
       arrived["x_down"], arrived["g_up"] = jnp.zeros_like(y), jnp.zeros_like(dx)
     return (xbuf, gbuf, acc, arrived), None
 
-  (_, _, acc, _), _ = jax.lax.scan(tick, (xbuf, gbuf, acc, arrived), table)  # rows [1]: this stage's
+  ticks = jnp.arange(table["kind"].shape[0], dtype=jnp.int32)
+  (_, _, acc, _), _ = jax.lax.scan(tick, (xbuf, gbuf, acc, arrived), (ticks, table))  # rows [1]: this stage's
   psum = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)
   part_grads = jax.tree.map(lambda a: a[None], acc["part"])
-  return psum(acc["loss"]), psum(acc["count"]), psum(acc["first"]), part_grads, psum(acc["last"])
+  stats = {k: acc[k][None] for k in ("peak_held", "b_tick", "w_tick")}
+  return psum(acc["loss"]), psum(acc["count"]), psum(acc["first"]), part_grads, psum(acc["last"]), stats
+
+
+def _count(acc: dict, r: dict, t: jax.Array, stored: jax.Array) -> dict:
+  """Inputs held (stored this tick, freed by W or a combined backward) and when B and W ran."""
+  held = acc["held"] + stored
+  peak = jnp.maximum(acc["peak_held"], held)
+  held = held - ((r["kind"] == W) | (r["kind"] == BW)).astype(jnp.int32)
+  at = (r["mb"], r["chunk"])
+  b_tick = jnp.where((r["kind"] == B) | (r["kind"] == BW), acc["b_tick"].at[at].set(t), acc["b_tick"])
+  w_tick = jnp.where((r["kind"] == W) | (r["kind"] == BW), acc["w_tick"].at[at].set(t), acc["w_tick"])
+  return {**acc, "held": held, "peak_held": peak, "b_tick": b_tick, "w_tick": w_tick}

@@ -1,5 +1,6 @@
 """The pipeline executor against the plain model on one device: loss and gradients of every
-schedule at 2, 4 and 8 stages, microbatches equal to and more than the stages."""
+schedule at 2, 4 and 8 stages, microbatches equal to and more than the stages; the activations it
+held and when its W ran, counted as it ran, against the simulator and the schedule."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from parallel.mesh import make_mesh
 from parallel.pipeline.executor import run_pipeline
 from parallel.pipeline.schedule import SCHEDULES, make_schedule
+from parallel.pipeline.simulate import simulate
 from tests.reference import assert_close
 
 V, D, T, MB = 16, 8, 6, 2  # vocab, width, tokens, rows per microbatch
@@ -74,11 +76,17 @@ def test_schedule_matches_the_plain_model(name, p):
     schedule = make_schedule(name, p, m, CHUNKS.get(name, 1))
     fp, layers, lp, inputs = model(2 * schedule.n_parts, m)
     (want_loss, want_count), want = _dense_grads(fp, layers, lp, inputs)
-    loss, count, dfp, dparts, dlp = jax.jit(lambda *a: run_pipeline(schedule, first_fn, part_fn, last_fn, *a, mesh=mesh))(
-        fp, to_stages(layers, schedule), lp, inputs)
+    loss, count, dfp, dparts, dlp, stats = jax.jit(
+        lambda *a: run_pipeline(schedule, first_fn, part_fn, last_fn, *a, mesh=mesh))(fp, to_stages(layers, schedule), lp, inputs)
     np.testing.assert_allclose(float(count), float(want_count))
     assert_close(loss, want_loss, what=f"{name} m={m} loss")
     assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} m={m} gradients")
+    # What the executor held, counted as it ran, is what the simulator predicts.
+    assert np.asarray(stats["peak_held"]).tolist() == simulate(schedule)["peak_stored"]
+    b, w = np.asarray(stats["b_tick"]), np.asarray(stats["w_tick"])
+    assert (b >= 0).all() and (w >= b).all()
+    if schedule.split_backward:  # W runs after its B, and some wait longer than a tick
+      assert (w > b).all() and (w > b + 1).any()
 
 
 def _dense_grads(fp, layers, lp, inputs):

@@ -29,7 +29,8 @@ DTYPES = ("float32", "bfloat16")
 # the softmax ones. (Linear layers use LASP-2 over `seq` under every method.)
 ATTENTION_METHODS = ("dense", "allgather", "ring", "tokenring", "ulysses", "usp", "lasp2")
 CONTEXT_LAYOUTS = ("contiguous", "zigzag", "striped")  # token order over `seq` (causal load balance)
-PIPELINE_SCHEDULES = ("none",)  # schedule over the `stage` axis
+# Schedule over the `stage` axis (parallel/pipeline/schedule.py); "none": no pipeline.
+PIPELINE_SCHEDULES = ("none", "gpipe", "circular", "1f1b", "interleaved", "zb-h1", "zb-v")
 REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduces every step
 
 
@@ -95,7 +96,8 @@ class ShardingConfig:
   attention: str = "dense"  # one of ATTENTION_METHODS
   context_layout: str = "zigzag"  # one of CONTEXT_LAYOUTS, for allgather/ring/tokenring/usp
   ulysses_degree: int = 1  # usp: devices per Ulysses group (divides mesh.seq); the ring spans the rest
-  pipeline: str = "none"  # one of PIPELINE_SCHEDULES
+  pipeline: str = "none"  # one of PIPELINE_SCHEDULES; data.microbatches is the schedule's m
+  virtual_stages: int = 1  # layer chunks per stage for circular and interleaved (zb-v: always 2)
   replica: str = "sync"  # one of REPLICA_ALGORITHMS
 
 

@@ -23,17 +23,22 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, cfg: ModelC
   return nnx.Param(value, logical_axes=axes)
 
 
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * scale, computed in float32, returned in x's dtype (Zhang & Sennrich 2019)."""
+  x = x_BxLxD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+  """`rms_norm` with a learned scale."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.eps = cfg.norm_eps
     self.scale = param(rngs, (cfg.d_model,), ("embed",), cfg, init="ones")
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x = x_BxLxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+    return rms_norm(x_BxLxD, self.scale[...], self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:

@@ -17,7 +17,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.attention import layer_kinds
 from models.block import RESIDUAL_AXES, Block
-from models.layers import RMSNorm, param
+from models.layers import RMSNorm, param, rms_norm
 from models.stack import Carry, make_layer_fn, scan_layers
 from parallel.plan import ShardingPlan, single_device_plan
 from parallel.vocab.dispatch import embed_lookup
@@ -66,10 +66,7 @@ class Transformer(nnx.Module):
 
     Positions default to 0..L-1 and segment ids to None (plain causal attention).
     """
-    if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    x = embed_lookup(self.embed[...], tokens_BxL, plan).astype(self.cfg.compute_dtype)
-    return {"x": plan.constrain(x, RESIDUAL_AXES), "positions": positions_BxL, "segment_ids": segment_ids_BxL}
+    return embed_activations(self.cfg, self.embed[...], tokens_BxL, positions_BxL, segment_ids_BxL, plan)
 
   def layer_fn(self, plan: ShardingPlan):
     """(the pure layer function, the stacked layer parameters as a pure dict)."""
@@ -96,13 +93,30 @@ class Transformer(nnx.Module):
     """The last piece: final norm and output projection. Logits in the compute dtype; the loss
     upcasts to float32. (float32 logits would make the two backward matmuls of the output layer
     float32 too: about 2x slower on tensor cores.)"""
-    dt = jnp.dtype(self.cfg.compute_dtype)
-    h = self.final_norm(x_BxLxD).astype(dt)
-    if self.lm_head is None:
-      out = jnp.einsum("bld,vd->blv", h, self.embed[...].astype(dt))
-    else:
-      out = jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(dt))
-    return plan.constrain(out, ("batch", "length", "vocab"))
+    out = self.embed[...] if self.lm_head is None else self.lm_head[...]
+    return head_logits(self.cfg, self.final_norm.scale[...], out, x_BxLxD, plan)
+
+
+def embed_activations(cfg: ModelConfig, table_VxD: jax.Array, tokens_BxL: jax.Array, positions_BxL: jax.Array | None,
+                      segment_ids_BxL: jax.Array | None, plan: ShardingPlan) -> Carry:
+  """The embedding piece as a function of its parameter (what a pipeline's first stage runs)."""
+  if positions_BxL is None:
+    positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+  x = embed_lookup(table_VxD, tokens_BxL, plan).astype(cfg.compute_dtype)
+  return {"x": plan.constrain(x, RESIDUAL_AXES), "positions": positions_BxL, "segment_ids": segment_ids_BxL}
+
+
+def head_logits(cfg: ModelConfig, norm_scale_D: jax.Array, out_weight: jax.Array, x_BxLxD: jax.Array,
+                plan: ShardingPlan) -> jax.Array:
+  """The head piece as a function of its parameters: final norm, then the output projection by
+  `out_weight`, [D, V] (or the embedding table [V, D] when tied)."""
+  dt = jnp.dtype(cfg.compute_dtype)
+  h = rms_norm(x_BxLxD, norm_scale_D, cfg.norm_eps).astype(dt)
+  if cfg.tie_embeddings:
+    out = jnp.einsum("bld,vd->blv", h, out_weight.astype(dt))
+  else:
+    out = jnp.einsum("bld,dv->blv", h, out_weight.astype(dt))
+  return plan.constrain(out, ("batch", "length", "vocab"))
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:

@@ -27,6 +27,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs.base import ATTENTION_METHODS, CONTEXT_LAYOUTS, PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
+from configs.validate.pipeline import chunks as pipeline_chunks
 from parallel.mesh import single_device_mesh
 from parallel.rules import Rules
 from parallel.rules.megatron import activation_rules, tensor_rules
@@ -34,6 +35,12 @@ from parallel.rules.zero import zero_tables
 
 LogicalAxes = tuple[str | None, ...]
 TOKEN_AXES = ("batch", "length")  # logical axes of every [batch, length] input of a batch
+
+
+def _manual_context():
+  """The context's abstract mesh if some of its axes are manual (inside a shard_map), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh if mesh.axis_names and mesh.manual_axes else None
 
 
 def _is_axes(x: Any) -> bool:
@@ -46,7 +53,8 @@ class Strategies:
 
   attention  the op over `seq` (context parallelism), with `layout`, the token order over the
              `seq` devices it expects, and `ulysses`, USP's devices per Ulysses group
-  pipeline   the schedule over `stage`
+  pipeline   the schedule over `stage` ("none": no pipeline), with `virtual_stages` layer chunks
+             per stage
   replica    what runs over `replica` ("sync": gradients all-reduced every step)
   """
 
@@ -54,6 +62,7 @@ class Strategies:
   layout: str = "contiguous"
   ulysses: int = 1
   pipeline: str = "none"
+  virtual_stages: int = 1
   replica: str = "sync"
 
   def __post_init__(self):
@@ -107,15 +116,25 @@ class ShardingPlan:
 
   def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Pins an activation to the layout the activation table gives it (nothing on one device)."""
-    if self.mesh.size == 1:
-      return x
-    return jax.lax.with_sharding_constraint(x, self.sharding(axes, self.activations, x.shape))
+    return self._pin(x, axes, self.activations)
 
   def pin_to_params_layout(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Pins a weight to the layout the `params` table gives it: where the model computes with it."""
+    return self._pin(x, axes, self.params)
+
+  def _pin(self, x: jax.Array, axes: LogicalAxes, rules: Rules) -> jax.Array:
     if self.mesh.size == 1:
       return x
-    return jax.lax.with_sharding_constraint(x, self.sharding(axes, self.params, x.shape))
+    spec = self.spec(axes, rules, x.shape)
+    # Inside a shard_map that is manual over some axes (a pipeline's stages), the constraint is
+    # on the context's mesh, which knows those axes are manual; the table never names them.
+    return jax.lax.with_sharding_constraint(x, spec if _manual_context() else NamedSharding(self.mesh, spec))
+
+  @property
+  def op_mesh(self):
+    """The mesh an op's `shard_map` runs on: the plan's, or inside a partly manual `shard_map`
+    (a pipeline stage) the context's abstract mesh."""
+    return _manual_context() or self.mesh
 
   def activation_axes(self, name: str) -> tuple[str, ...]:
     """The mesh axes (size > 1) that the activation table splits dimension `name` over; () if none."""
@@ -140,8 +159,11 @@ class ShardingPlan:
 
 def make_plan(mesh: Mesh, *, zero_stage: int = 0, sequence_parallel: bool = False, vocab_parallel: bool = True,
               strategies: Strategies = Strategies()) -> ShardingPlan:
-  """Megatron TP (+SP) and a ZeRO stage over whatever axes `mesh` has, plus the strategies."""
+  """Megatron TP (+SP) and a ZeRO stage over whatever axes `mesh` has, plus the strategies. A
+  pipeline puts the layer stack's `layers` dimension on `stage`."""
   weights = tensor_rules(vocab_parallel)
+  if strategies.pipeline != "none":
+    weights = {**weights, "layers": "stage"}
   params, grads, opt_state = zero_tables(weights, zero_stage)
   return ShardingPlan(mesh=mesh, params=params, grads=grads, opt_state=opt_state,
                       activations=activation_rules(weights, sequence_parallel), strategies=strategies)
@@ -152,7 +174,7 @@ def plan_from_config(config: Config, mesh: Mesh) -> ShardingPlan:
   s = config.sharding
   layout = "contiguous" if s.attention in ("dense", "ulysses") else s.context_layout
   strategies = Strategies(attention=s.attention, layout=layout, ulysses=s.ulysses_degree if s.attention == "usp" else 1,
-                          pipeline=s.pipeline, replica=s.replica)
+                          pipeline=s.pipeline, virtual_stages=pipeline_chunks(config), replica=s.replica)
   return make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
                    vocab_parallel=s.vocab_parallel, strategies=strategies)
 

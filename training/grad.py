@@ -1,8 +1,8 @@
 """The gradient function: (params, batch) -> (mean-loss gradients, mean loss, token count).
 
 `plain` takes one value-and-grad of the whole batch; `microbatched` scans over microbatches and
-accumulates gradients in the reduced (ZeRO-2: sharded) layout. This is the place where a pipeline
-schedule will take over forward and backward.
+accumulates gradients in the reduced (ZeRO-2: sharded) layout; `pipelined` hands forward and
+backward to the plan's pipeline schedule (`training/pipelined.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from parallel.plan import TOKEN_AXES, ShardingPlan
 from training.loss import Batch, loss_sum_and_count, uses_segments
 from training.optimizer import matrix_mask
+from training.pipelined import make_pipelined_grad
 from training.state import TrainSetup
 
 GradFn = Callable[..., tuple]
@@ -72,7 +73,11 @@ def make_grad_fn(setup: TrainSetup) -> GradFn:
     (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split_microbatches(batch, n_micro, plan))
     return grads, loss_sum, count
 
-  run = plain if n_micro == 1 else microbatched
+  if plan.strategies.pipeline != "none":
+    pipelined = make_pipelined_grad(setup, lambda batch: split_microbatches(batch, n_micro, plan))
+    run = lambda compute, batch: (lambda g, l, c: (reduce(g), l, c))(*pipelined(compute, batch))
+  else:
+    run = plain if n_micro == 1 else microbatched
 
   def grad_fn(params, batch):
     grads, loss_sum, count = run(to_compute(params), batch)  # gradients w.r.t. the compute params

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from configs.base import PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
+from configs.base import REPLICA_ALGORITHMS, Config
 from configs.validate.require import require, require_choice
 
 
@@ -28,5 +28,4 @@ def check(config: Config, sizes: dict[str, int]) -> None:
             f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']} "
             f"(sharding.zero_stage={s.zero_stage} shards the embed dimension over fsdp)")
 
-  require_choice(s.pipeline, PIPELINE_SCHEDULES, "sharding.pipeline")
   require_choice(s.replica, REPLICA_ALGORITHMS, "sharding.replica")

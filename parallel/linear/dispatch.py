@@ -16,6 +16,6 @@ def linear_attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Arr
   """Decayed causal linear attention, float32 [B, L, H, D], in the plan's token order."""
   if plan.mesh.shape[SEQ] == 1:
     return linear_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, decay_K, chunk=chunk)
-  return lasp2_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, decay_K, mesh=plan.mesh, axis=SEQ,
+  return lasp2_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, decay_K, mesh=plan.op_mesh, axis=SEQ,
                          layout=plan.strategies.layout, batch_axes=plan.activation_axes("batch"),
                          head_axes=plan.activation_axes("heads"), chunk=chunk, positions=layout_positions(plan))

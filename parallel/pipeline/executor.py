@@ -63,13 +63,17 @@ def _add_at(tree: Any, index: jax.Array, update: Any) -> Any:
 
 
 def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last_fn: Callable, first_params: Any,
-                 part_params: Any, last_params: Any, inputs: Any, *, mesh: Mesh, axis: str = "stage") -> tuple:
+                 part_params: Any, last_params: Any, inputs: Any, *, mesh: Mesh, axis: str = "stage",
+                 x_spec: P | None = None) -> tuple:
   """Loss and gradients of a pipelined model.
 
   Args:
     part_params: every leaf [stages, chunks, ...], split over `axis` on its first dimension;
       [s, c] is the part `schedule.part(s, c)` runs.
     first_params, last_params, inputs: the same on every stage (`inputs` leaves [m, ...]).
+    x_spec: how an activation is laid out over the mesh's other axes (data, tensor), when it is
+      split over them: every action's outputs and the buffers are pinned to it, so that XLA sees
+      one layout for all branches of the per-tick switch.
   Returns (loss_sum, count, d_first_params, d_part_params, d_last_params, stats): float32 scalars,
   gradients of loss_sum laid out like the parameters, and what the executor did, counted as it
   ran, per stage ([stages, ...]): `peak_held`, the most activation inputs it held at once, and
@@ -91,7 +95,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   two_way = schedule.placement == "v"
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
                             x_shape=x_shape, x_slots=buffers.x_slots, g_slots=buffers.g_slots, two_way=two_way,
-                            microbatches=schedule.microbatches, chunks=schedule.chunks)
+                            microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec)
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
   stats_spec = {"peak_held": P(axis), "b_tick": P(axis), "w_tick": P(axis)}
@@ -104,7 +108,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
 
 
 def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, x_shape,
-           x_slots, g_slots, two_way, microbatches, chunks):
+           x_slots, g_slots, two_way, microbatches, chunks, x_spec):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
   zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
   xbuf = jnp.zeros((x_slots + 1,) + x_shape.shape, x_shape.dtype)
@@ -178,6 +182,17 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   branches = [idle, forward, functools.partial(backward, weights=False, inputs_grad=True),
               functools.partial(backward, weights=True, inputs_grad=False),
               functools.partial(backward, weights=True, inputs_grad=True)]
+
+  pin = (lambda v, *lead: v) if x_spec is None else (
+      lambda v, *lead: jax.lax.with_sharding_constraint(v, P(*lead, *x_spec)))
+
+  def pinned(branch):
+    def run(state, r):
+      (xbuf, gbuf, acc), y, dx = branch(state, r)
+      return (pin(xbuf, None), pin(gbuf, None), acc), pin(y), pin(dx)
+    return run
+
+  branches = [pinned(b) for b in branches]
 
   def tick(carry, row):
     xbuf, gbuf, acc, arrived = carry

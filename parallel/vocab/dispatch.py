@@ -26,7 +26,7 @@ def embed_lookup(table_VxD: jax.Array, ids_BxL: jax.Array, plan: ShardingPlan) -
   if axis is None:
     return jnp.take(table_VxD, ids_BxL, axis=0)
   length = plan.activation_axes("length")
-  return vocab_parallel_embed(table_VxD, ids_BxL, mesh=plan.mesh, axis=axis, batch_axes=plan.activation_axes("batch"),
+  return vocab_parallel_embed(table_VxD, ids_BxL, mesh=plan.op_mesh, axis=axis, batch_axes=plan.activation_axes("batch"),
                               length_axes=length,
                               scatter_length=plan.activation_axes("residual_length") == (*length, axis))
 
@@ -36,6 +36,6 @@ def token_cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array, plan: S
   axis = _vocab_axis(plan)
   if axis is None:
     return cross_entropy(logits_BxLxV, targets_BxL)
-  return vocab_parallel_cross_entropy(logits_BxLxV, targets_BxL, mesh=plan.mesh, axis=axis,
+  return vocab_parallel_cross_entropy(logits_BxLxV, targets_BxL, mesh=plan.op_mesh, axis=axis,
                                       batch_axes=plan.activation_axes("batch"),
                                       length_axes=plan.activation_axes("length"))

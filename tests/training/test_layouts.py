@@ -120,3 +120,32 @@ def test_context_parallel_matches_single_device(method, mesh, model, context_ref
   reference = context_reference(model)
   assert reference[-1] < reference[0]
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+# Pipelines: 8 layers, every schedule, microbatches equal to and more than the stages.
+PIPELINE_MODEL = dataclasses.replace(MODEL, n_layers=8)
+PIPELINE_ROWS = {  # name -> (mesh, schedule, microbatches, virtual stages)
+    "gpipe_stage2_m2": ({"stage": 2}, "gpipe", 2, 1),
+    "gpipe_stage8_m8": ({"stage": 8}, "gpipe", 8, 1),
+    "1f1b_stage4_m8": ({"stage": 4}, "1f1b", 8, 1),
+    "1f1b_stage2_tensor4_m2": ({"stage": 2, "tensor": 4}, "1f1b", 2, 1),
+    "circular_stage2_tensor2_m4": ({"stage": 2, "tensor": 2}, "circular", 4, 2),
+    "interleaved_stage4_m8": ({"stage": 4}, "interleaved", 8, 2),
+    "zb-h1_stage4_m4": ({"stage": 4}, "zb-h1", 4, 1),
+    "zb-h1_stage2_tensor2_m8": ({"stage": 2, "tensor": 2}, "zb-h1", 8, 1),
+    "zb-v_stage2_m4": ({"stage": 2}, "zb-v", 4, 1),
+    "zb-v_stage4_tensor2_m4": ({"stage": 4, "tensor": 2}, "zb-v", 4, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline():
+  return _losses(_config({}, model=PIPELINE_MODEL))
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_ROWS))
+def test_pipeline_matches_single_device(name, reference_pipeline):
+  mesh, schedule, micro, chunks = PIPELINE_ROWS[name]
+  losses = _losses(_config(mesh, model=PIPELINE_MODEL, micro=micro, pipeline=schedule, virtual_stages=chunks))
+  assert reference_pipeline[-1] < reference_pipeline[0]
+  np.testing.assert_allclose(losses, reference_pipeline, rtol=1e-5)

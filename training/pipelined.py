@@ -1,0 +1,78 @@
+"""The pipelined gradient function: the model's three pieces handed to the pipeline executor.
+
+The embedding runs on the first part's stage, the layer stack in `stages x chunks` parts (slices
+of the stacked layers, placed as the schedule says), the head and loss on the last part's stage.
+The batch is cut into `data.microbatches` microbatches, each spread over the data shards. Weight
+gradients accumulate inside the executor, so the data-parallel reduction (ZeRO-2/3: the
+reduce-scatter) happens once per step, on the whole gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.stack import scan_layers
+from models.transformer import embed_activations, head_logits
+from parallel.pipeline.executor import run_pipeline
+from parallel.pipeline.schedule import Schedule, make_schedule
+from parallel.vocab.dispatch import token_cross_entropy
+from training.loss import uses_segments
+from training.state import TrainSetup
+
+
+def to_stages(layers, schedule: Schedule):
+  """Stacked [n_layers, ...] -> [stages, chunks, layers per part, ...] in the schedule's placement."""
+  per_part = jax.tree.leaves(layers)[0].shape[0] // schedule.n_parts
+  order = np.asarray([[schedule.part(s, c) for c in range(schedule.chunks)] for s in range(schedule.stages)])
+  if np.array_equal(order.reshape(-1), np.arange(schedule.n_parts)):  # stage-major already: no movement
+    return jax.tree.map(lambda a: a.reshape(schedule.stages, schedule.chunks, per_part, *a.shape[1:]), layers)
+  return jax.tree.map(lambda a: a.reshape(schedule.n_parts, per_part, *a.shape[1:])[order], layers)
+
+
+def from_stages(grads, schedule: Schedule):
+  """The inverse of `to_stages`."""
+  order = np.asarray([[schedule.part(s, c) for c in range(schedule.chunks)] for s in range(schedule.stages)])
+  inverse = np.argsort(order.reshape(-1))
+  return jax.tree.map(lambda a: a.reshape(schedule.n_parts, *a.shape[2:])[inverse].reshape(-1, *a.shape[3:]), grads)
+
+
+def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
+  """(compute params, batch) -> (gradients of the loss sum, loss sum, token count)."""
+  cfg, plan = setup.config, setup.plan
+  schedule = make_schedule(plan.strategies.pipeline, plan.mesh.shape["stage"], cfg.data.microbatches,
+                           plan.strategies.virtual_stages)
+  masked, tied = uses_segments(cfg), cfg.model.tie_embeddings
+
+  def grad(compute, batch):
+    fn, _ = nnx.merge(setup.graphdef, compute).layer_fn(plan)
+    segments = lambda mb: mb["segment_ids"] if masked else None
+
+    def first_fn(fp, mb):
+      return embed_activations(cfg.model, fp["embed"], mb["inputs"], mb["positions"], segments(mb), plan)["x"]
+
+    def part_fn(w, x, mb):
+      carry = {"x": x, "positions": mb["positions"], "segment_ids": segments(mb)}
+      return scan_layers(fn, w, carry, unroll=cfg.model.scan_unroll)[0]["x"]
+
+    def last_fn(lp, x, mb):
+      logits = head_logits(cfg.model, lp["final_norm"]["scale"], lp["out"], x, plan)
+      losses, mask = token_cross_entropy(logits, mb["targets"], plan), mb["loss_mask"]
+      return jnp.sum(losses * mask), jnp.sum(mask)
+
+    first = {"embed": compute["embed"]}
+    last = {"final_norm": compute["final_norm"], "out": compute["embed"] if tied else compute["lm_head"]}
+    loss_sum, count, d_first, d_parts, d_last, _ = run_pipeline(
+        schedule, first_fn, part_fn, last_fn, first, to_stages(compute["layers"], schedule), last, microbatch(batch),
+        mesh=plan.mesh, x_spec=plan.spec(("batch", "residual_length", "embed"), plan.activations))
+    grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0),
+             "layers": from_stages(d_parts, schedule), "final_norm": d_last["final_norm"]}
+    if not tied:
+      grads["lm_head"] = d_last["out"]
+    return grads, loss_sum, count
+
+  return grad

@@ -73,11 +73,14 @@ def make_grad_fn(setup: TrainSetup) -> GradFn:
     (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), split_microbatches(batch, n_micro, plan))
     return grads, loss_sum, count
 
-  if plan.strategies.pipeline != "none":
-    pipelined = make_pipelined_grad(setup, lambda batch: split_microbatches(batch, n_micro, plan))
-    run = lambda compute, batch: (lambda g, l, c: (reduce(g), l, c))(*pipelined(compute, batch))
-  else:
-    run = plain if n_micro == 1 else microbatched
+  pipeline = (make_pipelined_grad(setup, lambda batch: split_microbatches(batch, n_micro, plan))
+              if plan.strategies.pipeline != "none" else None)
+
+  def pipelined(compute, batch):
+    grads, loss_sum, count = pipeline(compute, batch)
+    return reduce(grads), loss_sum, count
+
+  run = pipelined if pipeline else (plain if n_micro == 1 else microbatched)
 
   def grad_fn(params, batch):
     grads, loss_sum, count = run(to_compute(params), batch)  # gradients w.r.t. the compute params

@@ -43,6 +43,12 @@ def _manual_context():
   return mesh if mesh.axis_names and mesh.manual_axes else None
 
 
+def _manual_axes() -> frozenset[str]:
+  """The axes the context is manual over (a pipeline's `stage` and batch axes), else none."""
+  mesh = _manual_context()
+  return frozenset(mesh.manual_axes) if mesh is not None else frozenset()
+
+
 def _is_axes(x: Any) -> bool:
   return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
@@ -84,14 +90,15 @@ class ShardingPlan:
   strategies: Strategies = Strategies()
 
   def spec(self, axes: LogicalAxes, rules: Rules, shape: tuple[int, ...] | None = None) -> P:
-    """Logical axes -> PartitionSpec; checks that each sharded dimension divides evenly."""
-    out, used = [], set()
+    """Logical axes -> PartitionSpec; checks that each sharded dimension divides evenly. Inside a
+    `shard_map` the axes it is manual over are left out: there the arrays are already per shard."""
+    out, used, manual = [], set(), _manual_axes()
     for i, name in enumerate(axes):
       mesh_axes = rules.get(name) if name is not None else None
       if isinstance(mesh_axes, str):
         mesh_axes = (mesh_axes,)
       # Axes of size 1 shard nothing; leaving them out keeps specs readable.
-      kept = tuple(a for a in (mesh_axes or ()) if self.mesh.shape[a] > 1)
+      kept = tuple(a for a in (mesh_axes or ()) if self.mesh.shape[a] > 1 and a not in manual)
       for a in kept:
         if a in used:
           raise ValueError(f"logical axes {axes} map mesh axis {a!r} twice")
@@ -126,8 +133,8 @@ class ShardingPlan:
     if self.mesh.size == 1:
       return x
     spec = self.spec(axes, rules, x.shape)
-    # Inside a shard_map that is manual over some axes (a pipeline's stages), the constraint is
-    # on the context's mesh, which knows those axes are manual; the table never names them.
+    # Inside a shard_map that is manual over some axes (a pipeline's stages and batch shards), the
+    # constraint is on the context's mesh, which knows those axes are manual; `spec` left them out.
     return jax.lax.with_sharding_constraint(x, spec if _manual_context() else NamedSharding(self.mesh, spec))
 
   @property
@@ -137,10 +144,12 @@ class ShardingPlan:
     return _manual_context() or self.mesh
 
   def activation_axes(self, name: str) -> tuple[str, ...]:
-    """The mesh axes (size > 1) that the activation table splits dimension `name` over; () if none."""
+    """The mesh axes (size > 1) that the activation table splits dimension `name` over; () if none.
+    Inside a `shard_map`, the axes it is manual over are left out (there `name` is per shard)."""
     axes = self.activations.get(name)
     axes = (axes,) if isinstance(axes, str) else (axes or ())
-    return tuple(a for a in axes if self.mesh.shape[a] > 1)
+    manual = _manual_axes()
+    return tuple(a for a in axes if self.mesh.shape[a] > 1 and a not in manual)
 
   @property
   def data_parallel_size(self) -> int:

@@ -2,9 +2,11 @@
 
 The embedding runs on the first part's stage, the layer stack in `stages x chunks` parts (slices
 of the stacked layers, placed as the schedule says), the head and loss on the last part's stage.
-The batch is cut into `data.microbatches` microbatches, each spread over the data shards. Weight
-gradients accumulate inside the executor, so the data-parallel reduction (ZeRO-2/3: the
-reduce-scatter) happens once per step, on the whole gradient.
+The batch is cut into `data.microbatches` microbatches, each spread over the data shards; the
+executor is manual over the batch axes as over `stage`, so each batch shard pipelines its own
+rows. Weight gradients accumulate inside the executor and are summed over the batch axes once per
+step, after the last tick; a ZeRO-3 (`fsdp`) shard of a stage's weights is gathered once per step,
+on entry, not per microbatch.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
     last = {"final_norm": compute["final_norm"], "out": compute["embed"] if tied else compute["lm_head"]}
     loss_sum, count, d_first, d_parts, d_last, _ = run_pipeline(
         schedule, first_fn, part_fn, last_fn, first, to_stages(compute["layers"], schedule), last, microbatch(batch),
-        mesh=plan.mesh, x_spec=plan.spec(("batch", "residual_length", "embed"), plan.activations))
+        mesh=plan.mesh, batch_axes=plan.activation_axes("batch"),
+        x_spec=plan.spec((None, "residual_length", "embed"), plan.activations))
     grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0),
              "layers": from_stages(d_parts, schedule), "final_norm": d_last["final_norm"]}
     if not tied:

@@ -31,8 +31,9 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   if s.pipeline == "interleaved":
     require(d.microbatches % stages == 0, f"data.microbatches={d.microbatches} is not a multiple of mesh.stage="
                                           f"{stages} (sharding.pipeline='interleaved' runs groups of one per stage)")
-  for axis in ("replica", "data", "fsdp", "seq", "expert"):
-    require(sizes[axis] == 1, f"mesh.{axis}={sizes[axis]}: a pipeline composes with mesh.tensor only so far; "
+  for axis in ("seq", "expert"):
+    require(sizes[axis] == 1, f"mesh.{axis}={sizes[axis]}: a pipeline composes with the batch axes and mesh.tensor "
+                              f"only so far; "
                               f"{axis} x stage is not supported yet (sharding.pipeline={s.pipeline!r})")
   require(len(set(m.layer_pattern)) == 1, f"model.layer_pattern={m.layer_pattern!r}: a pipeline runs one kind of "
                                           f"attention per model (hybrid stacks are not split into stages yet)")

@@ -64,16 +64,21 @@ def _add_at(tree: Any, index: jax.Array, update: Any) -> Any:
 
 def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last_fn: Callable, first_params: Any,
                  part_params: Any, last_params: Any, inputs: Any, *, mesh: Mesh, axis: str = "stage",
-                 x_spec: P | None = None) -> tuple:
+                 batch_axes: tuple[str, ...] = (), x_spec: P | None = None) -> tuple:
   """Loss and gradients of a pipelined model.
 
   Args:
     part_params: every leaf [stages, chunks, ...], split over `axis` on its first dimension;
       [s, c] is the part `schedule.part(s, c)` runs.
-    first_params, last_params, inputs: the same on every stage (`inputs` leaves [m, ...]).
-    x_spec: how an activation is laid out over the mesh's other axes (data, tensor), when it is
-      split over them: every action's outputs and the buffers are pinned to it, so that XLA sees
-      one layout for all branches of the per-tick switch.
+    first_params, last_params, inputs: the same on every stage (`inputs` leaves [m, rows, ...]).
+    batch_axes: mesh axes the rows of every microbatch are split over (data parallelism). The
+      executor is manual over them too: each batch shard runs the whole schedule on its rows,
+      accumulates its own gradients, and the gradients are summed over `batch_axes` once, after
+      the last tick. Parameters come in whole over these axes (a ZeRO-3 shard is gathered once
+      per step, on entry).
+    x_spec: how an activation is laid out over the mesh's remaining (automatic) axes, such as
+      `tensor`, when it is split over them: every action's outputs and the buffers are pinned
+      to it, so that XLA sees one layout for all branches of the per-tick switch.
   Returns (loss_sum, count, d_first_params, d_part_params, d_last_params, stats): float32 scalars,
   gradients of loss_sum laid out like the parameters, and what the executor did, counted as it
   ran, per stage ([stages, ...]): `peak_held`, the most activation inputs it held at once, and
@@ -81,7 +86,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
 
   Communication per tick: one activation-sized `ppermute` up (and one down for V schedules) and
   the same for gradients; at the end, psums over `axis` of the loss and of the first and last
-  parameters' gradients.
+  parameters' gradients, and over `batch_axes` of every gradient.
   """
   if mesh.shape[axis] != schedule.stages:
     raise ValueError(f"run_pipeline: the schedule has {schedule.stages} stages, mesh axis {axis!r} {mesh.shape[axis]}")
@@ -91,25 +96,27 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
            **{f.name: getattr(buffers, f.name) for f in buffers.__dataclass_fields__.values()
               if isinstance(getattr(buffers, f.name), np.ndarray) and f.name != "held"}}
   table = {k: jnp.asarray(v, jnp.int32) for k, v in table.items()}  # [ticks, stages]
-  x_shape = jax.eval_shape(first_fn, first_params, jax.tree.map(lambda x: x[0], inputs))
   two_way = schedule.placement == "v"
+  batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
-                            x_shape=x_shape, x_slots=buffers.x_slots, g_slots=buffers.g_slots, two_way=two_way,
-                            microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec)
+                            batch_axes=batch_axes, x_slots=buffers.x_slots, g_slots=buffers.g_slots,
+                            two_way=two_way, microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec)
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
   stats_spec = {"peak_held": P(axis), "b_tick": P(axis), "w_tick": P(axis)}
-  return jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis}),
+  rows = P(None, batch_axes or None)
+  return jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis, *batch_axes}),
                        in_specs=(jax.tree.map(lambda _: P(None, axis), table), jax.tree.map(lambda _: rep, first_params),
-                                 part_spec, jax.tree.map(lambda _: rep, last_params), jax.tree.map(lambda _: rep, inputs)),
+                                 part_spec, jax.tree.map(lambda _: rep, last_params), jax.tree.map(lambda _: rows, inputs)),
                        out_specs=(rep, rep, jax.tree.map(lambda _: rep, first_params), part_spec,
                                   jax.tree.map(lambda _: rep, last_params), stats_spec),
                        check_vma=False)(table, first_params, part_params, last_params, inputs)
 
 
-def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, x_shape,
+def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, batch_axes,
            x_slots, g_slots, two_way, microbatches, chunks, x_spec):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
+  x_shape = jax.eval_shape(first_fn, first_params, jax.tree.map(lambda x: x[0], inputs))  # this shard's rows
   zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
   xbuf = jnp.zeros((x_slots + 1,) + x_shape.shape, x_shape.dtype)
   gbuf = jnp.zeros((g_slots + 1,) + x_shape.shape, F32)
@@ -215,8 +222,9 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
 
   ticks = jnp.arange(table["kind"].shape[0], dtype=jnp.int32)
   (_, _, acc, _), _ = jax.lax.scan(tick, (xbuf, gbuf, acc, arrived), (ticks, table))  # rows [1]: this stage's
-  psum = lambda t: jax.tree.map(lambda a: jax.lax.psum(a, axis), t)
-  part_grads = jax.tree.map(lambda a: a[None], acc["part"])
+  # The one reduction of the step: over stages for what every stage shares, over batch shards for all.
+  psum = lambda t, axes=(axis, *batch_axes): jax.tree.map(lambda a: jax.lax.psum(a, axes), t)
+  part_grads = jax.tree.map(lambda a: a[None], psum(acc["part"], batch_axes) if batch_axes else acc["part"])
   stats = {k: acc[k][None] for k in ("peak_held", "b_tick", "w_tick")}
   return psum(acc["loss"]), psum(acc["count"]), psum(acc["first"]), part_grads, psum(acc["last"]), stats
 

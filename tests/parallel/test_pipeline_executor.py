@@ -3,6 +3,7 @@ schedule at 2, 4 and 8 stages, microbatches equal to and more than the stages; t
 held and when its W ran, counted as it ran, against the simulator and the schedule."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,6 +88,45 @@ def test_schedule_matches_the_plain_model(name, p):
     assert (b >= 0).all() and (w >= b).all()
     if schedule.split_backward:  # W runs after its B, and some wait longer than a tick
       assert (w > b).all() and (w > b + 1).any()
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_with_data_shards_matches_the_plain_model(name):
+  """stage=2 x data=2 x tensor=2: each data shard pipelines its own rows; one reduction at the end."""
+  mesh = make_mesh({"stage": 2, "data": 2, "tensor": 2}, jax.devices()[:8])
+  schedule = make_schedule(name, 2, 4, CHUNKS.get(name, 1))
+  fp, layers, lp, inputs = model(2 * schedule.n_parts, 4, seed=1)
+  (want_loss, want_count), want = _dense_grads(fp, layers, lp, inputs)
+  loss, count, dfp, dparts, dlp, _ = jax.jit(lambda *a: run_pipeline(
+      schedule, first_fn, part_fn, last_fn, *a, mesh=mesh, batch_axes=("data",)))(fp, to_stages(layers, schedule), lp, inputs)
+  np.testing.assert_allclose(float(count), float(want_count))
+  assert_close(loss, want_loss, what=f"{name} loss")
+  assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} gradients")
+
+
+def test_gradients_are_reduced_over_data_once_per_step():
+  """No collective over the batch axis inside the tick loop: only after it, once."""
+  mesh = make_mesh({"stage": 2, "data": 2}, jax.devices()[:4])
+  schedule = make_schedule("1f1b", 2, 4)
+  fp, layers, lp, inputs = model(2 * schedule.n_parts, 4)
+  jaxpr = jax.make_jaxpr(lambda *a: run_pipeline(schedule, first_fn, part_fn, last_fn, *a, mesh=mesh,
+                                                 batch_axes=("data",)))(fp, to_stages(layers, schedule), lp, inputs)
+  inside, after, loop_sends = [], [], []
+
+  def walk(jx, in_loop):
+    for eqn in jx.eqns:
+      axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      if "data" in axes:
+        (inside if in_loop else after).append(eqn.primitive.name)
+      if in_loop and eqn.primitive.name == "ppermute":
+        loop_sends.append(axes)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub, in_loop or eqn.primitive.name in ("scan", "while"))
+
+  walk(jaxpr.jaxpr, False)
+  assert loop_sends, "the walk did not reach the tick loop"
+  assert inside == [] and after and set(after) == {"psum"}, (inside, after)
 
 
 def _dense_grads(fp, layers, lp, inputs):

@@ -124,7 +124,7 @@ def test_context_parallel_matches_single_device(method, mesh, model, context_ref
 
 # Pipelines: 8 layers, every schedule, microbatches equal to and more than the stages.
 PIPELINE_MODEL = dataclasses.replace(MODEL, n_layers=8)
-PIPELINE_ROWS = {  # name -> (mesh, schedule, microbatches, virtual stages)
+PIPELINE_ROWS = {  # name -> (mesh, schedule, microbatches, virtual stages[, ZeRO stage])
     "gpipe_stage2_m2": ({"stage": 2}, "gpipe", 2, 1),
     "gpipe_stage8_m8": ({"stage": 8}, "gpipe", 8, 1),
     "1f1b_stage4_m8": ({"stage": 4}, "1f1b", 8, 1),
@@ -135,6 +135,10 @@ PIPELINE_ROWS = {  # name -> (mesh, schedule, microbatches, virtual stages)
     "zb-h1_stage2_tensor2_m8": ({"stage": 2, "tensor": 2}, "zb-h1", 8, 1),
     "zb-v_stage2_m4": ({"stage": 2}, "zb-v", 4, 1),
     "zb-v_stage4_tensor2_m4": ({"stage": 4, "tensor": 2}, "zb-v", 4, 1),
+    "1f1b_stage2_data2_tensor2_m4": ({"stage": 2, "data": 2, "tensor": 2}, "1f1b", 4, 1),
+    "zb-h1_stage2_data2_tensor2_m2": ({"stage": 2, "data": 2, "tensor": 2}, "zb-h1", 2, 1),
+    "interleaved_stage2_fsdp4_zero3_m2": ({"stage": 2, "fsdp": 4}, "interleaved", 2, 2, 3),
+    "gpipe_stage2_data2_fsdp2_zero1_m2": ({"stage": 2, "data": 2, "fsdp": 2}, "gpipe", 2, 1, 1),
 }
 
 
@@ -145,7 +149,8 @@ def reference_pipeline():
 
 @pytest.mark.parametrize("name", list(PIPELINE_ROWS))
 def test_pipeline_matches_single_device(name, reference_pipeline):
-  mesh, schedule, micro, chunks = PIPELINE_ROWS[name]
-  losses = _losses(_config(mesh, model=PIPELINE_MODEL, micro=micro, pipeline=schedule, virtual_stages=chunks))
+  mesh, schedule, micro, chunks, *zero = PIPELINE_ROWS[name]
+  losses = _losses(_config(mesh, zero=zero[0] if zero else 0, model=PIPELINE_MODEL, micro=micro, pipeline=schedule,
+                           virtual_stages=chunks))
   assert reference_pipeline[-1] < reference_pipeline[0]
   np.testing.assert_allclose(losses, reference_pipeline, rtol=1e-5)

@@ -98,6 +98,7 @@ class ShardingConfig:
   ulysses_degree: int = 1  # usp: devices per Ulysses group (divides mesh.seq); the ring spans the rest
   pipeline: str = "none"  # one of PIPELINE_SCHEDULES; data.microbatches is the schedule's m
   virtual_stages: int = 1  # layer chunks per stage for circular and interleaved (zb-v: always 2)
+  pipeline_vocab_parallel: bool = False  # embedding and output layer split on vocab over all stages
   replica: str = "sync"  # one of REPLICA_ALGORITHMS
 
 

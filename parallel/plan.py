@@ -60,7 +60,8 @@ class Strategies:
   attention  the op over `seq` (context parallelism), with `layout`, the token order over the
              `seq` devices it expects, and `ulysses`, USP's devices per Ulysses group
   pipeline   the schedule over `stage` ("none": no pipeline), with `virtual_stages` layer chunks
-             per stage
+             per stage and `pipeline_vocab`: the embedding and output layer split on the
+             vocabulary over all stages (vocabulary parallelism), not on the first and last
   replica    what runs over `replica` ("sync": gradients all-reduced every step)
   """
 
@@ -69,6 +70,7 @@ class Strategies:
   ulysses: int = 1
   pipeline: str = "none"
   virtual_stages: int = 1
+  pipeline_vocab: bool = False
   replica: str = "sync"
 
   def __post_init__(self):
@@ -169,11 +171,15 @@ class ShardingPlan:
 def make_plan(mesh: Mesh, *, zero_stage: int = 0, sequence_parallel: bool = False, vocab_parallel: bool = True,
               strategies: Strategies = Strategies()) -> ShardingPlan:
   """Megatron TP (+SP) and a ZeRO stage over whatever axes `mesh` has, plus the strategies. A
-  pipeline puts the layer stack's `layers` dimension on `stage`."""
+  pipeline puts the layer stack's `layers` dimension on `stage`, and with `pipeline_vocab` the
+  weights' `vocab` dimension too (outside `tensor`): each stage stores the slice it scores."""
   weights = tensor_rules(vocab_parallel)
   if strategies.pipeline != "none":
     weights = {**weights, "layers": "stage"}
-  params, grads, opt_state = zero_tables(weights, zero_stage)
+  stored = weights
+  if strategies.pipeline_vocab:
+    stored = {**weights, "vocab": ("stage", *([weights["vocab"]] if weights["vocab"] else []))}
+  params, grads, opt_state = zero_tables(stored, zero_stage)
   return ShardingPlan(mesh=mesh, params=params, grads=grads, opt_state=opt_state,
                       activations=activation_rules(weights, sequence_parallel), strategies=strategies)
 
@@ -183,7 +189,8 @@ def plan_from_config(config: Config, mesh: Mesh) -> ShardingPlan:
   s = config.sharding
   layout = "contiguous" if s.attention in ("dense", "ulysses") else s.context_layout
   strategies = Strategies(attention=s.attention, layout=layout, ulysses=s.ulysses_degree if s.attention == "usp" else 1,
-                          pipeline=s.pipeline, virtual_stages=pipeline_chunks(config), replica=s.replica)
+                          pipeline=s.pipeline, virtual_stages=pipeline_chunks(config),
+                          pipeline_vocab=s.pipeline_vocab_parallel, replica=s.replica)
   return make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
                    vocab_parallel=s.vocab_parallel, strategies=strategies)
 

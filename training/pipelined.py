@@ -7,6 +7,10 @@ executor is manual over the batch axes as over `stage`, so each batch shard pipe
 rows. Weight gradients accumulate inside the executor and are summed over the batch axes once per
 step, after the last tick; a ZeRO-3 (`fsdp`) shard of a stage's weights is gathered once per step,
 on entry, not per microbatch.
+
+With `sharding.pipeline_vocab_parallel` the embedding and the head are split on the vocabulary over
+all stages instead (`parallel/pipeline/vocab.py`): the head piece hands the executor its slice of
+the logits and the executor computes the loss and its gradient across stages.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from models.stack import scan_layers
 from models.transformer import embed_activations, head_logits
 from parallel.pipeline.executor import run_pipeline
 from parallel.pipeline.schedule import Schedule, make_schedule
+from parallel.pipeline.vocab import VocabSplit
 from parallel.vocab.dispatch import token_cross_entropy
 from training.loss import uses_segments
 from training.state import TrainSetup
@@ -49,6 +54,8 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
   schedule = make_schedule(plan.strategies.pipeline, plan.mesh.shape["stage"], cfg.data.microbatches,
                            plan.strategies.virtual_stages)
   masked, tied = uses_segments(cfg), cfg.model.tie_embeddings
+  split = VocabSplit(size=cfg.model.vocab_size, first_dims={"embed": 0},
+                     last_dims={"final_norm": {"scale": None}, "out": 0 if tied else 1}) if plan.strategies.pipeline_vocab else None
 
   def grad(compute, batch):
     fn, _ = nnx.merge(setup.graphdef, compute).layer_fn(plan)
@@ -61,17 +68,20 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
       carry = {"x": x, "positions": mb["positions"], "segment_ids": segments(mb)}
       return scan_layers(fn, w, carry, unroll=cfg.model.scan_unroll)[0]["x"]
 
+    def logits_fn(lp, x, mb):
+      del mb
+      return head_logits(cfg.model, lp["final_norm"]["scale"], lp["out"], x, plan)
+
     def last_fn(lp, x, mb):
-      logits = head_logits(cfg.model, lp["final_norm"]["scale"], lp["out"], x, plan)
-      losses, mask = token_cross_entropy(logits, mb["targets"], plan), mb["loss_mask"]
+      losses, mask = token_cross_entropy(logits_fn(lp, x, mb), mb["targets"], plan), mb["loss_mask"]
       return jnp.sum(losses * mask), jnp.sum(mask)
 
     first = {"embed": compute["embed"]}
     last = {"final_norm": compute["final_norm"], "out": compute["embed"] if tied else compute["lm_head"]}
     loss_sum, count, d_first, d_parts, d_last, _ = run_pipeline(
-        schedule, first_fn, part_fn, last_fn, first, to_stages(compute["layers"], schedule), last, microbatch(batch),
-        mesh=plan.mesh, batch_axes=plan.activation_axes("batch"),
-        x_spec=plan.spec((None, "residual_length", "embed"), plan.activations))
+        schedule, first_fn, part_fn, logits_fn if split else last_fn, first, to_stages(compute["layers"], schedule),
+        last, microbatch(batch), mesh=plan.mesh, batch_axes=plan.activation_axes("batch"),
+        x_spec=plan.spec((None, "residual_length", "embed"), plan.activations), vocab=split)
     grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0),
              "layers": from_stages(d_parts, schedule), "final_norm": d_last["final_norm"]}
     if not tied:

@@ -19,6 +19,8 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   require(stages == 1 or s.pipeline != "none",
           f"mesh.stage={stages} needs a pipeline schedule: sharding.pipeline one of {PIPELINE_SCHEDULES[1:]}")
   if s.pipeline == "none":
+    require(not s.pipeline_vocab_parallel, "sharding.pipeline_vocab_parallel=true needs a pipeline: set "
+                                           f"sharding.pipeline (one of {PIPELINE_SCHEDULES[1:]})")
     return
   require(s.virtual_stages >= 1, f"sharding.virtual_stages={s.virtual_stages}: must be positive")
   c = chunks(config)
@@ -31,6 +33,12 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   if s.pipeline == "interleaved":
     require(d.microbatches % stages == 0, f"data.microbatches={d.microbatches} is not a multiple of mesh.stage="
                                           f"{stages} (sharding.pipeline='interleaved' runs groups of one per stage)")
+  if s.pipeline_vocab_parallel:
+    split = stages * (sizes["tensor"] if s.vocab_parallel else 1)
+    require(m.vocab_size % split == 0,
+            f"model.vocab_size={m.vocab_size} is not divisible by mesh.stage={stages}"
+            + (f" x mesh.tensor={sizes['tensor']}" if s.vocab_parallel else "")
+            + " (sharding.pipeline_vocab_parallel=true splits the vocabulary over the stages)")
   for axis in ("seq", "expert"):
     require(sizes[axis] == 1, f"mesh.{axis}={sizes[axis]}: a pipeline composes with the batch axes and mesh.tensor "
                               f"only so far; "

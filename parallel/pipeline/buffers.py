@@ -37,9 +37,18 @@ class Buffers:
   x_slots: int
   g_slots: int
   held: np.ndarray  # [ticks, stages]: activation inputs held during each tick
+  # Vocabulary parallelism over stages (all stages join the embedding and the head): per tick,
+  # the same in every column, the microbatch whose first-part forward, last-part forward and
+  # first-part backward runs this tick (-1: none); and where the head's gradient lands.
+  embed_mb: np.ndarray
+  head_mb: np.ndarray
+  embed_grad_mb: np.ndarray
+  head_slot: np.ndarray
 
 
-def plan_buffers(s: Schedule) -> Buffers:
+def plan_buffers(s: Schedule, vocab_parallel: bool = False) -> Buffers:
+  """With `vocab_parallel` the last part's forward runs the part (the head runs beside it, on
+  all stages) and its backward reads the head's gradient from a slot, as every other part does."""
   p, t_max, last_part = s.stages, s.ticks, s.n_parts - 1
   back = B if s.split_backward else BW
   when, where = {}, {}
@@ -66,12 +75,15 @@ def plan_buffers(s: Schedule) -> Buffers:
       nxt = (back, mb, part + 1)
       start = when[nxt] + (0 if where[nxt] == st else 1)
       g_live[(mb, part)] = (st, start, when[(done, mb, part)])
+    if k == F and part == last_part and vocab_parallel:  # the head's gradient, from this tick
+      g_live[(mb, part)] = (st, t, when[(done, mb, part)])
   x_slot_of, x_slots = _colour(x_live, p)
   g_slot_of, g_slots = _colour(g_live, p)
 
   shape = (t_max, p)
   arr = {name: np.full(shape, -1, int) for name in ("x_slot", "g_slot", "arrive_x_up", "arrive_x_down", "arrive_g_up",
-                                                    "arrive_g_down", "local_slot")}
+                                                    "arrive_g_down", "local_slot", "embed_mb", "head_mb",
+                                                    "embed_grad_mb", "head_slot")}
   first, last = np.zeros(shape, int), np.zeros(shape, int)
   send_x, send_g = np.full(shape, NONE, int), np.full(shape, NONE, int)
   held = np.zeros(shape, int)
@@ -81,8 +93,15 @@ def plan_buffers(s: Schedule) -> Buffers:
     st = where[(k, mb, part)]
     first[t, st], last[t, st] = part == 0, part == last_part
     arr["x_slot"][t, st] = x_slot_of[(mb, part)]
-    if k in (B, BW, W) and part < last_part:
+    if k in (B, BW, W) and (mb, part) in g_slot_of:
       arr["g_slot"][t, st] = g_slot_of[(mb, part)]
+    if vocab_parallel and k == F and part == 0:
+      arr["embed_mb"][t, :] = mb
+    if vocab_parallel and k == F and part == last_part:
+      arr["head_mb"][t, :] = mb
+      arr["head_slot"][t, st] = g_slot_of[(mb, part)]
+    if vocab_parallel and k in (B, BW) and part == 0:
+      arr["embed_grad_mb"][t, :] = mb
     if k == F and part < last_part:
       dst = where[(F, mb, part + 1)]
       send_x[t, st] = _direction(st, dst, p, UP if s.chunk_direction(int(s.chunk[t, st])) > 0 else DOWN)

@@ -18,6 +18,12 @@ The model comes in as callables, so `parallel/` knows nothing of `models/`:
 
 `mb_inputs` is one microbatch of `inputs` (every array's leading axis is the microbatch), so each
 part can read what it needs (positions, segment ids) without it travelling.
+
+With `vocab` (a `VocabSplit`, `parallel/pipeline/vocab.py`) the embedding and the output layer are
+split on the vocabulary over all stages instead: `first_params` and `last_params` come in sliced
+over `axis` on their vocabulary dimension, `last_fn(last_params, x, mb_inputs)` returns this
+stage's slice of the logits, and every stage joins the ticks where the first part's forward or
+backward or the last part's forward runs (a `cond` on the table, the same on every stage).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from parallel.pipeline.buffers import DOWN, LOCAL, UP, plan_buffers
 from parallel.pipeline.schedule import BW, B, F, W, Schedule
+from parallel.pipeline.vocab import VocabSplit, head_loss_and_grads, partial_embedding
 
 F32 = jnp.float32
 
@@ -64,7 +71,7 @@ def _add_at(tree: Any, index: jax.Array, update: Any) -> Any:
 
 def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last_fn: Callable, first_params: Any,
                  part_params: Any, last_params: Any, inputs: Any, *, mesh: Mesh, axis: str = "stage",
-                 batch_axes: tuple[str, ...] = (), x_spec: P | None = None) -> tuple:
+                 batch_axes: tuple[str, ...] = (), x_spec: P | None = None, vocab: VocabSplit | None = None) -> tuple:
   """Loss and gradients of a pipelined model.
 
   Args:
@@ -90,8 +97,10 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   """
   if mesh.shape[axis] != schedule.stages:
     raise ValueError(f"run_pipeline: the schedule has {schedule.stages} stages, mesh axis {axis!r} {mesh.shape[axis]}")
-  buffers = plan_buffers(schedule)
+  buffers = plan_buffers(schedule, vocab_parallel=vocab is not None)
   p = schedule.stages
+  if vocab is not None and vocab.size % p:
+    raise ValueError(f"run_pipeline: vocabulary size {vocab.size} is not divisible by the {p} stages")
   table = {"kind": schedule.kind, "mb": schedule.microbatch, "chunk": schedule.chunk,
            **{f.name: getattr(buffers, f.name) for f in buffers.__dataclass_fields__.values()
               if isinstance(getattr(buffers, f.name), np.ndarray) and f.name != "held"}}
@@ -100,23 +109,33 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
                             batch_axes=batch_axes, x_slots=buffers.x_slots, g_slots=buffers.g_slots,
-                            two_way=two_way, microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec)
+                            two_way=two_way, microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec,
+                            vocab=vocab)
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
+  over_vocab = lambda dims, params: jax.tree.map(lambda _: rep, params) if vocab is None else jax.tree.map(
+      lambda d, _: rep if d is None else P(*([None] * d), axis), dims, params, is_leaf=_is_none)
+  first_spec, last_spec = over_vocab(getattr(vocab, "first_dims", None), first_params), over_vocab(
+      getattr(vocab, "last_dims", None), last_params)
   stats_spec = {"peak_held": P(axis), "b_tick": P(axis), "w_tick": P(axis)}
   rows = P(None, batch_axes or None)
   return jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis, *batch_axes}),
-                       in_specs=(jax.tree.map(lambda _: P(None, axis), table), jax.tree.map(lambda _: rep, first_params),
-                                 part_spec, jax.tree.map(lambda _: rep, last_params), jax.tree.map(lambda _: rows, inputs)),
-                       out_specs=(rep, rep, jax.tree.map(lambda _: rep, first_params), part_spec,
-                                  jax.tree.map(lambda _: rep, last_params), stats_spec),
+                       in_specs=(jax.tree.map(lambda _: P(None, axis), table), first_spec, part_spec, last_spec,
+                                 jax.tree.map(lambda _: rows, inputs)),
+                       out_specs=(rep, rep, first_spec, part_spec, last_spec, stats_spec),
                        check_vma=False)(table, first_params, part_params, last_params, inputs)
 
 
 def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, batch_axes,
-           x_slots, g_slots, two_way, microbatches, chunks, x_spec):
+           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
+  if vocab is not None:
+    first_fn = partial_embedding(first_fn, vocab, axis, p)
   x_shape = jax.eval_shape(first_fn, first_params, jax.tree.map(lambda x: x[0], inputs))  # this shard's rows
+  # Without vocabulary parallelism the embedding runs inside the first part's actions and the
+  # head inside the last part's backward (its forward only stores the input); with it, both run
+  # beside the switch on every stage.
+  split = vocab is not None
   zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
   xbuf = jnp.zeros((x_slots + 1,) + x_shape.shape, x_shape.dtype)
   gbuf = jnp.zeros((g_slots + 1,) + x_shape.shape, F32)
@@ -136,10 +155,14 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   def forward(state, r):
     xbuf, gbuf, acc = state
     mb_in, params = take(inputs, r["mb"]), take(part_params, r["chunk"])
-    x = jax.lax.cond(r["first"] == 1, lambda: first_fn(first_params, mb_in).astype(x_shape.dtype),
-                     lambda: _get(xbuf, r["x_slot"]))
-    xbuf = _put(xbuf, jnp.where(r["first"] == 1, r["x_slot"], -1), x)
-    y = jax.lax.cond(r["last"] == 1, lambda: x, lambda: part_fn(params, x, mb_in).astype(x_shape.dtype))
+    if split:  # the embedding phase stored it already
+      x = _get(xbuf, r["x_slot"])
+    else:
+      x = jax.lax.cond(r["first"] == 1, lambda: first_fn(first_params, mb_in).astype(x_shape.dtype),
+                       lambda: _get(xbuf, r["x_slot"]))
+      xbuf = _put(xbuf, jnp.where(r["first"] == 1, r["x_slot"], -1), x)
+    run_part = lambda: part_fn(params, x, mb_in).astype(x_shape.dtype)
+    y = run_part() if split else jax.lax.cond(r["last"] == 1, lambda: x, run_part)
     xbuf = _put(xbuf, jnp.where(r["send_x"] == LOCAL, r["local_slot"], -1), y)
     return (xbuf, gbuf, acc), y, jnp.zeros(x_shape.shape, F32)
 
@@ -163,7 +186,7 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
                   _get(gbuf, r["g_slot"]).astype(x.dtype))
       return {**zero, **g}, jnp.zeros((), F32), jnp.zeros((), F32)
 
-    g, loss, count = jax.lax.cond(r["last"] == 1, from_loss, from_grad)
+    g, loss, count = from_grad() if split else jax.lax.cond(r["last"] == 1, from_loss, from_grad)
     if weights:
       acc = {**acc, "part": _add_at(acc["part"], r["chunk"], g["w"])}
     if not inputs_grad:
@@ -178,7 +201,8 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
       (d,) = vjp(dx.astype(x_shape.dtype))
       return jax.tree.map(lambda a, b: a + b.astype(F32), acc["first"], d)
 
-    acc = {**acc, "first": jax.lax.cond(r["first"] == 1, embed_grad, lambda: acc["first"])}
+    if not split:  # (with it, the embedding phase takes the gradient on every stage)
+      acc = {**acc, "first": jax.lax.cond(r["first"] == 1, embed_grad, lambda: acc["first"])}
     gbuf = _put(gbuf, jnp.where(r["send_g"] == LOCAL, r["local_slot"], -1), dx)
     return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), dx
 
@@ -201,6 +225,28 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
 
   branches = [pinned(b) for b in branches]
 
+  def embed_phase(xbuf, r):
+    """Every stage looks up its slice; the sum lands on the stage running the first part."""
+    x = jax.lax.psum(first_fn(first_params, take(inputs, r["embed_mb"])).astype(x_shape.dtype), axis)
+    return pin(_put(xbuf, jnp.where((r["kind"] == F) & (r["first"] == 1), r["x_slot"], -1), x), None)
+
+  def head_phase(gbuf, acc, r, y):
+    """The last part's output, summed to every stage; each scores its slice of the vocabulary."""
+    here = (r["kind"] == F) & (r["last"] == 1)
+    h = jax.lax.psum(jnp.where(here, y, jnp.zeros_like(y)), axis)
+    loss, count, d_last, d_h = head_loss_and_grads(last_fn, vocab, axis, last_params, h, take(inputs, r["head_mb"]))
+    acc = {**acc, "last": jax.tree.map(jnp.add, acc["last"], d_last), "loss": acc["loss"] + jnp.where(here, loss, 0.0),
+           "count": acc["count"] + jnp.where(here, count, 0.0)}
+    return pin(_put(gbuf, jnp.where(here, r["head_slot"], -1), d_h), None), acc
+
+  def embed_grad_phase(acc, r, dx):
+    """The first part's input gradient, summed to every stage; each takes its slice's gradient."""
+    here = ((r["kind"] == B) | (r["kind"] == BW)) & (r["first"] == 1)
+    d = jax.lax.psum(jnp.where(here, dx, jnp.zeros_like(dx)), axis)
+    _, pullback = jax.vjp(lambda fp: first_fn(fp, take(inputs, r["embed_grad_mb"])), first_params)
+    (g,) = pullback(d.astype(x_shape.dtype))
+    return {**acc, "first": jax.tree.map(lambda a, b: a + b.astype(F32), acc["first"], g)}
+
   def tick(carry, row):
     xbuf, gbuf, acc, arrived = carry
     t, r = row[0], jax.tree.map(lambda a: a[0], row[1])
@@ -208,7 +254,12 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
     gbuf = _put(_put(gbuf, r["arrive_g_up"], arrived["g_up"]), r["arrive_g_down"], arrived["g_down"])
     stored = ((r["arrive_x_up"] >= 0).astype(jnp.int32) + (r["arrive_x_down"] >= 0)
               + ((r["kind"] == F) & (r["first"] == 1)) + ((r["kind"] == F) & (r["send_x"] == LOCAL)))
+    if split:
+      xbuf = jax.lax.cond(r["embed_mb"] >= 0, embed_phase, lambda b, r: b, xbuf, r)
     (xbuf, gbuf, acc), y, dx = jax.lax.switch(r["kind"], branches, (xbuf, gbuf, acc), r)
+    if split:
+      gbuf, acc = jax.lax.cond(r["head_mb"] >= 0, head_phase, lambda gbuf, acc, r, y: (gbuf, acc), gbuf, acc, r, y)
+      acc = jax.lax.cond(r["embed_grad_mb"] >= 0, embed_grad_phase, lambda acc, r, dx: acc, acc, r, dx)
     acc = _count(acc, r, t, stored)
     pick = lambda v, sel, direction: jnp.where(sel == direction, v, jnp.zeros_like(v))
     arrived = {"x_up": jax.lax.ppermute(pick(y, r["send_x"], UP), axis, _shift(p, 1)),
@@ -222,11 +273,19 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
 
   ticks = jnp.arange(table["kind"].shape[0], dtype=jnp.int32)
   (_, _, acc, _), _ = jax.lax.scan(tick, (xbuf, gbuf, acc, arrived), (ticks, table))  # rows [1]: this stage's
-  # The one reduction of the step: over stages for what every stage shares, over batch shards for all.
-  psum = lambda t, axes=(axis, *batch_axes): jax.tree.map(lambda a: jax.lax.psum(a, axes), t)
-  part_grads = jax.tree.map(lambda a: a[None], psum(acc["part"], batch_axes) if batch_axes else acc["part"])
+  # The one reduction of the step: over stages for what every stage shares (not the vocabulary
+  # slices of a split embedding and head), over batch shards for all.
+  psum = lambda t, axes=(axis, *batch_axes): jax.tree.map(lambda a: jax.lax.psum(a, axes) if axes else a, t)
+  shared = lambda tree, dims: psum(tree) if not split else jax.tree.map(
+      lambda d, a: psum(a, (axis, *batch_axes) if d is None else batch_axes), dims, tree, is_leaf=_is_none)
+  part_grads = jax.tree.map(lambda a: a[None], psum(acc["part"], batch_axes))
   stats = {k: acc[k][None] for k in ("peak_held", "b_tick", "w_tick")}
-  return psum(acc["loss"]), psum(acc["count"]), psum(acc["first"]), part_grads, psum(acc["last"]), stats
+  return (psum(acc["loss"]), psum(acc["count"]), shared(acc["first"], getattr(vocab, "first_dims", None)), part_grads,
+          shared(acc["last"], getattr(vocab, "last_dims", None)), stats)
+
+
+def _is_none(x) -> bool:
+  return x is None
 
 
 def _count(acc: dict, r: dict, t: jax.Array, stored: jax.Array) -> dict:

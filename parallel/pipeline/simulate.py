@@ -10,6 +10,10 @@ Memory is the executor's: `buffers.plan_buffers` holds each input from its arriv
 use. Closed forms this agrees with (checked in the tests), for F = B + W and no transfer cost: GPipe
 and 1F1B idle a fraction (p-1)/(m+p-1) of the step; interleaving v chunks per stage divides the
 idle time by v, (p-1)/(v*m+p-1); ZB-H1 idles about a third as long as 1F1B when F = B = W.
+
+The output layer and its loss (`head`, forward and backward of one microbatch) run either on the
+last part's stage, inside that part's backward, or, with vocabulary parallelism, split over all
+stages: a tick in which the last part's forward runs lasts `head / p` longer, on every stage.
 """
 
 from __future__ import annotations
@@ -20,21 +24,35 @@ from parallel.pipeline.buffers import plan_buffers
 from parallel.pipeline.schedule import ACTION_NAMES, B, BW, F, IDLE, W, Schedule
 
 
-def action_costs(schedule: Schedule, f: float, b: float, w: float) -> np.ndarray:
-  """float [ticks, stages]: each action's cost (0 when idle)."""
+def action_costs(schedule: Schedule, f: float, b: float, w: float, head: float = 0.0) -> np.ndarray:
+  """float [ticks, stages]: each action's cost (0 when idle); `head` is added to the last part's
+  backward (B or combined) on its stage."""
   per = {IDLE: 0.0, F: f, B: b, W: w, BW: b + w}
-  return np.vectorize(per.get)(schedule.kind).astype(float) / schedule.chunks
+  cost = np.vectorize(per.get)(schedule.kind).astype(float) / schedule.chunks
+  if head:
+    cost += head * (_is_last_part(schedule) & np.isin(schedule.kind, (B, BW)))
+  return cost
 
 
-def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0, transfer: float = 0.0) -> dict:
+def _is_last_part(schedule: Schedule) -> np.ndarray:
+  last = schedule.n_parts - 1
+  return np.asarray([[schedule.kind[t, s] != IDLE and schedule.part(s, int(schedule.chunk[t, s])) == last
+                      for s in range(schedule.stages)] for t in range(schedule.ticks)])
+
+
+def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0, transfer: float = 0.0,
+             head: float = 0.0, vocab_parallel: bool = False) -> dict:
   """Step time, bubble fraction (idle over stages x time) and, per stage, the most microbatch
   activation inputs held at once (from their arrival until their last backward use): exactly the
   executor's buffer slots."""
-  cost = action_costs(schedule, f, b, w)
+  cost = action_costs(schedule, f, b, w, 0.0 if vocab_parallel else head)
   sends = np.any(np.isin(schedule.kind, (F, B, BW)), axis=1) & (schedule.stages > 1)
-  tick = cost.max(axis=1) + transfer * sends
+  shared = np.zeros(schedule.ticks)
+  if vocab_parallel:  # every stage scores its slice while the last part's forward runs
+    shared = head / schedule.stages * np.any(_is_last_part(schedule) & (schedule.kind == F), axis=1)
+  tick = cost.max(axis=1) + shared + transfer * sends
   time = float(tick.sum())
-  busy = cost.sum(axis=0)
+  busy = cost.sum(axis=0) + shared.sum()
   return {"schedule": schedule.name, "stages": schedule.stages, "microbatches": schedule.microbatches,
           "chunks": schedule.chunks, "ticks": schedule.ticks, "time": time,
           "bubble": float(1.0 - busy.mean() / time), "peak_stored": plan_buffers(schedule).held.max(axis=0).tolist()}

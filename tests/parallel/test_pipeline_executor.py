@@ -12,6 +12,7 @@ from parallel.mesh import make_mesh
 from parallel.pipeline.executor import run_pipeline
 from parallel.pipeline.schedule import SCHEDULES, make_schedule
 from parallel.pipeline.simulate import simulate
+from parallel.pipeline.vocab import VocabSplit
 from tests.reference import assert_close
 
 V, D, T, MB = 16, 8, 6, 2  # vocab, width, tokens, rows per microbatch
@@ -133,3 +134,27 @@ def _dense_grads(fp, layers, lp, inputs):
   (loss, count), grads = jax.value_and_grad(lambda a, b, c: dense_loss(a, b, c, inputs), argnums=(0, 1, 2),
                                             has_aux=True)(fp, layers, lp)
   return (loss, count), grads
+
+
+def logits_fn(lp, x, mb):
+  del mb
+  return x @ lp["head"]
+
+
+@pytest.mark.parametrize("name,p,batch_axes", [("1f1b", 4, ()), ("zb-h1", 2, ("data",)), ("zb-v", 2, ()),
+                                               ("interleaved", 2, ()), ("gpipe", 8, ())])
+def test_vocabulary_parallel_matches_the_last_stage_head(name, p, batch_axes):
+  """Embedding and output layer split on the vocabulary over the stages: the same loss and
+  gradients as the plain model (whose head is whole, on one device)."""
+  d = 2 if batch_axes else 1
+  mesh = make_mesh({"stage": p, "data": d}, jax.devices()[:p * d])
+  schedule = make_schedule(name, p, 2 * p, CHUNKS.get(name, 1))
+  fp, layers, lp, inputs = model(2 * schedule.n_parts, 2 * p, seed=2)
+  (want_loss, want_count), want = _dense_grads(fp, layers, lp, inputs)
+  split = VocabSplit(size=V, first_dims={"embed": 0}, last_dims={"head": 1}, mask="mask")
+  loss, count, dfp, dparts, dlp, _ = jax.jit(lambda *a: run_pipeline(
+      schedule, first_fn, part_fn, logits_fn, *a, mesh=mesh, batch_axes=batch_axes, vocab=split))(
+          fp, to_stages(layers, schedule), lp, inputs)
+  np.testing.assert_allclose(float(count), float(want_count))
+  assert_close(loss, want_loss, what=f"{name} loss")
+  assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} gradients")

@@ -56,6 +56,17 @@ def test_context_parallel_plan_splits_length_over_seq():
   assert plan.spec(("batch", "length", "heads", "head_dim"), plan.activations) == P(None, "seq", "tensor", None)
 
 
+def test_pipeline_plan_stores_layers_and_vocab_slices_on_stages():
+  mesh = make_mesh({"stage": 2, "data": 2, "tensor": 2})
+  plan = make_plan(mesh, zero_stage=3, strategies=Strategies(pipeline="1f1b", pipeline_vocab=True))
+  assert plan.spec(("layers", "embed", "mlp"), plan.params) == P("stage", None, "tensor")
+  assert plan.spec(("vocab", "embed"), plan.params) == P(("stage", "tensor"), None)
+  # Logits inside a stage split only over tensor: the stage slice is the executor's business.
+  assert plan.activation_axes("vocab") == ("tensor",)
+  plain = make_plan(mesh, strategies=Strategies(pipeline="1f1b"))
+  assert plain.spec(("vocab", "embed"), plain.params) == P("tensor", None)
+
+
 def test_single_device_plan_constrains_nothing():
   plan = single_device_plan()
   assert plan.mesh.size == 1 and plan.activation_axes("batch") == () and plan.activation_axes("vocab") == ()

@@ -72,6 +72,24 @@ def test_activation_memory(p, m):
   assert peak("1f1b") == [p] + [p - s + 1 for s in range(1, p)]
 
 
+def test_head_on_the_last_stage_or_split_over_all():
+  """GPipe, p=2, m=2, F=B=1 (W=0), head 4, by hand. Ticks: F0 | F1,F0 | F1 | B0 | B1,B0 | B1.
+  Last stage: each backward also runs the head, 1+4: 1+1+1+5+5+1 = 14; stage work 4 and 12, idle
+  1 - 16/28. Split: the two ticks of the last stage's forwards last 1 + 4/2: 1+3+3+1+1+1 = 10;
+  work 8 and 8, idle 1 - 16/20."""
+  s = make_schedule("gpipe", 2, 2)
+  last, split = simulate(s, 1, 1, 0, head=4), simulate(s, 1, 1, 0, head=4, vocab_parallel=True)
+  assert (last["time"], split["time"]) == (14.0, 10.0)
+  np.testing.assert_allclose((last["bubble"], split["bubble"]), (1 - 16 / 28, 1 - 16 / 20))
+  for name in SCHEDULES:  # the same work either way, and no head is no change
+    s = make_schedule(name, 4, 8, 2 if name in ("circular", "interleaved", "zb-v") else 1)
+    runs = [simulate(s, 1, 1, 1, head=h, vocab_parallel=vp) for h, vp in ((3, False), (3, True), (0, True))]
+    work = [r["time"] * (1 - r["bubble"]) for r in runs[:2]]
+    np.testing.assert_allclose(work[0], work[1])
+    assert runs[1]["time"] < runs[0]["time"]
+    assert runs[2]["time"] == simulate(s, 1, 1, 1)["time"]
+
+
 def test_errors_and_a_drawing(tmp_path):
   with pytest.raises(ValueError, match="schedule 'pipedream'"):
     make_schedule("pipedream", 4, 8)

@@ -140,6 +140,12 @@ PIPELINE_ROWS = {  # name -> (mesh, schedule, microbatches, virtual stages[, ZeR
     "interleaved_stage2_fsdp4_zero3_m2": ({"stage": 2, "fsdp": 4}, "interleaved", 2, 2, 3),
     "gpipe_stage2_data2_fsdp2_zero1_m2": ({"stage": 2, "data": 2, "fsdp": 2}, "gpipe", 2, 1, 1),
 }
+# Vocabulary parallelism over the stages (embedding and output layer split on vocab).
+VOCAB_ROWS = {  # name -> (mesh, schedule, microbatches, virtual stages, ZeRO stage, tied embeddings)
+    "vocab_1f1b_stage4_tensor2_m4": ({"stage": 4, "tensor": 2}, "1f1b", 4, 1, 0, False),
+    "vocab_zb-v_stage2_data2_tensor2_m2_tied": ({"stage": 2, "data": 2, "tensor": 2}, "zb-v", 2, 1, 0, True),
+    "vocab_zb-h1_stage2_fsdp4_zero3_m2": ({"stage": 2, "fsdp": 4}, "zb-h1", 2, 1, 3, False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +160,19 @@ def test_pipeline_matches_single_device(name, reference_pipeline):
                            virtual_stages=chunks))
   assert reference_pipeline[-1] < reference_pipeline[0]
   np.testing.assert_allclose(losses, reference_pipeline, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline_tied():
+  return _losses(_config({}, model=dataclasses.replace(PIPELINE_MODEL, tie_embeddings=True)))
+
+
+@pytest.mark.parametrize("name", list(VOCAB_ROWS))
+def test_pipeline_vocabulary_parallel_matches_single_device(name, reference_pipeline, reference_pipeline_tied):
+  mesh, schedule, micro, chunks, zero, tied = VOCAB_ROWS[name]
+  model = dataclasses.replace(PIPELINE_MODEL, tie_embeddings=tied)
+  losses = _losses(_config(mesh, zero=zero, model=model, micro=micro, pipeline=schedule, virtual_stages=chunks,
+                           pipeline_vocab_parallel=True))
+  want = reference_pipeline_tied if tied else reference_pipeline
+  assert want[-1] < want[0]
+  np.testing.assert_allclose(losses, want, rtol=1e-5)

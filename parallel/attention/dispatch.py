@@ -50,8 +50,7 @@ def attend(q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array, seg
   op = _METHODS[method]
   if method == "usp":
     op = functools.partial(op, ulysses=plan.strategies.ulysses)
-  if method not in ("allgather", "lasp2"):  # all-gather-KV masks by original indices: the XLA block
-    op = functools.partial(op, implementation=implementation)
+  op = functools.partial(op, implementation=implementation)
   return op(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, segment_ids_BxL, mesh=plan.op_mesh, axis=SEQ,
             layout=plan.strategies.layout, batch_axes=plan.activation_axes("batch"),
             head_axes=plan.activation_axes("heads"))

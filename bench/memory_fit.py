@@ -14,6 +14,7 @@ import json
 from absl import app, flags
 
 import configs
+from bench.fit import largest
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "1b", "Preset to size.")
@@ -22,39 +23,6 @@ flags.DEFINE_multi_string("set", [], "Extra overrides, section.field=value.")
 flags.DEFINE_integer("max_batch", 64, "Largest per-device batch to try.")
 flags.DEFINE_integer("max_seq", 131072, "Largest sequence length to try.")
 flags.DEFINE_string("out", "", "Write the table as JSON here.")
-
-
-def compiled_bytes(config: configs.Config) -> int:
-  """Device bytes the compiled train step needs (XLA's estimate)."""
-  import jax
-
-  from training.state import setup_from_config
-  from training.step import make_train_step
-
-  setup = setup_from_config(config)
-  shape = (config.data.global_batch, config.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jax.numpy.int32) for k in
-           ("inputs", "targets", "segment_ids", "positions")}
-  batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jax.numpy.float32)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in batch.items()}
-  m = make_train_step(setup).lower(setup.abstract_state, batch).compile().memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-
-
-def largest(config_for, values, limit: int) -> tuple[int | None, list[dict]]:
-  best, tried = None, []
-  for v in values:
-    try:
-      need = compiled_bytes(config_for(v))
-    except Exception as err:  # noqa: BLE001 - a size XLA refuses to compile does not fit
-      tried.append({"value": v, "gib": None, "error": type(err).__name__})
-      break
-    tried.append({"value": v, "gib": need / 2**30})
-    if need > limit:
-      break
-    best = v
-  return best, tried
 
 
 def main(argv):

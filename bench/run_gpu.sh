@@ -9,6 +9,9 @@
 #   scale    two GPUs: one GPU, then ZeRO-1/2/3 over both at the same per-GPU batch
 #   profile  one GPU: where the `1b` step's device time goes (bench/profile_step.py)
 #   fit      one GPU: the largest batch and sequence per remat policy (bench/memory_fit.py)
+#   context  every visible GPU count of 1, 2, 4, 8: ring (zigzag) and all-gather-KV attention
+#            against N x one GPU, full and causal, 16K tokens per GPU (bench/context_scaling.py)
+#   context_fit  the same counts: the longest trainable `1b` context under ring attention
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -80,6 +83,13 @@ case $set_name in
   fit)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/memory_fit.py --config=1b \
       --max_batch=32 --max_seq=65536 --out="$out/memory_fit.fit" 2>&1 | grep -E "^FIT|Error|error" | tail -n 20
+    ;;
+  context|context_fit)
+    n=$(nvidia-smi -L | wc -l); counts=1
+    for k in 2 4 8; do if [ "$k" -le "$n" ]; then counts="$counts,$k"; fi; done
+    if [ "$set_name" = context ]; then what="--tokens_per_device=16384"; else what="--masks= --fit"; fi
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/context_scaling.py --devices="$counts" $what \
+      --out="$out/$set_name.cp" 2>&1 | quiet | tail -n 24
     ;;
   *)
     echo "unknown set: $set_name" >&2; exit 2 ;;

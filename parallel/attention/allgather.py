@@ -66,13 +66,13 @@ allgather_core = ring_custom_vjp(allgather_forward, allgather_backward)
 
 def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
                         mesh: Mesh, axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
-                        head_axes: Sequence[str] = (), implementation: str = "xla") -> jax.Array:
+                        head_axes: Sequence[str] = (), implementation: str = "xla", causal: bool = True) -> jax.Array:
   """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`.
-  `implementation="cudnn"` runs each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16,
+  `causal=False`: every query sees every key (of its document). `implementation="cudnn"` runs each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16,
   no segment ids); "xla" everywhere else."""
   check_inputs("allgather_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                batch_axes=batch_axes, head_axes=head_axes)
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
-              fused=implementation == "cudnn")
+              fused=implementation == "cudnn", causal=causal)
   return shard_attention(functools.partial(allgather_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
                          layout=layout, batch_axes=batch_axes, head_axes=head_axes)

@@ -91,7 +91,7 @@ def test_schedule_matches_the_plain_model(name, p):
       assert (w > b).all() and (w > b + 1).any()
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", ["interleaved", "zb-h1", "zb-v"])  # chunks; B/W split; two-way sends
 def test_schedule_with_data_shards_matches_the_plain_model(name):
   """stage=2 x data=2 x tensor=2: each data shard pipelines its own rows; one reduction at the end."""
   mesh = make_mesh({"stage": 2, "data": 2, "tensor": 2}, jax.devices()[:8])
@@ -142,7 +142,7 @@ def logits_fn(lp, x, mb):
 
 
 @pytest.mark.parametrize("name,p,batch_axes", [("1f1b", 4, ()), ("zb-h1", 2, ("data",)), ("zb-v", 2, ()),
-                                               ("interleaved", 2, ()), ("gpipe", 8, ())])
+                                               ("gpipe", 8, ())])
 def test_vocabulary_parallel_matches_the_last_stage_head(name, p, batch_axes):
   """Embedding and output layer split on the vocabulary over the stages: the same loss and
   gradients as the plain model (whose head is whole, on one device)."""

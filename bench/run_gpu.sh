@@ -12,6 +12,9 @@
 #   context  every visible GPU count of 1, 2, 4, 8: ring (zigzag) and all-gather-KV attention
 #            against N x one GPU, full and causal, 16K tokens per GPU (bench/context_scaling.py)
 #   context_fit  the same counts: the longest trainable `1b` context under ring attention
+#   pipeline p = every GPU (2 or more): GPipe, 1F1B and ZB-H1 on the `1b` preset, measured bubble
+#            against the simulator's with measured action costs; on one GPU the costs and the
+#            simulated bubbles for p = 2 only (bench/pipeline_bubbles.py)
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -90,6 +93,12 @@ case $set_name in
     if [ "$set_name" = context ]; then what="--tokens_per_device=16384"; else what="--masks= --fit"; fi
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 bench/context_scaling.py --devices="$counts" $what \
       --out="$out/$set_name.cp" 2>&1 | quiet | tail -n 24
+    ;;
+  pipeline)
+    n=$(nvidia-smi -L | wc -l)
+    if [ "$n" -ge 2 ]; then what="--stages=$n"; else what="--stages=2 --costs_only"; fi
+    timeout 580 python3 bench/pipeline_bubbles.py --config=1b --set data.global_batch=8 --microbatches=8 $what \
+      --bubbles_out="$out/pipeline_bubbles.pp" 2>&1 | quiet | tail -n 12
     ;;
   *)
     echo "unknown set: $set_name" >&2; exit 2 ;;

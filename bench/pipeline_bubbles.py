@@ -22,6 +22,7 @@ steps, windows) apply to the measured steps.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -67,7 +68,8 @@ def action_costs(config: configs.Config, p: int, m: int) -> dict:
   stage = configs.get_config(config.name, ["data.source=synthetic", "checkpoint.enabled=false", *FLAGS.set,
                                            "mesh.data=1", "mesh.stage=1", "sharding.pipeline=none",
                                            "data.microbatches=1", f"data.global_batch={rows}",
-                                           f"model.n_layers={config.model.n_layers // p}"])
+                                           f"model.n_layers={config.model.n_layers // p}",
+                                           f"model.scan_unroll={math.gcd(config.model.scan_unroll, config.model.n_layers // p)}"])
   setup = setup_from_config(stage, jax.devices()[:1])
   compute = make_compute_params(setup)(init_state(setup)["params"])
   plan, cfg = setup.plan, stage.model

@@ -23,7 +23,6 @@ sizes (XLA_FLAGS=--xla_force_host_platform_device_count=8).
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from parallel.attention.allgather import allgather_attention
 from parallel.attention.layout import permutation
 from parallel.attention.ring import ring_attention
 from parallel.mesh import make_mesh
+from bench.timing import median_call_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("devices", ["1", "2"], "Device counts N (at most the visible devices).")
@@ -53,16 +53,6 @@ flags.DEFINE_integer("fit_step", 1024, "--fit resolution: multiples of this x 2N
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 METHODS = {"ring": ring_attention, "allgather": allgather_attention}
-
-
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(FLAGS.repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def _fwd_bwd(fn, q, k, v, cot):
@@ -89,7 +79,7 @@ def reference(total: int, causal: bool) -> tuple[float, tuple]:
   attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation=FLAGS.implementation)
   fn = jax.jit(lambda q, k, v: _fwd_bwd(attend, q, k, v, cot)[:2])
-  return _time(fn, q, k, v), fn(q, k, v)
+  return median_call_seconds(fn, q, k, v, repeats=FLAGS.repeats), fn(q, k, v)
 
 
 def scaled(method: str, n: int, total: int, causal: bool) -> tuple[float, tuple]:
@@ -102,7 +92,7 @@ def scaled(method: str, n: int, total: int, causal: bool) -> tuple[float, tuple]
   op = lambda q, k, v: METHODS[method](q, k, v, None, mesh=mesh, axis="seq", layout=layout,
                                        implementation=FLAGS.implementation, causal=causal)
   fn = jax.jit(lambda q, k, v: _fwd_bwd(op, q, k, v, cot)[:2])
-  t = _time(fn, q, k, v)
+  t = median_call_seconds(fn, q, k, v, repeats=FLAGS.repeats)
   inverse = jnp.argsort(perm)
   return t, tuple(jnp.take(jax.device_put(x, jax.devices()[0]), inverse, axis=1) for x in fn(q, k, v))
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
-import numpy as np
 from absl import app, flags
 
 import configs
+from bench.timing import median_call_seconds
 from bench.train_speed import measure
 
 FLAGS = flags.FLAGS
@@ -38,18 +37,6 @@ flags.DEFINE_integer("microbatches", 8, "Microbatches m per step.")
 flags.DEFINE_integer("repeats", 10, "Timed runs per action after a warm-up; the median is kept.")
 flags.DEFINE_bool("costs_only", False, "Only time the actions and simulate (one device).")
 flags.DEFINE_string("bubbles_out", "", "Write the results as JSON here.")
-
-
-def _time(fn, *args) -> float:
-  import jax  # noqa: PLC0415
-
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(FLAGS.repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def action_costs(config: configs.Config, p: int, m: int) -> dict:
@@ -93,8 +80,9 @@ def action_costs(config: configs.Config, p: int, m: int) -> dict:
   b_fn = jax.jit(lambda w, x, g: jax.vjp(lambda x: part(w, x), x)[1](g))
   w_fn = jax.jit(lambda w, x, g: jax.vjp(lambda w: part(w, x), w)[1](g))
   bw_fn = jax.jit(lambda w, x, g: jax.vjp(part, w, x)[1](g))
-  return {"F": _time(jax.jit(part), w, x), "B": _time(b_fn, w, x, g), "W": _time(w_fn, w, x, g),
-          "BW": _time(bw_fn, w, x, g), "head": _time(jax.jit(jax.grad(head, argnums=(0, 1))), last, x)}
+  timed = lambda fn, *args: median_call_seconds(fn, *args, repeats=FLAGS.repeats)
+  return {"F": timed(jax.jit(part), w, x), "B": timed(b_fn, w, x, g), "W": timed(w_fn, w, x, g),
+          "BW": timed(bw_fn, w, x, g), "head": timed(jax.jit(jax.grad(head, argnums=(0, 1))), last, x)}
 
 
 def main(argv):

@@ -19,7 +19,6 @@ error of the output and dq rows against the reference. A table is printed last; 
 from __future__ import annotations
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from absl import app, flags
 
 from parallel.attention.layout import device_tokens
 from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
+from bench.timing import median_call_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["16384", "32768"], "Tokens per device (L).")
@@ -75,16 +75,6 @@ def ring_pass(ring: Ring, me: int, rows, q, ks, vs):
   return attend(q, ks, vs)
 
 
-def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(FLAGS.repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
 def _rel(a, b) -> float:
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -120,7 +110,8 @@ def measure(length: int, n: int, causal: bool) -> dict:
     mono_args = (q, flat(ks), flat(vs))
   mono_fn = jax.jit(lambda q, k, v: _fwd_bwd(mono, q, k, v, mono_cot))
 
-  t_ring, t_mono = _time(ring_fn, q, ks, vs), _time(mono_fn, *mono_args)
+  t_ring = median_call_seconds(ring_fn, q, ks, vs, repeats=FLAGS.repeats)
+  t_mono = median_call_seconds(mono_fn, *mono_args, repeats=FLAGS.repeats)
   (o_ring, dq_ring), (o_mono, dq_mono) = ring_fn(q, ks, vs)[:2], mono_fn(*mono_args)[:2]
   if causal:
     o_mono, dq_mono = take(o_mono, rows[me]), take(dq_mono, rows[me])

@@ -36,3 +36,17 @@ def steady_step_times(dispatch: Callable[[], Handle], wait: Callable[[Handle], N
 def summarize(times: list[float]) -> dict[str, float]:
   """The reported step time is the median window's mean; min and max show the spread."""
   return {"step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}
+
+
+def median_call_seconds(fn: Callable, *args, repeats: int) -> float:
+  """Median wall time of `fn(*args)` (a JAX function) over `repeats` calls after one warm-up
+  (which compiles it), each waited on until its results are ready."""
+  import jax  # noqa: PLC0415 - the PyTorch peer imports this module without JAX
+
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)

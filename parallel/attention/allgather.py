@@ -21,7 +21,6 @@ each pass only.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -29,8 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from parallel.attention.blockwise import F32
-from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result, ring_custom_vjp
+from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result, ring_custom_vjp, run_on_ring
 
 
 def _gather(ring: Ring, k, v, segment_ids, index):
@@ -70,9 +68,6 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
   """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`.
   `causal=False`: every query sees every key (of its document). `implementation="cudnn"` runs each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16,
   no segment ids); "xla" everywhere else."""
-  check_inputs("allgather_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
-               batch_axes=batch_axes, head_axes=head_axes)
-  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
-              fused=implementation == "cudnn", causal=causal)
-  return shard_attention(functools.partial(allgather_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
-                         layout=layout, batch_axes=batch_axes, head_axes=head_axes)
+  return run_on_ring("allgather_attention", allgather_core, q, k, v, segment_ids, mesh=mesh, axis=axis,
+                     layout=layout, batch_axes=batch_axes, head_axes=head_axes, implementation=implementation,
+                     causal=causal)

@@ -221,9 +221,17 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
   `causal=False`: every query sees every key (of its document).
   `implementation="cudnn"` runs each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16,
   no segment ids); "xla" everywhere else."""
-  check_inputs("ring_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
-               batch_axes=batch_axes, head_axes=head_axes)
+  return run_on_ring("ring_attention", ring_core, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
+                     batch_axes=batch_axes, head_axes=head_axes, implementation=implementation, causal=causal)
+
+
+def run_on_ring(name: str, core, q, k, v, segment_ids, *, mesh: Mesh, axis: str, layout: str,
+                batch_axes: Sequence[str], head_axes: Sequence[str], implementation: str, causal: bool = True):
+  """Checks the inputs, then runs `core(ring, q, k, v, segment_ids, index)` (a `ring_custom_vjp`
+  op) on every device's blocks, over a ring of all of `axis`'s devices."""
+  check_inputs(name, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout, batch_axes=batch_axes,
+               head_axes=head_axes)
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
               fused=implementation == "cudnn", causal=causal)
-  return shard_attention(functools.partial(ring_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
+  return shard_attention(functools.partial(core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
                          layout=layout, batch_axes=batch_axes, head_axes=head_axes)

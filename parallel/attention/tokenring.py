@@ -20,7 +20,6 @@ attention, with the roles of queries and keys swapped).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -28,8 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from parallel.attention.blockwise import F32, merge
-from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result, ring_custom_vjp
+from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result, ring_custom_vjp, run_on_ring
 
 
 def _back(n: int, s: jax.Array | int) -> list[tuple[int, int]]:
@@ -79,9 +77,5 @@ def tokenring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
                         head_axes: Sequence[str] = (), implementation: str = "xla") -> jax.Array:
   """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`;
   `implementation` as in `ring.ring_attention`."""
-  check_inputs("tokenring_attention", q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
-               batch_axes=batch_axes, head_axes=head_axes)
-  ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
-              fused=implementation == "cudnn")
-  return shard_attention(functools.partial(tokenring_core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
-                         layout=layout, batch_axes=batch_axes, head_axes=head_axes)
+  return run_on_ring("tokenring_attention", tokenring_core, q, k, v, segment_ids, mesh=mesh, axis=axis,
+                     layout=layout, batch_axes=batch_axes, head_axes=head_axes, implementation=implementation)

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 import configs
 from parallel.mesh import make_mesh
 from parallel.plan import Strategies, make_plan, plan_from_config, single_device_plan
+from parallel.rules.megatron import activation_rules, tensor_rules
 
 
 def test_zero_stages_shard_what_they_should():
@@ -65,6 +66,18 @@ def test_pipeline_plan_stores_layers_and_vocab_slices_on_stages():
   assert plan.activation_axes("vocab") == ("tensor",)
   plain = make_plan(mesh, strategies=Strategies(pipeline="1f1b"))
   assert plain.spec(("vocab", "embed"), plain.params) == P("tensor", None)
+
+
+def test_megatron_tables():
+  """Column-parallel q/k/v and gate/up split their output (heads, mlp) over tensor; the vocabulary
+  only when asked; activations put the batch on the data axes and, under SP, the residual stream's
+  length on tensor too."""
+  weights = tensor_rules()
+  assert (weights["heads"], weights["kv_heads"], weights["mlp"], weights["vocab"]) == ("tensor",) * 4
+  assert weights["embed"] is None and tensor_rules(vocab_parallel=False)["vocab"] is None
+  acts = activation_rules(weights, sequence_parallel=True)
+  assert acts["batch"] == ("replica", "data", "fsdp") and acts["residual_length"] == ("seq", "tensor")
+  assert activation_rules(weights)["residual_length"] == "seq"
 
 
 def test_single_device_plan_constrains_nothing():

@@ -4,6 +4,7 @@ an independent replay), memory and bubbles against the closed forms of the paper
 import numpy as np
 import pytest
 
+from parallel.pipeline.buffers import LOCAL, NONE, UP, plan_buffers
 from parallel.pipeline.schedule import BW, B, F, IDLE, SCHEDULES, W, check, make_schedule
 from parallel.pipeline.simulate import draw, simulate
 
@@ -70,6 +71,24 @@ def test_activation_memory(p, m):
   peak = lambda name: simulate(make_schedule(name, p, m))["peak_stored"]
   assert peak("gpipe") == [m] * p
   assert peak("1f1b") == [p] + [p - s + 1 for s in range(1, p)]
+
+
+def test_buffers_by_hand():
+  """GPipe, p=2, m=2. Ticks: F0 | F1,F0 | F1 | B0 | B1,B0 | B1 (stage 0 first). Stage 0 computes
+  its inputs (part 0) and sends each up; stage 1 stores them on arrival, a tick later, and holds
+  both until its backwards; gradients go down. Each stage needs 2 input slots; stage 0 uses each
+  arriving gradient in the tick it arrives, so one gradient slot serves both (freed, then reused)."""
+  b = plan_buffers(make_schedule("gpipe", 2, 2))
+  assert b.x_slots == 2 and b.held.max(axis=0).tolist() == [2, 2]
+  assert b.send_x[:3, 0].tolist() == [UP, UP, NONE] and b.send_x[:, 1].tolist() == [NONE] * 6
+  assert b.arrive_x_up[:, 1].tolist() == [-1, 0, 1, -1, -1, -1]
+  assert b.arrive_g_down[:, 0].tolist() == [-1, -1, -1, -1, 0, 0] and b.g_slots == 1
+  assert b.first[:, 0].tolist() == [1, 1, 0, 0, 1, 1] and b.last[:, 1].tolist() == [0, 1, 1, 1, 1, 0]
+  assert (b.local_slot == -1).all() and LOCAL not in b.send_x
+  # With vocabulary parallelism every tick knows which microbatch's embedding and head run.
+  v = plan_buffers(make_schedule("gpipe", 2, 2), vocab_parallel=True)
+  assert v.embed_mb[:, 1].tolist() == [0, 1, -1, -1, -1, -1] and v.head_mb[:, 0].tolist() == [-1, 0, 1, -1, -1, -1]
+  assert v.embed_grad_mb[:, 0].tolist() == [-1, -1, -1, -1, 0, 1]
 
 
 def test_head_on_the_last_stage_or_split_over_all():

@@ -1,0 +1,25 @@
+"""The GPU XLA defaults (`parallel/xla_flags.py`): added on a CUDA machine, never over a flag the
+user set, and not at all where JAX runs on the CPU."""
+
+import os
+
+from parallel import xla_flags
+
+
+def test_defaults_join_the_users_flags(monkeypatch):
+  monkeypatch.setattr(xla_flags, "_has_cuda_plugin", lambda: True)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/dump")
+  xla_flags.apply_default_flags()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_gpu_enable_triton_gemm=true" in flags and "--xla_gpu_enable_triton_gemm=false" not in flags
+  assert "--xla_dump_to=/dump" in flags and "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+  assert f"--xla_gpu_all_gather_combine_threshold_bytes={256 * 2**20}" in flags
+
+
+def test_nothing_on_the_cpu(monkeypatch):
+  monkeypatch.setattr(xla_flags, "_has_cuda_plugin", lambda: True)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--a=1")
+  xla_flags.apply_default_flags()
+  assert os.environ["XLA_FLAGS"] == "--a=1"

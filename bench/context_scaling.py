@@ -26,7 +26,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -34,6 +33,7 @@ from parallel.attention.allgather import allgather_attention
 from parallel.attention.layout import permutation
 from parallel.attention.ring import ring_attention
 from parallel.mesh import make_mesh
+from bench.compare import fwd_bwd, rel_err
 from bench.timing import median_call_seconds
 
 FLAGS = flags.FLAGS
@@ -55,16 +55,6 @@ flags.DEFINE_string("out", "", "Write the results as JSON here.")
 METHODS = {"ring": ring_attention, "allgather": allgather_attention}
 
 
-def _fwd_bwd(fn, q, k, v, cot):
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(cot))
-
-
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def _inputs(total: int):
   h, kh, d = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
   keys = jax.random.split(jax.random.key(total), 4)
@@ -78,7 +68,7 @@ def reference(total: int, causal: bool) -> tuple[float, tuple]:
   q, k, v, cot = _inputs(total)
   attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation=FLAGS.implementation)
-  fn = jax.jit(lambda q, k, v: _fwd_bwd(attend, q, k, v, cot)[:2])
+  fn = jax.jit(lambda q, k, v: fwd_bwd(attend, q, k, v, cot)[:2])
   return median_call_seconds(fn, q, k, v, repeats=FLAGS.repeats), fn(q, k, v)
 
 
@@ -91,7 +81,7 @@ def scaled(method: str, n: int, total: int, causal: bool) -> tuple[float, tuple]
   q, k, v, cot = (jax.device_put(jnp.take(x, perm, axis=1), spread) for x in _inputs(total))
   op = lambda q, k, v: METHODS[method](q, k, v, None, mesh=mesh, axis="seq", layout=layout,
                                        implementation=FLAGS.implementation, causal=causal)
-  fn = jax.jit(lambda q, k, v: _fwd_bwd(op, q, k, v, cot)[:2])
+  fn = jax.jit(lambda q, k, v: fwd_bwd(op, q, k, v, cot)[:2])
   t = median_call_seconds(fn, q, k, v, repeats=FLAGS.repeats)
   inverse = jnp.argsort(perm)
   return t, tuple(jnp.take(jax.device_put(x, jax.devices()[0]), inverse, axis=1) for x in fn(q, k, v))
@@ -111,7 +101,7 @@ def attention_rows() -> list[dict]:
         rows.append({"method": method, "mask": mask, "devices": n, "tokens": total,
                      "tokens_per_device": FLAGS.tokens_per_device, "ms": 1e3 * t, "one_device_ms": 1e3 * t_ref,
                      "efficiency": t_ref / (n * t), "tflops_per_device": flops / t / n / 1e12,
-                     "out_rel_err": _rel(o, o_ref), "dq_rel_err": _rel(dq, dq_ref)})
+                     "out_rel_err": rel_err(o, o_ref), "dq_rel_err": rel_err(dq, dq_ref)})
         print(f"RESULT {method} {mask} N={n}: {1e3 * t:.1f} ms vs one device {1e3 * t_ref:.1f} ms, "
               f"efficiency {100 * rows[-1]['efficiency']:.1f}%", flush=True)
   return rows

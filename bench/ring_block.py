@@ -22,11 +22,11 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from parallel.attention.layout import device_tokens
 from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
+from bench.compare import fwd_bwd, rel_err
 from bench.timing import median_call_seconds
 
 FLAGS = flags.FLAGS
@@ -75,11 +75,6 @@ def ring_pass(ring: Ring, me: int, rows, q, ks, vs):
   return attend(q, ks, vs)
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def measure(length: int, n: int, causal: bool) -> dict:
   h, kh, d = FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
   total = n * length
@@ -98,7 +93,7 @@ def measure(length: int, n: int, causal: bool) -> dict:
   impl = FLAGS.implementation
   ring = Ring(axis="unused", size=n, stride=1, layout=layout, scale=d ** -0.5, fused=impl == "cudnn", causal=causal)
   cot = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-  ring_fn = jax.jit(lambda q, ks, vs: _fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs), q, ks, vs, cot))
+  ring_fn = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs), q, ks, vs, cot))
   mono = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
   if causal:  # the whole sequence; the cotangent is mine on my rows and zero elsewhere, so the
     # gradients of my rows are those of the ring pass
@@ -108,7 +103,7 @@ def measure(length: int, n: int, causal: bool) -> dict:
     mono_cot = cot
     flat = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(1, total, kh, d)  # blocks back in sequence order
     mono_args = (q, flat(ks), flat(vs))
-  mono_fn = jax.jit(lambda q, k, v: _fwd_bwd(mono, q, k, v, mono_cot))
+  mono_fn = jax.jit(lambda q, k, v: fwd_bwd(mono, q, k, v, mono_cot))
 
   t_ring = median_call_seconds(ring_fn, q, ks, vs, repeats=FLAGS.repeats)
   t_mono = median_call_seconds(mono_fn, *mono_args, repeats=FLAGS.repeats)
@@ -120,14 +115,8 @@ def measure(length: int, n: int, causal: bool) -> dict:
   ratio = (t_mono / (n if causal else 1)) / t_ring
   return {"tokens_per_device": length, "blocks": n, "mask": "causal zigzag" if causal else "full",
           "ring_ms": 1e3 * t_ring, "monolithic_ms": 1e3 * t_mono, "ratio": ratio,
-          "ring_tflops": 3.5 * flops_fwd / t_ring / 1e12, "out_rel_err": _rel(o_ring, o_mono),
-          "dq_rel_err": _rel(dq_ring, dq_mono)}
-
-
-def _fwd_bwd(fn, q, k, v, cot):
-  """(output, dq, dk, dv) for the cotangent `cot` of the output."""
-  out, vjp = jax.vjp(fn, q, k, v)
-  return (out, *vjp(cot))
+          "ring_tflops": 3.5 * flops_fwd / t_ring / 1e12, "out_rel_err": rel_err(o_ring, o_mono),
+          "dq_rel_err": rel_err(dq_ring, dq_mono)}
 
 
 def main(argv):

@@ -107,16 +107,18 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   table = {k: jnp.asarray(v, jnp.int32) for k, v in table.items()}  # [ticks, stages]
   two_way = schedule.placement == "v"
   batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
+  # Each first/last leaf's vocabulary dimension split over `axis` (None: whole on every stage).
+  first_dims = vocab.first_dims if vocab else jax.tree.map(lambda _: None, first_params)
+  last_dims = vocab.last_dims if vocab else jax.tree.map(lambda _: None, last_params)
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
                             batch_axes=batch_axes, x_slots=buffers.x_slots, g_slots=buffers.g_slots,
                             two_way=two_way, microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec,
-                            vocab=vocab)
+                            vocab=vocab, dims=(first_dims, last_dims))
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
-  over_vocab = lambda dims, params: jax.tree.map(lambda _: rep, params) if vocab is None else jax.tree.map(
-      lambda d, _: rep if d is None else P(*([None] * d), axis), dims, params, is_leaf=_is_none)
-  first_spec, last_spec = over_vocab(getattr(vocab, "first_dims", None), first_params), over_vocab(
-      getattr(vocab, "last_dims", None), last_params)
+  over_vocab = lambda dims, params: jax.tree.map(lambda d, _: rep if d is None else P(*([None] * d), axis), dims,
+                                                 params, is_leaf=_is_none)
+  first_spec, last_spec = over_vocab(first_dims, first_params), over_vocab(last_dims, last_params)
   stats_spec = {"peak_held": P(axis), "b_tick": P(axis), "w_tick": P(axis)}
   rows = P(None, batch_axes or None)
   return jax.shard_map(local, mesh=mesh, axis_names=frozenset({axis, *batch_axes}),
@@ -127,7 +129,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
 
 
 def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, batch_axes,
-           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab):
+           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab, dims):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
   if vocab is not None:
     first_fn = partial_embedding(first_fn, vocab, axis, p)
@@ -276,12 +278,12 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   # The one reduction of the step: over stages for what every stage shares (not the vocabulary
   # slices of a split embedding and head), over batch shards for all.
   psum = lambda t, axes=(axis, *batch_axes): jax.tree.map(lambda a: jax.lax.psum(a, axes) if axes else a, t)
-  shared = lambda tree, dims: psum(tree) if not split else jax.tree.map(
-      lambda d, a: psum(a, (axis, *batch_axes) if d is None else batch_axes), dims, tree, is_leaf=_is_none)
+  shared = lambda tree, dims: jax.tree.map(lambda d, a: psum(a, (axis, *batch_axes) if d is None else batch_axes),
+                                          dims, tree, is_leaf=_is_none)
   part_grads = jax.tree.map(lambda a: a[None], psum(acc["part"], batch_axes))
   stats = {k: acc[k][None] for k in ("peak_held", "b_tick", "w_tick")}
-  return (psum(acc["loss"]), psum(acc["count"]), shared(acc["first"], getattr(vocab, "first_dims", None)), part_grads,
-          shared(acc["last"], getattr(vocab, "last_dims", None)), stats)
+  return (psum(acc["loss"]), psum(acc["count"]), shared(acc["first"], dims[0]), part_grads,
+          shared(acc["last"], dims[1]), stats)
 
 
 def _is_none(x) -> bool:

@@ -1,13 +1,14 @@
 """One SPMD executor for every pipeline schedule: a `scan` over the table's ticks inside a
 `shard_map` over `stage`, owning the forward and the backward.
 
-At each tick every stage stores what arrived, does its action (a `switch` on the table: idle, F,
-B, W or a combined backward), and sends on: activations towards the next part's stage, input
+At each tick every stage stores what arrived, does its action (one `switch` on the table: idle, F,
+B, W or a combined backward, each with its part's role, first or last, fixed in the branch), and
+sends on: activations towards the next part's stage, input
 gradients towards the previous part's, by `ppermute` (one neighbour up and, for V-shaped
 schedules, one down; a V's turn stays on its stage). The backward is the executor's: each part is
 re-run under `jax.vjp` from its stored input, B taking the input's gradient only and W the
 weights' (zero-bubble schedules), a combined backward both; weight gradients accumulate per stage
-and chunk. Buffers hold each input and output gradient from arrival to last use
+and chunk (in float32; with one microbatch each is stored as it comes, in its own dtype). Buffers hold each input and output gradient from arrival to last use
 (`buffers.plan_buffers`), sized by the schedule's peak.
 
 The model comes in as callables, so `parallel/` knows nothing of `models/`:
@@ -38,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from parallel.pipeline.buffers import DOWN, LOCAL, UP, plan_buffers
-from parallel.pipeline.schedule import BW, B, F, W, Schedule
+from parallel.pipeline.schedule import BW, IDLE, B, F, W, Schedule
 from parallel.pipeline.vocab import VocabSplit, head_loss_and_grads, partial_embedding
 
 F32 = jnp.float32
@@ -58,15 +59,20 @@ def _get(buf: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 def _vjp(fn: Callable, primals: dict, wanted: set, cotangent: Any) -> tuple[Any, dict]:
-  """fn(**primals) and the float32 gradients of the `wanted` primals for `cotangent`."""
+  """fn(**primals) and the gradients of the `wanted` primals for `cotangent`: the weights' ("w")
+  in their own dtype, the others in float32."""
   keys = [k for k in primals if k in wanted]
   out, vjp = jax.vjp(lambda *vals: fn(**{**primals, **dict(zip(keys, vals))}), *[primals[k] for k in keys])
   grads = vjp(cotangent)
-  return out, {k: jax.tree.map(lambda a: a.astype(F32), g) for k, g in zip(keys, grads)}
+  return out, {k: g if k == "w" else jax.tree.map(lambda a: a.astype(F32), g) for k, g in zip(keys, grads)}
 
 
 def _add_at(tree: Any, index: jax.Array, update: Any) -> Any:
   return jax.tree.map(lambda acc, u: acc.at[index].add(u.astype(acc.dtype)), tree, update)
+
+
+def _set_at(tree: Any, index: jax.Array, update: Any) -> Any:
+  return jax.tree.map(lambda acc, u: acc.at[index].set(u.astype(acc.dtype)), tree, update)
 
 
 def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last_fn: Callable, first_params: Any,
@@ -87,7 +93,8 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
       `tensor`, when it is split over them: every action's outputs and the buffers are pinned
       to it, so that XLA sees one layout for all branches of the per-tick switch.
   Returns (loss_sum, count, d_first_params, d_part_params, d_last_params, stats): float32 scalars,
-  gradients of loss_sum laid out like the parameters, and what the executor did, counted as it
+  gradients of loss_sum laid out like the parameters (float32; the parts' in their parameters'
+  dtype when there is one microbatch, so nothing is summed), and what the executor did, counted as it
   ran, per stage ([stages, ...]): `peak_held`, the most activation inputs it held at once, and
   `b_tick` / `w_tick` [stages, m, chunks], the tick of each backward for inputs and for weights.
 
@@ -104,6 +111,11 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   table = {"kind": schedule.kind, "mb": schedule.microbatch, "chunk": schedule.chunk,
            **{f.name: getattr(buffers, f.name) for f in buffers.__dataclass_fields__.values()
               if isinstance(getattr(buffers, f.name), np.ndarray) and f.name != "held"}}
+  # One `switch` per tick: each branch is an action with its part's role (first, last) fixed,
+  # so no branch asks again (every conditional costs GPUs a wait for the host).
+  roles = _roles(schedule.kind, buffers, split=vocab is not None)
+  branch_of = sorted(set(map(tuple, roles.reshape(-1, 3).tolist())))
+  table["branch"] = np.vectorize(lambda *r: branch_of.index(r), otypes=[int])(*np.moveaxis(roles, -1, 0))
   table = {k: jnp.asarray(v, jnp.int32) for k, v in table.items()}  # [ticks, stages]
   two_way = schedule.placement == "v"
   batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
@@ -113,7 +125,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
                             batch_axes=batch_axes, x_slots=buffers.x_slots, g_slots=buffers.g_slots,
                             two_way=two_way, microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec,
-                            vocab=vocab, dims=(first_dims, last_dims))
+                            vocab=vocab, dims=(first_dims, last_dims), branch_of=tuple(branch_of))
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
   over_vocab = lambda dims, params: jax.tree.map(lambda d, _: rep if d is None else P(*([None] * d), axis), dims,
@@ -129,7 +141,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
 
 
 def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, batch_axes,
-           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab, dims):
+           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab, dims, branch_of):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
   if vocab is not None:
     first_fn = partial_embedding(first_fn, vocab, axis, p)
@@ -141,8 +153,11 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
   xbuf = jnp.zeros((x_slots + 1,) + x_shape.shape, x_shape.dtype)
   gbuf = jnp.zeros((g_slots + 1,) + x_shape.shape, F32)
+  # With one microbatch each stage's chunk gets one weight gradient: it is stored as it comes, in
+  # its own dtype (no float32 sum to keep, half the bytes to write and for the update to read).
+  single = microbatches == 1
   acc = {"first": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), first_params),
-         "part": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), part_params),
+         "part": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype if single else F32), part_params),
          "last": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), last_params),
          "loss": jnp.zeros((), F32), "count": jnp.zeros((), F32),
          # What ran, counted at run time (tests compare it with the simulator).
@@ -154,67 +169,60 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   def loss_of(x, params, last_p, mb_in):
     return last_fn(last_p, part_fn(params, x, mb_in), mb_in)
 
-  def forward(state, r):
+  # (`first`, `last`: the action's part is the model's first, its last; always False with the
+  # vocabulary split, where the embedding and the head run beside the switch.)
+  def forward(state, r, first: bool, last: bool):
     xbuf, gbuf, acc = state
     mb_in, params = take(inputs, r["mb"]), take(part_params, r["chunk"])
-    if split:  # the embedding phase stored it already
+    if first:
+      x = first_fn(first_params, mb_in).astype(x_shape.dtype)
+      xbuf = _put(xbuf, r["x_slot"], x)
+    else:  # arrived, or stored by the embedding phase
       x = _get(xbuf, r["x_slot"])
-    else:
-      x = jax.lax.cond(r["first"] == 1, lambda: first_fn(first_params, mb_in).astype(x_shape.dtype),
-                       lambda: _get(xbuf, r["x_slot"]))
-      xbuf = _put(xbuf, jnp.where(r["first"] == 1, r["x_slot"], -1), x)
-    run_part = lambda: part_fn(params, x, mb_in).astype(x_shape.dtype)
-    y = run_part() if split else jax.lax.cond(r["last"] == 1, lambda: x, run_part)
+    # The last part's forward only stores its input: its backward runs it with the head.
+    y = x if last else part_fn(params, x, mb_in).astype(x_shape.dtype)
     xbuf = _put(xbuf, jnp.where(r["send_x"] == LOCAL, r["local_slot"], -1), y)
     return (xbuf, gbuf, acc), y, jnp.zeros(x_shape.shape, F32)
 
-  def backward(state, r, weights: bool, inputs_grad: bool):
+  def backward(state, r, first: bool, last: bool, weights: bool, inputs_grad: bool):
     """B (inputs_grad), W (weights) or both; returns the input gradient to send (or zeros).
     Only the gradients asked for are taken, so B does not pay for W's matmuls or W for B's."""
     xbuf, gbuf, acc = state
     mb_in, params, x = take(inputs, r["mb"]), take(part_params, r["chunk"]), _get(xbuf, r["x_slot"])
     wanted = ({"x", "last"} if inputs_grad else set()) | ({"w"} if weights else set())
-    zero = {"x": jnp.zeros(x.shape, F32), "w": jax.tree.map(lambda a: jnp.zeros(a.shape, F32), params),
-            "last": jax.tree.map(lambda a: jnp.zeros(a.shape, F32), last_params)}
-
-    def from_loss():
-      primals = {"x": x, "w": params, "last": last_params}
-      (loss, count), g = _vjp(lambda x, w, last: loss_of(x, w, last, mb_in), primals, wanted,
-                              (jnp.ones((), F32), jnp.zeros((), F32)))
-      return {**zero, **g}, loss.astype(F32), count.astype(F32)
-
-    def from_grad():
+    if last:  # from the loss, through the head
+      (loss, count), g = _vjp(lambda x, w, last: loss_of(x, w, last, mb_in),
+                              {"x": x, "w": params, "last": last_params}, wanted, (jnp.ones((), F32), jnp.zeros((), F32)))
+    else:  # from the output gradient that arrived
       _, g = _vjp(lambda x, w: part_fn(w, x, mb_in), {"x": x, "w": params}, wanted - {"last"},
                   _get(gbuf, r["g_slot"]).astype(x.dtype))
-      return {**zero, **g}, jnp.zeros((), F32), jnp.zeros((), F32)
-
-    g, loss, count = from_grad() if split else jax.lax.cond(r["last"] == 1, from_loss, from_grad)
     if weights:
-      acc = {**acc, "part": _add_at(acc["part"], r["chunk"], g["w"])}
+      acc = {**acc, "part": (_set_at if single else _add_at)(acc["part"], r["chunk"], g["w"])}
     if not inputs_grad:
       return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
-    # The loss (and the head's gradient) is counted once, with the input gradient.
     dx = g["x"]
-    acc = {**acc, "last": jax.tree.map(jnp.add, acc["last"], g["last"]), "loss": acc["loss"] + loss,
-           "count": acc["count"] + count}
+    if last:  # the loss (and the head's gradient) is counted once, with the input gradient
+      acc = {**acc, "last": jax.tree.map(jnp.add, acc["last"], g["last"]), "loss": acc["loss"] + loss.astype(F32),
+             "count": acc["count"] + count.astype(F32)}
 
     def embed_grad():
       _, vjp = jax.vjp(lambda fp: first_fn(fp, mb_in), first_params)
       (d,) = vjp(dx.astype(x_shape.dtype))
       return jax.tree.map(lambda a, b: a + b.astype(F32), acc["first"], d)
 
-    if not split:  # (with it, the embedding phase takes the gradient on every stage)
-      acc = {**acc, "first": jax.lax.cond(r["first"] == 1, embed_grad, lambda: acc["first"])}
+    if first:  # (with the split, the embedding phase takes the gradient on every stage)
+      acc = {**acc, "first": embed_grad()}
     gbuf = _put(gbuf, jnp.where(r["send_g"] == LOCAL, r["local_slot"], -1), dx)
     return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), dx
 
-  def idle(state, r):
-    del r
+  def idle(state, r, first, last):
+    del r, first, last
     return state, jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
 
-  branches = [idle, forward, functools.partial(backward, weights=False, inputs_grad=True),
-              functools.partial(backward, weights=True, inputs_grad=False),
-              functools.partial(backward, weights=True, inputs_grad=True)]
+  actions = {IDLE: idle, F: forward, B: functools.partial(backward, weights=False, inputs_grad=True),
+             W: functools.partial(backward, weights=True, inputs_grad=False),
+             BW: functools.partial(backward, weights=True, inputs_grad=True)}
+  branches = [functools.partial(actions[kind], first=bool(first), last=bool(last)) for kind, first, last in branch_of]
 
   pin = (lambda v, *lead: v) if x_spec is None else (
       lambda v, *lead: jax.lax.with_sharding_constraint(v, P(*lead, *x_spec)))
@@ -258,7 +266,7 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
               + ((r["kind"] == F) & (r["first"] == 1)) + ((r["kind"] == F) & (r["send_x"] == LOCAL)))
     if split:
       xbuf = jax.lax.cond(r["embed_mb"] >= 0, embed_phase, lambda b, r: b, xbuf, r)
-    (xbuf, gbuf, acc), y, dx = jax.lax.switch(r["kind"], branches, (xbuf, gbuf, acc), r)
+    (xbuf, gbuf, acc), y, dx = jax.lax.switch(r["branch"], branches, (xbuf, gbuf, acc), r)
     if split:
       gbuf, acc = jax.lax.cond(r["head_mb"] >= 0, head_phase, lambda gbuf, acc, r, y: (gbuf, acc), gbuf, acc, r, y)
       acc = jax.lax.cond(r["embed_grad_mb"] >= 0, embed_grad_phase, lambda acc, r, dx: acc, acc, r, dx)
@@ -284,6 +292,14 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   stats = {k: acc[k][None] for k in ("peak_held", "b_tick", "w_tick")}
   return (psum(acc["loss"]), psum(acc["count"]), shared(acc["first"], dims[0]), part_grads,
           shared(acc["last"], dims[1]), stats)
+
+
+def _roles(kind: np.ndarray, buffers, split: bool) -> np.ndarray:
+  """[ticks, stages, 3]: (kind, first, last) of each action, with the roles that change nothing
+  for it cleared: none for idle ticks or under the vocabulary split; W never runs the embedding."""
+  first = np.where((kind == IDLE) | (kind == W) | split, 0, buffers.first)
+  last = np.where((kind == IDLE) | split, 0, buffers.last)
+  return np.stack([kind, first, last], axis=-1).astype(int)
 
 
 def _is_none(x) -> bool:

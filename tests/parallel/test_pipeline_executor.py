@@ -159,3 +159,20 @@ def test_vocabulary_parallel_matches_the_last_stage_head(name, p, batch_axes):
   np.testing.assert_allclose(float(count), float(want_count))
   assert_close(loss, want_loss, what=f"{name} loss")
   assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} gradients")
+
+
+@pytest.mark.parametrize("name,p", [("1f1b", 1), ("gpipe", 2)])
+def test_one_microbatch_stores_each_weight_gradient_as_it_comes(name, p):
+  """m = 1: each chunk gets one weight gradient, stored in the weights' dtype (no float32 sum)."""
+  mesh = make_mesh({"stage": p}, jax.devices()[:p])
+  schedule = make_schedule(name, p, 1)
+  fp, layers, lp, inputs = model(2 * schedule.n_parts, 1, seed=2)
+  (want_loss, _), want = _dense_grads(fp, layers, lp, inputs)
+  half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), to_stages(layers, schedule))
+  loss, _, dfp, dparts, dlp, _ = jax.jit(
+      lambda *a: run_pipeline(schedule, first_fn, part_fn, last_fn, *a, mesh=mesh))(fp, to_stages(layers, schedule), lp, inputs)
+  assert_close(loss, want_loss, what=f"{name} loss")
+  assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} gradients")
+  _, _, _, dhalf, _, _ = jax.jit(
+      lambda *a: run_pipeline(schedule, first_fn, part_fn, last_fn, *a, mesh=mesh))(fp, half, lp, inputs)
+  assert jax.tree.leaves(dhalf)[0].dtype == jnp.bfloat16

@@ -5,7 +5,8 @@
 
 1. Action costs, on one device: one stage's part (n_layers / p layers of the preset) on one
    microbatch, timed as the executor runs each action: F (the part's forward), B (the part re-run
-   under `jax.vjp` for its input's gradient), W (for its weights'), BW (both at once), and the head
+   under `jax.vjp` for its input's gradient, keeping each weight matmul's input and output
+   gradient), W (those matmuls' weight gradients), BW (both at once, plain autodiff), and the head
    with its loss, forward and backward (it runs inside the last part's backward).
 2. The simulator (`parallel/pipeline/simulate.py`) reads each schedule's table with those costs:
    step time and bubble. Schedules without a B/W split pay BW per backward (b = BW, w = 0).
@@ -47,6 +48,7 @@ def action_costs(config: configs.Config, p: int, m: int) -> dict:
 
   from models.stack import scan_layers  # noqa: PLC0415
   from models.transformer import embed_activations, head_logits  # noqa: PLC0415
+  from parallel.pipeline.split_backward import split_backward  # noqa: PLC0415
   from parallel.vocab.dispatch import token_cross_entropy  # noqa: PLC0415
   from training.grad import make_compute_params  # noqa: PLC0415
   from training.state import init_state, setup_from_config  # noqa: PLC0415
@@ -76,12 +78,21 @@ def action_costs(config: configs.Config, p: int, m: int) -> dict:
     return jnp.sum(token_cross_entropy(logits, ids, plan))
 
   w, last = compute["layers"], {"final_norm": compute["final_norm"], "out": compute.get("lm_head")}
-  # As the executor does: the vjp is taken with respect to the wanted primals only.
-  b_fn = jax.jit(lambda w, x, g: jax.vjp(lambda x: part(w, x), x)[1](g))
-  w_fn = jax.jit(lambda w, x, g: jax.vjp(lambda w: part(w, x), w)[1](g))
+  # As the executor does: B keeps each weight matmul's input and output gradient (and takes the
+  # other weights' gradients), W is those matmuls (parallel/pipeline/split_backward.py).
+  split = split_backward(lambda w, x, data: part(w, x), w, x, None)
+
+  def b_only(w, x, g):
+    _, pullback = split.b(w, x, None)
+    return pullback(g)
+
+  b_fn = jax.jit(b_only)
+  saved = b_fn(w, x, g)[2]
+  print(f"W: {split.tapped} weight matmuls per layer scan", flush=True)
+  w_fn = jax.jit(split.w_grad)
   bw_fn = jax.jit(lambda w, x, g: jax.vjp(part, w, x)[1](g))
   timed = lambda fn, *args: median_call_seconds(fn, *args, repeats=FLAGS.repeats)
-  return {"F": timed(jax.jit(part), w, x), "B": timed(b_fn, w, x, g), "W": timed(w_fn, w, x, g),
+  return {"F": timed(jax.jit(part), w, x), "B": timed(b_fn, w, x, g), "W": timed(w_fn, w, saved),
           "BW": timed(bw_fn, w, x, g), "head": timed(jax.jit(jax.grad(head, argnums=(0, 1))), last, x)}
 
 

@@ -6,10 +6,13 @@ B, W or a combined backward, each with its part's role, first or last, fixed in 
 sends on: activations towards the next part's stage, input
 gradients towards the previous part's, by `ppermute` (one neighbour up and, for V-shaped
 schedules, one down; a V's turn stays on its stage). The backward is the executor's: each part is
-re-run under `jax.vjp` from its stored input, B taking the input's gradient only and W the
-weights' (zero-bubble schedules), a combined backward both; weight gradients accumulate per stage
-and chunk (in float32; with one microbatch each is stored as it comes, in its own dtype). Buffers hold each input and output gradient from arrival to last use
-(`buffers.plan_buffers`), sized by the schedule's peak.
+re-run under `jax.vjp` from its stored input; in zero-bubble schedules B takes the input's
+gradient and keeps each weight matmul's input and output gradient, and W is those matmuls only
+(`split_backward.py`); a combined backward takes both at once. Weight gradients accumulate per
+stage and chunk (in float32; with one microbatch each is stored as it comes, in its own dtype).
+Buffers hold each input and output gradient from arrival to last use (`buffers.plan_buffers`),
+sized by the schedule's peak; what B keeps for W lives in the slot of the part's input, which is
+held until W.
 
 The model comes in as callables, so `parallel/` knows nothing of `models/`:
 
@@ -40,6 +43,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from parallel.pipeline.buffers import DOWN, LOCAL, UP, plan_buffers
 from parallel.pipeline.schedule import BW, IDLE, B, F, W, Schedule
+from parallel.pipeline.split_backward import split_backward
 from parallel.pipeline.vocab import VocabSplit, head_loss_and_grads, partial_embedding
 
 F32 = jnp.float32
@@ -58,11 +62,11 @@ def _get(buf: jax.Array, slot: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(buf, jnp.maximum(slot, 0), 0, keepdims=False)
 
 
-def _vjp(fn: Callable, primals: dict, wanted: set, cotangent: Any) -> tuple[Any, dict]:
-  """fn(**primals) and the gradients of the `wanted` primals for `cotangent`: the weights' ("w")
-  in their own dtype, the others in float32."""
-  keys = [k for k in primals if k in wanted]
-  out, vjp = jax.vjp(lambda *vals: fn(**{**primals, **dict(zip(keys, vals))}), *[primals[k] for k in keys])
+def _vjp(fn: Callable, primals: dict, cotangent: Any) -> tuple[Any, dict]:
+  """fn(**primals) and the gradients of all primals for `cotangent`: the weights' ("w") in their
+  own dtype, the others in float32."""
+  keys = list(primals)
+  out, vjp = jax.vjp(lambda *vals: fn(**dict(zip(keys, vals))), *primals.values())
   grads = vjp(cotangent)
   return out, {k: g if k == "w" else jax.tree.map(lambda a: a.astype(F32), g) for k, g in zip(keys, grads)}
 
@@ -125,7 +129,8 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
   local = functools.partial(_local, first_fn=first_fn, part_fn=part_fn, last_fn=last_fn, axis=axis, p=p,
                             batch_axes=batch_axes, x_slots=buffers.x_slots, g_slots=buffers.g_slots,
                             two_way=two_way, microbatches=schedule.microbatches, chunks=schedule.chunks, x_spec=x_spec,
-                            vocab=vocab, dims=(first_dims, last_dims), branch_of=tuple(branch_of))
+                            vocab=vocab, dims=(first_dims, last_dims), branch_of=tuple(branch_of),
+                            zero_bubble=schedule.split_backward)
   rep = P()
   part_spec = jax.tree.map(lambda _: P(axis), part_params)
   over_vocab = lambda dims, params: jax.tree.map(lambda d, _: rep if d is None else P(*([None] * d), axis), dims,
@@ -141,7 +146,7 @@ def run_pipeline(schedule: Schedule, first_fn: Callable, part_fn: Callable, last
 
 
 def _local(table, first_params, part_params, last_params, inputs, *, first_fn, part_fn, last_fn, axis, p, batch_axes,
-           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab, dims, branch_of):
+           x_slots, g_slots, two_way, microbatches, chunks, x_spec, vocab, dims, branch_of, zero_bubble):
   part_params = jax.tree.map(lambda x: x[0], part_params)  # this stage's [chunks, ...]
   if vocab is not None:
     first_fn = partial_embedding(first_fn, vocab, axis, p)
@@ -155,14 +160,22 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   gbuf = jnp.zeros((g_slots + 1,) + x_shape.shape, F32)
   # With one microbatch each stage's chunk gets one weight gradient: it is stored as it comes, in
   # its own dtype (no float32 sum to keep, half the bytes to write and for the update to read).
-  single = microbatches == 1
+  # (Not so with B and W split: both give part of it.)
+  single = microbatches == 1 and not zero_bubble
+  mb0, params0 = jax.tree.map(lambda x: x[0], inputs), jax.tree.map(lambda x: x[0], part_params)
+  if zero_bubble:  # B keeps each weight matmul's input and output gradient; W is those matmuls
+    struct = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    bw = split_backward(part_fn, struct(params0), x_shape, struct(mb0))
+    saved = jax.eval_shape(lambda w, x, mb: bw.b(w, x, mb)[1](x)[2], struct(params0), x_shape, struct(mb0))
   acc = {"first": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), first_params),
          "part": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype if single else F32), part_params),
          "last": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), last_params),
          "loss": jnp.zeros((), F32), "count": jnp.zeros((), F32),
          # What ran, counted at run time (tests compare it with the simulator).
          "held": jnp.zeros((), jnp.int32), "peak_held": jnp.zeros((), jnp.int32),
-         "b_tick": jnp.full((microbatches, chunks), -1, jnp.int32), "w_tick": jnp.full((microbatches, chunks), -1, jnp.int32)}
+         "b_tick": jnp.full((microbatches, chunks), -1, jnp.int32), "w_tick": jnp.full((microbatches, chunks), -1, jnp.int32),
+         # Zero-bubble: what B saved for W, from B to W, in the slot of the part's input.
+         "saved": jax.tree.map(lambda s: jnp.zeros((x_slots + 1,) + s.shape, s.dtype), saved) if zero_bubble else {}}
   arrived = {"x_up": zeros_x, "x_down": zeros_x, "g_up": zeros_x.astype(F32), "g_down": zeros_x.astype(F32)}
   take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
@@ -184,44 +197,65 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
     xbuf = _put(xbuf, jnp.where(r["send_x"] == LOCAL, r["local_slot"], -1), y)
     return (xbuf, gbuf, acc), y, jnp.zeros(x_shape.shape, F32)
 
-  def backward(state, r, first: bool, last: bool, weights: bool, inputs_grad: bool):
-    """B (inputs_grad), W (weights) or both; returns the input gradient to send (or zeros).
-    Only the gradients asked for are taken, so B does not pay for W's matmuls or W for B's."""
+  def backward(state, r, first: bool, last: bool):
+    """The combined backward (schedules without the B/W split): input and weight gradients."""
     xbuf, gbuf, acc = state
     mb_in, params, x = take(inputs, r["mb"]), take(part_params, r["chunk"]), _get(xbuf, r["x_slot"])
-    wanted = ({"x", "last"} if inputs_grad else set()) | ({"w"} if weights else set())
     if last:  # from the loss, through the head
       (loss, count), g = _vjp(lambda x, w, last: loss_of(x, w, last, mb_in),
-                              {"x": x, "w": params, "last": last_params}, wanted, (jnp.ones((), F32), jnp.zeros((), F32)))
-    else:  # from the output gradient that arrived
-      _, g = _vjp(lambda x, w: part_fn(w, x, mb_in), {"x": x, "w": params}, wanted - {"last"},
-                  _get(gbuf, r["g_slot"]).astype(x.dtype))
-    if weights:
-      acc = {**acc, "part": (_set_at if single else _add_at)(acc["part"], r["chunk"], g["w"])}
-    if not inputs_grad:
-      return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
-    dx = g["x"]
-    if last:  # the loss (and the head's gradient) is counted once, with the input gradient
+                              {"x": x, "w": params, "last": last_params}, (jnp.ones((), F32), jnp.zeros((), F32)))
+      # the loss (and the head's gradient) is counted once, with the input gradient
       acc = {**acc, "last": jax.tree.map(jnp.add, acc["last"], g["last"]), "loss": acc["loss"] + loss.astype(F32),
              "count": acc["count"] + count.astype(F32)}
+    else:  # from the output gradient that arrived
+      _, g = _vjp(lambda x, w: part_fn(w, x, mb_in), {"x": x, "w": params}, _get(gbuf, r["g_slot"]).astype(x.dtype))
+    acc = {**acc, "part": (_set_at if single else _add_at)(acc["part"], r["chunk"], g["w"])}
+    return sent_back((xbuf, gbuf, acc), r, first, mb_in, g["x"])
 
-    def embed_grad():
+  def sent_back(state, r, first: bool, mb_in, dx):
+    """After an input gradient: the embedding's gradient on the first part (with the vocabulary
+    split the embedding phase takes it, on every stage), and the gradient kept or sent on."""
+    xbuf, gbuf, acc = state
+    if first:
       _, vjp = jax.vjp(lambda fp: first_fn(fp, mb_in), first_params)
       (d,) = vjp(dx.astype(x_shape.dtype))
-      return jax.tree.map(lambda a, b: a + b.astype(F32), acc["first"], d)
-
-    if first:  # (with the split, the embedding phase takes the gradient on every stage)
-      acc = {**acc, "first": embed_grad()}
+      acc = {**acc, "first": jax.tree.map(lambda a, b: a + b.astype(F32), acc["first"], d)}
     gbuf = _put(gbuf, jnp.where(r["send_g"] == LOCAL, r["local_slot"], -1), dx)
     return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), dx
+
+  def backward_inputs(state, r, first: bool, last: bool):
+    """Zero-bubble B: the input gradient, the gradient of the weights not used by matmuls, and
+    for W each weight matmul's input and output gradient (`split_backward.py`)."""
+    xbuf, gbuf, acc = state
+    mb_in, params, x = take(inputs, r["mb"]), take(part_params, r["chunk"]), _get(xbuf, r["x_slot"])
+    y, pullback = bw.b(params, x, mb_in)
+    if last:  # through the head first
+      (loss, count), head = jax.vjp(lambda y, lp: last_fn(lp, y, mb_in), y, last_params)
+      dy, d_last = head((jnp.ones((), F32), jnp.zeros((), F32)))
+    else:
+      dy = _get(gbuf, r["g_slot"]).astype(y.dtype)
+    dx, dw, saved = pullback(dy)
+    acc = {**acc, "part": _add_at(acc["part"], r["chunk"], dw),
+           "saved": jax.tree.map(lambda buf, v: _put(buf, r["x_slot"], v), acc["saved"], saved)}
+    if last:
+      acc = {**acc, "last": jax.tree.map(lambda a, g: a + g.astype(F32), acc["last"], d_last),
+             "loss": acc["loss"] + loss.astype(F32), "count": acc["count"] + count.astype(F32)}
+    return sent_back((xbuf, gbuf, acc), r, first, mb_in, dx.astype(F32))
+
+  def backward_weights(state, r, first, last):
+    """Zero-bubble W: the weight matmuls' gradients from what B saved."""
+    del first, last
+    xbuf, gbuf, acc = state
+    saved = jax.tree.map(lambda buf: _get(buf, r["x_slot"]), acc["saved"])
+    acc = {**acc, "part": _add_at(acc["part"], r["chunk"], bw.w_grad(take(part_params, r["chunk"]), saved))}
+    return (xbuf, gbuf, acc), jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
 
   def idle(state, r, first, last):
     del r, first, last
     return state, jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
 
-  actions = {IDLE: idle, F: forward, B: functools.partial(backward, weights=False, inputs_grad=True),
-             W: functools.partial(backward, weights=True, inputs_grad=False),
-             BW: functools.partial(backward, weights=True, inputs_grad=True)}
+  actions = {IDLE: idle, F: forward, B: backward_inputs, W: backward_weights,
+             BW: backward}
   branches = [functools.partial(actions[kind], first=bool(first), last=bool(last)) for kind, first, last in branch_of]
 
   pin = (lambda v, *lead: v) if x_spec is None else (

@@ -174,8 +174,9 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
          # What ran, counted at run time (tests compare it with the simulator).
          "held": jnp.zeros((), jnp.int32), "peak_held": jnp.zeros((), jnp.int32),
          "b_tick": jnp.full((microbatches, chunks), -1, jnp.int32), "w_tick": jnp.full((microbatches, chunks), -1, jnp.int32),
-         # Zero-bubble: what B saved for W, from B to W, in the slot of the part's input.
-         "saved": jax.tree.map(lambda s: jnp.zeros((x_slots + 1,) + s.shape, s.dtype), saved) if zero_bubble else {}}
+         # Zero-bubble: what B saved for W, from B to W, in the slot of the part's input (B and W
+         # always have one: no spare slot).
+         "saved": jax.tree.map(lambda s: jnp.zeros((x_slots,) + s.shape, s.dtype), saved) if zero_bubble else {}}
   arrived = {"x_up": zeros_x, "x_down": zeros_x, "g_up": zeros_x.astype(F32), "g_down": zeros_x.astype(F32)}
   take = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
@@ -236,7 +237,8 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
       dy = _get(gbuf, r["g_slot"]).astype(y.dtype)
     dx, dw, saved = pullback(dy)
     acc = {**acc, "part": _add_at(acc["part"], r["chunk"], dw),
-           "saved": jax.tree.map(lambda buf, v: _put(buf, r["x_slot"], v), acc["saved"], saved)}
+           "saved": jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, r["x_slot"], 0),
+                                 acc["saved"], saved)}
     if last:
       acc = {**acc, "last": jax.tree.map(lambda a, g: a + g.astype(F32), acc["last"], d_last),
              "loss": acc["loss"] + loss.astype(F32), "count": acc["count"] + count.astype(F32)}

@@ -62,6 +62,23 @@ def _inner_closed(eqn):
   return None
 
 
+def _scan_parts(eqn, values) -> tuple[list, list, list]:
+  """A scan's operands as (consts, carry, xs): counted by `num_consts`/`num_carry` in older JAX,
+  by the `ft_in` tree in newer."""
+  prm = eqn.params
+  if "num_consts" in prm:
+    nc, ncarry = prm["num_consts"], prm["num_carry"]
+    return list(values[:nc]), list(values[nc:nc + ncarry]), list(values[nc + ncarry:])
+  groups = prm["ft_in"].update(list(range(len(values)))).unpack()
+  return tuple([values[i] for i in group] for group in groups)
+
+
+def _body(eqn):
+  """A scan's body as (open jaxpr, consts)."""
+  body = eqn.params["jaxpr"]
+  return (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, ())
+
+
 def _is_remat(eqn) -> bool:
   return isinstance(eqn.params.get("jaxpr"), jcore.Jaxpr) and "policy" in eqn.params and "prevent_cse" in eqn.params
 
@@ -74,6 +91,7 @@ class _Analysis:
   taint: dict  # (path of the enclosing program, var) -> taint
   candidates: dict  # path -> (act_operand, weight_operand, leaves)
   direct: set  # leaf indices
+  operand: dict = dataclasses.field(default_factory=dict)  # path -> (its program, activation operand var)
 
   def read(self, where: Path, v):
     if isinstance(v, jcore.Literal):
@@ -96,11 +114,10 @@ class _Analysis:
   def eqn(self, eqn, path: Path, ins) -> list:
     name = eqn.primitive.name
     if name == "scan":
-      body, nc, ncarry = eqn.params["jaxpr"], eqn.params["num_consts"], eqn.params["num_carry"]
-      carry = ins[nc:nc + ncarry]
+      (body, _), (consts, carry, xs) = _body(eqn), _scan_parts(eqn, ins)
       while True:  # the carry's taint: what it starts with, joined with what the body makes of it
-        outs = self.run(body.jaxpr, path, ins[:nc] + carry + ins[nc + ncarry:])
-        new = [_join(a, b) for a, b in zip(carry, outs[:ncarry])]
+        outs = self.run(body, path, consts + carry + xs)
+        new = [_join(a, b) for a, b in zip(carry, outs[:len(carry)])]
         if new == carry:
           return outs
         carry = new
@@ -115,9 +132,29 @@ class _Analysis:
       if name == "dot_general" and len(ins) == 2 and any(t[1] for t in ins):
         w_op = 0 if _weight_only(ins[0]) else 1
         self.candidates[path] = (1 - w_op, w_op, ins[w_op][0])
+        self.operand[path] = (path[:-1], eqn.invars[1 - w_op])
       else:  # any other use of a weight with activations: its gradient is taken in B
         self.direct |= {i for t in ins if _weight_only(t) for i in t[0]}
     return [joined] * len(eqn.outvars)
+
+
+@jax.custom_vjp
+def _tap(out, tap):
+  """`out`, with `tap`'s cotangent made the output's gradient (no addition in the forward)."""
+  del tap
+  return out
+
+
+def _tap_fwd(out, tap):
+  del tap
+  return out, None
+
+
+def _tap_bwd(_, g):
+  return g, g
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
 
 
 def _bind(eqn, invals):
@@ -144,8 +181,8 @@ class _Interpreter:
   each tapped matmul's weight operand.
   """
 
-  def __init__(self, analysis: _Analysis, tapped: dict, mode: str):
-    self.a, self.tapped, self.mode = analysis, tapped, mode
+  def __init__(self, analysis: _Analysis, tapped: dict, records: dict, mode: str):
+    self.a, self.tapped, self.records, self.mode = analysis, tapped, records, mode
     self.has_taps = {p[:k] for p in tapped for k in range(len(p) + 1)}
 
   def run(self, jaxpr, consts, args, where: Path, taps: dict) -> tuple[list, dict]:
@@ -174,7 +211,8 @@ class _Interpreter:
       (out,) = _bind(eqn, ins)
       if self.mode == "probe":
         return [out], {path: out}
-      return [out + taps[path]], {path: ins[act]}
+      record = {path: ins[act]} if self.records[path] == path else {}  # one record per shared input
+      return [_tap(out, taps[path])], record
     if path not in self.has_taps:
       return _bind(eqn, ins), {}
     if eqn.primitive.name == "scan":
@@ -192,14 +230,13 @@ class _Interpreter:
   def scan(self, eqn, path: Path, ins, taps) -> tuple[list, dict]:
     """Taps go in as per-iteration inputs, records come out stacked. In "w" mode the carries
     that hold activations are None (an empty pytree) throughout."""
-    prm, body = eqn.params, eqn.params["jaxpr"]
-    nc, ncarry = prm["num_consts"], prm["num_carry"]
-    consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
+    prm, (body, body_consts) = eqn.params, _body(eqn)
+    consts, carry, xs = _scan_parts(eqn, ins)
 
     def step(c, x):
       xs_now, sub_taps = x
-      outs, recs = self.run(body.jaxpr, body.consts, [*consts, *c, *xs_now], path, sub_taps)
-      return outs[:ncarry], (outs[ncarry:], recs)
+      outs, recs = self.run(body, body_consts, [*consts, *c, *xs_now], path, sub_taps)
+      return outs[:len(carry)], (outs[len(carry):], recs)
 
     c, (ys, recs) = jax.lax.scan(step, carry, (xs, _under(taps, path)), length=prm["length"],
                                  reverse=prm["reverse"], unroll=prm["unroll"])
@@ -232,7 +269,11 @@ def split_backward(fn: Callable, w: Any, x: Any, data: Any) -> SplitBackward:
   tapped = {p: c for p, c in analysis.candidates.items() if not c[2] & direct}
   direct_idx = sorted(direct)
   tapped_idx = sorted({i for _, _, leaves in tapped.values() for i in leaves})
-  modes = {m: _Interpreter(analysis, tapped, m) for m in ("b", "probe", "w")}
+  # Matmuls that share an activation operand (q, k and v; gate and up) record it once.
+  first_use, records = {}, {}
+  for p in sorted(tapped):
+    records[p] = first_use.setdefault(analysis.operand[p], p)
+  modes = {m: _Interpreter(analysis, tapped, records, m) for m in ("b", "probe", "w")}
 
   def run(mode, w_l, x, data, taps):
     outs, recs = modes[mode].run(closed.jaxpr, closed.consts, [*w_l, *jax.tree.leaves(x), *jax.tree.leaves(data)],
@@ -265,7 +306,7 @@ def split_backward(fn: Callable, w: Any, x: Any, data: Any) -> SplitBackward:
     none = jax.tree.map(lambda _: None, (x, data))
     sides, pull = jax.vjp(lambda vals: run("w", with_leaves(w_l, tapped_idx, vals), *none, {})[1],
                           [w_l[i] for i in tapped_idx])
-    d_sides = {p: _transpose_stacked(_eqn_at(closed.jaxpr, p), tapped[p], recs[p], dtaps[p], sides[p],
+    d_sides = {p: _transpose_stacked(_eqn_at(closed.jaxpr, p), tapped[p], recs[records[p]], dtaps[p], sides[p],
                                      _scan_depth(closed.jaxpr, p)) for p in tapped}
     (grads,) = pull(d_sides)
     return jax.tree.unflatten(w_def, with_leaves([jnp.zeros_like(a) for a in w_l], tapped_idx, grads))

@@ -92,18 +92,20 @@ def test_schedule_matches_the_plain_model(name, p):
       assert (w > b).all() and (w > b + 1).any()
 
 
-@pytest.mark.parametrize("name", ["interleaved", "zb-h1", "zb-v"])  # chunks; B/W split; two-way sends
+@pytest.mark.parametrize("name", SCHEDULES)
 def test_schedule_with_data_shards_matches_the_plain_model(name):
-  """stage=2 x data=2 x tensor=2: each data shard pipelines its own rows; one reduction at the end."""
+  """stage=2 x data=2 x tensor=2, microbatches equal to and more than the stages: each data shard
+  pipelines its own rows; one reduction at the end."""
   mesh = make_mesh({"stage": 2, "data": 2, "tensor": 2}, jax.devices()[:8])
-  schedule = make_schedule(name, 2, 4, CHUNKS.get(name, 1))
-  fp, layers, lp, inputs = model(2 * schedule.n_parts, 4, seed=1)
-  (want_loss, want_count), want = _dense_grads(fp, layers, lp, inputs)
-  loss, count, dfp, dparts, dlp, _ = jax.jit(lambda *a: run_pipeline(
-      schedule, first_fn, part_fn, last_fn, *a, mesh=mesh, batch_axes=("data",)))(fp, to_stages(layers, schedule), lp, inputs)
-  np.testing.assert_allclose(float(count), float(want_count))
-  assert_close(loss, want_loss, what=f"{name} loss")
-  assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} gradients")
+  for m in (2, 4):
+    schedule = make_schedule(name, 2, m, CHUNKS.get(name, 1))
+    fp, layers, lp, inputs = model(2 * schedule.n_parts, m, seed=1)
+    (want_loss, want_count), want = _dense_grads(fp, layers, lp, inputs)
+    loss, count, dfp, dparts, dlp, _ = jax.jit(lambda *a: run_pipeline(
+        schedule, first_fn, part_fn, last_fn, *a, mesh=mesh, batch_axes=("data",)))(fp, to_stages(layers, schedule), lp, inputs)
+    np.testing.assert_allclose(float(count), float(want_count))
+    assert_close(loss, want_loss, what=f"{name} m={m} loss")
+    assert_close((dfp, from_stages(dparts, schedule), dlp), want, what=f"{name} m={m} gradients")
 
 
 def test_gradients_are_reduced_over_data_once_per_step():

@@ -85,13 +85,17 @@ def _is_remat(eqn) -> bool:
 
 @dataclasses.dataclass
 class _Analysis:
-  """What the taint pass found: tapped matmuls (path -> (activation operand index, leaves)) and
-  the leaves used any other way (taken in B)."""
+  """What the taint pass found: the matmuls W may take (path -> (activation operand index, weight
+  operand index, weight leaves)) and the leaves used any other way (taken in B)."""
 
-  taint: dict  # (path of the enclosing program, var) -> taint
-  candidates: dict  # path -> (act_operand, weight_operand, leaves)
-  direct: set  # leaf indices
+  taint: dict = dataclasses.field(default_factory=dict)  # (path of the enclosing program, var) -> taint
+  candidates: dict = dataclasses.field(default_factory=dict)  # path -> (act_operand, weight_operand, leaves)
   operand: dict = dataclasses.field(default_factory=dict)  # path -> (its program, activation operand var)
+  direct_at: dict = dataclasses.field(default_factory=dict)  # path -> leaves used there other than by a matmul
+
+  @property
+  def direct(self) -> set:
+    return set().union(*self.direct_at.values())
 
   def read(self, where: Path, v):
     if isinstance(v, jcore.Literal):
@@ -116,11 +120,18 @@ class _Analysis:
     if name == "scan":
       (body, _), (consts, carry, xs) = _body(eqn), _scan_parts(eqn, ins)
       while True:  # the carry's taint: what it starts with, joined with what the body makes of it
+        for table in (self.candidates, self.operand, self.direct_at):  # found with a weaker carry
+          for stale in [k for k in table if k[:len(path)] == path]:
+            del table[stale]
         outs = self.run(body, path, consts + carry + xs)
         new = [_join(a, b) for a, b in zip(carry, outs[:len(carry)])]
         if new == carry:
-          return outs
+          break
         carry = new
+      # A carry that starts as weights and meets activations in the loop is a use W cannot take.
+      initial = _scan_parts(eqn, ins)[1]
+      self.direct_at[path] = frozenset(i for t0, t in zip(initial, carry) if _weight_only(t0) and t[1] for i in t0[0])
+      return outs
     inner = _inner_closed(eqn)
     if inner is not None:
       return self.run(inner.jaxpr, path, ins)
@@ -134,7 +145,7 @@ class _Analysis:
         self.candidates[path] = (1 - w_op, w_op, ins[w_op][0])
         self.operand[path] = (path[:-1], eqn.invars[1 - w_op])
       else:  # any other use of a weight with activations: its gradient is taken in B
-        self.direct |= {i for t in ins if _weight_only(t) for i in t[0]}
+        self.direct_at[path] = frozenset(i for t in ins if _weight_only(t) for i in t[0])
     return [joined] * len(eqn.outvars)
 
 
@@ -232,6 +243,8 @@ class _Interpreter:
     that hold activations are None (an empty pytree) throughout."""
     prm, (body, body_consts) = eqn.params, _body(eqn)
     consts, carry, xs = _scan_parts(eqn, ins)
+    if self.mode == "w":  # a carry that meets activations in the loop is not computed at all
+      carry = [None if self.a.read(path, v)[1] else c for c, v in zip(carry, _scan_parts(eqn, body.invars)[1])]
 
     def step(c, x):
       xs_now, sub_taps = x
@@ -257,7 +270,7 @@ def split_backward(fn: Callable, w: Any, x: Any, data: Any) -> SplitBackward:
   n_w, n_rest = len(w_leaves), len(jax.tree.leaves(x)) + len(jax.tree.leaves(data))
   closed = jax.make_jaxpr(lambda w_l, x, data: fn(jax.tree.unflatten(w_def, w_l), x, data))(w_leaves, x, data)
   out_tree = jax.tree.structure(jax.eval_shape(fn, w, x, data))
-  analysis = _Analysis(taint={}, candidates={}, direct=set())
+  analysis = _Analysis()
   out_taints = analysis.run(closed.jaxpr, (), [(frozenset({i}), False) for i in range(n_w)]
                             + [(frozenset(), True)] * n_rest)
   direct = set(analysis.direct) | {i for t in out_taints if _weight_only(t) for i in t[0]}

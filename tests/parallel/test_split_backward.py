@@ -139,3 +139,26 @@ def test_the_llama_stack_splits_into_b_and_w(remat):
   dx, dw_b, dw_w = run(w, x, positions, dy)
   assert_close(dx, dx_want, what="input gradient (B)")
   assert_close(jax.tree.map(jnp.add, dw_b, dw_w), dw_want, what="weight gradients (B + W)")
+
+
+def test_a_weight_carried_into_the_activations_is_taken_in_b():
+  """A recurrence whose state starts as a weight: that weight's gradient is B's; the matmul of the
+  state (weight-only in the first iteration, an activation after) is still W's."""
+  def fn(w, x, data):
+    del data
+    step = lambda c, x_t: (jnp.tanh(c @ w["a"] + x_t @ w["b"]), None)
+    return jax.lax.scan(step, jnp.broadcast_to(w["h0"], (2, D)), x)[0]
+
+  ks = jax.random.split(jax.random.key(4), 5)
+  w = {"h0": jax.random.normal(ks[0], (D,)), "a": 0.4 * jax.random.normal(ks[1], (D, D)),
+       "b": 0.4 * jax.random.normal(ks[2], (D, D))}
+  x, dy = jax.random.normal(ks[3], (T, 2, D)), jax.random.normal(ks[4], (2, D))
+  dw_want, dx_want = jax.vjp(lambda w, x: fn(w, x, None), w, x)[1](dy)
+  split = split_backward(fn, w, x, None)
+  assert split.tapped == 2
+  _, pullback = split.b(w, x, None)
+  dx, dw_b, saved = pullback(dy)
+  dw_w = split.w_grad(w, saved)
+  assert_close(dx, dx_want, what="input gradient (B)")
+  assert_close(jax.tree.map(jnp.add, dw_b, dw_w), dw_want, what="weight gradients (B + W)")
+  assert float(jnp.abs(dw_w["h0"]).max()) == 0.0 and float(jnp.abs(dw_b["a"]).max()) == 0.0

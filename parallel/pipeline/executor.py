@@ -3,16 +3,15 @@
 
 At each tick every stage stores what arrived, does its action (one `switch` on the table: idle, F,
 B, W or a combined backward, each with its part's role, first or last, fixed in the branch), and
-sends on: activations towards the next part's stage, input
-gradients towards the previous part's, by `ppermute` (one neighbour up and, for V-shaped
-schedules, one down; a V's turn stays on its stage). The backward is the executor's: each part is
-re-run under `jax.vjp` from its stored input; in zero-bubble schedules B takes the input's
-gradient and keeps each weight matmul's input and output gradient, and W is those matmuls only
-(`split_backward.py`); a combined backward takes both at once. Weight gradients accumulate per
-stage and chunk (in float32; with one microbatch each is stored as it comes, in its own dtype).
-Buffers hold each input and output gradient from arrival to last use (`buffers.plan_buffers`),
-sized by the schedule's peak; what B keeps for W lives in the slot of the part's input, which is
-held until W.
+sends on: activations towards the next part's stage, input gradients towards the previous part's,
+by `ppermute` (one neighbour up and, for V-shaped schedules, one down; a V's turn stays on its
+stage). The backward is the executor's: each part is re-run under `jax.vjp` from its stored
+input; in zero-bubble schedules B takes the input's gradient and keeps each weight matmul's input
+and output gradient, and W is those matmuls only (`split_backward.py`); a combined backward takes
+both at once. Weight gradients accumulate per stage and chunk (in float32; with one microbatch
+each is stored as it comes, in its own dtype). Buffers hold each input and output gradient from
+arrival to last use (`buffers.plan_buffers`), sized by the schedule's peak; what B keeps for W
+lives in the slot of the part's input, which is held until W.
 
 The model comes in as callables, so `parallel/` knows nothing of `models/`:
 
@@ -162,11 +161,11 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
   # its own dtype (no float32 sum to keep, half the bytes to write and for the update to read).
   # (Not so with B and W split: both give part of it.)
   single = microbatches == 1 and not zero_bubble
-  mb0, params0 = jax.tree.map(lambda x: x[0], inputs), jax.tree.map(lambda x: x[0], part_params)
   if zero_bubble:  # B keeps each weight matmul's input and output gradient; W is those matmuls
-    struct = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    bw = split_backward(part_fn, struct(params0), x_shape, struct(mb0))
-    saved = jax.eval_shape(lambda w, x, mb: bw.b(w, x, mb)[1](x)[2], struct(params0), x_shape, struct(mb0))
+    struct = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
+    params0, mb0 = struct(part_params), struct(inputs)  # one chunk's weights, one microbatch
+    bw = split_backward(part_fn, params0, x_shape, mb0)
+    saved = jax.eval_shape(lambda w, x, mb: bw.b(w, x, mb)[1](x)[2], params0, x_shape, mb0)
   acc = {"first": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), first_params),
          "part": jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype if single else F32), part_params),
          "last": jax.tree.map(lambda x: jnp.zeros(x.shape, F32), last_params),

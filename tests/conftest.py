@@ -6,7 +6,6 @@ Compilation dominates the suite's time, so two settings cut it (neither changes 
 - All test processes (pytest-xdist workers, and the `train.py` subprocesses they start) share one
   persistent compilation cache for the session, so a program compiled once (the same layout in
   another test, a resumed run) is loaded instead of compiled again.
-And the longest tests are handed out first, so that the workers finish together.
 """
 
 import os
@@ -34,16 +33,3 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_unconfigure(config):
   if _OWNS_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-
-
-# The longest tests first (each a minute or so of subprocesses or 8-device compilations), so that
-# the workers do not end on one long test while the others sit idle.
-_SLOW_FIRST = ("tests/test_multihost.py", "tests/training/test_checkpoint.py", "tests/test_train_py.py",
-               "tests/training/test_layouts.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = lambda item: next((i for i, prefix in enumerate(_SLOW_FIRST) if item.nodeid.startswith(prefix)),
-                           len(_SLOW_FIRST))
-  items.sort(key=rank)  # stable: the order within each group is kept

@@ -57,7 +57,7 @@ def _weight_only(t) -> bool:
 def _inner_closed(eqn):
   """The inner program of a call-like equation that is safe to inline (jit, closed calls)."""
   j = eqn.params.get("jaxpr")
-  if isinstance(j, jcore.ClosedJaxpr) and eqn.primitive.name in ("pjit", "jit", "closed_call", "core_call"):
+  if isinstance(j, jcore.ClosedJaxpr) and eqn.primitive.name in ("jit", "closed_call"):
     return j
   return None
 
@@ -184,11 +184,10 @@ def _under(tree: dict, path: Path) -> dict:
 
 
 class _Interpreter:
-  """Evaluates the part's program in one of three modes.
+  """Evaluates the part's program in one of two modes.
 
-  "b": everything, with taps added to the tapped matmuls' outputs and their activation operands
-  recorded. "probe": the same without taps, recording the tapped outputs (their shapes make the
-  taps). "w": only what depends on weights alone (activations are never computed), recording
+  "b": everything, with taps on the tapped matmuls' outputs and their activation operands
+  recorded. "w": only what depends on weights alone (activations are never computed), recording
   each tapped matmul's weight operand.
   """
 
@@ -220,8 +219,6 @@ class _Interpreter:
       if self.mode == "w":
         return [None], {path: ins[w_op]}
       (out,) = _bind(eqn, ins)
-      if self.mode == "probe":
-        return [out], {path: out}
       record = {path: ins[act]} if self.records[path] == path else {}  # one record per shared input
       return [_tap(out, taps[path])], record
     if path not in self.has_taps:
@@ -286,7 +283,8 @@ def split_backward(fn: Callable, w: Any, x: Any, data: Any) -> SplitBackward:
   first_use, records = {}, {}
   for p in sorted(tapped):
     records[p] = first_use.setdefault(analysis.operand[p], p)
-  modes = {m: _Interpreter(analysis, tapped, records, m) for m in ("b", "probe", "w")}
+  modes = {m: _Interpreter(analysis, tapped, records, m) for m in ("b", "w")}
+  sites = {p: _locate(closed.jaxpr, p) for p in tapped}  # (equation, lengths of the enclosing scans)
 
   def run(mode, w_l, x, data, taps):
     outs, recs = modes[mode].run(closed.jaxpr, closed.consts, [*w_l, *jax.tree.leaves(x), *jax.tree.leaves(data)],
@@ -301,8 +299,9 @@ def split_backward(fn: Callable, w: Any, x: Any, data: Any) -> SplitBackward:
 
   def b(w_tree, x, data):
     w_l = jax.tree.leaves(w_tree)
-    shapes = jax.eval_shape(lambda w_l, x, data: run("probe", w_l, x, data, {})[1], w_l, x, data)
-    taps = {p: jnp.zeros(s.shape, s.dtype) for p, s in shapes.items()}
+    # Zeros shaped like each tapped output, stacked over its enclosing scans.
+    taps = {p: jnp.zeros((*lengths, *eqn.outvars[0].aval.shape), eqn.outvars[0].aval.dtype)
+            for p, (eqn, lengths) in sites.items()}
     y, vjp, recs = jax.vjp(lambda x, taps, vals: run("b", with_leaves(w_l, direct_idx, vals), x, data, taps),
                            x, taps, [w_l[i] for i in direct_idx], has_aux=True)
 
@@ -319,31 +318,24 @@ def split_backward(fn: Callable, w: Any, x: Any, data: Any) -> SplitBackward:
     none = jax.tree.map(lambda _: None, (x, data))
     sides, pull = jax.vjp(lambda vals: run("w", with_leaves(w_l, tapped_idx, vals), *none, {})[1],
                           [w_l[i] for i in tapped_idx])
-    d_sides = {p: _transpose_stacked(_eqn_at(closed.jaxpr, p), tapped[p], recs[records[p]], dtaps[p], sides[p],
-                                     _scan_depth(closed.jaxpr, p)) for p in tapped}
+    d_sides = {p: _transpose_stacked(eqn, tapped[p], recs[records[p]], dtaps[p], sides[p], len(lengths))
+               for p, (eqn, lengths) in sites.items()}
     (grads,) = pull(d_sides)
     return jax.tree.unflatten(w_def, with_leaves([jnp.zeros_like(a) for a in w_l], tapped_idx, grads))
 
   return SplitBackward(b=b, w_grad=w_grad, tapped=len(tapped))
 
 
-def _eqn_at(jaxpr, path: Path):
-  eqn = None
-  for i in path:
-    eqn = jaxpr.eqns[i]
-    inner = eqn.params.get("jaxpr")
-    jaxpr = inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner
-  return eqn
-
-
-def _scan_depth(jaxpr, path: Path) -> int:
-  depth = 0
+def _locate(jaxpr, path: Path) -> tuple[Any, tuple[int, ...]]:
+  """The equation at `path`, and the lengths of the scans around it, outermost first."""
+  lengths = []
   for i in path[:-1]:
     eqn = jaxpr.eqns[i]
-    depth += eqn.primitive.name == "scan"
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
     inner = eqn.params["jaxpr"]
     jaxpr = inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner
-  return depth
+  return jaxpr.eqns[path[-1]], tuple(lengths)
 
 
 def _transpose_stacked(eqn, tap, act, dy, side, depth: int):
@@ -356,7 +348,7 @@ def _transpose_stacked(eqn, tap, act, dy, side, depth: int):
       ins = [None, None]
       ins[act_op], ins[w_op] = act, ws
       return _bind(eqn, ins)[0]
-    (d,) = jax.linear_transpose(apply, side)(dy.astype(jax.eval_shape(apply, side).dtype))
+    (d,) = jax.linear_transpose(apply, side)(dy)
     return d
 
   for _ in range(depth):

@@ -204,13 +204,16 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
     if last:  # from the loss, through the head
       (loss, count), g = _vjp(lambda x, w, last: loss_of(x, w, last, mb_in),
                               {"x": x, "w": params, "last": last_params}, (jnp.ones((), F32), jnp.zeros((), F32)))
-      # the loss (and the head's gradient) is counted once, with the input gradient
-      acc = {**acc, "last": jax.tree.map(jnp.add, acc["last"], g["last"]), "loss": acc["loss"] + loss.astype(F32),
-             "count": acc["count"] + count.astype(F32)}
+      acc = counted(acc, loss, count, g["last"])
     else:  # from the output gradient that arrived
       _, g = _vjp(lambda x, w: part_fn(w, x, mb_in), {"x": x, "w": params}, _get(gbuf, r["g_slot"]).astype(x.dtype))
     acc = {**acc, "part": (_set_at if single else _add_at)(acc["part"], r["chunk"], g["w"])}
     return sent_back((xbuf, gbuf, acc), r, first, mb_in, g["x"])
+
+  def counted(acc, loss, count, d_last):
+    """The loss (and the head's gradient), counted once, with the last part's input gradient."""
+    return {**acc, "last": jax.tree.map(lambda a, g: a + g.astype(F32), acc["last"], d_last),
+            "loss": acc["loss"] + loss.astype(F32), "count": acc["count"] + count.astype(F32)}
 
   def sent_back(state, r, first: bool, mb_in, dx):
     """After an input gradient: the embedding's gradient on the first part (with the vocabulary
@@ -239,8 +242,7 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
            "saved": jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, r["x_slot"], 0),
                                  acc["saved"], saved)}
     if last:
-      acc = {**acc, "last": jax.tree.map(lambda a, g: a + g.astype(F32), acc["last"], d_last),
-             "loss": acc["loss"] + loss.astype(F32), "count": acc["count"] + count.astype(F32)}
+      acc = counted(acc, loss, count, d_last)
     return sent_back((xbuf, gbuf, acc), r, first, mb_in, dx.astype(F32))
 
   def backward_weights(state, r, first, last):
@@ -255,8 +257,7 @@ def _local(table, first_params, part_params, last_params, inputs, *, first_fn, p
     del r, first, last
     return state, jnp.zeros(x_shape.shape, x_shape.dtype), jnp.zeros(x_shape.shape, F32)
 
-  actions = {IDLE: idle, F: forward, B: backward_inputs, W: backward_weights,
-             BW: backward}
+  actions = {IDLE: idle, F: forward, B: backward_inputs, W: backward_weights, BW: backward}
   branches = [functools.partial(actions[kind], first=bool(first), last=bool(last)) for kind, first, last in branch_of]
 
   pin = (lambda v, *lead: v) if x_spec is None else (

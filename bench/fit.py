@@ -33,13 +33,18 @@ def fits(config: configs.Config, limit: int) -> tuple[bool, float | None, str]:
   return need <= limit, need / 2**30, ""
 
 
+def _try(config_for, value: int, limit: int, tried: list[dict]) -> bool:
+  """Whether `value`'s config fits; notes the attempt in `tried`."""
+  ok, gib, error = fits(config_for(value), limit)
+  tried.append({"value": value, "gib": gib, **({"error": error} if error else {})})
+  return ok
+
+
 def largest(config_for, values, limit: int) -> tuple[int | None, list[dict]]:
   """The largest of increasing `values` whose config fits, stopping at the first that does not."""
   best, tried = None, []
   for v in values:
-    ok, gib, error = fits(config_for(v), limit)
-    tried.append({"value": v, "gib": gib, **({"error": error} if error else {})})
-    if not ok:
+    if not _try(config_for, v, limit, tried):
       break
     best = v
   return best, tried
@@ -51,7 +56,5 @@ def bisect(config_for, good: int, bad: int, step: int, limit: int, tried: list[d
     mid = (good + bad) // 2 // step * step
     if mid <= good:
       break
-    ok, gib, error = fits(config_for(mid), limit)
-    tried.append({"value": mid, "gib": gib, **({"error": error} if error else {})})
-    good, bad = (mid, bad) if ok else (good, mid)
+    good, bad = (mid, bad) if _try(config_for, mid, limit, tried) else (good, mid)
   return good

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from parallel.attention.layout import device_tokens
-from parallel.attention.ring import Ring, block_bwd, block_fwd, empty_result
-from bench.compare import fwd_bwd, rel_err
+from parallel.attention.ring import Ring, block_kernels
+from bench.compare import fwd_bwd, rel_err, ring_pass
 from bench.timing import median_call_seconds
 
 FLAGS = flags.FLAGS
@@ -40,47 +40,6 @@ flags.DEFINE_integer("repeats", 5, "Timed runs (after one warm-up); the median i
 flags.DEFINE_string("implementation", "cudnn", "cudnn (GPU), or xla to try the script on a CPU at small sizes.")
 flags.DEFINE_integer("group", 1, "Experiment: arriving blocks per cuDNN call after my own (1: the ring as it runs).")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
-
-
-def ring_pass(ring: Ring, me: int, rows, q, ks, vs, group: int = 1):
-  """Forward and backward of one device's ring pass, as a custom VJP over the N steps; `rows`
-  [N, L] holds each position's original token indices. `group` > 1 (an experiment, not what the
-  ring does): after my own block, that many arriving blocks are concatenated into one call (for
-  device 0 under zigzag every other block is a later one, so they take the same sub-block)."""
-  n, length = ks.shape[0], ks.shape[2]
-  order = [(me - s) % n for s in range(n)]
-  groups = [order[:1]] + [order[i:i + group] for i in range(1, n, group)]
-  cat = lambda x, g: jnp.concatenate([x[s] for s in g], axis=1)
-  block = lambda ks, vs, g: (cat(ks, g), cat(vs, g), None, jnp.asarray(rows[g].reshape(-1)))
-
-  @jax.custom_vjp
-  def attend(q, ks, vs):
-    return forward(q, ks, vs)[0]
-
-  def forward(q, ks, vs):
-    o, lse = empty_result(q)
-    for g in groups:
-      o, lse = block_fwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, g), o, lse)
-    return o.astype(q.dtype), lse
-
-  def fwd(q, ks, vs):
-    o, lse = forward(q, ks, vs)
-    return o, (q, ks, vs, o, lse)
-
-  def bwd(res, do):
-    q, ks, vs, o, lse = res
-    dq, dks, dvs = jnp.zeros(q.shape, jnp.float32), [None] * n, [None] * n
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-    for g in groups:
-      zeros = jnp.zeros((ks.shape[1], length * len(g), *ks.shape[3:]), jnp.float32)
-      dq, dk, dv = block_bwd(ring, q, None, jnp.asarray(rows[me]), block(ks, vs, g), o, lse, delta, do,
-                             (dq, zeros, zeros))
-      for j, src in enumerate(g):
-        dks[src], dvs[src] = dk[:, j * length:(j + 1) * length], dv[:, j * length:(j + 1) * length]
-    return dq.astype(q.dtype), jnp.stack(dks).astype(ks.dtype), jnp.stack(dvs).astype(vs.dtype)
-
-  attend.defvjp(fwd, bwd)
-  return attend(q, ks, vs)
 
 
 def measure(length: int, n: int, causal: bool) -> dict:
@@ -99,7 +58,8 @@ def measure(length: int, n: int, causal: bool) -> dict:
   # Full attention: my L queries see every key (a fresh random query block, no mask).
   q = take(seq_q, rows[me]) if causal else jax.random.normal(keys[3], (1, length, h, d), jnp.bfloat16)
   impl = FLAGS.implementation
-  ring = Ring(axis="unused", size=n, stride=1, layout=layout, scale=d ** -0.5, fused=impl == "cudnn", causal=causal)
+  ring = Ring(axis="unused", size=n, stride=1, layout=layout, scale=d ** -0.5, kernels=block_kernels(impl),
+              causal=causal)
   cot = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
   ring_fn = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs, FLAGS.group),
                                               q, ks, vs, cot))

@@ -66,9 +66,8 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
                         mesh: Mesh, axis: str = "seq", layout: str = "zigzag", batch_axes: Sequence[str] = (),
                         head_axes: Sequence[str] = (), implementation: str = "xla", causal: bool = True) -> jax.Array:
   """Causal (document-masked with segment ids) GQA attention, sequence split over `axis`.
-  `causal=False`: every query sees every key (of its document). `implementation="cudnn"` runs
-  each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16, no segment ids); "xla"
-  everywhere else."""
+  `causal=False`: every query sees every key (of its document). `implementation` as in
+  `ring.ring_attention`."""
   return run_on_ring("allgather_attention", allgather_core, q, k, v, segment_ids, mesh=mesh, axis=axis,
                      layout=layout, batch_axes=batch_axes, head_axes=head_axes, implementation=implementation,
                      causal=causal)

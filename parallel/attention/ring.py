@@ -22,8 +22,12 @@ the block's first chunk; a later one's: the second query chunk against the whole
 end with n times the work of the first. `striped` computes every block with a causal mask
 (strictly causal for blocks from later positions).
 
-Blocks run as plain XLA (any backend, segment ids) or as cuDNN flash-attention calls
-(`implementation="cudnn"`, `cudnn_blocks.py`), whose backward takes the final output and LSE.
+Blocks run as plain XLA masked by original index and segment ids (`implementation="xla"`, any
+backend) or as fused kernel calls (`"cudnn"`: `cudnn_blocks.py`, flash attention on NVIDIA GPUs;
+`"xla_kernels"`: their XLA twins, `xla_kernels.py`, which run the same routes on any backend),
+whose backward takes the final output and LSE. With segment ids (packed documents) the kernel
+calls go through `documents.py` (causal zigzag or contiguous layout; documents numbered in
+order, as packing writes them); striped or non-causal rings with segment ids run XLA blocks.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from parallel.attention import cudnn_blocks
+from parallel.attention import cudnn_blocks, documents, xla_kernels
 from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
 from parallel.attention.context import check_inputs, shard_attention
 
@@ -51,8 +56,12 @@ class Ring:
   stride: int  # axis indices between neighbouring positions
   layout: str
   scale: float
-  fused: bool = False  # cuDNN flash-attention blocks (GPU; used when there are no segment ids)
+  kernels: Any = None  # a fused-kernel module (`block_kernels`), or None for masked XLA blocks
   causal: bool = True  # False: every query sees every key (no load balance needed)
+
+  @property
+  def fused(self) -> bool:
+    return self.kernels is not None
 
   def shift(self, n_axis: int) -> list[tuple[int, int]]:
     """ppermute pairs sending each device's block to the same slot of the next position."""
@@ -93,8 +102,24 @@ def case(ring: Ring, q_index: jax.Array, kv_index: jax.Array) -> jax.Array:
   return jnp.where(theirs == mine, 0, jnp.where(theirs < mine, 1, 2)).astype(jnp.int32)
 
 
-def _fused(ring: Ring, *segment_ids) -> bool:
-  return ring.fused and all(s is None for s in segment_ids)
+KERNELS = {"xla": None, "cudnn": cudnn_blocks, "xla_kernels": xla_kernels}
+
+
+def block_kernels(implementation: str):
+  """The fused-kernel module an `implementation` runs blocks with (None: masked XLA blocks)."""
+  if implementation not in KERNELS:
+    raise ValueError(f"implementation={implementation!r}: choose one of {tuple(KERNELS)}")
+  return KERNELS[implementation]
+
+
+def kind(ring: Ring, segment_ids) -> str:
+  """How blocks run: "kernel" (fused, no segment ids), "documents" (fused with segment ids, where
+  `documents.py` applies) or "xla"."""
+  if not ring.fused:
+    return "xla"
+  if segment_ids is None:
+    return "kernel"
+  return "documents" if ring.causal and ring.layout != "striped" else "xla"
 
 
 def _rows(x, rows):
@@ -112,8 +137,14 @@ def block_fwd(ring: Ring, q, q_seg, q_index, kv, o, lse) -> tuple[jax.Array, jax
       if rows is None:
         return o, lse
       qr, kr, causal = rows
-      if _fused(ring, q_seg, kv_seg):
-        ob, lb = cudnn_blocks.block_forward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale)
+      how, kernels = kind(ring, q_seg), ring.kernels
+      if how == "kernel":
+        ob, lb = kernels.block_forward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale)
+      elif how == "documents" and causal:  # my own block (same tokens on both sides)
+        ob, lb = documents.own_forward(kernels, q[:, qr], k[:, kr], v[:, kr], q_seg[:, qr], ring.scale)
+      elif how == "documents":
+        ob, lb = documents.earlier_forward(kernels, q[:, qr], k[:, kr], v[:, kr], q_seg[:, qr], kv_seg[:, kr],
+                                           ring.scale)
       else:
         mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         ob, lb = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
@@ -135,9 +166,14 @@ def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do, grads):
       if rows is None:
         return dq, dk, dv
       qr, kr, causal = rows
-      if _fused(ring, q_seg, kv_seg):
-        bq, bk, bv = cudnn_blocks.block_backward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale, o[:, qr],
-                                                 lse[:, qr], do[:, qr])
+      how, kernels, final = kind(ring, q_seg), ring.kernels, (o[:, qr], lse[:, qr], do[:, qr])
+      if how == "kernel":
+        bq, bk, bv = kernels.block_backward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale, *final)
+      elif how == "documents" and causal:
+        bq, bk, bv = documents.own_backward(kernels, q[:, qr], k[:, kr], v[:, kr], q_seg[:, qr], ring.scale, *final)
+      elif how == "documents":
+        bq, bk, bv = documents.earlier_backward(kernels, q[:, qr], k[:, kr], v[:, kr], q_seg[:, qr], kv_seg[:, kr],
+                                                ring.scale, *final)
       else:
         mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr],
@@ -219,8 +255,9 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
   """Causal (and, with segment ids, document-masked) GQA attention with the sequence split over
   `axis` in `layout` order; see the module docstring for sharding and communication.
   `causal=False`: every query sees every key (of its document).
-  `implementation="cudnn"` runs each block as a cuDNN flash-attention call (NVIDIA GPUs, bf16/fp16,
-  no segment ids); "xla" everywhere else."""
+  `implementation`: "xla" (masked XLA blocks, any backend), "cudnn" (a cuDNN flash-attention call
+  per block: NVIDIA GPUs, bf16/fp16) or "xla_kernels" (the cuDNN calls' XLA twins). With a kernel,
+  segment ids must number documents in order, as packing does (`documents.py`)."""
   return run_on_ring("ring_attention", ring_core, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                      batch_axes=batch_axes, head_axes=head_axes, implementation=implementation, causal=causal)
 
@@ -232,6 +269,6 @@ def run_on_ring(name: str, core, q, k, v, segment_ids, *, mesh: Mesh, axis: str,
   check_inputs(name, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout, batch_axes=batch_axes,
                head_axes=head_axes)
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
-              fused=implementation == "cudnn", causal=causal)
+              kernels=block_kernels(implementation), causal=causal)
   return shard_attention(functools.partial(core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
                          layout=layout, batch_axes=batch_axes, head_axes=head_axes)

@@ -25,18 +25,18 @@ import jax
 from jax.sharding import Mesh
 
 from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.ring import Ring, ring_core
+from parallel.attention.ring import Ring, block_kernels, ring_core
 from parallel.attention.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
 
 
-def _local(q, k, v, segment_ids, index, *, axis: str, ulysses: int, layout: str, scale: float, fused: bool):
+def _local(q, k, v, segment_ids, index, *, axis: str, ulysses: int, layout: str, scale: float, kernels):
   n = jax.lax.axis_size(axis)
   groups = [[g * ulysses + j for j in range(ulysses)] for g in range(n // ulysses)]
   k, v = replicate_kv_heads(k, ulysses), replicate_kv_heads(v, ulysses)
   q, k, v = (heads_to_sequence(x, axis, groups) for x in (q, k, v))
   gather = lambda x, dim: jax.lax.all_gather(x, axis, axis=dim, tiled=True, axis_index_groups=groups)
   seg = None if segment_ids is None else gather(segment_ids, 1)
-  ring = Ring(axis=axis, size=n // ulysses, stride=ulysses, layout=layout, scale=scale, fused=fused)
+  ring = Ring(axis=axis, size=n // ulysses, stride=ulysses, layout=layout, scale=scale, kernels=kernels)
   return sequence_to_heads(ring_core(ring, q, k, v, seg, gather(index, 0)), axis, groups)
 
 
@@ -55,6 +55,6 @@ def usp_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
     raise ValueError(f"usp_attention: {q.shape[2] // tp} query heads per device are not divisible by "
                      f"ulysses={ulysses}")
   local = functools.partial(_local, axis=axis, ulysses=ulysses, layout=layout, scale=q.shape[-1] ** -0.5,
-                            fused=implementation == "cudnn")
+                            kernels=block_kernels(implementation))
   return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                          batch_axes=batch_axes, head_axes=head_axes, positions=n // ulysses)

@@ -1,5 +1,5 @@
 """The blockwise pieces every ring-style op merges (`parallel/attention/blockwise.py`), and their
-fused GPU twins (`cudnn_blocks.py`), against dense softmax attention: a sequence's keys split in
+fused GPU kernels (`cudnn_blocks.py`, against their XLA twins), against dense softmax attention: a sequence's keys split in
 two blocks, each block's partial output and LSE merged, equal the whole softmax; each block's
 backward from the full rows' LSE and delta, summed, equals the dense gradients."""
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel.attention import cudnn_blocks
+from parallel.attention import cudnn_blocks, xla_kernels
 from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
 from tests.reference import assert_close
 
@@ -65,3 +65,22 @@ def test_cudnn_blocks_equal_the_xla_blocks():
     got = cudnn_blocks.block_backward(q, k, v, causal, D ** -0.5, o, lse, do)
     assert_close(got, block_backward(q, k, v, mask, D ** -0.5, want_lse, delta, do), dtype=jnp.bfloat16,
                  what="cuDNN block backward")
+
+
+@pytest.mark.skipif(not cudnn_blocks.available(), reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_padded_blocks_equal_their_xla_twins():
+  """Padding masks (rows < q_len against keys < kv_len, per batch row, one row empty): equal inside
+  the mask; outside it cuDNN's results are undefined and callers mask them."""
+  q, k, v, _, do = (x.astype(jnp.bfloat16) for x in _inputs())
+  q_len, kv_len = jnp.asarray([7, 0], jnp.int32), jnp.asarray([5, 0], jnp.int32)
+  rows = (jnp.arange(L)[None, :] < q_len[:, None])[..., None, None]
+  keys = (jnp.arange(L)[None, :] < kv_len[:, None])[..., None, None]
+  o, lse = cudnn_blocks.padded_forward(q, k, v, q_len, kv_len, D ** -0.5)
+  want_o, want_lse = xla_kernels.padded_forward(q, k, v, q_len, kv_len, D ** -0.5)
+  inside = lambda x, where: jnp.where(where, x.astype(F32), 0)
+  assert_close((inside(o, rows), inside(lse, rows[..., 0])), (inside(want_o, rows), inside(want_lse, rows[..., 0])),
+               dtype=jnp.bfloat16, what="cuDNN padded forward")
+  got = cudnn_blocks.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, want_o, want_lse, do)
+  want = xla_kernels.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, want_o, want_lse, do)
+  assert_close([inside(x, w) for x, w in zip(got, (rows, keys, keys))],
+               [inside(x, w) for x, w in zip(want, (rows, keys, keys))], dtype=jnp.bfloat16, what="cuDNN padded backward")

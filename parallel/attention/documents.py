@@ -1,0 +1,177 @@
+"""Packed documents on fused attention kernels: a ring's blocks when segment ids are given.
+
+A fused kernel takes no per-token mask, but packing makes every document a run of the sequence
+(segment ids number the documents in order, as `data/packing.py` writes them), and each device
+holds its tokens in increasing original order in every layout, so within any block a document is
+a run of query rows and a run of keys. Under causal masking with the zigzag or contiguous layout a
+ring meets two kinds of block:
+
+  earlier  every key comes before every query (another position's block). Only the document
+           running across the gap can be on both sides: the queries' first rows and the keys'
+           last. One padding-masked kernel call computes it, with the keys rolled so that this
+           document's keys come first: the first `p` rows against the first `s` keys.
+  own      the queries' own keys, causal in local order, cut into tiles of rows. Within a tile:
+           one causal kernel call when the tile holds one document, else plain XLA with the
+           exact mask (tile x tile scores). Before it, only the document running into the
+           tile's first row has keys, so each tile after the first adds one padding-masked call
+           as above.
+
+Rows and keys outside that document are masked out of the kernel's results here (the kernel leaves
+them undefined), so results equal the masked XLA blocks' to rounding. The kernel only does
+visible work apart from the tiles on the diagonal; no score matrix larger than a tile's exists.
+`kernels` is `cudnn_blocks` on GPUs, or its XLA twins `xla_kernels` (which run these routes on
+CPUs, for the tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
+
+TILE = 1024  # rows per tile of an own block (rounded so that tiles divide the block)
+
+
+def tiles(length: int, tile: int) -> int:
+  """How many equal tiles of at most `tile` rows (where a divisor allows) cut `length` rows."""
+  n = math.ceil(length / tile)
+  while length % n:
+    n += 1
+  return n
+
+
+def _roll(x: jax.Array, start: jax.Array) -> jax.Array:
+  """x [B, L, ...] with row j of batch row b taken from row (j + start[b]) % L."""
+  length = x.shape[1]
+  idx = (jnp.arange(length)[None, :] + start[:, None]) % length
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _first(x: jax.Array, n: jax.Array) -> jax.Array:
+  """[B, L] bool: position < n[b]."""
+  return jnp.arange(x.shape[1])[None, :] < n[:, None]
+
+
+def _keep(x: jax.Array, where_BxL: jax.Array, fill: float = 0.0) -> jax.Array:
+  return jnp.where(where_BxL.reshape(where_BxL.shape + (1,) * (x.ndim - 2)), x.astype(F32), fill)
+
+
+def span_forward(kernels, q, k, v, span, scale):
+  """Float32 (output, LSE) of q's first p rows against keys [start, start + s) per batch row
+  (`span` = (p, start, s), each [B]); other rows get nothing (zero output, LSE `NEG`)."""
+  p, start, s = span
+  o, lse = kernels.padded_forward(q, _roll(k, start), _roll(v, start), p, s, scale)
+  rows = _first(q, p)
+  return _keep(o, rows), _keep(lse, rows, NEG)
+
+
+def span_backward(kernels, q, k, v, span, scale, o, lse, do):
+  """Float32 (dq, dk, dv) of `span_forward`'s share given the rows' final output and LSE."""
+  p, start, s = span
+  dq, dk, dv = kernels.padded_backward(q, _roll(k, start), _roll(v, start), p, s, scale, o, lse, do)
+  keys = _first(k, s)
+  return _keep(dq, _first(q, p)), _roll(_keep(dk, keys), -start), _roll(_keep(dv, keys), -start)
+
+
+def earlier_span(q_seg: jax.Array, kv_seg: jax.Array):
+  """(p, start, s) of the one document shared by queries and the keys that all precede them."""
+  doc = q_seg[:, 0]
+  shared = kv_seg[:, -1] == doc
+  p = jnp.where(shared, jnp.sum(q_seg == doc[:, None], axis=1), 0)
+  start = jnp.where(shared, jnp.sum(kv_seg < doc[:, None], axis=1), 0)
+  return p, start, jnp.where(shared, kv_seg.shape[1] - start, 0)
+
+
+def earlier_forward(kernels, q, k, v, q_seg, kv_seg, scale):
+  """Float32 (output, LSE) of queries against keys that all precede them (document-masked)."""
+  return span_forward(kernels, q, k, v, earlier_span(q_seg, kv_seg), scale)
+
+
+def earlier_backward(kernels, q, k, v, q_seg, kv_seg, scale, o, lse, do):
+  """Float32 (dq, dk, dv) of `earlier_forward`'s share."""
+  return span_backward(kernels, q, k, v, earlier_span(q_seg, kv_seg), scale, o, lse, do)
+
+
+def _tile_span(seg, row0, t):
+  """(p, start, s) of the document running into the tile at `row0` from the rows before it."""
+  doc = seg[:, row0]
+  start = jnp.sum(seg < doc[:, None], axis=1)
+  s = row0 - start
+  rows = jnp.sum(jax.lax.dynamic_slice_in_dim(seg, row0, t, axis=1) == doc[:, None], axis=1)
+  return jnp.where(s > 0, rows, 0), start, s
+
+
+def _by_tile(x, n):
+  """[B, n*t, ...] -> [n, B, t, ...]: one slice per tile, for `lax.map`."""
+  return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _from_tiles(x):
+  return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _one_document(seg_t):
+  """Whether every batch row of a tile holds one document (non-decreasing ids: first == last)."""
+  return jnp.all(seg_t[:, 0] == seg_t[:, -1])
+
+
+def _tile_mask(seg_t):
+  idx = jnp.arange(seg_t.shape[1])
+  return attention_mask(idx, idx, seg_t, seg_t)
+
+
+def own_forward(kernels, q, k, v, seg, scale, tile: int | None = None):
+  """Float32 (output, LSE) of a block's queries against its own keys: causal in local order and
+  document-masked (`seg` [B, L] non-decreasing); tiles of `tile` rows (default `TILE`)."""
+  n = tiles(q.shape[1], tile or TILE)
+  t = q.shape[1] // n
+
+  def diagonal(a):
+    q_, k_, v_, seg_ = a
+    fused = lambda: tuple(x.astype(F32) for x in kernels.block_forward(q_, k_, v_, True, scale))
+    return jax.lax.cond(_one_document(seg_), fused, lambda: block_forward(q_, k_, v_, _tile_mask(seg_), scale))
+
+  o, lse = (_from_tiles(x) for x in jax.lax.map(diagonal, tuple(_by_tile(x, n) for x in (q, k, v, seg))))
+
+  def step(carry, i):
+    o, lse = carry
+    row0 = i * t
+    rows = lambda x: jax.lax.dynamic_slice_in_dim(x, row0, t, axis=1)
+    ob, lb = span_forward(kernels, rows(q), k, v, _tile_span(seg, row0, t), scale)
+    om, lm = merge(rows(o), rows(lse), ob, lb)
+    put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, row0, axis=1)
+    return (put(o, om), put(lse, lm)), None
+
+  (o, lse), _ = jax.lax.scan(step, (o, lse), jnp.arange(1, n))
+  return o, lse
+
+
+def own_backward(kernels, q, k, v, seg, scale, o, lse, do, tile: int | None = None):
+  """Float32 (dq, dk, dv) of `own_forward` given the rows' final output and LSE."""
+  n = tiles(q.shape[1], tile or TILE)
+  t = q.shape[1] // n
+  delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
+
+  def diagonal(a):
+    q_, k_, v_, seg_, o_, lse_, delta_, do_ = a
+    fused = lambda: kernels.block_backward(q_, k_, v_, True, scale, o_, lse_, do_)
+    xla = lambda: block_backward(q_, k_, v_, _tile_mask(seg_), scale, lse_, delta_, do_)
+    return jax.lax.cond(_one_document(seg_), fused, xla)
+
+  grads = jax.lax.map(diagonal, tuple(_by_tile(x, n) for x in (q, k, v, seg, o, lse, delta, do)))
+  dq, dk, dv = (_from_tiles(x) for x in grads)
+
+  def step(carry, i):
+    dq, dk, dv = carry
+    row0 = i * t
+    rows = lambda x: jax.lax.dynamic_slice_in_dim(x, row0, t, axis=1)
+    bq, bk, bv = span_backward(kernels, rows(q), k, v, _tile_span(seg, row0, t), scale, rows(o), rows(lse),
+                               rows(do))
+    dq = jax.lax.dynamic_update_slice_in_dim(dq, rows(dq) + bq, row0, axis=1)
+    return (dq, dk + bk, dv + bv), None
+
+  (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), jnp.arange(1, n))
+  return dq, dk, dv

@@ -3,11 +3,12 @@ one cuDNN call per document.
 
 As `ring_block.py` (causal, zigzag, device 0 of N, no communication), with the N x L sequence
 packed from documents of the given lengths. The device's pass runs its blocks as a ring step
-does with segment ids: `--implementation=cudnn` takes the fused route (padding-masked cuDNN calls
-for the document running across a block boundary, own-block tiles of `--tile` rows, one causal
-cuDNN call per tile holding one document, masked XLA for the others); `xla` the masked XLA blocks
-the ring used before. The reference is the ideal: every document as its own batch row (padded to
-the longest, with sequence lengths) in one causal cuDNN call, which does only the visible work.
+does with segment ids: `--implementation=cudnn` takes the fused route (a padding-masked cuDNN call
+for the document running across a block boundary; the own block as one packed-segment call, or
+with more documents than `documents.packed_slots` allows, in tiles of `--tile` rows); `xla` the
+masked XLA blocks the ring used before. The reference is the ideal: every document as its own batch row, in one
+causal cuDNN call per group of rows padded to the same power of two, with the documents'
+lengths, which skips the padding.
 
 Both are timed forward+backward with a random cotangent on every row. Rates are visible FLOPs
 (4 x H x D per visible query-key pair, x3.5 for forward+backward) per second; the ratio is the
@@ -20,6 +21,7 @@ with --out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -39,6 +41,10 @@ flags.DEFINE_list("blocks", ["2", "8"], "Key/value blocks per ring pass (N).")
 flags.DEFINE_list("docs", ["1000", "4000", "pareto"],
                   "Document lengths: a fixed length, or `pareto` (long-tailed, mean about 1,500, seeded).")
 flags.DEFINE_integer("tile", documents.TILE, "Rows per own-block tile (documents.TILE).")
+flags.DEFINE_integer("max_documents", documents.MAX_DOCUMENTS,
+                     "documents.MAX_DOCUMENTS: at most this many documents per own block in one packed call "
+                     "(0: tiles only).")
+flags.DEFINE_bool("compare_xla", False, "Also run the masked XLA blocks (untimed) and report the error against them.")
 flags.DEFINE_integer("heads", 16, "Query heads.")
 flags.DEFINE_integer("kv_heads", 8, "Key/value heads.")
 flags.DEFINE_integer("head_dim", 128, "Head dimension.")
@@ -79,28 +85,66 @@ def measure(length: int, n: int, spec: str) -> dict:
   ring_fn = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs, segments=seg[rows]),
                                               q, ks, vs, take(cot, rows[me])))
 
-  # The reference: document i as batch row i, padded to the longest, with its length.
-  width = int(lens.max())
-  slot = np.repeat(np.arange(lens.size), lens) * width + pos  # token t's place in the [docs * width] rows
-  to_rows = lambda x: jnp.zeros((lens.size * width, *x.shape[2:]), x.dtype).at[slot].set(x[0]).reshape(
-      lens.size, width, *x.shape[2:])
-  sizes = jnp.asarray(lens, jnp.int32)
-  mono = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=sizes,
-                                                      key_value_seq_lengths=sizes,
-                                                      implementation="cudnn" if FLAGS.implementation == "cudnn" else "xla")
-  mono_fn = jax.jit(lambda q, k, v, c: fwd_bwd(mono, q, k, v, c)[:2])
-  mono_args = [to_rows(x) for x in (seq_q, seq_k, seq_v, cot)]
+  # The reference: each document its own batch row, rows grouped by the power of two (at least
+  # 1,024) their document fits, padded to it, with the documents' lengths: one cuDNN call a group.
+  width = np.maximum(1024, 2 ** np.ceil(np.log2(lens)).astype(int))
+  doc = np.repeat(np.arange(lens.size), lens)
+  groups = []  # (width, documents of that width, each token's place in the group's rows or -1)
+  for w in np.unique(width):
+    members = np.flatnonzero(width == w)
+    row = np.full(lens.size, -1)
+    row[members] = np.arange(members.size)
+    place = np.where(row[doc] >= 0, row[doc] * w + pos, -1)
+    groups.append((int(w), members, place))
+  impl = "cudnn" if FLAGS.implementation == "cudnn" else "xla"
 
-  t_ring = median_call_seconds(ring_fn, take(seq_q, rows[me]), ks, vs, repeats=FLAGS.repeats)
+  def to_groups(x):  # [1, total, ...] -> per group [documents, width, ...]
+    return [jnp.zeros((m.size * w, *x.shape[2:]), x.dtype).at[pl[pl >= 0]].set(x[0, pl >= 0])
+            .reshape(m.size, w, *x.shape[2:]) for w, m, pl in groups]
+
+  def mono(qs, ks_, vs_):
+    return [jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=jnp.asarray(lens[m], jnp.int32),
+                                         key_value_seq_lengths=jnp.asarray(lens[m], jnp.int32), implementation=impl)
+            for q, k, v, (_, m, _) in zip(qs, ks_, vs_, groups)]
+
+  mono_fn = jax.jit(lambda q, k, v, c: fwd_bwd(mono, q, k, v, c)[:2])
+  mono_args = [to_groups(x) for x in (seq_q, seq_k, seq_v, cot)]
+
+  group_of, index_in = np.full(length, -1), np.zeros(length, int)  # where the device's rows are
+  for g, (_, _, place) in enumerate(groups):
+    at = place[rows[me]]
+    group_of[at >= 0], index_in[at >= 0] = g, at[at >= 0]
+
+  def from_groups(xs):  # the device's rows, in its order
+    out = jnp.zeros((length, *xs[0].shape[2:]), xs[0].dtype)
+    for g, x in enumerate(xs):
+      sel = np.flatnonzero(group_of == g)
+      out = out.at[sel].set(x.reshape(-1, *x.shape[2:])[index_in[sel]])
+    return out[None]
+
+  q_me = take(seq_q, rows[me])
+  memory = ring_fn.lower(q_me, ks, vs).compile().memory_analysis()
+  t_ring = median_call_seconds(ring_fn, q_me, ks, vs, repeats=FLAGS.repeats)
   t_mono = median_call_seconds(mono_fn, *mono_args, repeats=FLAGS.repeats)
-  o_ring, dq_ring = ring_fn(take(seq_q, rows[me]), ks, vs)[:2]
-  from_rows = lambda x: x.reshape(lens.size * width, *x.shape[2:])[jnp.asarray(slot[rows[me]])][None]
-  o_mono, dq_mono = (from_rows(x) for x in mono_fn(*mono_args))
+  o_ring, dq_ring = ring_fn(q_me, ks, vs)[:2]
+  against_xla = {}
+  if FLAGS.compare_xla:
+    plain = dataclasses.replace(ring, kernels=None)
+    o_x, dq_x = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(plain, me, rows, q, ks, vs,
+                                                                              segments=seg[rows]),
+                                                  q, ks, vs, take(cot, rows[me]))[:2])(q_me, ks, vs)
+    against_xla = {"out_rel_err_vs_xla_blocks": rel_err(o_ring, o_x), "dq_rel_err_vs_xla_blocks": rel_err(dq_ring, dq_x),
+                   "xla_blocks_dq_rel_err": None}
+  o_mono, dq_mono = (from_groups(x) for x in mono_fn(*mono_args))
   pairs_device, pairs_all = float(np.sum(pos[rows[me]] + 1)), float(np.sum(pos + 1))
   flops = lambda pairs: 3.5 * 4 * pairs * h * d
   rate_ring, rate_mono = flops(pairs_device) / t_ring, flops(pairs_all) / t_mono
+  if against_xla:
+    against_xla["xla_blocks_dq_rel_err"] = rel_err(dq_x, dq_mono)
   return {"tokens_per_device": length, "blocks": n, "docs": spec, "documents": int(lens.size),
-          "mean_doc": float(lens.mean()), "tile": FLAGS.tile, "implementation": FLAGS.implementation,
+          "mean_doc": float(lens.mean()), "tile": FLAGS.tile, "packed_slots": documents.packed_slots((1, length, h, d)),
+          "implementation": FLAGS.implementation, "ring_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30,
+          **against_xla,
           "ring_ms": 1e3 * t_ring, "reference_ms": 1e3 * t_mono, "ring_tflops": rate_ring / 1e12,
           "reference_tflops": rate_mono / 1e12, "ratio": rate_ring / rate_mono,
           "visible_share": pairs_device / (length * total / 2), "out_rel_err": rel_err(o_ring, o_mono),
@@ -109,23 +153,25 @@ def measure(length: int, n: int, spec: str) -> dict:
 
 def main(argv):
   del argv
-  documents.TILE = FLAGS.tile
+  documents.TILE, documents.MAX_DOCUMENTS = FLAGS.tile, FLAGS.max_documents
   print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
   results = []
   for n in map(int, FLAGS.blocks):
     for spec in FLAGS.docs:
       r = measure(FLAGS.length, n, spec)
       results.append(r)
-      print(f"RESULT N={n} docs={spec} tile={r['tile']} {r['implementation']}: ring {r['ring_ms']:.1f} ms "
+      print(f"RESULT N={n} docs={spec} slots={r['packed_slots']} tile={r['tile']} {r['implementation']}: "
+            f"ring {r['ring_ms']:.1f} ms (temp {r['ring_temp_gib']:.2f} GiB) "
             f"({r['ring_tflops']:.0f} TFLOP/s) reference {r['reference_ms']:.1f} ms ({r['reference_tflops']:.0f}) "
-            f"ratio {r['ratio']:.3f} err {r['out_rel_err']:.1e} {r['dq_rel_err']:.1e}", flush=True)
+            f"ratio {r['ratio']:.3f} err {r['out_rel_err']:.1e} {r['dq_rel_err']:.1e} "
+            f"{ {k: round(v, 5) for k, v in r.items() if 'xla_blocks' in k} }", flush=True)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": results}, f, indent=2)
-  print(f"\n{'L':>6}{'N':>3}{'docs':>8}{'ndocs':>6}{'tile':>6}{'impl':>8}{'ring ms':>9}{'ref ms':>9}{'ring TF':>8}"
+  print(f"\n{'L':>6}{'N':>3}{'docs':>8}{'ndocs':>6}{'slots':>6}{'tile':>6}{'impl':>8}{'ring ms':>9}{'ref ms':>9}{'ring TF':>8}"
         f"{'ref TF':>8}{'ratio':>7}{'out err':>9}{'dq err':>9}")
   for r in results:
-    print(f"{r['tokens_per_device']:>6}{r['blocks']:>3}{r['docs']:>8}{r['documents']:>6}{r['tile']:>6}"
+    print(f"{r['tokens_per_device']:>6}{r['blocks']:>3}{r['docs']:>8}{r['documents']:>6}{r['packed_slots']:>6}{r['tile']:>6}"
           f"{r['implementation'][:7]:>8}{r['ring_ms']:>9.2f}{r['reference_ms']:>9.2f}{r['ring_tflops']:>8.0f}"
           f"{r['reference_tflops']:>8.0f}{r['ratio']:>7.3f}{r['out_rel_err']:>9.1e}{r['dq_rel_err']:>9.1e}")
 

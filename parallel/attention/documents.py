@@ -32,7 +32,9 @@ import jax.numpy as jnp
 
 from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
 
-TILE = 1024  # rows per tile of an own block (rounded so that tiles divide the block)
+MAX_DOCUMENTS = 64  # at most this many documents per own block take one packed-segment call
+PACKED_WORKSPACE = 8 << 30  # bytes: the packed call's backward needs about 8 x L x H x D per slot
+TILE = 1024  # rows per tile of an own block otherwise (rounded so that tiles divide the block)
 
 
 def tiles(length: int, tile: int) -> int:
@@ -123,9 +125,50 @@ def _tile_mask(seg_t):
   return attention_mask(idx, idx, seg_t, seg_t)
 
 
+def block_documents(seg: jax.Array, slots: int):
+  """The documents of each row of an own block (`seg` [B, L] non-decreasing) as `slots` packed
+  segments: ([B, slots] lengths, [B, slots] starts; unused slots have both 0), and whether every
+  row's documents fit."""
+  b, length = seg.shape
+  first = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  count = jnp.sum(first, axis=1)
+  starts = jax.vmap(lambda f: jnp.nonzero(f, size=slots, fill_value=0)[0])(first).astype(jnp.int32)
+  slot = jnp.arange(slots)[None, :]
+  ends = jnp.where(slot + 1 < count[:, None], jnp.roll(starts, -1, axis=1), length)
+  lengths = jnp.where(slot < count[:, None], ends - starts, 0)
+  return lengths, jnp.where(slot < count[:, None], starts, 0), jnp.all(count <= slots)
+
+
+def packed_slots(q_shape) -> int:
+  """How many documents per row an own block of queries [B, L, H, D] takes in one packed call:
+  `MAX_DOCUMENTS`, fewer where the backward's workspace would pass `PACKED_WORKSPACE`."""
+  b, length, heads, dim = q_shape
+  return min(MAX_DOCUMENTS, PACKED_WORKSPACE // (8 * b * length * heads * dim))
+
+
 def own_forward(kernels, q, k, v, seg, scale, tile: int | None = None):
   """Float32 (output, LSE) of a block's queries against its own keys: causal in local order and
-  document-masked (`seg` [B, L] non-decreasing); tiles of `tile` rows (default `TILE`)."""
+  document-masked (`seg` [B, L] non-decreasing). Up to `packed_slots` documents per row: one
+  packed-segment kernel call; more: tiles of `tile` rows (default `TILE`)."""
+  slots = packed_slots(q.shape)
+  if not slots:
+    return _tiled_forward(kernels, q, k, v, seg, scale, tile)
+  lengths, starts, fits = block_documents(seg, slots)
+  packed = lambda: tuple(x.astype(F32) for x in kernels.documents_forward(q, k, v, lengths, starts, scale))
+  return jax.lax.cond(fits, packed, lambda: _tiled_forward(kernels, q, k, v, seg, scale, tile))
+
+
+def own_backward(kernels, q, k, v, seg, scale, o, lse, do, tile: int | None = None):
+  """Float32 (dq, dk, dv) of `own_forward` given the rows' final output and LSE."""
+  slots = packed_slots(q.shape)
+  if not slots:
+    return _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, tile)
+  lengths, starts, fits = block_documents(seg, slots)
+  packed = lambda: kernels.documents_backward(q, k, v, lengths, starts, scale, o, lse, do)
+  return jax.lax.cond(fits, packed, lambda: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, tile))
+
+
+def _tiled_forward(kernels, q, k, v, seg, scale, tile):
   n = tiles(q.shape[1], tile or TILE)
   t = q.shape[1] // n
 
@@ -149,8 +192,7 @@ def own_forward(kernels, q, k, v, seg, scale, tile: int | None = None):
   return o, lse
 
 
-def own_backward(kernels, q, k, v, seg, scale, o, lse, do, tile: int | None = None):
-  """Float32 (dq, dk, dv) of `own_forward` given the rows' final output and LSE."""
+def _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, tile):
   n = tiles(q.shape[1], tile or TILE)
   t = q.shape[1] // n
   delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from parallel.attention import blockwise
+from parallel.attention import blockwise, cudnn_blocks
 from parallel.attention.blockwise import F32
 
 
@@ -49,3 +49,21 @@ def padded_forward(q: jax.Array, k: jax.Array, v: jax.Array, q_len: jax.Array, k
 def padded_backward(q: jax.Array, k: jax.Array, v: jax.Array, q_len: jax.Array, kv_len: jax.Array, scale: float,
                     o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return _backward(q, k, v, length_mask(q_len, kv_len, q.shape[1], k.shape[1]), scale, o, lse, do)
+
+
+def _document_mask(lengths: jax.Array, starts: jax.Array, length: int) -> jax.Array:
+  """bool [B, L, L]: causal within each packed segment (`cudnn_blocks.documents_forward`)."""
+  seg = cudnn_blocks.segment_of_tokens(lengths, starts, length)
+  end = jnp.take_along_axis(starts + lengths, seg, axis=1)
+  seg = jnp.where(jnp.arange(length)[None, :] < end, seg, -1)  # tokens past their segment's length: none
+  return (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, :, None] & jnp.tril(jnp.ones((length, length), bool))[None]
+
+
+def documents_forward(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, starts: jax.Array,
+                      scale: float) -> tuple[jax.Array, jax.Array]:
+  return blockwise.block_forward(q, k, v, _document_mask(lengths, starts, q.shape[1]), scale)
+
+
+def documents_backward(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, starts: jax.Array,
+                       scale: float, o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _backward(q, k, v, _document_mask(lengths, starts, q.shape[1]), scale, o, lse, do)

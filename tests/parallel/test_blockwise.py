@@ -1,7 +1,8 @@
-"""The blockwise pieces every ring-style op merges (`parallel/attention/blockwise.py`), and their
-fused GPU kernels (`cudnn_blocks.py`, against their XLA twins), against dense softmax attention: a sequence's keys split in
-two blocks, each block's partial output and LSE merged, equal the whole softmax; each block's
-backward from the full rows' LSE and delta, summed, equals the dense gradients."""
+"""The blockwise pieces every ring-style op merges (`parallel/attention/blockwise.py`) against
+dense softmax attention: a sequence's keys split in two blocks, each block's partial output and
+LSE merged, equal the whole softmax; each block's backward from the full rows' LSE and delta,
+summed, equals the dense gradients. On GPUs, the cuDNN calls (`cudnn_blocks.py`) against the XLA
+blocks and twins (`xla_kernels.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,9 @@ def test_cudnn_padded_blocks_equal_their_xla_twins():
   inside = lambda x, where: jnp.where(where, x.astype(F32), 0)
   assert_close((inside(o, rows), inside(lse, rows[..., 0])), (inside(want_o, rows), inside(want_lse, rows[..., 0])),
                dtype=jnp.bfloat16, what="cuDNN padded forward")
-  got = cudnn_blocks.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, want_o, want_lse, do)
-  want = xla_kernels.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, want_o, want_lse, do)
+  # The backward takes the rows' final statistics, finite on every row (as from the whole softmax).
+  final = xla_kernels.block_forward(q, k, v, False, D ** -0.5)
+  got = cudnn_blocks.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, *final, do)
+  want = xla_kernels.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, *final, do)
   assert_close([inside(x, w) for x, w in zip(got, (rows, keys, keys))],
                [inside(x, w) for x, w in zip(want, (rows, keys, keys))], dtype=jnp.bfloat16, what="cuDNN padded backward")

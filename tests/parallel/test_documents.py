@@ -45,8 +45,10 @@ KERNELS = [pytest.param(xla_kernels, jnp.float32, id="xla_kernels"),
                not cudnn_blocks.available(), reason="cuDNN flash attention needs an NVIDIA GPU"))]
 
 
+@pytest.mark.parametrize("slots", [8, 2], ids=["packed", "tiles"])  # row 0's own block has 3 documents
 @pytest.mark.parametrize("kernels,dtype", KERNELS)
-def test_own_and_earlier_blocks_merged_equal_dense_attention(kernels, dtype):
+def test_own_and_earlier_blocks_merged_equal_dense_attention(monkeypatch, kernels, dtype, slots):
+  monkeypatch.setattr(documents, "MAX_DOCUMENTS", slots)
   ks = jax.random.split(jax.random.key(3), 4)
   seg = _segments()
   q = jax.random.normal(ks[0], (2, LO, H, D)).astype(dtype)
@@ -74,25 +76,38 @@ def test_own_and_earlier_blocks_merged_equal_dense_attention(kernels, dtype):
   assert_close(got, want_grads, dtype, what="gradients")
 
 
-def test_tile_spans_and_the_one_document_test():
+def test_tile_spans_the_one_document_test_and_packed_segments():
   seg = _segments()[:, LE:]  # row 0: [2]*6 + [3] + [4]*5; row 1: [2]*12
+  lengths, starts, fits = documents.block_documents(seg, 4)
+  assert (lengths.tolist(), starts.tolist(), bool(fits)) == ([[6, 1, 5, 0], [12, 0, 0, 0]], [[0, 6, 7, 0], [0] * 4], True)
+  assert not documents.block_documents(seg, 2)[2]
   assert documents.tiles(LO, TILE) == 3 and documents.tiles(6, 4) == 2 and documents.tiles(7, 4) == 7
   p, start, s = documents._tile_span(seg, 8, TILE)
   assert (p.tolist(), start.tolist(), s.tolist()) == ([4, 4], [7, 0], [1, 8])
   assert [bool(documents._one_document(seg[:, i:i + TILE])) for i in (0, 4, 8)] == [True, False, True]
 
 
-@pytest.mark.parametrize("op,mesh,layout,tile,kwargs", [
-    (ring_attention, "seq8", "zigzag", 6, {}),
-    (ring_attention, "data2_seq4", "contiguous", 4, {}),
-    (tokenring_attention, "data2_seq2_tensor2", "zigzag", 4, {}),
-    (allgather_attention, "seq8", "zigzag", 4, {}),
-    (usp_attention, "seq8", "zigzag", 4, {"ulysses": 2, "ring_divisor": 2}),
+def test_packed_slots_keep_the_workspace_under_its_cap():
+  assert documents.PACKED_WORKSPACE == 8 << 30 and documents.MAX_DOCUMENTS == 64
+  assert documents.packed_slots((1, 16384, 16, 128)) == 32  # 8 GiB / (8 x 16384 x 16 x 128 bytes)
+  assert documents.packed_slots((2, 16384, 16, 128)) == 16
+  assert documents.packed_slots((1, 1024, 8, 64)) == 64
+  assert documents.packed_slots((1, 1 << 20, 16, 128)) == 0  # tiles only
+
+
+@pytest.mark.parametrize("op,mesh,layout,slots,tile,kwargs", [
+    (ring_attention, "seq8", "zigzag", 0, 6, {}),
+    (ring_attention, "data2_seq4", "contiguous", 1, 4, {}),
+    (tokenring_attention, "data2_seq2_tensor2", "zigzag", 1, 4, {}),
+    (allgather_attention, "seq8", "zigzag", 32, 4, {}),
+    (usp_attention, "seq8", "zigzag", 1, 4, {"ulysses": 2, "ring_divisor": 2}),
 ], ids=["ring", "ring_contiguous", "tokenring", "allgather", "usp"])
-def test_ops_on_the_kernel_route_match_dense(monkeypatch, op, mesh, layout, tile, kwargs):
-  """Own blocks of 6 or 12 tokens per device in tiles of `tile` or fewer rows: with the
-  documents of `context_cases.inputs`, tiles of one document and of several, and spans into a
-  tile, all occur (one tile of 6 rows puts a zigzag device's two chunks, from two documents, in
-  one tile)."""
+def test_ops_on_the_kernel_route_match_dense(monkeypatch, op, mesh, layout, slots, tile, kwargs):
+  """Own blocks of 6 or 12 tokens per device. `slots` documents per own block take one packed
+  call (0: none; 1: the devices whose block holds one document), the others tiles of `tile` or
+  fewer rows: with the documents of `context_cases.inputs`, tiles of one document and of several,
+  and spans into a tile, all occur (one tile of 6 rows puts a zigzag device's two chunks, from
+  two documents, in one tile)."""
+  monkeypatch.setattr(documents, "MAX_DOCUMENTS", slots)
   monkeypatch.setattr(documents, "TILE", tile)
   check_context_op(op, mesh, layout, length=48 if mesh == "seq8" else 24, implementation="xla_kernels", **kwargs)

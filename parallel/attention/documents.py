@@ -146,37 +146,90 @@ def packed_slots(q_shape) -> int:
   return min(MAX_DOCUMENTS, PACKED_WORKSPACE // (8 * b * length * heads * dim))
 
 
+def _piece_length(q_shape, tile: int) -> int:
+  """Rows per piece when an own block's documents do not fit one packed call: as many as
+  `MAX_DOCUMENTS` slots allow within `PACKED_WORKSPACE`, at most half the block; 0 when that is no
+  more than `tile` (tiles then)."""
+  b, length, heads, dim = q_shape
+  if not MAX_DOCUMENTS:
+    return 0
+  cap = PACKED_WORKSPACE // (8 * b * heads * dim * MAX_DOCUMENTS)
+  piece = length // tiles(length, max(1, min(cap, length // 2)))
+  return piece if piece > tile else 0
+
+
+def _packed_or(kernels, q, k, v, seg, scale, fallback):
+  """One packed call when every row's documents fit `packed_slots`, else `fallback()`."""
+  slots = packed_slots(q.shape)
+  if not slots:
+    return fallback()
+  lengths, starts, fits = block_documents(seg, slots)
+  packed = lambda: tuple(x.astype(F32) for x in kernels.documents_forward(q, k, v, lengths, starts, scale))
+  return jax.lax.cond(fits, packed, fallback)
+
+
+def _packed_or_backward(kernels, q, k, v, seg, scale, o, lse, do, fallback):
+  slots = packed_slots(q.shape)
+  if not slots:
+    return fallback()
+  lengths, starts, fits = block_documents(seg, slots)
+  packed = lambda: kernels.documents_backward(q, k, v, lengths, starts, scale, o, lse, do)
+  return jax.lax.cond(fits, packed, fallback)
+
+
 def own_forward(kernels, q, k, v, seg, scale, tile: int | None = None):
   """Float32 (output, LSE) of a block's queries against its own keys: causal in local order and
   document-masked (`seg` [B, L] non-decreasing). Up to `packed_slots` documents per row: one
-  packed-segment kernel call; more: tiles of `tile` rows (default `TILE`)."""
-  slots = packed_slots(q.shape)
-  if not slots:
-    return _tiled_forward(kernels, q, k, v, seg, scale, tile)
-  lengths, starts, fits = block_documents(seg, slots)
-  packed = lambda: tuple(x.astype(F32) for x in kernels.documents_forward(q, k, v, lengths, starts, scale))
-  return jax.lax.cond(fits, packed, lambda: _tiled_forward(kernels, q, k, v, seg, scale, tile))
+  packed-segment kernel call. More: pieces (`_piece_length`), each one packed call when its
+  documents fit, else tiles of `tile` rows (default `TILE`); the document running into a piece
+  or tile from before it adds one padding-masked call."""
+  tile = tile or TILE
+  base = lambda q, k, v, seg: _tiled_forward(kernels, q, k, v, seg, scale, tiles(q.shape[1], tile),
+                                             _diagonal_forward(kernels, scale))
+  piece = _piece_length(q.shape, tile)
+  fallback = lambda: base(q, k, v, seg)
+  if piece:
+    per_piece = lambda a: _packed_or(kernels, *a, scale, lambda: base(*a))
+    fallback = lambda: _tiled_forward(kernels, q, k, v, seg, scale, q.shape[1] // piece, per_piece)
+  return _packed_or(kernels, q, k, v, seg, scale, fallback)
 
 
 def own_backward(kernels, q, k, v, seg, scale, o, lse, do, tile: int | None = None):
   """Float32 (dq, dk, dv) of `own_forward` given the rows' final output and LSE."""
-  slots = packed_slots(q.shape)
-  if not slots:
-    return _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, tile)
-  lengths, starts, fits = block_documents(seg, slots)
-  packed = lambda: kernels.documents_backward(q, k, v, lengths, starts, scale, o, lse, do)
-  return jax.lax.cond(fits, packed, lambda: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, tile))
+  tile = tile or TILE
+  base = lambda q, k, v, seg, o, lse, do: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do,
+                                                          tiles(q.shape[1], tile), _diagonal_backward(kernels, scale))
+  piece = _piece_length(q.shape, tile)
+  fallback = lambda: base(q, k, v, seg, o, lse, do)
+  if piece:
+    per_piece = lambda a: _packed_or_backward(kernels, *a[:4], scale, *a[4:], lambda: base(*a))
+    fallback = lambda: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, q.shape[1] // piece, per_piece)
+  return _packed_or_backward(kernels, q, k, v, seg, scale, o, lse, do, fallback)
 
 
-def _tiled_forward(kernels, q, k, v, seg, scale, tile):
-  n = tiles(q.shape[1], tile or TILE)
-  t = q.shape[1] // n
-
+def _diagonal_forward(kernels, scale):
+  """A tile's own rows and keys: one causal kernel call when it holds one document, else XLA."""
   def diagonal(a):
     q_, k_, v_, seg_ = a
     fused = lambda: tuple(x.astype(F32) for x in kernels.block_forward(q_, k_, v_, True, scale))
     return jax.lax.cond(_one_document(seg_), fused, lambda: block_forward(q_, k_, v_, _tile_mask(seg_), scale))
+  return diagonal
 
+
+def _diagonal_backward(kernels, scale):
+  def diagonal(a):
+    q_, k_, v_, seg_, o_, lse_, do_ = a
+    fused = lambda: kernels.block_backward(q_, k_, v_, True, scale, o_, lse_, do_)
+    delta = jnp.sum(do_.astype(F32) * o_.astype(F32), axis=-1)
+    xla = lambda: block_backward(q_, k_, v_, _tile_mask(seg_), scale, lse_, delta, do_)
+    return jax.lax.cond(_one_document(seg_), fused, xla)
+  return diagonal
+
+
+def _tiled_forward(kernels, q, k, v, seg, scale, n, diagonal):
+  """`diagonal` on each of n tiles' own rows and keys, then each tile's rows against the document
+  running into it from before."""
+  t = q.shape[1] // n
   o, lse = (_from_tiles(x) for x in jax.lax.map(diagonal, tuple(_by_tile(x, n) for x in (q, k, v, seg))))
 
   def step(carry, i):
@@ -192,18 +245,9 @@ def _tiled_forward(kernels, q, k, v, seg, scale, tile):
   return o, lse
 
 
-def _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, tile):
-  n = tiles(q.shape[1], tile or TILE)
+def _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, n, diagonal):
   t = q.shape[1] // n
-  delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=-1)
-
-  def diagonal(a):
-    q_, k_, v_, seg_, o_, lse_, delta_, do_ = a
-    fused = lambda: kernels.block_backward(q_, k_, v_, True, scale, o_, lse_, do_)
-    xla = lambda: block_backward(q_, k_, v_, _tile_mask(seg_), scale, lse_, delta_, do_)
-    return jax.lax.cond(_one_document(seg_), fused, xla)
-
-  grads = jax.lax.map(diagonal, tuple(_by_tile(x, n) for x in (q, k, v, seg, o, lse, delta, do)))
+  grads = jax.lax.map(diagonal, tuple(_by_tile(x, n) for x in (q, k, v, seg, o, lse, do)))
   dq, dk, dv = (_from_tiles(x) for x in grads)
 
   def step(carry, i):

@@ -45,7 +45,10 @@ KERNELS = [pytest.param(xla_kernels, jnp.float32, id="xla_kernels"),
                not cudnn_blocks.available(), reason="cuDNN flash attention needs an NVIDIA GPU"))]
 
 
-@pytest.mark.parametrize("slots", [8, 2], ids=["packed", "tiles"])  # row 0's own block has 3 documents
+# Row 0's own block has 3 documents: 8 slots take it in one packed call; with 2, it splits into two
+# pieces of 6 rows (1 and 2 documents), each one packed call; with 1, the second piece splits into
+# tiles of 3 rows.
+@pytest.mark.parametrize("slots", [8, 2, 1], ids=["packed", "pieces", "tiles"])
 @pytest.mark.parametrize("kernels,dtype", KERNELS)
 def test_own_and_earlier_blocks_merged_equal_dense_attention(monkeypatch, kernels, dtype, slots):
   monkeypatch.setattr(documents, "MAX_DOCUMENTS", slots)
@@ -87,12 +90,15 @@ def test_tile_spans_the_one_document_test_and_packed_segments():
   assert [bool(documents._one_document(seg[:, i:i + TILE])) for i in (0, 4, 8)] == [True, False, True]
 
 
-def test_packed_slots_keep_the_workspace_under_its_cap():
+def test_packed_slots_and_pieces_keep_the_workspace_under_its_cap():
   assert documents.PACKED_WORKSPACE == 8 << 30 and documents.MAX_DOCUMENTS == 64
   assert documents.packed_slots((1, 16384, 16, 128)) == 32  # 8 GiB / (8 x 16384 x 16 x 128 bytes)
   assert documents.packed_slots((2, 16384, 16, 128)) == 16
   assert documents.packed_slots((1, 1024, 8, 64)) == 64
-  assert documents.packed_slots((1, 1 << 20, 16, 128)) == 0  # tiles only
+  assert documents.packed_slots((1, 1 << 20, 16, 128)) == 0  # pieces
+  assert documents._piece_length((1, 32768, 16, 128), 1024) == 8192  # 64 slots of 8,192 rows: 8 GiB
+  assert documents._piece_length((1, 12, 4, 8), 4) == 6  # at most half the block
+  assert documents._piece_length((1, 4096, 16, 128), 2048) == 0  # no piece above the tile
 
 
 @pytest.mark.parametrize("op,mesh,layout,slots,tile,kwargs", [

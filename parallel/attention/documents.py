@@ -10,17 +10,19 @@ ring meets two kinds of block:
            running across the gap can be on both sides: the queries' first rows and the keys'
            last. One padding-masked kernel call computes it, with the keys rolled so that this
            document's keys come first: the first `p` rows against the first `s` keys.
-  own      the queries' own keys, causal in local order, cut into tiles of rows. Within a tile:
-           one causal kernel call when the tile holds one document, else plain XLA with the
-           exact mask (tile x tile scores). Before it, only the document running into the
-           tile's first row has keys, so each tile after the first adds one padding-masked call
-           as above.
+  own      the queries' own keys, causal in local order. One packed-segment call (cuDNN's "THD"
+           layout, equal query and key offsets: causal within each document) when every row's
+           documents fit `packed_slots`, which keeps the call's backward workspace (about
+           8 x L x H x D bytes per slot) under `PACKED_WORKSPACE`. Otherwise the block splits
+           into pieces that each take `MAX_DOCUMENTS` slots, each one packed call when its
+           documents fit, else tiles of `TILE` rows (one causal call for a tile of one document,
+           masked XLA otherwise). The document running into a piece or tile from before it adds
+           one padding-masked call, as for an earlier block.
 
-Rows and keys outside that document are masked out of the kernel's results here (the kernel leaves
-them undefined), so results equal the masked XLA blocks' to rounding. The kernel only does
-visible work apart from the tiles on the diagonal; no score matrix larger than a tile's exists.
-`kernels` is `cudnn_blocks` on GPUs, or its XLA twins `xla_kernels` (which run these routes on
-CPUs, for the tests).
+Rows and keys outside a call's document are masked out of its results here (the kernel leaves
+them undefined), so results equal the masked XLA blocks' to rounding, and no score matrix larger
+than a tile's exists. `kernels` is `cudnn_blocks` on GPUs, or its XLA twins `xla_kernels` (which
+run these routes on CPUs, for the tests).
 """
 
 from __future__ import annotations
@@ -29,12 +31,26 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parallel.attention.blockwise import F32, NEG, attention_mask, block_backward, block_forward, merge
+from parallel.attention.layout import permutation
 
 MAX_DOCUMENTS = 64  # at most this many documents per own block take one packed-segment call
 PACKED_WORKSPACE = 8 << 30  # bytes: the packed call's backward needs about 8 x L x H x D per slot
 TILE = 1024  # rows per tile of an own block otherwise (rounded so that tiles divide the block)
+
+
+def check_document_order(name: str, segment_ids, layout: str, positions: int) -> None:
+  """Raises ValueError when concrete segment ids ([B, L], laid out in `layout` over `positions`)
+  do not number the documents in order along the original sequence, as this route needs. (Inside
+  `jit` they are not known; packing always writes them in order.)"""
+  if segment_ids is None or isinstance(segment_ids, jax.core.Tracer):
+    return
+  seg = np.asarray(segment_ids)[:, np.argsort(permutation(layout, segment_ids.shape[1], positions))]
+  if np.any(np.diff(seg, axis=1) < 0):
+    raise ValueError(f"{name}: fused kernels with segment ids need them non-decreasing along the sequence "
+                     f"(documents numbered in order, as packing writes them); use implementation='xla' otherwise")
 
 
 def tiles(length: int, tile: int) -> int:

@@ -166,7 +166,8 @@ def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do, grads):
       if rows is None:
         return dq, dk, dv
       qr, kr, causal = rows
-      how, kernels, final = kind(ring, q_seg), ring.kernels, (o[:, qr], lse[:, qr], do[:, qr])
+      how, kernels = kind(ring, q_seg), ring.kernels
+      final = None if o is None else (o[:, qr], lse[:, qr], do[:, qr])  # fused kernels only (TokenRing sends o then)
       if how == "kernel":
         bq, bk, bv = kernels.block_backward(q[:, qr], k[:, kr], v[:, kr], causal, ring.scale, *final)
       elif how == "documents" and causal:
@@ -270,5 +271,7 @@ def run_on_ring(name: str, core, q, k, v, segment_ids, *, mesh: Mesh, axis: str,
                head_axes=head_axes)
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
               kernels=block_kernels(implementation), causal=causal)
+  if kind(ring, segment_ids) == "documents":
+    documents.check_document_order(name, segment_ids, layout, ring.size)
   return shard_attention(functools.partial(core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
                          layout=layout, batch_axes=batch_axes, head_axes=head_axes)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh
 
+from parallel.attention import documents
 from parallel.attention.context import check_inputs, shard_attention
 from parallel.attention.ring import Ring, block_kernels, ring_core
 from parallel.attention.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
@@ -54,7 +55,10 @@ def usp_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   if (q.shape[2] // tp) % ulysses:
     raise ValueError(f"usp_attention: {q.shape[2] // tp} query heads per device are not divisible by "
                      f"ulysses={ulysses}")
+  kernels = block_kernels(implementation)
+  if kernels is not None and layout != "striped":
+    documents.check_document_order("usp_attention", segment_ids, layout, n // ulysses)
   local = functools.partial(_local, axis=axis, ulysses=ulysses, layout=layout, scale=q.shape[-1] ** -0.5,
-                            kernels=block_kernels(implementation))
+                            kernels=kernels)
   return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                          batch_axes=batch_axes, head_axes=head_axes, positions=n // ulysses)

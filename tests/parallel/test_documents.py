@@ -12,10 +12,12 @@ import pytest
 from parallel.attention import cudnn_blocks, documents, xla_kernels
 from parallel.attention.allgather import allgather_attention
 from parallel.attention.blockwise import F32, NEG, merge
+from parallel.attention.layout import permutation
 from parallel.attention.ring import ring_attention
 from parallel.attention.tokenring import tokenring_attention
 from parallel.attention.usp import usp_attention
-from tests.parallel.context_cases import check_context_op
+from parallel.mesh import make_mesh
+from tests.parallel.context_cases import check_context_op, inputs
 from tests.reference import assert_close
 
 H, K, D = 4, 2, 8
@@ -65,17 +67,21 @@ def test_own_and_earlier_blocks_merged_equal_dense_attention(monkeypatch, kernel
 
   q_seg, kv_seg = seg[:, LE:], seg[:, :LE]
   own, earlier = (slice(LE, None), slice(None, LE))
-  with jax.default_matmul_precision("highest"):
+
+  @jax.jit
+  def blocks(q, k, v, do):  # forward merged, then each block's backward from the final rows
     oo, lo = documents.own_forward(kernels, q, k[:, own], v[:, own], q_seg, D ** -0.5, tile=TILE)
     oe, le = documents.earlier_forward(kernels, q, k[:, earlier], v[:, earlier], q_seg, kv_seg, D ** -0.5)
     o, lse = merge(oo, lo, oe, le)
-    assert_close((o, lse), (want_o, want_lse), dtype, what="merged output and LSE")
-    assert float(le[1].max()) == np.float32(NEG) and not oe[1].any(), "row 1 shares no document with the earlier block"
-    final = (o, lse, do)
-    gq, gk, gv = documents.own_backward(kernels, q, k[:, own], v[:, own], q_seg, D ** -0.5, *final, tile=TILE)
+    gq, gk, gv = documents.own_backward(kernels, q, k[:, own], v[:, own], q_seg, D ** -0.5, o, lse, do, tile=TILE)
     eq, ek, ev = documents.earlier_backward(kernels, q, k[:, earlier], v[:, earlier], q_seg, kv_seg, D ** -0.5,
-                                            *final)
-  got = (gq + eq, jnp.concatenate([ek, gk], 1), jnp.concatenate([ev, gv], 1))
+                                            o, lse, do)
+    return (o, lse), (oe, le), (gq + eq, jnp.concatenate([ek, gk], 1), jnp.concatenate([ev, gv], 1))
+
+  with jax.default_matmul_precision("highest"):
+    (o, lse), (oe, le), got = blocks(q, k, v, do)
+  assert_close((o, lse), (want_o, want_lse), dtype, what="merged output and LSE")
+  assert float(le[1].max()) == np.float32(NEG) and not oe[1].any(), "row 1 shares no document with the earlier block"
   assert_close(got, want_grads, dtype, what="gradients")
 
 
@@ -117,3 +123,14 @@ def test_ops_on_the_kernel_route_match_dense(monkeypatch, op, mesh, layout, slot
   monkeypatch.setattr(documents, "MAX_DOCUMENTS", slots)
   monkeypatch.setattr(documents, "TILE", tile)
   check_context_op(op, mesh, layout, length=48 if mesh == "seq8" else 24, implementation="xla_kernels", **kwargs)
+
+
+def test_segment_ids_out_of_order_are_refused_on_the_kernel_route():
+  mesh = make_mesh({"seq": 8})
+  q, k, v, seg = inputs(48, 4, 2)
+  perm = permutation("zigzag", 48, 8)
+  backwards = (seg.max() + 1 - seg)[:, perm]  # documents numbered from the end
+  for op, extra in ((ring_attention, {}), (usp_attention, {"ulysses": 2})):
+    with pytest.raises(ValueError, match="non-decreasing"):
+      op(q, k, v, backwards, mesh=mesh, layout="zigzag", implementation="xla_kernels", **extra)
+

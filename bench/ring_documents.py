@@ -82,8 +82,8 @@ def measure(length: int, n: int, spec: str) -> dict:
   ks, vs = (jnp.stack([take(x, rows[i]) for i in range(n)]) for x in (seq_k, seq_v))
   ring = Ring(axis="unused", size=n, stride=1, layout="zigzag", scale=d ** -0.5,
               kernels=block_kernels(FLAGS.implementation))
-  ring_fn = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs, segments=seg[rows]),
-                                              q, ks, vs, take(cot, rows[me])))
+  pass_fn = lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs, segments=seg[rows])
+  ring_fn = jax.jit(lambda q, ks, vs: fwd_bwd(pass_fn, q, ks, vs, take(cot, rows[me])))
 
   # The reference: each document its own batch row, rows grouped by the power of two (at least
   # 1,024) their document fits, padded to it, with the documents' lengths: one cuDNN call a group.
@@ -133,8 +133,8 @@ def measure(length: int, n: int, spec: str) -> dict:
     o_x, dq_x = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(plain, me, rows, q, ks, vs,
                                                                               segments=seg[rows]),
                                                   q, ks, vs, take(cot, rows[me]))[:2])(q_me, ks, vs)
-    against_xla = {"out_rel_err_vs_xla_blocks": rel_err(o_ring, o_x), "dq_rel_err_vs_xla_blocks": rel_err(dq_ring, dq_x),
-                   "xla_blocks_dq_rel_err": None}
+    against_xla = {"out_rel_err_vs_xla_blocks": rel_err(o_ring, o_x),
+                   "dq_rel_err_vs_xla_blocks": rel_err(dq_ring, dq_x), "xla_blocks_dq_rel_err": None}
   o_mono, dq_mono = (from_groups(x) for x in mono_fn(*mono_args))
   pairs_device, pairs_all = float(np.sum(pos[rows[me]] + 1)), float(np.sum(pos + 1))
   flops = lambda pairs: 3.5 * 4 * pairs * h * d
@@ -168,11 +168,11 @@ def main(argv):
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": results}, f, indent=2)
-  print(f"\n{'L':>6}{'N':>3}{'docs':>8}{'ndocs':>6}{'slots':>6}{'tile':>6}{'impl':>8}{'ring ms':>9}{'ref ms':>9}{'ring TF':>8}"
-        f"{'ref TF':>8}{'ratio':>7}{'out err':>9}{'dq err':>9}")
+  print(f"\n{'L':>6}{'N':>3}{'docs':>8}{'ndocs':>6}{'slots':>6}{'tile':>6}{'impl':>8}{'ring ms':>9}{'ref ms':>9}"
+        f"{'ring TF':>8}{'ref TF':>8}{'ratio':>7}{'out err':>9}{'dq err':>9}")
   for r in results:
-    print(f"{r['tokens_per_device']:>6}{r['blocks']:>3}{r['docs']:>8}{r['documents']:>6}{r['packed_slots']:>6}{r['tile']:>6}"
-          f"{r['implementation'][:7]:>8}{r['ring_ms']:>9.2f}{r['reference_ms']:>9.2f}{r['ring_tflops']:>8.0f}"
+    print(f"{r['tokens_per_device']:>6}{r['blocks']:>3}{r['docs']:>8}{r['documents']:>6}{r['packed_slots']:>6}"
+          f"{r['tile']:>6}{r['implementation'][:7]:>8}{r['ring_ms']:>9.2f}{r['reference_ms']:>9.2f}{r['ring_tflops']:>8.0f}"
           f"{r['reference_tflops']:>8.0f}{r['ratio']:>7.3f}{r['out_rel_err']:>9.1e}{r['dq_rel_err']:>9.1e}")
 
 

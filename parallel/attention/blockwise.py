@@ -82,4 +82,3 @@ def merge(o: jax.Array, lse: jax.Array, o_block: jax.Array, lse_block: jax.Array
   new = jnp.logaddexp(lse, lse_block)
   w_old, w_new = jnp.exp(lse - new)[..., None], jnp.exp(lse_block - new)[..., None]
   return o * w_old + o_block * w_new, new
-

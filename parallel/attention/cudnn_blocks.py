@@ -5,12 +5,13 @@ log-sum-exp in float32 (its `return_residual` casts it to the output dtype), and
 takes the *final* output and log-sum-exp of the rows (FlashAttention's backward recomputes the
 probabilities from them, which is what makes a blockwise backward exact). Both exist as JAX's
 internal cuDNN primitives, which this file calls directly; it is the one place that depends on
-`jax._src.cudnn` (checked with JAX 0.11 on an H100). Masks: none, causal on the block's own
-indices (a zigzag ring's diagonal block), or padding: the first `q_len` rows against the first
-`kv_len` keys of each batch row, which is how `documents.py` runs packed documents (cuDNN's packed
-"THD" segments were measured and not used: a backward workspace that grows with the number of
-segments times the block length, and key/value gradients misplaced when a segment's key offset
-differs from its query offset).
+`jax._src.cudnn` (checked with JAX 0.11 on an H100 and an H200). Masks: none, causal on the
+block's own indices (a zigzag ring's diagonal block), padding (the first `q_len` rows against the
+first `kv_len` keys of each batch row), or packed segments (cuDNN's "THD" layout: causal within
+each document of a block's own tokens). `documents.py` runs packed documents with the last two.
+Measured facts it relies on (`bench/cudnn_segments_probe.py`): packed segments are right only with
+equal query and key offsets (with unequal ones dV is misplaced), and their backward workspace
+grows with the number of segment slots times the block length.
 """
 
 from __future__ import annotations

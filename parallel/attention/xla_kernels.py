@@ -2,9 +2,9 @@
 
 A ring whose blocks run on fused kernels takes different routes from one that masks XLA blocks
 by original index and segment ids: causal masks on a block's local order, and packed documents
-as padding-masked calls on rolled keys (`documents.py`). These twins take the same arguments and
-give the same results as the cuDNN calls, so those routes run, and are tested, on CPUs
-(`implementation="xla_kernels"`). Outputs are float32 here (cuDNN returns the input dtype).
+as padding-masked calls on rolled keys and packed-segment calls (`documents.py`). These twins
+take the same arguments and give the same results as the cuDNN calls, so those routes run, and
+are tested, on CPUs (`implementation="xla_kernels"`). Outputs are float32 here (cuDNN returns the input dtype).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _document_mask(lengths: jax.Array, starts: jax.Array, length: int) -> jax.Ar
   seg = cudnn_blocks.segment_of_tokens(lengths, starts, length)
   end = jnp.take_along_axis(starts + lengths, seg, axis=1)
   seg = jnp.where(jnp.arange(length)[None, :] < end, seg, -1)  # tokens past their segment's length: none
-  return (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, :, None] & jnp.tril(jnp.ones((length, length), bool))[None]
+  same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, :, None]
+  return same & jnp.tril(jnp.ones((length, length), bool))[None]
 
 
 def documents_forward(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, starts: jax.Array,
@@ -65,5 +66,5 @@ def documents_forward(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
 
 
 def documents_backward(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, starts: jax.Array,
-                       scale: float, o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       scale: float, o: jax.Array, lse: jax.Array, do: jax.Array) -> tuple[jax.Array, ...]:
   return _backward(q, k, v, _document_mask(lengths, starts, q.shape[1]), scale, o, lse, do)

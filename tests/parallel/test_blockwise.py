@@ -86,4 +86,5 @@ def test_cudnn_padded_blocks_equal_their_xla_twins():
   got = cudnn_blocks.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, *final, do)
   want = xla_kernels.padded_backward(q, k, v, q_len, kv_len, D ** -0.5, *final, do)
   assert_close([inside(x, w) for x, w in zip(got, (rows, keys, keys))],
-               [inside(x, w) for x, w in zip(want, (rows, keys, keys))], dtype=jnp.bfloat16, what="cuDNN padded backward")
+               [inside(x, w) for x, w in zip(want, (rows, keys, keys))], dtype=jnp.bfloat16,
+               what="cuDNN padded backward")

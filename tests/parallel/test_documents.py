@@ -88,7 +88,7 @@ def test_own_and_earlier_blocks_merged_equal_dense_attention(monkeypatch, kernel
 def test_tile_spans_the_one_document_test_and_packed_segments():
   seg = _segments()[:, LE:]  # row 0: [2]*6 + [3] + [4]*5; row 1: [2]*12
   lengths, starts, fits = documents.block_documents(seg, 4)
-  assert (lengths.tolist(), starts.tolist(), bool(fits)) == ([[6, 1, 5, 0], [12, 0, 0, 0]], [[0, 6, 7, 0], [0] * 4], True)
+  assert lengths.tolist() == [[6, 1, 5, 0], [12, 0, 0, 0]] and starts.tolist() == [[0, 6, 7, 0], [0] * 4] and fits
   assert not documents.block_documents(seg, 2)[2]
   assert documents.tiles(LO, TILE) == 3 and documents.tiles(6, 4) == 2 and documents.tiles(7, 4) == 7
   p, start, s = documents._tile_span(seg, 8, TILE)

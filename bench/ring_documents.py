@@ -5,10 +5,10 @@ As `ring_block.py` (causal, zigzag, device 0 of N, no communication), with the N
 packed from documents of the given lengths. The device's pass runs its blocks as a ring step
 does with segment ids: `--implementation=cudnn` takes the fused route (a padding-masked cuDNN call
 for the document running across a block boundary; the own block as one packed-segment call, or
-with more documents than `documents.packed_slots` allows, in tiles of `--tile` rows); `xla` the
-masked XLA blocks the ring used before. The reference is the ideal: every document as its own batch row, in one
-causal cuDNN call per group of rows padded to the same power of two, with the documents'
-lengths, which skips the padding.
+with more documents than `documents.packed_slots` allows, in pieces or tiles of `--tile` rows);
+`xla` the masked XLA blocks the ring used before. The reference is the ideal: every document as
+its own batch row, in one causal cuDNN call per group of rows padded to the same power of two,
+with the documents' lengths, which skips the padding.
 
 Both are timed forward+backward with a random cotangent on every row. Rates are visible FLOPs
 (4 x H x D per visible query-key pair, x3.5 for forward+backward) per second; the ratio is the
@@ -82,8 +82,12 @@ def measure(length: int, n: int, spec: str) -> dict:
   ks, vs = (jnp.stack([take(x, rows[i]) for i in range(n)]) for x in (seq_k, seq_v))
   ring = Ring(axis="unused", size=n, stride=1, layout="zigzag", scale=d ** -0.5,
               kernels=block_kernels(FLAGS.implementation))
-  pass_fn = lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs, segments=seg[rows])
-  ring_fn = jax.jit(lambda q, ks, vs: fwd_bwd(pass_fn, q, ks, vs, take(cot, rows[me])))
+
+  def pass_of(ring):  # the device's pass, forward and backward, jitted
+    pass_fn = lambda q, ks, vs: ring_pass(ring, me, rows, q, ks, vs, segments=seg[rows])
+    return jax.jit(lambda q, ks, vs: fwd_bwd(pass_fn, q, ks, vs, take(cot, rows[me])))
+
+  ring_fn = pass_of(ring)
 
   # The reference: each document its own batch row, rows grouped by the power of two (at least
   # 1,024) their document fits, padded to it, with the documents' lengths: one cuDNN call a group.
@@ -127,24 +131,19 @@ def measure(length: int, n: int, spec: str) -> dict:
   t_ring = median_call_seconds(ring_fn, q_me, ks, vs, repeats=FLAGS.repeats)
   t_mono = median_call_seconds(mono_fn, *mono_args, repeats=FLAGS.repeats)
   o_ring, dq_ring = ring_fn(q_me, ks, vs)[:2]
+  o_mono, dq_mono = (from_groups(x) for x in mono_fn(*mono_args))
   against_xla = {}
   if FLAGS.compare_xla:
-    plain = dataclasses.replace(ring, kernels=None)
-    o_x, dq_x = jax.jit(lambda q, ks, vs: fwd_bwd(lambda q, ks, vs: ring_pass(plain, me, rows, q, ks, vs,
-                                                                              segments=seg[rows]),
-                                                  q, ks, vs, take(cot, rows[me]))[:2])(q_me, ks, vs)
+    o_x, dq_x = pass_of(dataclasses.replace(ring, kernels=None))(q_me, ks, vs)[:2]
     against_xla = {"out_rel_err_vs_xla_blocks": rel_err(o_ring, o_x),
-                   "dq_rel_err_vs_xla_blocks": rel_err(dq_ring, dq_x), "xla_blocks_dq_rel_err": None}
-  o_mono, dq_mono = (from_groups(x) for x in mono_fn(*mono_args))
+                   "dq_rel_err_vs_xla_blocks": rel_err(dq_ring, dq_x), "xla_blocks_dq_rel_err": rel_err(dq_x, dq_mono)}
   pairs_device, pairs_all = float(np.sum(pos[rows[me]] + 1)), float(np.sum(pos + 1))
   flops = lambda pairs: 3.5 * 4 * pairs * h * d
   rate_ring, rate_mono = flops(pairs_device) / t_ring, flops(pairs_all) / t_mono
-  if against_xla:
-    against_xla["xla_blocks_dq_rel_err"] = rel_err(dq_x, dq_mono)
   return {"tokens_per_device": length, "blocks": n, "docs": spec, "documents": int(lens.size),
-          "mean_doc": float(lens.mean()), "tile": FLAGS.tile, "packed_slots": documents.packed_slots((1, length, h, d)),
-          "implementation": FLAGS.implementation, "ring_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30,
-          **against_xla,
+          "mean_doc": float(lens.mean()), "tile": FLAGS.tile,
+          "packed_slots": documents.packed_slots((1, length, h, d)), "implementation": FLAGS.implementation,
+          "ring_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30, **against_xla,
           "ring_ms": 1e3 * t_ring, "reference_ms": 1e3 * t_mono, "ring_tflops": rate_ring / 1e12,
           "reference_tflops": rate_mono / 1e12, "ratio": rate_ring / rate_mono,
           "visible_share": pairs_device / (length * total / 2), "out_rel_err": rel_err(o_ring, o_mono),
@@ -172,8 +171,8 @@ def main(argv):
         f"{'ring TF':>8}{'ref TF':>8}{'ratio':>7}{'out err':>9}{'dq err':>9}")
   for r in results:
     print(f"{r['tokens_per_device']:>6}{r['blocks']:>3}{r['docs']:>8}{r['documents']:>6}{r['packed_slots']:>6}"
-          f"{r['tile']:>6}{r['implementation'][:7]:>8}{r['ring_ms']:>9.2f}{r['reference_ms']:>9.2f}{r['ring_tflops']:>8.0f}"
-          f"{r['reference_tflops']:>8.0f}{r['ratio']:>7.3f}{r['out_rel_err']:>9.1e}{r['dq_rel_err']:>9.1e}")
+          f"{r['tile']:>6}{r['implementation'][:7]:>8}{r['ring_ms']:>9.2f}{r['reference_ms']:>9.2f}"
+          f"{r['ring_tflops']:>8.0f}{r['reference_tflops']:>8.0f}{r['ratio']:>7.3f}{r['out_rel_err']:>9.1e}{r['dq_rel_err']:>9.1e}")
 
 
 if __name__ == "__main__":

@@ -174,23 +174,14 @@ def _piece_length(q_shape, tile: int) -> int:
   return piece if piece > tile else 0
 
 
-def _packed_or(kernels, q, k, v, seg, scale, fallback):
-  """One packed call when every row's documents fit `packed_slots`, else `fallback()`."""
-  slots = packed_slots(q.shape)
+def _packed_or(q_shape, seg, packed, fallback):
+  """`packed(lengths, starts)` (one packed call) when every row's documents fit `packed_slots`,
+  else `fallback()`."""
+  slots = packed_slots(q_shape)
   if not slots:
     return fallback()
   lengths, starts, fits = block_documents(seg, slots)
-  packed = lambda: tuple(x.astype(F32) for x in kernels.documents_forward(q, k, v, lengths, starts, scale))
-  return jax.lax.cond(fits, packed, fallback)
-
-
-def _packed_or_backward(kernels, q, k, v, seg, scale, o, lse, do, fallback):
-  slots = packed_slots(q.shape)
-  if not slots:
-    return fallback()
-  lengths, starts, fits = block_documents(seg, slots)
-  packed = lambda: kernels.documents_backward(q, k, v, lengths, starts, scale, o, lse, do)
-  return jax.lax.cond(fits, packed, fallback)
+  return jax.lax.cond(fits, lambda: packed(lengths, starts), fallback)
 
 
 def own_forward(kernels, q, k, v, seg, scale, tile: int | None = None):
@@ -200,27 +191,39 @@ def own_forward(kernels, q, k, v, seg, scale, tile: int | None = None):
   documents fit, else tiles of `tile` rows (default `TILE`); the document running into a piece
   or tile from before it adds one padding-masked call."""
   tile = tile or TILE
-  base = lambda q, k, v, seg: _tiled_forward(kernels, q, k, v, seg, scale, tiles(q.shape[1], tile),
-                                             _diagonal_forward(kernels, scale))
+  diagonal = _diagonal_forward(kernels, scale)
+  tiled = lambda q, k, v, seg: _tiled_forward(kernels, q, k, v, seg, scale, tiles(q.shape[1], tile), diagonal)
+
+  def packed_or(q, k, v, seg, fallback):
+    packed = lambda lengths, starts: tuple(
+        x.astype(F32) for x in kernels.documents_forward(q, k, v, lengths, starts, scale))
+    return _packed_or(q.shape, seg, packed, fallback)
+
   piece = _piece_length(q.shape, tile)
-  fallback = lambda: base(q, k, v, seg)
-  if piece:
-    per_piece = lambda a: _packed_or(kernels, *a, scale, lambda: base(*a))
-    fallback = lambda: _tiled_forward(kernels, q, k, v, seg, scale, q.shape[1] // piece, per_piece)
-  return _packed_or(kernels, q, k, v, seg, scale, fallback)
+  if not piece:
+    return packed_or(q, k, v, seg, lambda: tiled(q, k, v, seg))
+  per_piece = lambda a: packed_or(*a, lambda: tiled(*a))
+  return packed_or(q, k, v, seg,
+                   lambda: _tiled_forward(kernels, q, k, v, seg, scale, q.shape[1] // piece, per_piece))
 
 
 def own_backward(kernels, q, k, v, seg, scale, o, lse, do, tile: int | None = None):
   """Float32 (dq, dk, dv) of `own_forward` given the rows' final output and LSE."""
   tile = tile or TILE
-  base = lambda q, k, v, seg, o, lse, do: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do,
-                                                          tiles(q.shape[1], tile), _diagonal_backward(kernels, scale))
+  diagonal = _diagonal_backward(kernels, scale)
+  tiled = lambda q, k, v, seg, o, lse, do: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do,
+                                                           tiles(q.shape[1], tile), diagonal)
+
+  def packed_or(q, k, v, seg, o, lse, do, fallback):
+    packed = lambda lengths, starts: kernels.documents_backward(q, k, v, lengths, starts, scale, o, lse, do)
+    return _packed_or(q.shape, seg, packed, fallback)
+
   piece = _piece_length(q.shape, tile)
-  fallback = lambda: base(q, k, v, seg, o, lse, do)
-  if piece:
-    per_piece = lambda a: _packed_or_backward(kernels, *a[:4], scale, *a[4:], lambda: base(*a))
-    fallback = lambda: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, q.shape[1] // piece, per_piece)
-  return _packed_or_backward(kernels, q, k, v, seg, scale, o, lse, do, fallback)
+  if not piece:
+    return packed_or(q, k, v, seg, o, lse, do, lambda: tiled(q, k, v, seg, o, lse, do))
+  per_piece = lambda a: packed_or(*a, lambda: tiled(*a))
+  return packed_or(q, k, v, seg, o, lse, do,
+                   lambda: _tiled_backward(kernels, q, k, v, seg, scale, o, lse, do, q.shape[1] // piece, per_piece))
 
 
 def _diagonal_forward(kernels, scale):

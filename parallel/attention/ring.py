@@ -122,6 +122,12 @@ def kind(ring: Ring, segment_ids) -> str:
   return "documents" if ring.causal and ring.layout != "striped" else "xla"
 
 
+def check_documents(name: str, ring: Ring, segment_ids) -> None:
+  """Where segment ids take the fused route, refuses concrete ones out of document order."""
+  if kind(ring, segment_ids) == "documents":
+    documents.check_document_order(name, segment_ids, ring.layout, ring.size)
+
+
 def _rows(x, rows):
   return None if x is None else x[:, rows]
 
@@ -271,7 +277,6 @@ def run_on_ring(name: str, core, q, k, v, segment_ids, *, mesh: Mesh, axis: str,
                head_axes=head_axes)
   ring = Ring(axis=axis, size=mesh.shape[axis], stride=1, layout=layout, scale=q.shape[-1] ** -0.5,
               kernels=block_kernels(implementation), causal=causal)
-  if kind(ring, segment_ids) == "documents":
-    documents.check_document_order(name, segment_ids, layout, ring.size)
+  check_documents(name, ring, segment_ids)
   return shard_attention(functools.partial(core, ring), q, k, v, segment_ids, mesh=mesh, axis=axis,
                          layout=layout, batch_axes=batch_axes, head_axes=head_axes)

@@ -24,20 +24,18 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh
 
-from parallel.attention import documents
 from parallel.attention.context import check_inputs, shard_attention
-from parallel.attention.ring import Ring, block_kernels, ring_core
+from parallel.attention.ring import Ring, block_kernels, check_documents, ring_core
 from parallel.attention.ulysses import heads_to_sequence, replicate_kv_heads, sequence_to_heads
 
 
-def _local(q, k, v, segment_ids, index, *, axis: str, ulysses: int, layout: str, scale: float, kernels):
-  n = jax.lax.axis_size(axis)
+def _local(q, k, v, segment_ids, index, *, ring: Ring):
+  axis, n, ulysses = ring.axis, jax.lax.axis_size(ring.axis), ring.stride  # a ring position per Ulysses group
   groups = [[g * ulysses + j for j in range(ulysses)] for g in range(n // ulysses)]
   k, v = replicate_kv_heads(k, ulysses), replicate_kv_heads(v, ulysses)
   q, k, v = (heads_to_sequence(x, axis, groups) for x in (q, k, v))
   gather = lambda x, dim: jax.lax.all_gather(x, axis, axis=dim, tiled=True, axis_index_groups=groups)
   seg = None if segment_ids is None else gather(segment_ids, 1)
-  ring = Ring(axis=axis, size=n // ulysses, stride=ulysses, layout=layout, scale=scale, kernels=kernels)
   return sequence_to_heads(ring_core(ring, q, k, v, seg, gather(index, 0)), axis, groups)
 
 
@@ -55,10 +53,9 @@ def usp_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   if (q.shape[2] // tp) % ulysses:
     raise ValueError(f"usp_attention: {q.shape[2] // tp} query heads per device are not divisible by "
                      f"ulysses={ulysses}")
-  kernels = block_kernels(implementation)
-  if kernels is not None and layout != "striped":
-    documents.check_document_order("usp_attention", segment_ids, layout, n // ulysses)
-  local = functools.partial(_local, axis=axis, ulysses=ulysses, layout=layout, scale=q.shape[-1] ** -0.5,
-                            kernels=kernels)
+  ring = Ring(axis=axis, size=n // ulysses, stride=ulysses, layout=layout, scale=q.shape[-1] ** -0.5,
+              kernels=block_kernels(implementation))
+  check_documents("usp_attention", ring, segment_ids)
+  local = functools.partial(_local, ring=ring)
   return shard_attention(local, q, k, v, segment_ids, mesh=mesh, axis=axis, layout=layout,
                          batch_axes=batch_axes, head_axes=head_axes, positions=n // ulysses)

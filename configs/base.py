@@ -32,6 +32,12 @@ CONTEXT_LAYOUTS = ("contiguous", "zigzag", "striped")  # token order over `seq` 
 # Schedule over the `stage` axis (parallel/pipeline/schedule.py); "none": no pipeline.
 PIPELINE_SCHEDULES = ("none", "gpipe", "circular", "1f1b", "interleaved", "zb-h1", "zb-v")
 REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduces every step
+# Mixture of experts: how routed tokens reach their experts (parallel/experts/), and the router's
+# score function (softmax over experts: Mixtral, Qwen; sigmoid: DeepSeek-V3).
+EXPERT_DISPATCHES = ("capacity", "dropless")
+EXPERT_ALL_TO_ALL = ("auto", "padded", "ragged")  # "auto": ragged on GPU/TPU, padded on CPU
+GROUPED_MATMULS = ("auto", "xla", "tokamax")  # dropless expert matmuls; "auto": tokamax on GPU if installed
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,28 @@ class ModelConfig:
   linear_chunk: int = 64  # tokens per chunk of the chunked linear attention
   scan_unroll: int = 1  # layers per scan iteration; n_layers unrolls fully (slower compile)
   init_std: float = 0.02
+  # Attention options of Qwen-family checkpoints: biases on the q/k/v projections (Qwen2), and
+  # RMSNorm over each head's queries and keys before RoPE (Qwen3).
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  # Mixture of experts (models/moe.py). n_experts == 0: every layer's MLP is dense.
+  n_experts: int = 0  # routed experts per MoE layer
+  experts_top_k: int = 2  # routed experts per token
+  expert_d_ff: int = 0  # width of each routed expert; 0: d_ff
+  n_shared_experts: int = 0  # always-active experts (DeepSeek, Qwen2-MoE), fused into one MLP
+  shared_expert_d_ff: int = 0  # width of each shared expert; 0: expert_d_ff
+  shared_expert_gate: bool = False  # Qwen2-MoE: the shared experts' output scaled by sigmoid(x . w)
+  moe_first_dense: int = 0  # the first k layers keep a dense MLP (DeepSeek's first_k_dense_replace)
+  moe_every: int = 1  # after those, every n-th layer is sparse (Mixtral 1; decoder_sparse_step)
+  router_score: str = "softmax"  # one of ROUTER_SCORES
+  router_topk_norm: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral, DeepSeek-V3)
+  routed_scale: float = 1.0  # routed output multiplied by this (DeepSeek-V3's routed_scaling_factor)
+  router_groups: int = 1  # group-limited routing: experts in this many groups ...
+  router_topk_groups: int = 1  # ... and a token picks its top groups first, then experts inside them
+  aux_loss_weight: float = 0.0  # Switch load-balancing loss
+  seq_aux_loss_weight: float = 0.0  # DeepSeek's sequence-wise balance loss
+  z_loss_weight: float = 0.0  # router z-loss (ST-MoE)
+  bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3): the bias step; 0 off
 
   @property
   def resolved_head_dim(self) -> int:
@@ -100,6 +128,16 @@ class ShardingConfig:
   virtual_stages: int = 1  # layer chunks per stage for circular and interleaved (zb-v: always 2)
   pipeline_vocab_parallel: bool = False  # embedding and output layer split on vocab over all stages
   replica: str = "sync"  # one of REPLICA_ALGORITHMS
+  # Mixture of experts. The routed experts of an MoE layer are split over `expert_axes` (MoE
+  # Parallel Folding: other axes than attention uses, e.g. data,seq,expert), each expert's width
+  # over `expert_tensor_axes` (expert-tensor parallelism).
+  expert_dispatch: str = "dropless"  # one of EXPERT_DISPATCHES
+  capacity_factor: float = 1.25  # capacity dispatch: slots per expert = factor x tokens x top_k / experts
+  expert_axes: tuple[str, ...] = ("expert",)
+  expert_tensor_axes: tuple[str, ...] = ("tensor",)
+  expert_all_to_all: str = "auto"  # one of EXPERT_ALL_TO_ALL
+  expert_chunks: int = 1  # dispatch in chunks so one chunk's all-to-all overlaps another's compute
+  grouped_matmul: str = "auto"  # one of GROUPED_MATMULS
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,18 @@ def _rows(x, rows):
   return None if x is None else x[:, rows]
 
 
+# A sub-block that covers every row updates the whole operand: written as a plain value rather
+# than a full-range `.at[:, :]` update. XLA:CPU in JAX 0.11.2 crashes (segmentation fault, while
+# compiling) on a `switch` inside a `shard_map` whose branches mix a full-range and a partial
+# update of the same operand (bench/xla_cpu_switch_crash.py). The values are the same either way.
+def _set_rows(x, rows, value):
+  return value if rows == slice(None) else x.at[:, rows].set(value)
+
+
+def _add_rows(x, rows, value):
+  return x + value if rows == slice(None) else x.at[:, rows].add(value)
+
+
 def block_fwd(ring: Ring, q, q_seg, q_index, kv, o, lse) -> tuple[jax.Array, jax.Array]:
   """My queries' float32 output and LSE `(o, lse)` after merging in one key/value block
   kv = (k, v, segment ids or None, original indices [Lk]). Each case merges into the rows it
@@ -155,7 +167,7 @@ def block_fwd(ring: Ring, q, q_seg, q_index, kv, o, lse) -> tuple[jax.Array, jax
         mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         ob, lb = block_forward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale)
       om, lm = merge(o[:, qr], lse[:, qr], ob.astype(F32), lb)
-      return o.at[:, qr].set(om), lse.at[:, qr].set(lm)
+      return _set_rows(o, qr, om), _set_rows(lse, qr, lm)
     return run
 
   branches = [branch(rows) for rows in sub_blocks(ring, q.shape[1])]
@@ -185,7 +197,7 @@ def block_bwd(ring: Ring, q, q_seg, q_index, kv, o, lse, delta, do, grads):
         mask = attention_mask(q_index[qr], kv_index[kr], _rows(q_seg, qr), _rows(kv_seg, kr), ring.causal)
         bq, bk, bv = block_backward(q[:, qr], k[:, kr], v[:, kr], mask, ring.scale, lse[:, qr], delta[:, qr],
                                     do[:, qr])
-      return dq.at[:, qr].add(bq), dk.at[:, kr].add(bk), dv.at[:, kr].add(bv)
+      return _add_rows(dq, qr, bq), _add_rows(dk, kr, bk), _add_rows(dv, kr, bv)
     return run
 
   branches = [branch(rows) for rows in sub_blocks(ring, q.shape[1])]

@@ -64,6 +64,25 @@ def test_zero_bubble_schedules(p, m):
   assert min(gaps) >= 1 and max(gaps) > 1
 
 
+@pytest.mark.parametrize("p,m,v,first_b,forwards", [
+    (2, 4, 2, [5, 4], [4, 3]),
+    (4, 8, 2, [11, 10, 9, 8], [8, 7, 6, 5]),
+    (3, 3, 3, [11, 10, 9], [9, 8, 7]),
+])
+def test_interleaved_warmup_and_first_backward(p, m, v, first_b, forwards):
+  """Microbatch 0 goes up the v*p parts one tick each (part j at tick j), the last part's
+  backward runs at tick v*p, and its gradient comes down a stage per tick: stage s's first
+  backward is at tick v*p + p-1-s. Before it, stage s has run its warm-up of (p-s-1) + (v-1)*p
+  forwards and one more (the steady state starts with a forward): p=4, v=2 gives 7+1, 6+1, 5+1,
+  4+1. Megatron-LM's warm-up, 2(p-s-1) + (v-1)*p, would run p-s-1 more forwards before the same
+  tick (see `schedule._megatron_interleaved`)."""
+  s = make_schedule("interleaved", p, m, v)
+  got_b = [int(np.argmax(s.kind[:, st] == BW)) for st in range(p)]
+  assert got_b == first_b
+  assert [int(np.sum(s.kind[:got_b[st], st] == F)) for st in range(p)] == forwards
+  assert [(int(s.microbatch[t, st]), int(s.chunk[t, st])) for st, t in enumerate(got_b)] == [(0, v - 1)] * p
+
+
 @pytest.mark.parametrize("p,m", CASES)
 def test_activation_memory(p, m):
   """Peak microbatch inputs held per stage (from arrival to last use): GPipe all m; 1F1B p on

@@ -216,9 +216,24 @@ def make_schedule(name: str, stages: int, microbatches: int, chunks: int = 1) ->
 def _megatron_interleaved(s: int, p: int, m: int, v: int) -> list[Key]:
   """Megatron-LM's order for stage s: warm-up forwards, then one forward and one backward in
   turn, then the remaining backwards; virtual microbatch k is chunk (k // p) % v (backwards from
-  the last chunk) of microbatch (k // (p v)) * p + k % p."""
+  the last chunk) of microbatch (k // (p v)) * p + k % p.
+
+  The warm-up is (p - s - 1) + (v - 1) p forwards, not Megatron-LM's 2 (p - s - 1) + (v - 1) p
+  (forward_backward_pipelining_with_interleaving). Megatron's steady state exchanges a forward's
+  output and a backward's gradient with both neighbours in one blocking batched call per
+  forward-backward pair, and its warm-up count keeps those paired exchanges matched. Here a tick
+  holds one action, every tick ends in the same ppermutes, and a stage whose next action is not
+  ready idles that tick, so any deadlock-free order is correct; each stage's first backward (of
+  microbatch 0's last chunk) runs at tick v p + p - 1 - s with either count, after microbatch 0
+  has gone up all v p parts and its gradient come back down. Over p in {2, 3, 4, 5, 6, 8, 16},
+  v in {1, 2, 3, 4} and m in {p, 2p, 3p, 4p} the simulator gives both orders the same ticks and
+  step time (F = B, B = 2F,
+  F = 2B, B = 3F; with a transfer cost too): Megatron's extra p - s - 1 forwards only run before
+  the first backward ticks the stage would otherwise idle later, and hold up to p - s - 1 more
+  inputs (stage 0 of p = 8, m = 16, v = 2: 20 rather than 23). With v = 1 this is 1F1B's order.
+  The warm-up stays below m v (m >= p), so every stage enters the steady state."""
   total = m * v
-  warmup = min(2 * (p - s - 1) + (v - 1) * p, total)
+  warmup = (p - s - 1) + (v - 1) * p
   mb = lambda k: (k // (p * v)) * p + k % p
   fwd = lambda k: (F, mb(k), ((k // p) % v) * p + s)
   bwd = lambda k: (BW, mb(k), (v - 1 - (k // p) % v) * p + s)

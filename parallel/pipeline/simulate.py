@@ -2,7 +2,9 @@
 timeline drawn as a PNG.
 
 It reads the same table the executor runs. Ticks are lockstep, as in the executor: a tick lasts as
-long as its slowest action, plus one transfer when any stage sends something on. Costs are per
+long as its slowest action, plus one transfer when any stage sends an activation or a gradient to
+another stage (`buffers.plan_buffers`: not the last part's forward, whose output stays for its
+backward, nor the first part's backward, nor a V's turn on one stage, nor W). Costs are per
 microbatch and whole stage (all of its layers); a part of a stage with `chunks` parts costs 1/chunks
 of it. A combined backward (no B/W split) costs B + W.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parallel.pipeline.buffers import plan_buffers
+from parallel.pipeline.buffers import DOWN, UP, plan_buffers
 from parallel.pipeline.schedule import ACTION_NAMES, B, BW, F, IDLE, W, Schedule
 
 
@@ -42,11 +44,13 @@ def _is_last_part(schedule: Schedule) -> np.ndarray:
 
 def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0, transfer: float = 0.0,
              head: float = 0.0, vocab_parallel: bool = False) -> dict:
-  """Step time, bubble fraction (idle over stages x time) and, per stage, the most microbatch
-  activation inputs held at once (from their arrival until their last backward use): exactly the
-  executor's buffer slots."""
+  """Step time, bubble fraction (idle over stages x time) and, per stage, the busy time and the
+  most microbatch activation inputs held at once (from their arrival until their last backward
+  use): exactly the executor's buffer slots."""
   cost = action_costs(schedule, f, b, w, 0.0 if vocab_parallel else head)
-  sends = np.any(np.isin(schedule.kind, (F, B, BW)), axis=1) & (schedule.stages > 1)
+  buffers = plan_buffers(schedule)
+  crosses = lambda send: np.isin(send, (UP, DOWN))  # LOCAL and NONE move nothing between stages
+  sends = np.any(crosses(buffers.send_x) | crosses(buffers.send_g), axis=1)
   shared = np.zeros(schedule.ticks)
   if vocab_parallel:  # every stage scores its slice while the last part's forward runs
     shared = head / schedule.stages * np.any(_is_last_part(schedule) & (schedule.kind == F), axis=1)
@@ -55,7 +59,8 @@ def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0,
   busy = cost.sum(axis=0) + shared.sum()
   return {"schedule": schedule.name, "stages": schedule.stages, "microbatches": schedule.microbatches,
           "chunks": schedule.chunks, "ticks": schedule.ticks, "time": time,
-          "bubble": float(1.0 - busy.mean() / time), "peak_stored": plan_buffers(schedule).held.max(axis=0).tolist()}
+          "bubble": float(1.0 - busy.mean() / time), "busy": busy.tolist(),
+          "peak_stored": buffers.held.max(axis=0).tolist()}
 
 
 def draw(schedule: Schedule, path: str, f: float = 1.0, b: float = 1.0, w: float = 1.0) -> None:

@@ -19,6 +19,15 @@ def test_presets_validate():
   validate(get_config("1b", ["model.attention_impl=cudnn"]), 1, "gpu")
 
 
+def test_usp_takes_fewer_kv_heads_than_its_ulysses_degree():
+  """USP repeats each key/value head up to lcm(K per device, ulysses degree) before its all-to-all
+  (`ulysses.replicate_kv_heads`), so K only has to divide over mesh.tensor (a row below), as the
+  op requires; the query heads per device must divide by the degree (a row below)."""
+  usp = ["mesh.data=1", "sharding.attention=usp", "sharding.ulysses_degree=4", "model.n_kv_heads=2"]
+  assert _check(usp + ["mesh.seq=8"])["seq"] == 8
+  assert _check(usp + ["mesh.seq=4", "mesh.tensor=2"])["tensor"] == 2
+
+
 def test_fill_axis():
   assert resolve_mesh_sizes(MeshConfig(data=2, fsdp=-1, tensor=2), 8)["fsdp"] == 2
 
@@ -78,6 +87,10 @@ def test_fill_axis():
      8, r"model.n_heads=12 / mesh.tensor=2 = 6 heads per device is not divisible by mesh.seq=4 \(sharding.attention='ulysses'"),
     (["mesh.data=1", "mesh.seq=8", "sharding.attention=usp", "sharding.ulysses_degree=3"], 8,
      r"sharding.ulysses_degree=3 does not divide mesh.seq=8 \(USP: ulysses degree x ring degree = mesh.seq\)"),
+    (["mesh.data=1", "mesh.seq=4", "mesh.tensor=2", "sharding.attention=usp", "sharding.ulysses_degree=4",
+      "model.n_heads=12", "model.head_dim=16"], 8,
+     r"model.n_heads=12 / mesh.tensor=2 = 6 heads per device is not divisible by sharding.ulysses_degree=4 "
+     r"\(sharding.attention='usp'\)"),
     (["sharding.attention=lasp2"], 8, r"sharding.attention='lasp2' needs linear-attention layers, but "
                                       r"model.layer_pattern='S' has none"),
     (["model.layer_pattern=SLX"], 8, r"model.layer_pattern='SLX': use the letters S \(softmax\) and L"),

@@ -64,6 +64,25 @@ def test_zero_bubble_schedules(p, m):
   assert min(gaps) >= 1 and max(gaps) > 1
 
 
+@pytest.mark.parametrize("p,m,v,first_b,forwards", [
+    (2, 4, 2, [5, 4], [4, 3]),
+    (4, 8, 2, [11, 10, 9, 8], [8, 7, 6, 5]),
+    (3, 3, 3, [11, 10, 9], [9, 8, 7]),
+])
+def test_interleaved_warmup_and_first_backward(p, m, v, first_b, forwards):
+  """Microbatch 0 goes up the v*p parts one tick each (part j at tick j), the last part's
+  backward runs at tick v*p, and its gradient comes down a stage per tick: stage s's first
+  backward is at tick v*p + p-1-s. Before it, stage s has run its warm-up of (p-s-1) + (v-1)*p
+  forwards and one more (the steady state starts with a forward): p=4, v=2 gives 7+1, 6+1, 5+1,
+  4+1. Megatron-LM's warm-up, 2(p-s-1) + (v-1)*p, would run p-s-1 more forwards before the same
+  tick (see `schedule._megatron_interleaved`)."""
+  s = make_schedule("interleaved", p, m, v)
+  got_b = [int(np.argmax(s.kind[:, st] == BW)) for st in range(p)]
+  assert got_b == first_b
+  assert [int(np.sum(s.kind[:got_b[st], st] == F)) for st in range(p)] == forwards
+  assert [(int(s.microbatch[t, st]), int(s.chunk[t, st])) for st, t in enumerate(got_b)] == [(0, v - 1)] * p
+
+
 @pytest.mark.parametrize("p,m", CASES)
 def test_activation_memory(p, m):
   """Peak microbatch inputs held per stage (from arrival to last use): GPipe all m; 1F1B p on
@@ -107,6 +126,55 @@ def test_head_on_the_last_stage_or_split_over_all():
     np.testing.assert_allclose(work[0], work[1])
     assert runs[1]["time"] < runs[0]["time"]
     assert runs[2]["time"] == simulate(s, 1, 1, 1)["time"]
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (3, 6, 2), (4, 8, 3)])
+def test_each_stage_is_busy_m_times_f_plus_b_plus_w(p, m, v):
+  """Each stage runs F, B and W (or both halves of the backward at once) of each microbatch on
+  each of its parts, and a part of a stage with c parts costs 1/c of the whole stage's action: m
+  (F + B + W) per stage, whatever the schedule, the chunk count and the transfer cost."""
+  f, b, w = 1.0, 1.75, 0.5
+  for name in SCHEDULES:
+    s = make_schedule(name, p, m, {"circular": v, "interleaved": v, "zb-v": 2}.get(name, 1))
+    r = simulate(s, f, b, w, transfer=0.25)
+    np.testing.assert_allclose(r["busy"], [m * (f + b + w)] * p, err_msg=name)
+    assert r["bubble"] == pytest.approx(1 - m * (f + b + w) / r["time"]), name
+
+
+# Hand-computed step times with a transfer cost: F = 1, B = 1.5, W = 0.5, transfer 0.25. A tick
+# lasts its slowest action plus the transfer when some stage sends an activation or a gradient to
+# another stage; the last part's forward (its output stays for its backward), the first part's
+# backward, a V's turn on one stage and W send nothing.
+TRANSFER_CASES = {
+    # GPipe: ticks cost 1, 1, 1, 2, 2, 2 (a combined backward is B + W = 2); sends at ticks 0, 1
+    # (F0, F1 up) and 3, 4 (B0, B1 down), not at 2 (stage 1's F1: the last part) nor 5 (stage 0's
+    # B1: the first part): 9 + 4 x 0.25 = 10. Busy 2 x 3 = 6 per stage.
+    ("gpipe", 2, 2): (["stage 0:  F0  F1   .   .  B0  B1",
+                       "stage 1:   .  F0  F1  B0  B1   ."], 10.0),
+    # ZB-H1: ticks cost 1, 1, 1.5, 1.5, 0.5, 1.5, 1.5, 0.5; sends at 0, 1 (F up) and 2, 5 (stage
+    # 1's B down); tick 3 (stage 0's B0, stage 1's F1) and 6 (B1 of part 0, W1) send nothing, and
+    # ticks 4 and 7 run only W: 9 + 4 x 0.25 = 10.
+    ("zb-h1", 2, 2): (["stage 0:  F0  F1   .  B0  W0   .  B1  W1",
+                       "stage 1:   .  F0  B0  F1  W0  B1  W1   ."], 10.0),
+    # ZB-V: parts 0..3 on stages 0, 1, 1, 0, each action half its stage's cost (F 0.5, B 0.75,
+    # W 0.25; lowercase: chunk 1). Ticks cost .5 .5 .5 .5 .75 .75 .25 .75 .25 .75 .25 .75 .75 .25
+    # = 7.5. Sends: 0, 1 (F up), 2 (stage 1's f0 down), 4 (b0 and f1), 7 (b1 up, B0 down), 11
+    # (B1 down); not 3 and 5 (the last part's forward and the turn's F1 / b0, kept on stage 1),
+    # 9 (B0 of part 0; b1 turns locally), 12 (B1 of part 0) or the W-only ticks 6, 8, 10, 13:
+    # 7.5 + 6 x 0.25 = 9.
+    ("zb-v", 2, 2): (["stage 0:  F0  F1   .  f0  b0  f1  w0  b1  w1  B0  W0   .  B1  W1",
+                      "stage 1:   .  F0  f0  F1  f1  b0  w0  B0  W0  b1  w1  B1  W1   ."], 9.0),
+}
+
+
+@pytest.mark.parametrize("name,p,m", TRANSFER_CASES)
+def test_step_time_with_transfers_by_hand(name, p, m):
+  table, time = TRANSFER_CASES[(name, p, m)]
+  s = make_schedule(name, p, m)
+  assert s.render().splitlines() == table
+  r = simulate(s, 1.0, 1.5, 0.5, transfer=0.25)
+  assert r["time"] == pytest.approx(time)
+  assert r["bubble"] == pytest.approx(1 - m * 3.0 / time)
 
 
 def test_errors_and_a_drawing(tmp_path):

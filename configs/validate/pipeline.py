@@ -43,5 +43,7 @@ def check(config: Config, sizes: dict[str, int]) -> None:
     require(sizes[axis] == 1, f"mesh.{axis}={sizes[axis]}: a pipeline composes with the batch axes and mesh.tensor "
                               f"only so far; "
                               f"{axis} x stage is not supported yet (sharding.pipeline={s.pipeline!r})")
+  require(m.n_experts == 0, f"model.n_experts={m.n_experts}: a pipeline does not carry the MoE layers' router "
+                            f"losses and expert load yet (sharding.pipeline={s.pipeline!r})")
   require(len(set(m.layer_pattern)) == 1, f"model.layer_pattern={m.layer_pattern!r}: a pipeline runs one kind of "
                                           f"attention per model (hybrid stacks are not split into stages yet)")

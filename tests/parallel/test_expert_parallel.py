@@ -60,13 +60,14 @@ def _check(layout, dispatch, top_k=2, factor=1.0, chunks=1, dtype=jnp.float32, s
     w_gate, w_up = (place(w, ("experts", "embed", "expert_mlp")) for w in (w_gate, w_up))
     w_down = place(w_down, ("experts", "expert_mlp", "embed"))
     routing = route(cases.logits(x, router), top_k=top_k, normalize=top_k > 1)
-    return experts_mlp(x, routing, w_gate, w_up, w_down, plan, compute_dtype=dtype)
+    y, stats = experts_mlp(x, routing, w_gate, w_up, w_down, plan, compute_dtype=dtype)
+    return y, stats["dropped"]
 
-  y, stats = jax.jit(op)(*args)
-  assert float(stats["dropped"]) == (~kept).sum()
   if dispatch == "capacity":
-    assert 0 < (~kept).sum() or factor > 1
-  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, kept), args, dtype=dtype)
+    assert (~kept).any()  # the case overflows
+  ref = cases.reference(chosen, kept)
+  # The dropped count is compared exactly through the reference's constant (no gradient either way).
+  check_against_reference(op, lambda *a: (ref(*a), jnp.float32((~kept).sum())), args, dtype=dtype)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -74,14 +75,13 @@ def test_dropless(layout):
   _check(layout, "dropless")
 
 
-@pytest.mark.parametrize("layout", ["expert8", "folded_data_seq_expert", "expert4_tensor2"])
-def test_capacity_overflow(layout):
-  _check(layout, "capacity", factor=0.75)
+@pytest.mark.parametrize("layout, chunks", [("expert8", 1), ("folded_data_seq_expert", 1), ("data2_expert4", 2)])
+def test_capacity_overflow(layout, chunks):
+  _check(layout, "capacity", factor=0.75, chunks=chunks)
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_chunks(dispatch):
-  _check("data2_expert4", dispatch, factor=0.75, chunks=2)
+def test_dropless_chunks():
+  _check("expert4_tensor2", "dropless", chunks=2)
 
 
 def test_top1():

@@ -291,3 +291,18 @@ def test_qwen3_attention_bias_raises():
   cfg = dataclasses.replace(OUR_CONFIGS["gqa"], qkv_bias=True, qk_norm=True)
   with pytest.raises(ValueError, match="qkv_bias=True with model.qk_norm=True"):
     config_to_hf(cfg)
+
+
+def test_qwen_attention_options_split_over_heads():
+  """q/k/v biases split with their heads over `tensor`, q/k norm scales replicated: the logits of
+  one device."""
+  from parallel.mesh import make_mesh
+  from parallel.plan import make_plan
+  cfg = dataclasses.replace(OUR_CONFIGS["gqa"], qkv_bias=True)
+  plan = make_plan(make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]))
+  for cfg in (cfg, dataclasses.replace(cfg, qkv_bias=False, qk_norm=True)):
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(8)))
+    rng = np.random.default_rng(8)
+    state = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), state)
+    run = lambda p: jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, plan=p))(state, jnp.asarray(TOKENS))
+    assert rel_err(run(plan), our_logits(nnx.merge(graphdef, state))) <= 1e-5

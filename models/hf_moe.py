@@ -178,14 +178,19 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
 
 
 def params_to_hf(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Shardlab pure param dict -> HF state dict. A non-zero `router_bias` (auxiliary-loss-free
-  balancing) changes which experts are picked and has no HF equivalent: refused."""
-  if "moe_layers" in params and "router_bias" in params["moe_layers"].get("mlp", {}):
-    bias = np.asarray(params["moe_layers"]["mlp"]["router_bias"])
+  """Shardlab pure param dict, router biases included (the model's `nnx.to_pure_dict`; a train
+  state keeps them outside "params": `training.state.with_router_bias` puts them back) -> HF state
+  dict. A non-zero `router_bias` (auxiliary-loss-free balancing) changes which experts are picked
+  and has no HF equivalent: refused, and so is a missing one, which could hide a non-zero one."""
+  if "moe_layers" in params:
+    mlp = dict(params["moe_layers"].get("mlp", {}))
+    if "router_bias" not in mlp:
+      raise ValueError("moe_layers.mlp.router_bias: missing (a train state keeps it outside 'params': "
+                       "pass training.state.with_router_bias(state['params'], state['router_bias']))")
+    bias = np.asarray(mlp.pop("router_bias"))
     if np.any(bias != 0):
       raise ValueError(f"moe_layers.mlp.router_bias: non-zero (max |bias| {np.abs(bias).max():.3g}); "
                        "Mixtral and Qwen-MoE routers have no selection bias")
-    mlp = {k: v for k, v in params["moe_layers"]["mlp"].items() if k != "router_bias"}
     params = {**params, "moe_layers": {**params["moe_layers"], "mlp": mlp}}
   return params_to_specs(params, *layout(cfg))
 

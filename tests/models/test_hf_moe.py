@@ -213,6 +213,9 @@ def test_router_bias_export_raises(mixtral_tensors):
                                                                        "router_bias": bias}}}
   with pytest.raises(ValueError, match=r"moe_layers\.mlp\.router_bias: non-zero"):
     hf_moe.params_to_hf(changed, cfg)
+  del changed["moe_layers"]["mlp"]["router_bias"]  # a train state's "params": the bias lives beside them
+  with pytest.raises(ValueError, match=r"moe_layers\.mlp\.router_bias: missing"):
+    hf_moe.params_to_hf(changed, cfg)
 
 
 def test_missing_expert_and_wrong_shape_raise(mixtral_tensors):

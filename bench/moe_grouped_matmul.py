@@ -12,6 +12,10 @@ Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on 
                  to 128), dense batched matmuls, gathered back: wasted FLOPs under skew, but
                  plain batched GEMMs (the timing includes the two layout changes)
   batched_only   the [E, C, D] batched matmuls alone (what `padded` costs without its layout change)
+  tiled          dropless with static shapes: each group padded to a multiple of --tile rows (at
+                 most M + E x (tile - 1) rows, a bound known at compile time), one batched matmul
+                 over [tiles, tile, D] with each tile's expert weights gathered ([tiles, D, F]);
+                 the indices are computed on the device from the group sizes, as a layer would
 
 Forward+backward TFLOP/s counts 3 x the forward FLOPs of the real rows (2 M D F x 3 matmuls), so
 padding is not credited. Every gradient (rows, w_gate, w_up, w_down) is compared with a float32
@@ -51,7 +55,9 @@ flags.DEFINE_integer("d_ff", 1408, "Expert width F.")
 flags.DEFINE_integer("rows", 65536, "Routed rows M (token-expert pairs).")
 flags.DEFINE_integer("top_k", 4, "K: the layer-overhead measurement routes M / K tokens.")
 flags.DEFINE_enum("balance", "balanced", ["balanced", "router"], "Group sizes: equal, or a random router's.")
-flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "padded", "batched_only"], "Formulations to time.")
+flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "padded", "batched_only", "tiled"],
+                  "Formulations to time.")
+flags.DEFINE_integer("tile", 512, "Rows per tile of the `tiled` formulation.")
 flags.DEFINE_integer("repeats", 10, "Timed calls after one warm-up; the median is reported.")
 flags.DEFINE_string("profile_dir", "", "Write a profiler trace of the dispatch-overhead measurement here.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -97,7 +103,21 @@ def _formulations(sizes: np.ndarray):
   def dense(rows, wg, wu, wd):
     return batched_ffn(rows[None], wg[0][None], wu[0][None], wd[0][None])[0]
 
-  fns = {"dense": dense, "ragged_xla": lambda r, *w: grouped_ffn(r, gs, *w, impl="xla"), "padded": padded,
+  def tiled(rows, wg, wu, wd):
+    tile = FLAGS.tile
+    n_tiles = -(-m // tile) + e  # every group wastes less than one tile
+    tiles_per = -(-gs // tile)
+    first_tile = jnp.cumsum(tiles_per) - tiles_per
+    group_start = jnp.cumsum(gs) - gs
+    expert_of_row = jnp.repeat(jnp.arange(e), gs, total_repeat_length=m)
+    padded_pos = first_tile[expert_of_row] * tile + jnp.arange(m) - group_start[expert_of_row]
+    source = jnp.full((n_tiles * tile,), m, jnp.int32).at[padded_pos].set(jnp.arange(m, dtype=jnp.int32))
+    x = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])[source].reshape(n_tiles, tile, -1)
+    tile_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(n_tiles), side="right"), 0, e - 1)
+    out = batched_ffn(x, wg[tile_expert], wu[tile_expert], wd[tile_expert]).reshape(n_tiles * tile, -1)
+    return out[padded_pos]
+
+  fns = {"dense": dense, "tiled": tiled, "ragged_xla": lambda r, *w: grouped_ffn(r, gs, *w, impl="xla"), "padded": padded,
          "batched_only": lambda x, *w: batched_ffn(x, *w)}
   if tokamax_available():
     fns["tokamax"] = lambda r, *w: grouped_ffn(r, gs, *w, impl="tokamax")

@@ -40,7 +40,7 @@ from configs import ModelConfig
 from models.layers import MLP, param
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.losses import sequence_aux_loss, switch_aux_loss, z_loss
-from parallel.experts.routing import route
+from parallel.experts.routing import Routing, route
 from parallel.plan import ShardingPlan
 
 # Per-layer outputs an MoE block returns through the layer-stack seam (scalars unless noted).
@@ -99,6 +99,17 @@ def shared_width(cfg: ModelConfig) -> int:
   return cfg.n_shared_experts * (cfg.shared_expert_d_ff or expert_width(cfg))
 
 
+def _round_robin(routing: Routing, cfg: ModelConfig) -> Routing:
+  """`model.router_force_balance` (benchmarks): token t's k-th pick is expert (t * K + k) mod E, its
+  weight the router's score of that expert (renormalised and scaled as configured)."""
+  t, k = routing.experts.shape
+  experts = (jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32)) % cfg.n_experts
+  weights = jnp.take_along_axis(routing.probs, experts, axis=-1)
+  if cfg.router_topk_norm:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return Routing(weights * cfg.routed_scale, experts, routing.probs)
+
+
 class MoE(nnx.Module):
   """x [B, L, D] -> (y [B, L, D] in the compute dtype, per-layer outputs `MOE_OUTPUTS`).
 
@@ -131,6 +142,8 @@ class MoE(nnx.Module):
     routing = route(logits_TxE, top_k=cfg.experts_top_k, score=cfg.router_score, bias_E=self.router_bias[...],
                     n_groups=cfg.router_groups, topk_groups=cfg.router_topk_groups,
                     normalize=cfg.router_topk_norm, scale=cfg.routed_scale)
+    if cfg.router_force_balance:
+      routing = _round_robin(routing, cfg)
     w = lambda p: p[...].astype(self.dtype)
     y_TxD, stats = experts_mlp(x_TxD.astype(self.dtype), routing, w(self.w_gate), w(self.w_up), w(self.w_down),
                                plan, compute_dtype=self.dtype)

@@ -189,3 +189,17 @@ def test_flops_count_active_parameters():
   assert 2.5e9 < n_params < 3e9 and 0.9e9 < cfg.n_layers * layer_active + head < 1.2e9
   want = 6 * (cfg.n_layers * layer_active + head) + 6 * cfg.n_layers * d * 4096
   assert flops_per_token(cfg, n_params, 4096) == pytest.approx(want, rel=1e-12)
+
+
+def test_forced_balance_gives_every_expert_the_same_tokens():
+  """`model.router_force_balance` (benchmarks): token t's k-th expert is (t K + k) mod E."""
+  cfg = dataclasses.replace(BASE, router_force_balance=True)
+  graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(1)))
+  variables = nnx.to_pure_dict(state)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 6, cfg.d_model)), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    y, outputs = jax.jit(_model_fn(graphdef))(variables, x)
+    chosen = (np.arange(12)[:, None] * 2 + np.arange(2)) % cfg.n_experts
+    want = _reference({k: v for k, v in variables.items() if k != "router_bias"}, x, chosen, cfg)
+  np.testing.assert_array_equal(outputs["tokens_per_expert"], np.full(cfg.n_experts, 4.0))
+  assert rel_err(y, want) < 1e-5

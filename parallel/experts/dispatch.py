@@ -24,6 +24,14 @@ from parallel.experts.routing import Routing
 from parallel.plan import ShardingPlan
 
 
+def _expert_axes(plan: ShardingPlan, name: str) -> tuple[str, ...]:
+  """The mesh axes (size > 1) the rule tables split `name` over, including any the context is
+  already manual over (inside a pipeline stage the weights arrive whole over those)."""
+  axes = plan.activations.get(name)
+  axes = (axes,) if isinstance(axes, str) else (axes or ())
+  return tuple(a for a in axes if plan.mesh.shape[a] > 1)
+
+
 def experts_mlp(x_TxD: jax.Array, routing: Routing, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
                 w_down_ExFxD: jax.Array, plan: ShardingPlan, *, compute_dtype=None) -> tuple[jax.Array, dict]:
   """(y [T, D] in the compute dtype, stats) for the T tokens of the whole batch, rows ordered as
@@ -43,7 +51,7 @@ def experts_mlp(x_TxD: jax.Array, routing: Routing, w_gate_ExDxF: jax.Array, w_u
   else:
     y, dropped = expert_parallel_experts(
         *args, mesh=plan.op_mesh, token_axes=plan.activation_axes("batch") + plan.activation_axes("length"),
-        expert_axes=plan.activation_axes("experts"), tensor_axes=plan.activation_axes("expert_mlp"),
+        expert_axes=_expert_axes(plan, "experts"), tensor_axes=plan.activation_axes("expert_mlp"),
         dispatch=s.expert_dispatch, capacity_factor=s.capacity_factor,
         all_to_all=resolve_all_to_all(s.expert_all_to_all), chunks=s.expert_chunks, grouped_matmul=grouped,
         compute_dtype=compute_dtype)

@@ -154,22 +154,40 @@ def _check(mesh, x_TxD, w_gate_ExDxF, token_axes, expert_axes, tensor_axes, disp
     raise ValueError(f"{n_tokens} tokens do not split into {n_split} devices ({split}) x {chunks} chunks")
 
 
+def _expert_index(axes: tuple[str, ...]) -> jax.Array:
+  """This device's position along `axes` (major to minor), as the all-to-all numbers them."""
+  index = jnp.zeros((), jnp.int32)
+  for a in axes:
+    index = index * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+  return index
+
+
 def expert_parallel_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_TxK: jax.Array, w_gate_ExDxF: jax.Array,
-                            w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *, mesh: Mesh,
+                            w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *, mesh,
                             token_axes: tuple[str, ...] = (), expert_axes: tuple[str, ...] = ("expert",),
                             tensor_axes: tuple[str, ...] = (), dispatch: str = "dropless",
                             capacity_factor: float = 1.25, all_to_all: str = "padded", chunks: int = 1,
                             grouped_matmul: str = "xla", compute_dtype=None) -> tuple[jax.Array, jax.Array]:
   """(y [T, D] in the compute dtype, dropped pairs float32) with the experts split over
-  `expert_axes` and their width over `tensor_axes`; see the module docstring."""
+  `expert_axes` and their width over `tensor_axes`; see the module docstring.
+
+  Inside a `shard_map` already manual over some of the expert axes (a pipeline stage, manual over
+  `stage` and the batch axes, with experts over `data`), the arrays are this shard's: the tokens
+  are the shard's own, the expert weights whole (all E), and each device keeps its E / n_ep slice.
+  """
   check_expert_args(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   token_axes, expert_axes, tensor_axes = tuple(token_axes), tuple(expert_axes), tuple(tensor_axes)
   _check(mesh, x_TxD, w_gate_ExDxF, token_axes, expert_axes, tensor_axes, dispatch, all_to_all, chunks,
          capacity_factor)
+  manual = frozenset(getattr(mesh, "manual_axes", ()))
+  if manual & set(token_axes + tensor_axes):
+    raise ValueError(f"token axes {token_axes} and expert-tensor axes {tensor_axes} must not be manual "
+                     f"already (manual: {sorted(manual)})")
   dtype = jnp.dtype(compute_dtype or x_TxD.dtype)
   n_experts = w_gate_ExDxF.shape[0]
   n_ep = math.prod(mesh.shape[a] for a in expert_axes)
-  split = tuple(dict.fromkeys((*token_axes, *expert_axes)))
+  slice_here = bool(manual & set(expert_axes))  # the weights arrive whole: take this device's experts
+  split = tuple(a for a in dict.fromkeys((*token_axes, *expert_axes)) if a not in manual)
   if dispatch == "capacity":
     chunk_fn = functools.partial(_capacity_chunk, factor=capacity_factor)
   elif all_to_all == "ragged" and n_ep > 1:
@@ -179,6 +197,9 @@ def expert_parallel_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_Tx
   chunk_fn = functools.partial(chunk_fn, n_experts=n_experts, axes=expert_axes, n_ep=n_ep)
 
   def local(x, w, e, wg, wu, wd):
+    if slice_here:
+      start = _expert_index(expert_axes) * (n_experts // n_ep)
+      wg, wu, wd = (jax.lax.dynamic_slice_in_dim(a, start, n_experts // n_ep) for a in (wg, wu, wd))
     x, wg, wu, wd = (a.astype(dtype) for a in (x, wg, wu, wd))
     ys, drops = [], []
     for xc, wc, ec in zip(*(jnp.split(a, chunks) for a in (x, w, e))):
@@ -188,12 +209,20 @@ def expert_parallel_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_Tx
     y = jnp.concatenate(ys)
     if tensor_axes:  # each device holds its F slice of the experts: partial sums
       y = jax.lax.psum(y, tensor_axes)
+    summed = split + tuple(a for a in expert_axes if a in manual)
     dropped = sum(drops)
-    return y, (jax.lax.psum(dropped, split) if split else dropped)
+    return y, (jax.lax.psum(dropped, summed) if summed else dropped)
 
+  inner = frozenset(split + tensor_axes)
+  if not inner:
+    return local(x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+  experts = None if slice_here else (expert_axes or None)
   tokens = P(split or None, None)
-  wide = P(expert_axes or None, None, tensor_axes or None)
-  down = P(expert_axes or None, tensor_axes or None, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, wide, wide, down),
-                       out_specs=(tokens, P()), check_vma=True)(
+  wide = P(experts, None, tensor_axes or None)
+  down = P(experts, tensor_axes or None, None)
+  # Nested in a manual context (the pipeline executor's, check_vma=False) the inner map is manual
+  # over the rest of the axes it uses and follows the outer's check; otherwise over every axis.
+  axis_names = inner if manual else frozenset(mesh.axis_names)
+  return jax.shard_map(local, mesh=mesh, axis_names=axis_names, in_specs=(tokens, tokens, tokens, wide, wide, down),
+                       out_specs=(tokens, P()), check_vma=not manual)(
                            x_TxD, weights_TxK, experts_TxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)

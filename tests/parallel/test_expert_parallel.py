@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.expert_parallel import expert_parallel_experts
@@ -166,3 +167,24 @@ def test_ragged_equals_padded_on_gpu():
 
   step = lambda kind: jax.jit(jax.value_and_grad(lambda *a: loss(kind, *a), argnums=(0, 1, 2, 3, 4)))
   assert_close(step("ragged")(*args), step("padded")(*args), what="ragged vs padded")
+
+
+@pytest.mark.parametrize("sizes, expert_axes", [({"data": 4}, ("data",)), ({"data": 2, "expert": 2}, ("data", "expert"))])
+def test_inside_a_stage_manual_over_data(sizes, expert_axes):
+  """As a pipeline stage calls it: inside a shard_map already manual over `stage` and `data` (the
+  executor's check_vma=False), with the shard's rows and whole expert weights; experts over data
+  (x expert)."""
+  mesh = make_mesh({"stage": 2, **sizes})
+  plan = make_plan(mesh, strategies=Strategies(expert_all_to_all="padded", grouped_matmul="xla"),
+                   expert_axes=expert_axes)
+  args = cases.make_inputs(t=T, e=E, seed=6)
+  chosen = cases.choose(*args[:2], 2)
+
+  def stage(x, router, w_gate, w_up, w_down):
+    routing = route(cases.logits(x, router), top_k=2)
+    return experts_mlp(x, routing, w_gate, w_up, w_down, plan)[0]
+
+  whole = P()
+  op = jax.shard_map(stage, mesh=mesh, axis_names=frozenset({"stage", "data"}), in_specs=(P("data"), whole, whole, whole, whole),
+                     out_specs=P("data"), check_vma=False)
+  check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)

@@ -8,6 +8,8 @@ Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on 
   dense          one [M, D] x [D, F] SwiGLU with shared weights: the same FLOPs, the ceiling
   ragged_xla     `jax.lax.ragged_dot` (parallel/experts/grouped_matmul.py, impl xla)
   tokamax        `tokamax.ragged_dot` (when importable)
+  *_f32out       the same grouped matmuls asked for float32 outputs (cast back to bf16): does the
+                 kernel then accumulate the weight gradient in float32, and at what cost?
   padded         the sorted rows scattered into [E, C, D] slots (C = the largest group, rounded up
                  to 128), dense batched matmuls, gathered back: wasted FLOPs under skew, but
                  plain batched GEMMs (the timing includes the two layout changes)
@@ -19,7 +21,8 @@ Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on 
 
 Forward+backward TFLOP/s counts 3 x the forward FLOPs of the real rows (2 M D F x 3 matmuls), so
 padding is not credited. Every gradient (rows, w_gate, w_up, w_down) is compared with a float32
-reference (per-group einsums at highest precision): relative Frobenius error.
+reference (per-group einsums at highest precision on the same bf16-rounded inputs): relative
+Frobenius error.
 
 Dispatch overhead: the whole dropless layer (route, sort, gather, grouped matmuls, unsort,
 combine; `dispatch.experts_mlp` on one device) against its grouped matmuls alone, forward+backward:
@@ -43,7 +46,7 @@ from absl import app, flags
 from bench.timing import median_call_seconds
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.ffn import batched_ffn, grouped_ffn
-from parallel.experts.grouped_matmul import tokamax_available
+from parallel.experts.grouped_matmul import grouped_matmul, tokamax_available
 from parallel.experts.routing import route
 from parallel.mesh import single_device_mesh
 from parallel.plan import Strategies, make_plan
@@ -55,7 +58,8 @@ flags.DEFINE_integer("d_ff", 1408, "Expert width F.")
 flags.DEFINE_integer("rows", 65536, "Routed rows M (token-expert pairs).")
 flags.DEFINE_integer("top_k", 4, "K: the layer-overhead measurement routes M / K tokens.")
 flags.DEFINE_enum("balance", "balanced", ["balanced", "router"], "Group sizes: equal, or a random router's.")
-flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "padded", "batched_only", "tiled"],
+flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "ragged_xla_f32out", "tokamax_f32out", "padded",
+                            "batched_only", "tiled"],
                   "Formulations to time.")
 flags.DEFINE_integer("tile", 512, "Rows per tile of the `tiled` formulation.")
 flags.DEFINE_integer("repeats", 10, "Timed calls after one warm-up; the median is reported.")
@@ -117,10 +121,19 @@ def _formulations(sizes: np.ndarray):
     out = batched_ffn(x, wg[tile_expert], wu[tile_expert], wd[tile_expert]).reshape(n_tiles * tile, -1)
     return out[padded_pos]
 
-  fns = {"dense": dense, "tiled": tiled, "ragged_xla": lambda r, *w: grouped_ffn(r, gs, *w, impl="xla"), "padded": padded,
-         "batched_only": lambda x, *w: batched_ffn(x, *w)}
+  fns = {"dense": dense, "tiled": tiled, "ragged_xla": lambda r, *w: grouped_ffn(r, gs, *w, impl="xla"),
+         "padded": padded, "batched_only": lambda x, *w: batched_ffn(x, *w)}
+  def f32out(impl):
+    def ffn(rows, wg, wu, wd):
+      mm = lambda x, w: grouped_matmul(x, w, gs, impl, out_dtype=jnp.float32).astype(rows.dtype)
+      gate, up = mm(rows, wg), mm(rows, wu)
+      return mm((jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(rows.dtype), wd)
+    return ffn
+
+  fns["ragged_xla_f32out"] = f32out("xla")
   if tokamax_available():
     fns["tokamax"] = lambda r, *w: grouped_ffn(r, gs, *w, impl="tokamax")
+    fns["tokamax_f32out"] = f32out("tokamax")
   return fns, cap
 
 
@@ -158,7 +171,9 @@ def grouped_matmuls(sizes: np.ndarray) -> list[dict]:
   ws = [jax.random.normal(keys[1], (e, d, f)) / math.sqrt(d), jax.random.normal(keys[2], (e, d, f)) / math.sqrt(d),
         jax.random.normal(keys[3], (e, f, d)) / math.sqrt(f)]
   cot = jax.random.normal(keys[4], (m, d), jnp.float32)
-  want = jax.jit(lambda a, c: _fwd_bwd(_reference(sizes))(a, c))((rows, *ws), cot)
+  # The reference sees the same bf16-rounded inputs in float32: the errors are the computation's.
+  exact = lambda a: a.astype(DTYPE).astype(jnp.float32)
+  want = jax.jit(lambda a, c: _fwd_bwd(_reference(sizes))(a, c))(tuple(map(exact, (rows, *ws))), exact(cot))
   fns, cap = _formulations(sizes)
   flops = 3 * 2 * m * d * f * 3
   results = []
@@ -230,10 +245,11 @@ def main(_):
         f"grouped matmuls {overhead['grouped_matmuls_ms']:.2f} ms, non-GEMM share {overhead['non_gemm_share']:.1%}")
   print(f"\n{FLAGS.experts} experts, {FLAGS.d_model} -> {FLAGS.d_ff}, {FLAGS.rows} rows ({FLAGS.balance}), bf16, "
         f"forward+backward")
-  print(f"{'impl':<14}{'ms':>9}{'TFLOP/s':>10}{'of dense':>10}{'out':>10}{'d_rows':>10}{'d_gate':>10}{'d_up':>10}{'d_down':>10}")
+  print(f"{'impl':<19}{'ms':>9}{'TFLOP/s':>10}{'of dense':>10}"
+        + "".join(f"{k:>10}" for k in ("out", "d_rows", "d_gate", "d_up", "d_down")))
   for r in results:
     errs = "".join(f"{r[k]:>10.2e}" if k in r else f"{'-':>10}" for k in ("out", "d_rows", "d_gate", "d_up", "d_down"))
-    print(f"{r['impl']:<14}{r['ms']:>9.3f}{r['tflops']:>10.1f}{r['of_dense']:>10.1%}{errs}")
+    print(f"{r['impl']:<19}{r['ms']:>9.3f}{r['tflops']:>10.1f}{r['of_dense']:>10.1%}{errs}")
 
 
 if __name__ == "__main__":

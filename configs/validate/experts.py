@@ -46,7 +46,8 @@ def check(config: Config, sizes: dict[str, int], backend: str) -> None:
   require(not split_tokens, f"sharding.expert_tensor_axes={tuple(s.expert_tensor_axes)}: {split_tokens} split the "
                             f"tokens; expert-tensor parallelism needs the same tokens on every device of its axes")
   if m.n_experts == 0:
-    require(sizes["expert"] == 1, f"mesh.expert={sizes['expert']} needs a mixture-of-experts model (model.n_experts > 0)")
+    require(sizes["expert"] == 1,
+            f"mesh.expert={sizes['expert']} needs a mixture-of-experts model (model.n_experts > 0)")
     return
   require(sizes["expert"] == 1 or "expert" in s.expert_axes,
           f"mesh.expert={sizes['expert']}, but sharding.expert_axes={tuple(s.expert_axes)} leaves the expert axis idle")

@@ -20,7 +20,8 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def batched_ffn(x_ExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array) -> jax.Array:
+def batched_ffn(x_ExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
+                w_down_ExFxD: jax.Array) -> jax.Array:
   """[E, C, D] -> [E, C, D]: expert e's FFN on its C slots."""
   gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate_ExDxF)
   up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up_ExDxF)

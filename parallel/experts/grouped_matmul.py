@@ -32,15 +32,18 @@ def resolve(impl: str, backend: str | None = None) -> str:
   return "tokamax" if backend == "gpu" and tokamax_available() else "xla"
 
 
-def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str = "xla") -> jax.Array:
-  """[M, D] rows (group g's rows contiguous, groups in order) x [G, D, F] -> [M, F], in the rows' dtype."""
+def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str = "xla",
+                   out_dtype=None) -> jax.Array:
+  """[M, D] rows (group g's rows contiguous, groups in order) x [G, D, F] -> [M, F], in `out_dtype`
+  (default: the rows' dtype; float32 asks the kernel to accumulate and return float32)."""
   if rows_MxD.ndim != 2 or w_GxDxF.ndim != 3 or rows_MxD.shape[1] != w_GxDxF.shape[1]:
-    raise ValueError(f"grouped matmul wants rows [M, D] and weights [G, D, F], got {rows_MxD.shape} and {w_GxDxF.shape}")
+    raise ValueError(f"grouped matmul wants rows [M, D] and weights [G, D, F], got {rows_MxD.shape} and "
+                     f"{w_GxDxF.shape}")
   if group_sizes_G.shape != (w_GxDxF.shape[0],):
     raise ValueError(f"group sizes {group_sizes_G.shape} must be ({w_GxDxF.shape[0]},)")
   impl = resolve(impl)
-  sizes = group_sizes_G.astype(jnp.int32)
+  sizes, out_dtype = group_sizes_G.astype(jnp.int32), jnp.dtype(out_dtype or rows_MxD.dtype)
   if impl == "tokamax":
     import tokamax  # noqa: PLC0415 (optional, GPU only)
-    return tokamax.ragged_dot(rows_MxD, w_GxDxF, sizes, preferred_element_type=rows_MxD.dtype)
-  return jax.lax.ragged_dot(rows_MxD, w_GxDxF, sizes, preferred_element_type=rows_MxD.dtype)
+    return tokamax.ragged_dot(rows_MxD, w_GxDxF, sizes, preferred_element_type=out_dtype)
+  return jax.lax.ragged_dot(rows_MxD, w_GxDxF, sizes, preferred_element_type=out_dtype)

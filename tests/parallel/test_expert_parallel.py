@@ -151,7 +151,8 @@ def test_ragged_offsets_with_emulated_collective(layout, monkeypatch):
   check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)
 
 
-@pytest.mark.skipif(jax.default_backend() == "cpu" or jax.device_count() < 2, reason="ragged all-to-all: GPU/TPU, 2+ devices")
+@pytest.mark.skipif(jax.default_backend() == "cpu" or jax.device_count() < 2,
+                    reason="ragged all-to-all: GPU/TPU, 2+ devices")
 def test_ragged_equals_padded_on_gpu():
   """Inside one compiled value-and-grad (XLA's scheduler on, as in a train step), the ragged path
   equals the padded one: values and every gradient."""
@@ -169,7 +170,8 @@ def test_ragged_equals_padded_on_gpu():
   assert_close(step("ragged")(*args), step("padded")(*args), what="ragged vs padded")
 
 
-@pytest.mark.parametrize("sizes, expert_axes", [({"data": 4}, ("data",)), ({"data": 2, "expert": 2}, ("data", "expert"))])
+@pytest.mark.parametrize("sizes, expert_axes", [({"data": 4}, ("data",)),
+                                                 ({"data": 2, "expert": 2}, ("data", "expert"))])
 def test_inside_a_stage_manual_over_data(sizes, expert_axes):
   """As a pipeline stage calls it: inside a shard_map already manual over `stage` and `data` (the
   executor's check_vma=False), with the shard's rows and whole expert weights; experts over data
@@ -185,6 +187,6 @@ def test_inside_a_stage_manual_over_data(sizes, expert_axes):
     return experts_mlp(x, routing, w_gate, w_up, w_down, plan)[0]
 
   whole = P()
-  op = jax.shard_map(stage, mesh=mesh, axis_names=frozenset({"stage", "data"}), in_specs=(P("data"), whole, whole, whole, whole),
-                     out_specs=P("data"), check_vma=False)
+  op = jax.shard_map(stage, mesh=mesh, axis_names=frozenset({"stage", "data"}),
+                     in_specs=(P("data"), whole, whole, whole, whole), out_specs=P("data"), check_vma=False)
   check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)

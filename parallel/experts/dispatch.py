@@ -37,7 +37,11 @@ def experts_mlp(x_TxD: jax.Array, routing: Routing, w_gate_ExDxF: jax.Array, w_u
   """(y [T, D] in the compute dtype, stats) for the T tokens of the whole batch, rows ordered as
   (batch, length) flattened; y_t = sum_k weights[t, k] * SwiGLU_{experts[t, k]}(x_t) over the
   pairs that were not dropped. stats: `tokens_per_expert` [E] float32 (pairs routed to each
-  expert, before any drop) and `dropped` (pairs dropped by capacity), float32 scalar."""
+  expert, before any drop) and `dropped` (pairs dropped by capacity), float32 scalar.
+
+  Inside a pipeline stage (a context manual over `stage` and the batch axes) T is the shard's
+  tokens, the weights arrive whole, and `tokens_per_expert` counts the shard's tokens; `dropped`
+  is summed over the shards that dispatch together."""
   s = plan.strategies
   n_experts = w_gate_ExDxF.shape[0]
   stats = {"tokens_per_expert": expert_load(routing.experts, n_experts)}

@@ -28,6 +28,10 @@ overlap one chunk's all-to-all with another's expert matmuls):
 Expert-tensor parallelism: each device computes its F slice of every local expert; the partial
 outputs are summed over the expert-tensor axes (one psum of [T_device, D] per layer).
 
+Inside a `shard_map` already manual over some expert axes (a pipeline stage: manual over `stage`
+and the batch axes), the tokens are the shard's and the expert weights arrive whole: each device
+slices its experts, and the op maps only over the axes that are not manual yet.
+
 Communicated per chunk: two all_to_alls of the dispatched rows over the expert axes (capacity:
 n_ep * E/n_ep * C rows; padded: n_ep * B; ragged: the real rows), and the psum over the
 expert-tensor axes. Gradients flow through the same collectives (their transposes).
@@ -40,7 +44,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from configs.base import EXPERT_DISPATCHES
 from parallel.experts.capacity import capacity, capacity_slots, combine_slots, gather_slots
@@ -148,7 +152,8 @@ def _check(mesh, x_TxD, w_gate_ExDxF, token_axes, expert_axes, tensor_axes, disp
     raise ValueError(f"{n_experts} experts do not divide over the expert axes {expert_axes} ({n_ep} devices)")
   if width % n_et:
     raise ValueError(f"expert width {width} does not divide over the expert-tensor axes {tensor_axes} ({n_et} devices)")
-  split = tuple(dict.fromkeys((*token_axes, *expert_axes)))
+  manual = frozenset(getattr(mesh, "manual_axes", ()))  # the caller's arrays are already per shard there
+  split = tuple(a for a in dict.fromkeys((*token_axes, *expert_axes)) if a not in manual)
   n_split = math.prod(mesh.shape[a] for a in split)
   if chunks < 1 or n_tokens % (n_split * chunks):
     raise ValueError(f"{n_tokens} tokens do not split into {n_split} devices ({split}) x {chunks} chunks")
@@ -163,7 +168,7 @@ def _expert_index(axes: tuple[str, ...]) -> jax.Array:
 
 
 def expert_parallel_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_TxK: jax.Array, w_gate_ExDxF: jax.Array,
-                            w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *, mesh,
+                            w_up_ExDxF: jax.Array, w_down_ExFxD: jax.Array, *, mesh: Mesh | AbstractMesh,
                             token_axes: tuple[str, ...] = (), expert_axes: tuple[str, ...] = ("expert",),
                             tensor_axes: tuple[str, ...] = (), dispatch: str = "dropless",
                             capacity_factor: float = 1.25, all_to_all: str = "padded", chunks: int = 1,

@@ -86,17 +86,3 @@ def route(logits_TxE: jax.Array, *, top_k: int, score: str = "softmax", bias_E: 
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return Routing(weights * scale, experts.astype(jnp.int32), probs)
 
-
-def forced_balance(logits_TxE: jax.Array, *, top_k: int, normalize: bool = True, scale: float = 1.0) -> Routing:
-  """A benchmark switch (as Megatron-Core's model zoo reports it): token t's k-th expert is
-  (t * K + k) mod E, so every expert receives the same number of pairs whatever the router says
-  (T * K a multiple of E); the weights are still the router's softmax probabilities of those
-  experts, so the router trains and the cost of the layer is unchanged. Not for real training."""
-  _check(logits_TxE, top_k, "softmax", None, 1, 1)
-  t, e = logits_TxE.shape
-  probs = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
-  experts = (jnp.arange(t, dtype=jnp.int32)[:, None] * top_k + jnp.arange(top_k, dtype=jnp.int32)) % e
-  weights = jnp.take_along_axis(probs, experts, axis=-1)
-  if normalize:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return Routing(weights * scale, experts, probs)

@@ -1,6 +1,6 @@
 """Routing and the router losses against numpy: softmax and sigmoid top-k, renormalisation and
 routed scale, the selection-only bias, group-limited routing, ties (lower expert index first),
-top-1, the forced-balance benchmark switch; the Switch and sequence-wise balance losses, the z-loss and the bias update."""
+top-1; the Switch and sequence-wise balance losses, the z-loss and the bias update."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from parallel.experts import losses
-from parallel.experts.routing import forced_balance, route
+from parallel.experts.routing import route
 
 
 def np_route(logits, top_k, score="softmax", bias=None, n_groups=1, topk_groups=1, normalize=True, scale=1.0):
@@ -133,13 +133,3 @@ def test_loss_gradients_reach_probs_only():
   counts = np.bincount(np.asarray(experts).reshape(-1), minlength=4)
   np.testing.assert_allclose(np.asarray(g), np.tile(4 * counts / 16 / 8, (8, 1)), rtol=1e-6)
 
-
-def test_forced_balance():
-  logits = np.random.default_rng(4).normal(size=(12, 6)).astype(np.float32)
-  got = forced_balance(jnp.asarray(logits), top_k=2)
-  experts = np.asarray(got.experts)
-  assert (np.bincount(experts.reshape(-1), minlength=6) == 4).all()
-  assert all(len(set(row)) == 2 for row in experts)
-  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  w = np.take_along_axis(p, experts, axis=-1)
-  np.testing.assert_allclose(np.asarray(got.weights), w / w.sum(-1, keepdims=True), rtol=1e-5)

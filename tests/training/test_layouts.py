@@ -177,7 +177,7 @@ def test_pipeline_vocabulary_parallel_matches_single_device(name, reference_pipe
 MOE_MODEL = dataclasses.replace(MODEL, max_seq_len=32, n_experts=8, experts_top_k=2, expert_d_ff=32,
                                 n_shared_experts=1, shared_expert_gate=True, moe_first_dense=1, aux_loss_weight=0.01,
                                 seq_aux_loss_weight=0.01, z_loss_weight=1e-3, bias_update_rate=1e-2)
-MOE_ROWS = {  # name -> (mesh, ZeRO stage, sharding fields, seq_len)
+MOE_ROWS = {  # name -> (mesh, ZeRO stage, sharding fields, seq_len[, microbatches])
     "expert8": ({"expert": 8}, 0, {}, 16),
     "data2_expert4_chunks2": ({"data": 2, "expert": 4}, 0, {"expert_chunks": 2}, 16),
     "expert4_tensor2": ({"expert": 4, "tensor": 2}, 0, {}, 16),
@@ -185,19 +185,23 @@ MOE_ROWS = {  # name -> (mesh, ZeRO stage, sharding fields, seq_len)
     # MoE Parallel Folding: attention's ring over seq, the experts over data x seq x expert.
     "folded_data2_seq2_expert2_ring": ({"data": 2, "seq": 2, "expert": 2}, 0,
                                        {"attention": "ring", "expert_axes": ("data", "seq", "expert")}, 32),
+    # Accumulation: each microbatch's router losses and load (the reference accumulates too).
+    "zero2_data2_expert4_microbatches2": ({"data": 2, "expert": 4}, 2, {}, 16, 2),
 }
 
 
 @pytest.fixture(scope="module")
 def moe_reference():
   cache = {}
-  return lambda seq_len: cache.setdefault(seq_len, _losses(_config({}, model=MOE_MODEL, seq_len=seq_len)))
+  return lambda seq_len, micro: cache.setdefault(
+      (seq_len, micro), _losses(_config({}, model=MOE_MODEL, seq_len=seq_len, micro=micro)))
 
 
 @pytest.mark.parametrize("name", list(MOE_ROWS))
 def test_experts_match_single_device(name, moe_reference):
-  mesh, zero, sharding, seq_len = MOE_ROWS[name]
-  losses = _losses(_config(mesh, zero=zero, model=MOE_MODEL, seq_len=seq_len, **sharding))
-  reference = moe_reference(seq_len)
+  mesh, zero, sharding, seq_len, *micro = MOE_ROWS[name]
+  micro = micro[0] if micro else 1
+  losses = _losses(_config(mesh, zero=zero, model=MOE_MODEL, seq_len=seq_len, micro=micro, **sharding))
+  reference = moe_reference(seq_len, micro)
   assert reference[-1] < reference[0]
   np.testing.assert_allclose(losses, reference, rtol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 from parallel.experts.capacity import capacity_experts
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.dropless import dropless_experts
+from parallel.experts.grouped_matmul import tokamax_available
 from parallel.experts.routing import route
 from parallel.mesh import single_device_mesh
 from parallel.plan import Strategies, make_plan
@@ -96,3 +97,14 @@ def test_ops_reject_bad_inputs(fn):
   if fn is capacity_experts:
     with pytest.raises(ValueError, match="capacity_factor=0"):
       fn(x, w, e, w_gate, w_up, w_down, capacity_factor=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not tokamax_available(), reason="tokamax: GPU with tokamax")
+def test_tokamax_grouped_matmul_bf16():
+  """The GPU grouped matmul that `auto` picks there, against the per-token reference in bf16."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="tokamax"))
+  args = cases.make_inputs(t=256, d=128, f=64, seed=7)
+  chosen = cases.choose(*args[:2], 2, empty_expert=EMPTY)
+  op = _op(plan, 2, compute_dtype=jnp.bfloat16)
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args,
+                          dtype=jnp.bfloat16)

@@ -79,3 +79,23 @@ def loss_terms(graphdef: nnx.GraphDef, variables: Any, batch: Batch, plan: Shard
   loss_sum, count = jnp.sum(losses * mask), jnp.sum(mask)
   stats = dict(layer_outputs)  # per MoE layer (`models.moe.MOE_OUTPUTS`); {} for a dense model
   return loss_sum + count * router_loss(cfg, stats), (loss_sum, count, stats)
+
+
+@jax.custom_vjp
+def add_loss_gradient(x: jax.Array, loss: jax.Array) -> jax.Array:
+  """x unchanged; its backward also differentiates `loss` (with cotangent 1) into whatever
+  produced it. A pipeline part adds its MoE layers' router losses to the objective this way, as
+  the executor only carries activations and their gradients (Megatron-Core's MoEAuxLossAutoScaler)."""
+  del loss
+  return x
+
+
+def _add_loss_gradient_fwd(x, loss):
+  return x, loss
+
+
+def _add_loss_gradient_bwd(loss, g):
+  return g, jnp.ones_like(loss)
+
+
+add_loss_gradient.defvjp(_add_loss_gradient_fwd, _add_loss_gradient_bwd)

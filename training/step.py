@@ -52,6 +52,7 @@ def make_train_step_fn(setup: TrainSetup) -> StepFn:
                "tokens": count}
     if "router_bias" in state:
       new_state["router_bias"] = updated_router_bias(state["router_bias"], stats, model_cfg.bias_update_rate)
+    if stats:  # none from a pipeline
       metrics.update(moe_metrics(model_cfg, stats))
     return new_state, metrics
 

@@ -178,6 +178,7 @@ MOE_MODEL = dataclasses.replace(MODEL, max_seq_len=32, n_experts=8, experts_top_
                                 n_shared_experts=1, shared_expert_gate=True, moe_first_dense=1, aux_loss_weight=0.01,
                                 seq_aux_loss_weight=0.01, z_loss_weight=1e-3, bias_update_rate=1e-2)
 MOE_ROWS = {  # name -> (mesh, ZeRO stage, sharding fields, seq_len[, microbatches])
+    # (Microbatched accumulation of the router losses and load: the pipeline rows' reference below.)
     "expert8": ({"expert": 8}, 0, {}, 16),
     "data2_expert4_chunks2": ({"data": 2, "expert": 4}, 0, {"expert_chunks": 2}, 16),
     "expert4_tensor2": ({"expert": 4, "tensor": 2}, 0, {}, 16),
@@ -185,8 +186,6 @@ MOE_ROWS = {  # name -> (mesh, ZeRO stage, sharding fields, seq_len[, microbatch
     # MoE Parallel Folding: attention's ring over seq, the experts over data x seq x expert.
     "folded_data2_seq2_expert2_ring": ({"data": 2, "seq": 2, "expert": 2}, 0,
                                        {"attention": "ring", "expert_axes": ("data", "seq", "expert")}, 32),
-    # Accumulation: each microbatch's router losses and load (the reference accumulates too).
-    "zero2_data2_expert4_microbatches2": ({"data": 2, "expert": 4}, 2, {}, 16, 2),
 }
 
 

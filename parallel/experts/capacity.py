@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from parallel.experts.ffn import batched_ffn, check_expert_args
+from parallel.experts.permute import gather_rows
 
 
 def capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
@@ -49,20 +50,26 @@ def capacity_slots(experts_TxK: jax.Array, n_experts: int, slots_per_expert: int
   return slot.astype(jnp.int32), jnp.sum(~kept).astype(jnp.float32)
 
 
+def _owner_of_slot(slot_TxK: jax.Array, n_slots: int, per_token: bool) -> jax.Array:
+  """[n_slots]: the token (or the pair t * K + k) that claimed each slot; T (or T * K) if none."""
+  t, k = slot_TxK.shape
+  owner = jnp.arange(t * k, dtype=jnp.int32) // (k if per_token else 1)
+  none = t if per_token else t * k
+  # Dropped pairs (slot n_slots) land in the extra last entry, which is cut off.
+  return jnp.full((n_slots + 1,), none, jnp.int32).at[slot_TxK.reshape(-1)].set(owner)[:n_slots]
+
+
 def gather_slots(x_TxD: jax.Array, slot_TxK: jax.Array, n_slots: int) -> jax.Array:
   """[n_slots, D]: each slot holds the token that claimed it, empty slots zeros."""
-  t, k = slot_TxK.shape
-  token = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
-  # Dropped pairs (slot n_slots) land in the extra last entry, which is cut off.
-  token_of_slot = jnp.full((n_slots + 1,), t, jnp.int32).at[slot_TxK.reshape(-1)].set(token.reshape(-1))[:n_slots]
-  padded = jnp.concatenate([x_TxD, jnp.zeros((1, x_TxD.shape[1]), x_TxD.dtype)])
-  return padded[token_of_slot]
+  return gather_rows(x_TxD, _owner_of_slot(slot_TxK, n_slots, per_token=True), slot_TxK)
 
 
 def combine_slots(out_SxD: jax.Array, slot_TxK: jax.Array, weights_TxK: jax.Array) -> jax.Array:
   """[T, D] float32: sum over k of weight * the pair's slot output (dropped pairs read zeros)."""
-  padded = jnp.concatenate([out_SxD, jnp.zeros((1, out_SxD.shape[1]), out_SxD.dtype)])
-  return jnp.einsum("tk,tkd->td", weights_TxK.astype(jnp.float32), padded[slot_TxK].astype(jnp.float32))
+  t, k = slot_TxK.shape
+  pair_of_slot = _owner_of_slot(slot_TxK, out_SxD.shape[0], per_token=False)
+  per_pair = gather_rows(out_SxD, slot_TxK.reshape(-1), pair_of_slot[:, None]).reshape(t, k, -1)
+  return jnp.einsum("tk,tkd->td", weights_TxK.astype(jnp.float32), per_pair.astype(jnp.float32))
 
 
 def capacity_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_TxK: jax.Array, w_gate_ExDxF: jax.Array,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from parallel.experts.ffn import check_expert_args, grouped_ffn
+from parallel.experts.permute import gather_rows, inverse_permutation, permute_rows
 
 
 def sort_pairs(experts_TxK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -23,10 +24,9 @@ def sort_pairs(experts_TxK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.A
   return jnp.argsort(ids, stable=True).astype(jnp.int32), sizes
 
 
-def unsort(rows_sorted_PxD: jax.Array, order_P: jax.Array) -> jax.Array:
-  """The inverse of rows[order]: row i of the result is the sorted row that came from pair i."""
-  inverse = jnp.zeros_like(order_P).at[order_P].set(jnp.arange(order_P.shape[0], dtype=order_P.dtype))
-  return rows_sorted_PxD[inverse]
+def gather_tokens(x_TxD: jax.Array, order_P: jax.Array, inverse_P: jax.Array, top_k: int) -> jax.Array:
+  """[T*K, D]: row i is the token of pair order[i]; its backward sums each token's K rows."""
+  return gather_rows(x_TxD, order_P // top_k, inverse_P.reshape(-1, top_k))
 
 
 def dropless_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_TxK: jax.Array, w_gate_ExDxF: jax.Array,
@@ -37,9 +37,10 @@ def dropless_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_TxK: jax.
   dtype = jnp.dtype(compute_dtype or x_TxD.dtype)
   (t, d), k = x_TxD.shape, experts_TxK.shape[1]
   order, sizes = sort_pairs(experts_TxK, w_gate_ExDxF.shape[0])
-  rows = x_TxD.astype(dtype)[order // k]
+  inverse = inverse_permutation(order)
+  rows = gather_tokens(x_TxD.astype(dtype), order, inverse, k)
   out = grouped_ffn(rows, sizes, w_gate_ExDxF.astype(dtype), w_up_ExDxF.astype(dtype), w_down_ExFxD.astype(dtype),
                     grouped_matmul)
-  out_TxKxD = unsort(out, order).reshape(t, k, d)
+  out_TxKxD = permute_rows(out, inverse, order).reshape(t, k, d)  # back in pair order
   y = jnp.einsum("tk,tkd->td", weights_TxK.astype(jnp.float32), out_TxKxD.astype(jnp.float32))
   return y.astype(dtype), jnp.zeros((), jnp.float32)

@@ -48,7 +48,8 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from configs.base import EXPERT_DISPATCHES
 from parallel.experts.capacity import capacity, capacity_slots, combine_slots, gather_slots
-from parallel.experts.dropless import sort_pairs, unsort
+from parallel.experts.dropless import gather_tokens, sort_pairs
+from parallel.experts.permute import inverse_permutation, permute_rows
 from parallel.experts.ffn import batched_ffn, check_expert_args, grouped_ffn
 
 ALL_TO_ALLS = ("padded", "ragged")
@@ -84,7 +85,8 @@ def _capacity_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, factor):
 def _run_local(rows, ids, local, wg, wu, wd, impl):
   """Received rows with local expert ids (`local` marks padding) -> outputs in received order."""
   order, sizes = sort_pairs(ids[:, None], local)
-  return unsort(grouped_ffn(rows[order], sizes, wg, wu, wd, impl), order)
+  inverse = inverse_permutation(order)
+  return permute_rows(grouped_ffn(permute_rows(rows, order, inverse), sizes, wg, wu, wd, impl), inverse, order)
 
 
 def _dropless_padded_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, impl):
@@ -109,7 +111,8 @@ def _dropless_ragged_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, impl):
   (t, d), k = x.shape, e.shape[1]
   local = n_experts // n_ep
   order, sizes = sort_pairs(e, n_experts)
-  rows, e_sorted = x[order // k], e.reshape(-1)[order]
+  inverse = inverse_permutation(order)
+  rows, e_sorted = gather_tokens(x, order, inverse, k), e.reshape(-1)[order]
   send_sizes = sizes.reshape(n_ep, local).sum(1)
   send_offsets = jnp.cumsum(send_sizes) - send_sizes
   exchange = lambda v: _a2a(v.reshape(n_ep, 1), axes).reshape(n_ep)
@@ -123,7 +126,7 @@ def _dropless_ragged_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, impl):
   out = _run_local(recv, rids, local, wg, wu, wd, impl)
   home = exchange(send_offsets)  # where each source keeps the rows it sent me
   back = ragged(out, jnp.zeros((t * k, d), out.dtype), recv_offsets, recv_sizes, home, send_sizes)
-  out_TxKxD = unsort(back, order).reshape(t, k, d)
+  out_TxKxD = permute_rows(back, inverse, order).reshape(t, k, d)
   y = jnp.einsum("tk,tkd->td", w.astype(jnp.float32), out_TxKxD.astype(jnp.float32))
   return y, jnp.zeros((), jnp.float32)
 

@@ -13,12 +13,16 @@ import jax
 import jax.numpy as jnp
 
 
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x[index] with out-of-range indices (the "none" marker) reading zeros, without copying x."""
+  return x.at[index].get(mode="fill", fill_value=0)
+
+
 @jax.custom_vjp
 def gather_rows(x_NxD: jax.Array, index_M: jax.Array, users_NxR: jax.Array) -> jax.Array:
   """rows[m] = x[index[m]], an index of N meaning a zero row. `users[n]` lists the output rows
   that read row n (M for none); it must be exactly the inverse of `index`."""
-  padded = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])
-  return padded[index_M]
+  return _take(x_NxD, index_M)
 
 
 def _fwd(x, index, users):
@@ -26,8 +30,7 @@ def _fwd(x, index, users):
 
 
 def _bwd(users, d_rows_MxD):
-  padded = jnp.concatenate([d_rows_MxD, jnp.zeros((1, d_rows_MxD.shape[1]), d_rows_MxD.dtype)])
-  d_x = jnp.sum(padded[users].astype(jnp.float32), axis=1).astype(d_rows_MxD.dtype)
+  d_x = jnp.sum(_take(d_rows_MxD, users).astype(jnp.float32), axis=1).astype(d_rows_MxD.dtype)
   return d_x, None, None
 
 

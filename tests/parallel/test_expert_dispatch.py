@@ -8,14 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from configs import get_config
 from parallel.experts.capacity import capacity_experts
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.dropless import dropless_experts
 from parallel.experts.grouped_matmul import tokamax_available
 from parallel.experts.routing import route
-from parallel.mesh import single_device_mesh
-from parallel.plan import Strategies, make_plan
+from parallel.mesh import make_mesh, single_device_mesh
+from parallel.plan import Strategies, make_plan, plan_from_config
 from tests.parallel import expert_cases as cases
 from tests.reference import check_against_reference
 
@@ -108,3 +110,18 @@ def test_tokamax_grouped_matmul_bf16():
   op = _op(plan, 2, compute_dtype=jnp.bfloat16)
   check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args,
                           dtype=jnp.bfloat16)
+
+
+def test_plan_from_config_carries_the_expert_choices():
+  config = get_config("tiny_moe", ["mesh.data=2", "mesh.seq=2", "mesh.expert=2", "sharding.attention=ring",
+                                   "sharding.expert_axes=data,seq,expert", "sharding.expert_tensor_axes=",
+                                   "sharding.expert_dispatch=capacity", "sharding.capacity_factor=2.0",
+                                   "sharding.expert_chunks=2", "sharding.zero_stage=3"])
+  plan = plan_from_config(config, make_mesh({"data": 2, "seq": 2, "expert": 2}))
+  s = plan.strategies
+  assert (s.expert_dispatch, s.capacity_factor, s.expert_chunks) == ("capacity", 2.0, 2)
+  assert plan.activation_axes("experts") == ("data", "seq", "expert")
+  assert plan.params["expert_mlp"] is None and plan.activation_axes("expert_mlp") == ()
+  # Parameters: experts over data x seq x expert, the embed dimension over fsdp (size 1 here).
+  want = P(("data", "seq", "expert"), None, None)
+  assert plan.spec(("experts", "embed", "expert_mlp"), plan.params, (8, 64, 32)) == want

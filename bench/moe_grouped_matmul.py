@@ -14,10 +14,9 @@ Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on 
                  to 128), dense batched matmuls, gathered back: wasted FLOPs under skew, but
                  plain batched GEMMs (the timing includes the two layout changes)
   batched_only   the [E, C, D] batched matmuls alone (what `padded` costs without its layout change)
-  tiled          dropless with static shapes: each group padded to a multiple of --tile rows (at
-                 most M + E x (tile - 1) rows, a bound known at compile time), one batched matmul
-                 over [tiles, tile, D] with each tile's expert weights gathered ([tiles, D, F]);
-                 the indices are computed on the device from the group sizes, as a layer would
+  tiled          `sharding.grouped_matmul=tiled` (parallel/experts/tiled.py): each group padded to
+                 whole tiles (static bound: ceil(M / tile) + E tiles), batched matmuls over the
+                 tiles with each tile's expert weights picked by a one-hot matmul
 
 Forward+backward TFLOP/s counts 3 x the forward FLOPs of the real rows (2 M D F x 3 matmuls), so
 padding is not credited. Every gradient (rows, w_gate, w_up, w_down) is compared with a float32
@@ -61,7 +60,7 @@ flags.DEFINE_enum("balance", "balanced", ["balanced", "router"], "Group sizes: e
 flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "ragged_xla_f32out", "tokamax_f32out", "padded",
                             "batched_only", "tiled"],
                   "Formulations to time.")
-flags.DEFINE_integer("tile", 512, "Rows per tile of the `tiled` formulation.")
+flags.DEFINE_string("layer_grouped_matmul", "auto", "sharding.grouped_matmul of the dispatch-overhead layer.")
 flags.DEFINE_integer("repeats", 10, "Timed calls after one warm-up; the median is reported.")
 flags.DEFINE_string("profile_dir", "", "Write a profiler trace of the dispatch-overhead measurement here.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
@@ -107,21 +106,8 @@ def _formulations(sizes: np.ndarray):
   def dense(rows, wg, wu, wd):
     return batched_ffn(rows[None], wg[0][None], wu[0][None], wd[0][None])[0]
 
-  def tiled(rows, wg, wu, wd):
-    tile = FLAGS.tile
-    n_tiles = -(-m // tile) + e  # every group wastes less than one tile
-    tiles_per = -(-gs // tile)
-    first_tile = jnp.cumsum(tiles_per) - tiles_per
-    group_start = jnp.cumsum(gs) - gs
-    expert_of_row = jnp.repeat(jnp.arange(e), gs, total_repeat_length=m)
-    padded_pos = first_tile[expert_of_row] * tile + jnp.arange(m) - group_start[expert_of_row]
-    source = jnp.full((n_tiles * tile,), m, jnp.int32).at[padded_pos].set(jnp.arange(m, dtype=jnp.int32))
-    x = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])[source].reshape(n_tiles, tile, -1)
-    tile_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(n_tiles), side="right"), 0, e - 1)
-    out = batched_ffn(x, wg[tile_expert], wu[tile_expert], wd[tile_expert]).reshape(n_tiles * tile, -1)
-    return out[padded_pos]
-
-  fns = {"dense": dense, "tiled": tiled, "ragged_xla": lambda r, *w: grouped_ffn(r, gs, *w, impl="xla"),
+  fns = {"dense": dense, "tiled": lambda r, *w: grouped_ffn(r, gs, *w, impl="tiled"),
+         "ragged_xla": lambda r, *w: grouped_ffn(r, gs, *w, impl="xla"),
          "padded": padded, "batched_only": lambda x, *w: batched_ffn(x, *w)}
   def f32out(impl):
     def ffn(rows, wg, wu, wd):
@@ -208,7 +194,8 @@ def dispatch_overhead() -> dict:
   router = jax.random.normal(keys[1], (d, e), jnp.float32) / math.sqrt(d)
   ws = [(jax.random.normal(keys[2 + i], shape) / math.sqrt(shape[1])).astype(DTYPE)
         for i, shape in enumerate([(e, d, f), (e, d, f), (e, f, d)])]
-  plan = make_plan(single_device_mesh(), strategies=Strategies(expert_dispatch="dropless"))
+  plan = make_plan(single_device_mesh(), strategies=Strategies(expert_dispatch="dropless",
+                                                               grouped_matmul=FLAGS.layer_grouped_matmul))
 
   def layer(x, router, wg, wu, wd):
     routing = route(jnp.dot(x.astype(jnp.float32), router), top_k=k)

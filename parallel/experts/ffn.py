@@ -1,7 +1,8 @@
 """The experts' SwiGLU feed-forward, down(silu(x gate) * (x up)), in two layouts:
 
   batched  [E, C, D] slots per expert (capacity dispatch): dense batched matmuls;
-  grouped  [M, D] rows sorted by expert with per-expert counts (dropless): grouped matmuls.
+  grouped  [M, D] rows sorted by expert with per-expert counts (dropless): grouped matmuls, or
+           (impl "tiled") batched matmuls over expert-aligned tiles of those rows (tiled.py).
 
 Both compute in the inputs' dtype, with silu(gate) * up in float32 (as the dense MLP).
 Under expert-tensor parallelism the weights hold a slice of F: the result is a partial sum that
@@ -13,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from parallel.experts.grouped_matmul import grouped_matmul
+from parallel.experts.grouped_matmul import grouped_matmul, resolve
+from parallel.experts.tiled import tiled_ffn
 
 
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -31,6 +33,8 @@ def batched_ffn(x_ExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Arr
 def grouped_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
                 w_down_ExFxD: jax.Array, impl: str = "xla") -> jax.Array:
   """[M, D] rows sorted by expert (expert e's group_sizes[e] rows together) -> [M, D]."""
+  if resolve(impl) == "tiled":
+    return tiled_ffn(rows_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, batched_ffn)
   gate = grouped_matmul(rows_MxD, w_gate_ExDxF, group_sizes_E, impl)
   up = grouped_matmul(rows_MxD, w_up_ExDxF, group_sizes_E, impl)
   return grouped_matmul(_swiglu(gate, up), w_down_ExFxD, group_sizes_E, impl)

@@ -2,8 +2,10 @@
 
   xla      `jax.lax.ragged_dot`: correct on every backend, slow on GPUs (BENCHMARKS.md).
   tokamax  `tokamax.ragged_dot` (a GPU Pallas kernel; JAX >= 0.11), when the package is importable.
+  tiled    not a grouped matmul: the FFN as batched matmuls over expert-aligned tiles
+           (`tiled.py`, chosen in `ffn.grouped_ffn`)
   auto     tokamax on a GPU when importable, else xla.
-Rows past the sum of the group sizes come out zero (both implementations).
+Rows past the sum of the group sizes come out zero (every implementation).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.A
   if group_sizes_G.shape != (w_GxDxF.shape[0],):
     raise ValueError(f"group sizes {group_sizes_G.shape} must be ({w_GxDxF.shape[0]},)")
   impl = resolve(impl)
+  if impl == "tiled":
+    raise ValueError("the tiled implementation runs whole FFNs (ffn.grouped_ffn), not single grouped matmuls")
   sizes, out_dtype = group_sizes_G.astype(jnp.int32), jnp.dtype(out_dtype or rows_MxD.dtype)
   if impl == "tokamax":
     import tokamax  # noqa: PLC0415 (optional, GPU only)

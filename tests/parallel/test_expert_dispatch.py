@@ -125,3 +125,13 @@ def test_plan_from_config_carries_the_expert_choices():
   # Parameters: experts over data x seq x expert, the embed dimension over fsdp (size 1 here).
   want = P(("data", "seq", "expert"), None, None)
   assert plan.spec(("experts", "embed", "expert_mlp"), plan.params, (8, 64, 32)) == want
+
+
+@pytest.mark.parametrize("top_k, dtype", [(2, jnp.float32), (1, jnp.float32), (2, jnp.bfloat16)])
+def test_tiled_ffn(top_k, dtype):
+  """Dropless through expert-aligned tiles (an empty expert, ties, groups of every size)."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="tiled"))
+  args = cases.make_inputs(t=40, seed=8)
+  chosen = cases.choose(*args[:2], top_k, empty_expert=EMPTY)
+  op = _op(plan, top_k, compute_dtype=dtype)
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args, dtype=dtype)

@@ -189,3 +189,16 @@ def test_inside_a_stage_manual_over_data(sizes, expert_axes):
   op = jax.shard_map(stage, mesh=mesh, axis_names=frozenset({"stage", "data"}),
                      in_specs=(P("data"), whole, whole, whole, whole), out_specs=P("data"), check_vma=False)
   check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)
+
+
+def test_tiled_expert_parallel():
+  """The tiled FFN behind the padded all-to-all: received padding rows sort last and stay zero."""
+  plan = make_plan(make_mesh({"data": 2, "expert": 2, "tensor": 2}),
+                   strategies=Strategies(expert_all_to_all="padded", grouped_matmul="tiled"))
+  args = cases.make_inputs(t=T, e=E, seed=9)
+  chosen = cases.choose(*args[:2], 2)
+
+  def op(x, router, w_gate, w_up, w_down):
+    return experts_mlp(x, route(cases.logits(x, router), top_k=2), w_gate, w_up, w_down, plan)[0]
+
+  check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)

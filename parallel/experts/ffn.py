@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from parallel.experts.grouped_matmul import grouped_matmul, resolve
 from parallel.experts.tiled import tiled_ffn
@@ -25,8 +26,9 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 def batched_ffn(x_ExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
                 w_down_ExFxD: jax.Array) -> jax.Array:
   """[E, C, D] -> [E, C, D]: expert e's FFN on its C slots."""
-  gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate_ExDxF)
-  up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up_ExDxF)
+  # Named so that a rematerialising caller (tiled.py) can keep them and recompute the rest.
+  gate = checkpoint_name(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_gate_ExDxF), "expert_gate")
+  up = checkpoint_name(jnp.einsum("ecd,edf->ecf", x_ExCxD, w_up_ExDxF), "expert_up")
   return jnp.einsum("ecf,efd->ecd", _swiglu(gate, up), w_down_ExFxD)
 
 

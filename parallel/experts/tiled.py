@@ -6,12 +6,14 @@ belongs to one expert; at most ceil(M / tile) + E tiles exist whatever the routi
 wastes less than one tile), a bound known at compile time. Each tile's expert weights are
 selected with a one-hot matmul ([tiles, E] x [E, D, F]: exact, and its transpose sums the tiles'
 weight gradients per expert without scatter-adds), and the FFN runs as one batched matmul over
-[tiles, tile, D]. Cost: up to E x tile padded rows, and [tiles, D, F] weight copies, against
-ragged_dot's E-fold work. (The idea of expert-aligned row blocks is MegaBlocks', Gale et al. 2023.)
+[tiles, tile, D]. Cost: up to E x tile padded rows, and [tiles, D, F] weight copies (made again
+for the backward rather than kept), against ragged_dot's E-fold work. Expert-aligned blocks of
+rows are MegaBlocks' idea (Gale et al. 2023), here without a custom kernel.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -48,6 +50,12 @@ def tiled_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.A
   x_tiles = gather_rows(rows_MxD, source, position[:, None]).reshape(n_tiles, tile, d)
   tile_expert = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_per), jnp.arange(n_tiles), side="right"), 0, e - 1)
   one_hot = jax.nn.one_hot(tile_expert, e, dtype=rows_MxD.dtype)
-  per_tile = lambda w: jnp.einsum("ne,e...->n...", one_hot, w)
-  out = ffn(x_tiles, per_tile(w_gate_ExDxF), per_tile(w_up_ExDxF), per_tile(w_down_ExFxD))
+
+  # The backward keeps the gate and up projections (named in `ffn`) and makes the per-tile weight
+  # copies ([tiles, D, F] each) again rather than keeping them.
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("expert_gate", "expert_up"))
+  def run(x_tiles, one_hot, *weights):
+    return ffn(x_tiles, *(jnp.einsum("ne,e...->n...", one_hot, w) for w in weights))
+
+  out = run(x_tiles, one_hot, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   return gather_rows(out.reshape(n_tiles * tile, d), position, source[:, None])

@@ -118,22 +118,47 @@ def setup_from_config(config: Config, devices: list[jax.Device] | None = None) -
   return build_setup(config, plan_from_config(config, mesh))
 
 
+def split_router_bias(variables: Any, router_bias: Any) -> tuple[Any, Any]:
+  """A model's whole variable tree (`models.hf_moe.load_hf` gives one) -> (parameters, the router
+  biases at the paths of `router_bias`, or None where it holds none)."""
+  if not router_bias:
+    return variables, None
+  params, found = dict(variables), {}
+  for key, sub in router_bias.items():
+    if isinstance(sub, dict):
+      params[key], inner = split_router_bias(variables[key], sub)
+      if inner is not None:
+        found[key] = inner
+    elif key in params:
+      found[key] = params.pop(key)
+  return params, (found or None)
+
+
 def init_state(setup: TrainSetup, params: Any = None) -> dict:
   """Parameters and a fresh optimizer state, created directly in their sharded layout.
 
-  `params`: start from these (e.g. `training.checkpoint.restore_params`) instead of a random init.
+  `params`: start from these (e.g. `training.checkpoint.restore_params`) instead of a random init;
+  with experts they may hold router biases too (a model's whole variable tree), which then start
+  the state's `router_bias` (else it starts at zero).
   """
-  def init(params):
+  given_bias = None
+  if params is not None and has_router_bias(setup.config):
+    params, given_bias = split_router_bias(params, setup.abstract_state["router_bias"])
+
+  def init(params, given_bias):
     fresh, router_bias = _params(setup.config)
     params = fresh if params is None else params
     state = {"params": params, "opt_state": setup.tx.init(params), "step": jnp.zeros((), jnp.int32)}
     if has_router_bias(setup.config):
-      state["router_bias"] = router_bias  # zeros: no balancing correction yet
+      # Zeros (no balancing correction yet) unless given.
+      state["router_bias"] = router_bias if given_bias is None else given_bias
     return state
 
   if params is None:
-    return jax.jit(lambda: init(None), out_shardings=setup.state_shardings)()
-  return jax.jit(init, in_shardings=(setup.state_shardings["params"],), out_shardings=setup.state_shardings)(params)
+    return jax.jit(lambda: init(None, None), out_shardings=setup.state_shardings)()
+  bias_sh = None if given_bias is None else setup.state_shardings["router_bias"]
+  return jax.jit(init, in_shardings=(setup.state_shardings["params"], bias_sh),
+                 out_shardings=setup.state_shardings)(params, given_bias)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -97,3 +97,19 @@ def test_sigkill_then_resume_restores_router_bias(tmp_path):
   bias, want_bias = _final_bias(workdir), _final_bias(reference)
   assert np.abs(want_bias).max() > 0  # the balancing really moved the biases
   np.testing.assert_array_equal(bias, want_bias)
+
+
+def test_init_state_from_a_whole_variable_tree():
+  """Parameters given with router biases inside (a model's whole tree, as `models.hf_moe.load_hf`
+  returns): the biases go to the state's `router_bias`, the rest to `params`."""
+  cfg = configs.get_config("tiny", ["model.n_experts=4", "model.moe_first_dense=1", "mesh.data=1"])
+  setup = setup_from_config(cfg, jax.devices()[:1])
+  fresh = init_state(setup)
+  variables = jax.device_get(fresh["params"])
+  variables["moe_layers"]["mlp"]["router_bias"] = np.full((1, 4), 0.5, np.float32)
+  state = init_state(setup, variables)
+  np.testing.assert_array_equal(state["router_bias"]["moe_layers"]["mlp"]["router_bias"], variables["moe_layers"]["mlp"]["router_bias"])
+  assert "router_bias" not in state["params"]["moe_layers"]["mlp"]
+  np.testing.assert_array_equal(state["params"]["moe_layers"]["mlp"]["router"], variables["moe_layers"]["mlp"]["router"])
+  restarted = init_state(setup, jax.device_get(fresh["params"]))  # parameters alone: the biases start at zero
+  assert not np.asarray(restarted["router_bias"]["moe_layers"]["mlp"]["router_bias"]).any()

@@ -87,10 +87,10 @@ def make_grad_fn(setup: TrainSetup) -> GradFn:
               if plan.strategies.pipeline != "none" else None)
 
   def pipelined(compute, bias, batch):
-    # The executor carries no per-layer statistics: no expert load (validation refuses the
-    # bias update under a pipeline), and the router losses reach the gradient, not the metrics.
-    grads, loss_sum, count = pipeline(compute, batch, bias)
-    return reduce(grads), loss_sum, count, {}
+    # Of the expert statistics only the load comes out of the executor; the router losses reach
+    # the gradient, not the metrics.
+    grads, loss_sum, count, stats = pipeline(compute, batch, bias)
+    return reduce(grads), loss_sum, count, stats
 
   run = pipelined if pipeline else (plain if n_micro == 1 else microbatched)
 

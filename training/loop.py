@@ -143,9 +143,11 @@ def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, write
       mfu = f" mfu {100 * last['mfu']:.1f}%" if "mfu" in last else ""
       rate = (f" | {last['step_time_s']:.3f}s/step {last['tokens_per_s']:.0f} tokens/s{mfu}"
               f" | eta {format_duration(last['step_time_s'] * (total - logged_step))}")
-    if "load_imbalance" in last:  # a model with experts
+    if "load_imbalance" in last:  # a model with experts (a pipeline logs the load only)
+      losses = (f" dropped {100 * last['dropped_fraction']:.1f}% router loss {last['router_loss']:.4f}"
+                if "router_loss" in last else "")
       rate = (f" | experts: imbalance {last['load_imbalance']:.2f} (worst layer {last['load_imbalance_max']:.2f})"
-              f" dropped {100 * last['dropped_fraction']:.1f}% router loss {last['router_loss']:.4f}{rate}")
+              f"{losses}{rate}")
     log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s", logged_step, total, last["loss"],
              last["grad_norm"], last["lr"], rate)
 

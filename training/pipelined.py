@@ -14,8 +14,10 @@ the logits and the executor computes the loss and its gradient across stages.
 
 A model with experts pipelines its MoE stack (every layer sparse): each part adds its layers'
 weighted router losses, per counted token of the microbatch, to the objective through the gradient
-(`training.loss.add_loss_gradient`); the router biases ride along with the parts' weights and get
-no gradient.
+(`training.loss.add_loss_gradient`). The router biases ride along with the parts' weights; they
+select experts only, so their true gradient is zero, and each part adds sum(stop_gradient(load) x
+bias) to the objective instead: the executor's "gradient" of the biases is then each layer's expert
+load, summed over microbatches and batch shards, which the bias update reads.
 """
 
 from __future__ import annotations
@@ -53,15 +55,9 @@ def from_stages(grads, schedule: Schedule):
   return jax.tree.map(lambda a: a.reshape(schedule.n_parts, *a.shape[2:])[inverse].reshape(-1, *a.shape[3:]), grads)
 
 
-def _without(tree: dict, drop: dict) -> dict:
-  """`tree` without the leaves at the paths of `drop` (the router biases' zero gradients)."""
-  return {k: (_without(v, drop[k]) if isinstance(drop.get(k), dict) else v) for k, v in tree.items()
-          if not (k in drop and not isinstance(drop[k], dict))}
-
-
 def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
   """(compute params, batch, router biases or None) -> (gradients of the objective sum, loss sum,
-  token count)."""
+  token count, expert statistics: {"tokens_per_expert": [n_moe, E]} with experts, else {})."""
   cfg, plan = setup.config, setup.plan
   schedule = make_schedule(plan.strategies.pipeline, plan.mesh.shape["stage"], cfg.data.microbatches,
                            plan.strategies.virtual_stages)
@@ -84,7 +80,8 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
       carry, outputs = scan_layers(fn, w, carry, unroll=cfg.model.scan_unroll)
       if not outputs:
         return carry["x"]
-      return add_loss_gradient(carry["x"], jnp.sum(mb["loss_mask"]) * router_loss(cfg.model, outputs))
+      load_probe = jnp.sum(jax.lax.stop_gradient(outputs["tokens_per_expert"]) * w["mlp"]["router_bias"])
+      return add_loss_gradient(carry["x"], jnp.sum(mb["loss_mask"]) * router_loss(cfg.model, outputs) + load_probe)
 
     def logits_fn(lp, x, mb):
       del mb
@@ -100,11 +97,15 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
         schedule, first_fn, part_fn, logits_fn if split else last_fn, first, to_stages(variables[stack], schedule),
         last, microbatch(batch), mesh=plan.mesh, batch_axes=plan.activation_axes("batch"),
         x_spec=plan.spec((None, "residual_length", "embed"), plan.activations), vocab=split)
-    grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0),
-             stack: _without(from_stages(d_parts, schedule), (router_bias or {}).get(stack, {})),
+    d_layers, stats = from_stages(d_parts, schedule), {}
+    if router_bias:  # the biases' "gradient" is the load (see the module docstring)
+      mlp = dict(d_layers["mlp"])
+      stats = {"tokens_per_expert": mlp.pop("router_bias")}
+      d_layers = {**d_layers, "mlp": mlp}
+    grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0), stack: d_layers,
              "final_norm": d_last["final_norm"]}
     if not tied:
       grads["lm_head"] = d_last["out"]
-    return grads, loss_sum, count
+    return grads, loss_sum, count, stats
 
   return grad

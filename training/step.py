@@ -52,7 +52,7 @@ def make_train_step_fn(setup: TrainSetup) -> StepFn:
                "tokens": count}
     if "router_bias" in state:
       new_state["router_bias"] = updated_router_bias(state["router_bias"], stats, model_cfg.bias_update_rate)
-    if stats:  # none from a pipeline
+    if stats:
       metrics.update(moe_metrics(model_cfg, stats))
     return new_state, metrics
 
@@ -73,13 +73,16 @@ def updated_router_bias(router_bias: dict, stats: dict, rate: float) -> dict:
 def moe_metrics(model_cfg, stats: dict) -> dict:
   """Logged per step: the router losses (mean per MoE layer) and their weighted sum added to the
   objective, the load imbalance (max / mean tokens per expert; the mean and the worst over MoE
-  layers) and the fraction of token-expert pairs dropped by capacity."""
+  layers) and the fraction of token-expert pairs dropped by capacity. (A pipeline gives the load
+  only: its metrics are the imbalance.)"""
   load = stats["tokens_per_expert"]  # [n_moe, E]
   imbalance = jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
-  return {"router_loss": router_loss(model_cfg, stats), "aux_loss": jnp.mean(stats["aux_loss"]),
-          "seq_aux_loss": jnp.mean(stats["seq_aux_loss"]), "z_loss": jnp.mean(stats["z_loss"]),
-          "load_imbalance": jnp.mean(imbalance), "load_imbalance_max": jnp.max(imbalance),
-          "dropped_fraction": jnp.sum(stats["dropped"]) / jnp.maximum(jnp.sum(load), 1.0)}
+  out = {"load_imbalance": jnp.mean(imbalance), "load_imbalance_max": jnp.max(imbalance)}
+  if "aux_loss" in stats:
+    out.update({"router_loss": router_loss(model_cfg, stats), "aux_loss": jnp.mean(stats["aux_loss"]),
+                "seq_aux_loss": jnp.mean(stats["seq_aux_loss"]), "z_loss": jnp.mean(stats["z_loss"]),
+                "dropped_fraction": jnp.sum(stats["dropped"]) / jnp.maximum(jnp.sum(load), 1.0)})
+  return out
 
 
 def make_train_step(setup: TrainSetup) -> StepFn:

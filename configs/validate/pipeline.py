@@ -47,8 +47,5 @@ def check(config: Config, sizes: dict[str, int]) -> None:
     require(m.moe_first_dense == 0 and m.moe_every == 1,
             f"model.moe_first_dense={m.moe_first_dense}, model.moe_every={m.moe_every}: a pipeline splits one kind of "
             f"layer into stages; with experts every layer must be sparse (0 and 1) (sharding.pipeline={s.pipeline!r})")
-    require(m.bias_update_rate == 0,
-            f"model.bias_update_rate={m.bias_update_rate}: a pipeline does not carry the experts' load out of its "
-            f"stages yet, which the bias update needs; set it to 0 (sharding.pipeline={s.pipeline!r})")
   require(len(set(m.layer_pattern)) == 1, f"model.layer_pattern={m.layer_pattern!r}: a pipeline runs one kind of "
                                           f"attention per model (hybrid stacks are not split into stages yet)")

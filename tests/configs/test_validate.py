@@ -119,8 +119,6 @@ MOE = ["model.n_experts=4", "model.experts_top_k=2"]
     (["model.router_score=relu"], r"model.router_score='relu': choose one of \('softmax', 'sigmoid'\)"),
     (["mesh.stage=2", "mesh.data=4", "sharding.pipeline=1f1b", "data.microbatches=2", "model.moe_every=2"],
      r"model.moe_first_dense=0, model.moe_every=2: a pipeline splits one kind of layer into stages"),
-    (["mesh.stage=2", "mesh.data=4", "sharding.pipeline=1f1b", "data.microbatches=2", "model.bias_update_rate=0.01"],
-     r"model.bias_update_rate=0.01: a pipeline does not carry the experts' load out of its stages"),
 ])
 def test_expert_model_fields_rejected(overrides, pattern):
   with pytest.raises(ConfigError, match=pattern):

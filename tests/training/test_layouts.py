@@ -206,11 +206,11 @@ def test_experts_match_single_device(name, moe_reference):
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
 
 
-# Experts inside pipeline stages (every layer sparse; the bias update needs the load, which the
-# executor does not carry out yet). The router losses reach the objective through each part's
-# backward; with batch shards each shard's part sees its own rows, so its router losses are its
-# rows' (not the global microbatch's): the data-sharded row runs without them.
-MOE_PIPE_MODEL = dataclasses.replace(MOE_MODEL, n_layers=4, moe_first_dense=0, bias_update_rate=0.0)
+# Experts inside pipeline stages (every layer sparse). The router losses reach the objective through
+# each part's backward, the load (for the bias update) comes out as the biases' gradient; with batch
+# shards each shard's part sees its own rows, so its router losses are its rows' (not the global
+# microbatch's): the data-sharded row runs without them.
+MOE_PIPE_MODEL = dataclasses.replace(MOE_MODEL, n_layers=4, moe_first_dense=0)
 MOE_PIPE_NO_ROUTER_LOSS = dataclasses.replace(MOE_PIPE_MODEL, aux_loss_weight=0.0, seq_aux_loss_weight=0.0,
                                               z_loss_weight=0.0)
 MOE_PIPE_ROWS = {  # name -> (mesh, schedule, microbatches, model, sharding fields)

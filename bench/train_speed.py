@@ -70,6 +70,8 @@ def measure(config: configs.Config, warmup: int, steps: int, windows: int) -> di
       "flops_per_token": fpt, "mfu": (tokens / step_s * fpt / (peak * n_dev)) if peak else None,
       "peak_mem_gib": max(m.get("peak_bytes_in_use", 0) for m in mem) / 2**30,
       "loss": float(metrics["loss"]),
+      # Models with experts: the last step's routing (train.py logs the same names).
+      **{k: float(metrics[k]) for k in ("load_imbalance", "load_imbalance_max", "dropped_fraction") if k in metrics},
   }
 
 

@@ -36,7 +36,9 @@ REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduce
 # score function (softmax over experts: Mixtral, Qwen; sigmoid: DeepSeek-V3).
 EXPERT_DISPATCHES = ("capacity", "dropless")
 EXPERT_ALL_TO_ALL = ("auto", "padded", "ragged")  # "auto": ragged on GPU/TPU, padded on CPU
-GROUPED_MATMULS = ("auto", "xla", "tokamax")  # dropless expert matmuls; "auto": tokamax on GPU if installed
+# Dropless expert matmuls; "auto": tokamax on GPU if installed; "tiled": batched matmuls over
+# expert-aligned tiles (parallel/experts/tiled.py).
+GROUPED_MATMULS = ("auto", "xla", "tokamax", "tiled")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
 
@@ -91,6 +93,9 @@ class ModelConfig:
   seq_aux_loss_weight: float = 0.0  # DeepSeek's sequence-wise balance loss
   z_loss_weight: float = 0.0  # router z-loss (ST-MoE)
   bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3): the bias step; 0 off
+  # Benchmarks only: token t's k-th expert is (t * top_k + k) mod n_experts (weights still from the
+  # router), so every expert gets the same tokens and kernel speed is measured without routing skew.
+  router_force_balance: bool = False
 
   @property
   def resolved_head_dim(self) -> int:

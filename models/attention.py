@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
-from models.layers import apply_rope, param, rope_inv_freq
+from models.layers import apply_rope, param, rms_norm, rope_inv_freq
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
 from parallel.linear.linear_attention import decay_rates
@@ -36,6 +36,10 @@ def _rms_per_head(o_BxLxHxD: jax.Array, eps: float) -> jax.Array:
 class Attention(nnx.Module):
   """Megatron layout: q/k/v column-parallel over heads, the output projection row-parallel.
 
+  Options of Qwen-family checkpoints: `model.qkv_bias` adds biases [H, hd] / [K, hd] to the q/k/v
+  projections (Qwen2, Qwen2-MoE); `model.qk_norm` RMS-normalises each head's query and key vectors
+  with learned scales [hd] before RoPE (Qwen3, Qwen3-MoE).
+
   The same projections serve softmax attention and decayed linear attention (RetNet-style: RoPE
   on q and k, a fixed decay per key/value head, each head's output RMS-normalised), so a hybrid
   model's layers share one parameter structure and scan as one stack.
@@ -50,16 +54,32 @@ class Attention(nnx.Module):
     self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
     self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
     self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
+    # Qwen-family options; absent (no parameters at all) when off, so dense Llama trees are unchanged.
+    if cfg.qkv_bias:  # Qwen2: q/k/v projections with biases, initialised to zero
+      zeros = lambda shape, axes: nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
+      self.bq = zeros((h, hd), ("heads", "head_dim"))
+      self.bk = zeros((k, hd), ("kv_heads", "head_dim"))
+      self.bv = zeros((k, hd), ("kv_heads", "head_dim"))
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's query and key vectors, before RoPE
+      self.q_norm = param(rngs, (hd,), ("head_dim",), cfg, init="ones")
+      self.k_norm = param(rngs, (hd,), ("head_dim",), cfg, init="ones")
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
                plan: ShardingPlan, linear: bool | jax.Array = False) -> jax.Array:
     """`linear`: a Python bool, or a traced one (a hybrid stack's per-layer kind)."""
     x = x_BxLxD.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
-    project = lambda p, axes: plan.constrain(jnp.einsum("bld,dhk->blhk", x, w(p)), ("batch", "length") + axes)
-    q = project(self.wq, ("heads", "head_dim"))
-    k = project(self.wk, ("kv_heads", "head_dim"))
-    v = project(self.wv, ("kv_heads", "head_dim"))
+
+    def project(p, bias, axes):
+      y = jnp.einsum("bld,dhk->blhk", x, w(p))
+      return plan.constrain(y if bias is None else y + w(bias), ("batch", "length") + axes)
+
+    biases = (self.bq, self.bk, self.bv) if self.cfg.qkv_bias else (None, None, None)
+    q = project(self.wq, biases[0], ("heads", "head_dim"))
+    k = project(self.wk, biases[1], ("kv_heads", "head_dim"))
+    v = project(self.wv, biases[2], ("kv_heads", "head_dim"))
+    if self.cfg.qk_norm:
+      q, k = rms_norm(q, self.q_norm[...], self.cfg.norm_eps), rms_norm(k, self.k_norm[...], self.cfg.norm_eps)
     inv_freq = rope_inv_freq(self.cfg)
     q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
 

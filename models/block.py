@@ -9,6 +9,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.attention import Attention, layer_kinds
 from models.layers import MLP, RMSNorm
+from models.moe import MoE
 from parallel.plan import ShardingPlan
 
 # The residual stream: split on length over `tensor` under Megatron sequence parallelism.
@@ -23,16 +24,19 @@ class Block(nnx.Module):
   along unchanged, so a pipeline stage that receives a carry has all it needs.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False):
+    """`sparse`: the MLP is a mixture of experts (`models.moe.MoE`) instead of a dense SwiGLU."""
     kinds = set(layer_kinds(cfg))
     self.linear = None if len(kinds) > 1 else kinds == {"L"}  # None: each layer's kind comes as its input
     self.attn_norm = RMSNorm(cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.sparse = sparse
+    self.mlp = MoE(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs)
 
   def __call__(self, carry: dict, layer_inputs: Any, plan: ShardingPlan) -> tuple[dict, dict]:
-    """Returns the next carry and this layer's outputs for the loss (none for a dense block).
+    """Returns the next carry and this layer's outputs for the loss: none for a dense block, the
+    router losses, tokens per expert and dropped pairs for an MoE block (`models.moe.MOE_OUTPUTS`).
 
     `layer_inputs`: None, or in a hybrid stack this layer's kind (1 linear attention, 0 softmax).
     """
@@ -40,5 +44,10 @@ class Block(nnx.Module):
     x = carry["x"]
     h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan, linear).astype(x.dtype)
     h = plan.constrain(h, RESIDUAL_AXES)
-    out = h + self.mlp(self.mlp_norm(h), plan).astype(h.dtype)
-    return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, {}
+    outputs = {}
+    if self.sparse:
+      y, outputs = self.mlp(self.mlp_norm(h), plan)
+    else:
+      y = self.mlp(self.mlp_norm(h), plan)
+    out = h + y.astype(h.dtype)
+    return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, outputs

@@ -18,20 +18,21 @@ from configs import ModelConfig
 from models.attention import layer_kinds
 from models.block import RESIDUAL_AXES, Block
 from models.layers import RMSNorm, param, rms_norm
+from models.moe import RouterBias, expert_width, is_sparse, stack_layout
 from models.stack import Carry, make_layer_fn, scan_layers
 from parallel.plan import ShardingPlan, single_device_plan
 from parallel.vocab.dispatch import embed_lookup
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-  @nnx.split_rngs(splits=cfg.n_layers)
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int, sparse: bool = False) -> Block:
+  @nnx.split_rngs(splits=n)
   @nnx.vmap(in_axes=0, out_axes=0)
   def create(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=rngs)
+    return Block(cfg, rngs=rngs, sparse=sparse)
 
   blocks = create(rngs)
   for _, var in nnx.iter_graph(blocks):
-    if isinstance(var, nnx.Param):
+    if isinstance(var, (nnx.Param, RouterBias)):
       var.set_metadata(logical_axes=("layers",) + tuple(var.get_metadata()["logical_axes"]))
   return blocks
 
@@ -43,12 +44,22 @@ def logical_axes(state: nnx.State) -> Any:
 
 
 class Transformer(nnx.Module):
-  """tokens [B, L] (+ positions, segment ids) -> logits [B, L, V] in the compute dtype."""
+  """tokens [B, L] (+ positions, segment ids) -> logits [B, L, V] in the compute dtype.
+
+  With mixture-of-experts layers (model.n_experts > 0) the blocks sit in two stacks: `layers`, the
+  dense-MLP blocks in order (absent when every layer is sparse), and `moe_layers`, the MoE blocks
+  in order; `models.moe.layer_slots` maps each layer to its slot and `models.moe.stack_layout`
+  says how the stacks interleave.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
-    self.layers = _stacked_blocks(cfg, rngs)
+    n_sparse = sum(is_sparse(cfg, i) for i in range(cfg.n_layers))
+    if cfg.n_layers > n_sparse:
+      self.layers = _stacked_blocks(cfg, rngs, cfg.n_layers - n_sparse)
+    if n_sparse:
+      self.moe_layers = _stacked_blocks(cfg, rngs, n_sparse, sparse=True)
     self.final_norm = RMSNorm(cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
@@ -68,26 +79,70 @@ class Transformer(nnx.Module):
     """
     return embed_activations(self.cfg, self.embed[...], tokens_BxL, positions_BxL, segment_ids_BxL, plan)
 
-  def layer_fn(self, plan: ShardingPlan):
-    """(the pure layer function, the stacked layer parameters as a pure dict)."""
+  def layer_fn(self, plan: ShardingPlan, stack: str = "layers"):
+    """(the pure layer function, the stacked layer parameters as a pure dict) of `stack`:
+    "layers" (the dense-MLP blocks) or "moe_layers" (the MoE blocks)."""
     cfg = self.cfg
-    graphdef, stacked = nnx.split(self.layers)
+    graphdef, stacked = nnx.split(getattr(self, stack))
     per_layer_axes = jax.tree.map(lambda axes: axes[1:], logical_axes(stacked), is_leaf=lambda x: isinstance(x, tuple))
     # Unrolled layers sit side by side, and without a barrier XLA would merge the recomputation
     # with the forward pass.
     fn = make_layer_fn(graphdef, per_layer_axes, plan=plan, remat=cfg.remat, prevent_cse=cfg.scan_unroll > 1)
     return fn, nnx.to_pure_dict(stacked)
 
-  def layer_inputs(self) -> jax.Array | None:
-    """Each layer's own input to the layer function: its attention kind in a hybrid stack."""
+  def layer_inputs(self, stack: str | None = None) -> jax.Array | None:
+    """Each layer's own input to the layer function: its attention kind in a hybrid stack (of the
+    layers of `stack` only, when given)."""
     kinds = layer_kinds(self.cfg)
-    return None if len(set(kinds)) == 1 else jnp.asarray([k == "L" for k in kinds], jnp.int32)
+    if len(set(kinds)) == 1:
+      return None
+    if stack is not None:
+      kinds = [k for i, k in enumerate(kinds) if is_sparse(self.cfg, i) == (stack == "moe_layers")]
+    return jnp.asarray([k == "L" for k in kinds], jnp.int32)
 
   def forward_layers(self, carry: Carry, *, plan: ShardingPlan, run_layers=scan_layers) -> tuple[Carry, dict]:
     """The second piece: every layer in order, by `run_layers` (the scan, or a replacement with
-    the same signature). Returns the last carry and the per-layer outputs."""
-    fn, stacked = self.layer_fn(plan)
-    return run_layers(fn, stacked, carry, self.layer_inputs(), unroll=self.cfg.scan_unroll)
+    the same signature). Returns the last carry and the per-layer outputs (with MoE layers: those
+    of the MoE blocks, stacked in layer order)."""
+    if self.cfg.n_experts == 0:
+      fn, stacked = self.layer_fn(plan)
+      return run_layers(fn, stacked, carry, self.layer_inputs(), unroll=self.cfg.scan_unroll)
+    return self._forward_mixed(carry, plan, run_layers)
+
+  def _forward_mixed(self, carry: Carry, plan: ShardingPlan, run_layers) -> tuple[Carry, dict]:
+    """Dense prefix, then groups of (every - 1 dense blocks, one MoE block), then a dense suffix
+    (`models.moe.StackLayout`): three scans at most, whatever the depth."""
+    layout, unroll = stack_layout(self.cfg), self.cfg.scan_unroll
+    moe_fn, moe = self.layer_fn(plan, "moe_layers")
+    moe_inputs = self.layer_inputs("moe_layers")
+    dense_fn, dense, dense_inputs = None, None, None
+    if hasattr(self, "layers"):
+      dense_fn, dense = self.layer_fn(plan)
+      dense_inputs = self.layer_inputs("layers")
+    cut = lambda tree, start, stop: jax.tree.map(lambda a: a[start:stop], tree)
+    run = lambda c, params, inputs, n: run_layers(dense_fn, params, c, inputs, unroll=max(1, min(unroll, n)))[0]
+
+    a, g, per = layout.prefix, layout.groups, layout.every - 1
+    if a:
+      carry = run(carry, cut(dense, 0, a), cut(dense_inputs, 0, a), a)
+    if per:
+      group = lambda tree: jax.tree.map(lambda x: x[a:a + g * per].reshape(g, per, *x.shape[1:]), tree)
+      group_dense, group_inputs = group(dense), group(dense_inputs)
+    else:
+      group_dense = group_inputs = None
+
+    def body(c, xs):
+      d_params, d_inputs, m_params, m_inputs = xs
+      if per:
+        c = run(c, d_params, d_inputs, per)
+      return moe_fn(m_params, c, m_inputs)
+
+    carry, outputs = jax.lax.scan(body, carry, (group_dense, group_inputs, moe, moe_inputs),
+                                  unroll=max(1, min(unroll // layout.every, g)))
+    if layout.suffix:
+      n = jax.tree.leaves(dense)[0].shape[0]
+      carry = run(carry, cut(dense, n - layout.suffix, n), cut(dense_inputs, n - layout.suffix, n), layout.suffix)
+    return carry, outputs
 
   def head(self, x_BxLxD: jax.Array, *, plan: ShardingPlan) -> jax.Array:
     """The last piece: final norm and output projection. Logits in the compute dtype; the loss
@@ -120,12 +175,18 @@ def head_logits(cfg: ModelConfig, norm_scale_D: jax.Array, out_weight: jax.Array
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x (parameters but the input embedding), plus attention: causal
-  softmax layers 6 x d_model x seq each; linear layers 6 x d_model x (chunk + 2 x head_dim) each
-  (the causal half of a chunk's quadratic form, and the state's read and update)."""
+  """Training FLOPs per token: 6 x (parameters a token uses, but the input embedding), plus
+  attention: causal softmax layers 6 x d_model x seq each; linear layers 6 x d_model x (chunk +
+  2 x head_dim) each (the causal half of a chunk's quadratic form, and the state's read and update).
+
+  With experts a token uses only its top-k routed experts (plus the shared ones and the router):
+  the other n_experts - top_k experts of every MoE layer are left out, so MFU counts active
+  parameters."""
   non_embedding = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+  n_sparse = sum(is_sparse(cfg, i) for i in range(cfg.n_layers))
+  idle_experts = n_sparse * (cfg.n_experts - cfg.experts_top_k) * 3 * cfg.d_model * expert_width(cfg)
   kinds = layer_kinds(cfg)
   softmax, linear = kinds.count("S"), kinds.count("L")
   chunk = min(cfg.linear_chunk, seq_len)
-  return (6.0 * non_embedding + 6.0 * softmax * cfg.d_model * seq_len
+  return (6.0 * (non_embedding - idle_experts) + 6.0 * softmax * cfg.d_model * seq_len
           + 6.0 * linear * cfg.d_model * (chunk + 2 * cfg.resolved_head_dim))

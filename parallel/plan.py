@@ -26,10 +26,12 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from configs.base import ATTENTION_METHODS, CONTEXT_LAYOUTS, PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config
+from configs.base import (ATTENTION_METHODS, CONTEXT_LAYOUTS, EXPERT_ALL_TO_ALL, EXPERT_DISPATCHES, GROUPED_MATMULS,
+                          PIPELINE_SCHEDULES, REPLICA_ALGORITHMS, Config)
 from configs.validate.pipeline import chunks as pipeline_chunks
 from parallel.mesh import single_device_mesh
 from parallel.rules import Rules
+from parallel.rules.experts import expert_rules
 from parallel.rules.megatron import activation_rules, tensor_rules
 from parallel.rules.zero import zero_tables
 
@@ -63,6 +65,11 @@ class Strategies:
              per stage and `pipeline_vocab`: the embedding and output layer split on the
              vocabulary over all stages (vocabulary parallelism), not on the first and last
   replica    what runs over `replica` ("sync": gradients all-reduced every step)
+  experts    how routed tokens reach their experts (`expert_dispatch`: capacity or dropless, with
+             `capacity_factor`), the all-to-all kind over the expert axes (`expert_all_to_all`), the
+             chunks the dispatch is cut into to overlap communication and compute
+             (`expert_chunks`) and the dropless grouped matmul (`grouped_matmul`); which axes
+             split the experts is the rule tables' `experts` and `expert_mlp` entries
   """
 
   attention: str = "dense"
@@ -72,10 +79,17 @@ class Strategies:
   virtual_stages: int = 1
   pipeline_vocab: bool = False
   replica: str = "sync"
+  expert_dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  expert_all_to_all: str = "auto"
+  expert_chunks: int = 1
+  grouped_matmul: str = "auto"
 
   def __post_init__(self):
     for name, choices in (("attention", ATTENTION_METHODS), ("layout", CONTEXT_LAYOUTS),
-                          ("pipeline", PIPELINE_SCHEDULES), ("replica", REPLICA_ALGORITHMS)):
+                          ("pipeline", PIPELINE_SCHEDULES), ("replica", REPLICA_ALGORITHMS),
+                          ("expert_dispatch", EXPERT_DISPATCHES), ("expert_all_to_all", EXPERT_ALL_TO_ALL),
+                          ("grouped_matmul", GROUPED_MATMULS)):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name} strategy {getattr(self, name)!r}: choose one of {choices}")
 
@@ -169,11 +183,13 @@ class ShardingPlan:
 
 
 def make_plan(mesh: Mesh, *, zero_stage: int = 0, sequence_parallel: bool = False, vocab_parallel: bool = True,
-              strategies: Strategies = Strategies()) -> ShardingPlan:
+              strategies: Strategies = Strategies(), expert_axes: tuple[str, ...] = ("expert",),
+              expert_tensor_axes: tuple[str, ...] = ("tensor",)) -> ShardingPlan:
   """Megatron TP (+SP) and a ZeRO stage over whatever axes `mesh` has, plus the strategies. A
   pipeline puts the layer stack's `layers` dimension on `stage`, and with `pipeline_vocab` the
-  weights' `vocab` dimension too (outside `tensor`): each stage stores the slice it scores."""
-  weights = tensor_rules(vocab_parallel)
+  weights' `vocab` dimension too (outside `tensor`): each stage stores the slice it scores.
+  Routed experts go over `expert_axes`, each expert's width over `expert_tensor_axes` (folding)."""
+  weights = {**tensor_rules(vocab_parallel), **expert_rules(expert_axes, expert_tensor_axes)}
   if strategies.pipeline != "none":
     weights = {**weights, "layers": "stage"}
   stored = weights
@@ -190,9 +206,13 @@ def plan_from_config(config: Config, mesh: Mesh) -> ShardingPlan:
   layout = "contiguous" if s.attention in ("dense", "ulysses") else s.context_layout
   strategies = Strategies(attention=s.attention, layout=layout, ulysses=s.ulysses_degree if s.attention == "usp" else 1,
                           pipeline=s.pipeline, virtual_stages=pipeline_chunks(config),
-                          pipeline_vocab=s.pipeline_vocab_parallel, replica=s.replica)
+                          pipeline_vocab=s.pipeline_vocab_parallel, replica=s.replica,
+                          expert_dispatch=s.expert_dispatch, capacity_factor=s.capacity_factor,
+                          expert_all_to_all=s.expert_all_to_all, expert_chunks=s.expert_chunks,
+                          grouped_matmul=s.grouped_matmul)
   return make_plan(mesh, zero_stage=s.zero_stage, sequence_parallel=s.sequence_parallel,
-                   vocab_parallel=s.vocab_parallel, strategies=strategies)
+                   vocab_parallel=s.vocab_parallel, strategies=strategies,
+                   expert_axes=tuple(s.expert_axes), expert_tensor_axes=tuple(s.expert_tensor_axes))
 
 
 @functools.cache

@@ -45,11 +45,12 @@ def to_global_batch(setup: TrainSetup, local: dict[str, np.ndarray]) -> dict[str
   return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v) for k, v in local.items()}
 
 
-def evaluate(setup: TrainSetup, eval_step, params, dataset, n_batches: int) -> float:
-  """Mean loss per counted token over the first `n_batches` validation batches."""
+def evaluate(setup: TrainSetup, eval_step, params, dataset, n_batches: int, router_bias=None) -> float:
+  """Mean loss per counted token over the first `n_batches` validation batches (`router_bias`: the
+  state's, for a model with experts)."""
   total = count = 0.0
   for i in range(n_batches):
-    loss_sum, n = eval_step(params, to_global_batch(setup, dataset.get_batch(i)))
+    loss_sum, n = eval_step(params, to_global_batch(setup, dataset.get_batch(i)), router_bias)
     total, count = total + float(loss_sum), count + float(n)
   return total / max(count, 1.0)
 
@@ -142,6 +143,11 @@ def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, write
       mfu = f" mfu {100 * last['mfu']:.1f}%" if "mfu" in last else ""
       rate = (f" | {last['step_time_s']:.3f}s/step {last['tokens_per_s']:.0f} tokens/s{mfu}"
               f" | eta {format_duration(last['step_time_s'] * (total - logged_step))}")
+    if "load_imbalance" in last:  # a model with experts (a pipeline logs the load only)
+      losses = (f" dropped {100 * last['dropped_fraction']:.1f}% router loss {last['router_loss']:.4f}"
+                if "router_loss" in last else "")
+      rate = (f" | experts: imbalance {last['load_imbalance']:.2f} (worst layer {last['load_imbalance_max']:.2f})"
+              f"{losses}{rate}")
     log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s", logged_step, total, last["loss"],
              last["grad_norm"], last["lr"], rate)
 
@@ -160,7 +166,8 @@ def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, write
       pending = (step, metrics)
     if val_data is not None and (step % config.train.eval_every == 0 or step == total):
       report()
-      last["eval_loss"] = evaluate(setup, eval_step, state["params"], val_data, config.train.eval_batches)
+      last["eval_loss"] = evaluate(setup, eval_step, state["params"], val_data, config.train.eval_batches,
+                                 state.get("router_bias"))
       writer.write(step, {"loss": last["eval_loss"]}, split="eval")
       log.info("step %d eval loss %.4f", step, last["eval_loss"])
       meter.reset(step)

@@ -3,6 +3,11 @@
 A batch (see `data.pipeline.Dataset`) is a dict of [B, L] arrays: int32 `inputs`, `targets`,
 `segment_ids`, `positions` and float32 `loss_mask`. The loss is sum(mask * CE) over the batch,
 returned with sum(mask), so callers normalise by the tokens of the whole global batch.
+
+With mixture-of-experts layers the training objective adds the router losses (`loss_terms`):
+model.aux_loss_weight x the Switch loss, model.seq_aux_loss_weight x DeepSeek's sequence-wise loss
+and model.z_loss_weight x the router z-loss, each summed over the MoE layers, per counted token
+(so that after the normalisation by the token count they add to the mean cross-entropy as is).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs import Config
+from configs import Config, ModelConfig
 from parallel.attention.dispatch import order_batch
 from parallel.plan import ShardingPlan
 from parallel.vocab.dispatch import token_cross_entropy
@@ -47,3 +52,50 @@ def loss_sum_and_count(graphdef: nnx.GraphDef, params: Any, batch: Batch, plan: 
   losses, _ = token_losses(nnx.merge(graphdef, params), batch, plan, mask_documents)
   mask = batch["loss_mask"]
   return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def merge_expert_stats(stats_per_microbatch: dict) -> dict:
+  """Statistics stacked over microbatches -> the step's: counts summed, losses averaged."""
+  return {k: (jnp.sum(v, axis=0) if k in ("tokens_per_expert", "dropped") else jnp.mean(v, axis=0))
+          for k, v in stats_per_microbatch.items()}
+
+
+def router_loss(cfg: ModelConfig, stats: dict) -> jax.Array:
+  """The weighted router losses, summed over the MoE layers (0.0 for a dense model)."""
+  if not stats:
+    return jnp.zeros((), jnp.float32)
+  return (cfg.aux_loss_weight * jnp.sum(stats["aux_loss"]) + cfg.seq_aux_loss_weight * jnp.sum(stats["seq_aux_loss"])
+          + cfg.z_loss_weight * jnp.sum(stats["z_loss"]))
+
+
+def loss_terms(graphdef: nnx.GraphDef, variables: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool,
+               cfg: ModelConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+  """(objective sum, (cross-entropy sum, counted tokens, expert statistics)): the objective is the
+  cross-entropy sum plus counted tokens x `router_loss`. `variables`: the model's whole variable
+  tree (parameters and router biases, `training.state.with_router_bias`)."""
+  batch = order_batch(batch, plan)
+  losses, layer_outputs = token_losses(nnx.merge(graphdef, variables), batch, plan, mask_documents)
+  mask = batch["loss_mask"]
+  loss_sum, count = jnp.sum(losses * mask), jnp.sum(mask)
+  stats = dict(layer_outputs)  # per MoE layer (`models.moe.MOE_OUTPUTS`); {} for a dense model
+  return loss_sum + count * router_loss(cfg, stats), (loss_sum, count, stats)
+
+
+@jax.custom_vjp
+def add_loss_gradient(x: jax.Array, loss: jax.Array) -> jax.Array:
+  """x unchanged; its backward also differentiates `loss` (with cotangent 1) into whatever
+  produced it. A pipeline part adds its MoE layers' router losses to the objective this way, as
+  the executor only carries activations and their gradients (Megatron-Core's MoEAuxLossAutoScaler)."""
+  del loss
+  return x
+
+
+def _add_loss_gradient_fwd(x, loss):
+  return x, loss
+
+
+def _add_loss_gradient_bwd(loss, g):
+  return g, jnp.ones_like(loss)
+
+
+add_loss_gradient.defvjp(_add_loss_gradient_fwd, _add_loss_gradient_bwd)

@@ -11,6 +11,13 @@ on entry, not per microbatch.
 With `sharding.pipeline_vocab_parallel` the embedding and the head are split on the vocabulary over
 all stages instead (`parallel/pipeline/vocab.py`): the head piece hands the executor its slice of
 the logits and the executor computes the loss and its gradient across stages.
+
+A model with experts pipelines its MoE stack (every layer sparse): each part adds its layers'
+weighted router losses, per counted token of the microbatch, to the objective through the gradient
+(`training.loss.add_loss_gradient`). The router biases ride along with the parts' weights; they
+select experts only, so their true gradient is zero, and each part adds sum(stop_gradient(load) x
+bias) to the objective instead: the executor's "gradient" of the biases is then each layer's expert
+load, summed over microbatches and batch shards, which the bias update reads.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from parallel.pipeline.executor import run_pipeline
 from parallel.pipeline.schedule import Schedule, make_schedule
 from parallel.pipeline.vocab import VocabSplit
 from parallel.vocab.dispatch import token_cross_entropy
-from training.loss import uses_segments
-from training.state import TrainSetup
+from training.loss import add_loss_gradient, router_loss, uses_segments
+from training.state import TrainSetup, with_router_bias
 
 
 def to_stages(layers, schedule: Schedule):
@@ -49,7 +56,8 @@ def from_stages(grads, schedule: Schedule):
 
 
 def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
-  """(compute params, batch) -> (gradients of the loss sum, loss sum, token count)."""
+  """(compute params, batch, router biases or None) -> (gradients of the objective sum, loss sum,
+  token count, expert statistics: {"tokens_per_expert": [n_moe, E]} with experts, else {})."""
   cfg, plan = setup.config, setup.plan
   schedule = make_schedule(plan.strategies.pipeline, plan.mesh.shape["stage"], cfg.data.microbatches,
                            plan.strategies.virtual_stages)
@@ -57,8 +65,11 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
   split = VocabSplit(size=cfg.model.vocab_size, first_dims={"embed": 0},
                      last_dims={"final_norm": {"scale": None}, "out": 0 if tied else 1}) if plan.strategies.pipeline_vocab else None
 
-  def grad(compute, batch):
-    fn, _ = nnx.merge(setup.graphdef, compute).layer_fn(plan)
+  stack = "moe_layers" if cfg.model.n_experts else "layers"  # validation: one kind of layer
+
+  def grad(compute, batch, router_bias=None):
+    variables = with_router_bias(compute, router_bias)
+    fn, _ = nnx.merge(setup.graphdef, variables).layer_fn(plan, stack)
     segments = lambda mb: mb["segment_ids"] if masked else None
 
     def first_fn(fp, mb):
@@ -66,7 +77,11 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
 
     def part_fn(w, x, mb):
       carry = {"x": x, "positions": mb["positions"], "segment_ids": segments(mb)}
-      return scan_layers(fn, w, carry, unroll=cfg.model.scan_unroll)[0]["x"]
+      carry, outputs = scan_layers(fn, w, carry, unroll=cfg.model.scan_unroll)
+      if not outputs:
+        return carry["x"]
+      load_probe = jnp.sum(jax.lax.stop_gradient(outputs["tokens_per_expert"]) * w["mlp"]["router_bias"])
+      return add_loss_gradient(carry["x"], jnp.sum(mb["loss_mask"]) * router_loss(cfg.model, outputs) + load_probe)
 
     def logits_fn(lp, x, mb):
       del mb
@@ -79,13 +94,18 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
     first = {"embed": compute["embed"]}
     last = {"final_norm": compute["final_norm"], "out": compute["embed"] if tied else compute["lm_head"]}
     loss_sum, count, d_first, d_parts, d_last, _ = run_pipeline(
-        schedule, first_fn, part_fn, logits_fn if split else last_fn, first, to_stages(compute["layers"], schedule),
+        schedule, first_fn, part_fn, logits_fn if split else last_fn, first, to_stages(variables[stack], schedule),
         last, microbatch(batch), mesh=plan.mesh, batch_axes=plan.activation_axes("batch"),
         x_spec=plan.spec((None, "residual_length", "embed"), plan.activations), vocab=split)
-    grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0),
-             "layers": from_stages(d_parts, schedule), "final_norm": d_last["final_norm"]}
+    d_layers, stats = from_stages(d_parts, schedule), {}
+    if router_bias:  # the biases' "gradient" is the load (see the module docstring)
+      mlp = dict(d_layers["mlp"])
+      stats = {"tokens_per_expert": mlp.pop("router_bias")}
+      d_layers = {**d_layers, "mlp": mlp}
+    grads = {**compute, "embed": d_first["embed"] + (d_last["out"] if tied else 0.0), stack: d_layers,
+             "final_norm": d_last["final_norm"]}
     if not tied:
       grads["lm_head"] = d_last["out"]
-    return grads, loss_sum, count
+    return grads, loss_sum, count, stats
 
   return grad

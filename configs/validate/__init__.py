@@ -1,15 +1,15 @@
 """Every rule a configuration must obey, checked once per start, before anything is built or compiled.
 
 One file per family: `mesh`, `model`, `sharding` (tensor, ZeRO, the plan's strategies),
-`context` (the attention method over `seq`), `pipeline` (the schedule over `stage`), `data`,
-`optimizer` and `loop` (train and checkpoint sections). Each failure raises `ConfigError` naming
-the field(s), the value(s) and the rule that was broken.
+`context` (the attention method over `seq`), `experts` (expert dispatch and folding), `pipeline`
+(the schedule over `stage`), `data`, `optimizer` and `loop` (train and checkpoint sections).
+Each failure raises `ConfigError` naming the field(s), the value(s) and the rule that was broken.
 """
 
 from __future__ import annotations
 
 from configs.base import Config
-from configs.validate import context, data, loop, mesh, model, optimizer, pipeline, sharding
+from configs.validate import context, data, experts, loop, mesh, model, optimizer, pipeline, sharding
 from configs.validate.mesh import resolve_mesh_sizes
 
 
@@ -26,6 +26,7 @@ def validate(config: Config, n_devices: int, backend: str | None = None) -> dict
   model.check(config.model, backend)
   sharding.check(config, sizes)
   context.check(config, sizes)
+  experts.check(config, sizes, backend)
   pipeline.check(config, sizes)
   data.check(config, sizes)
   optimizer.check(config.optimizer)

@@ -43,5 +43,9 @@ def check(config: Config, sizes: dict[str, int]) -> None:
     require(sizes[axis] == 1, f"mesh.{axis}={sizes[axis]}: a pipeline composes with the batch axes and mesh.tensor "
                               f"only so far; "
                               f"{axis} x stage is not supported yet (sharding.pipeline={s.pipeline!r})")
+  if m.n_experts:
+    require(m.moe_first_dense == 0 and m.moe_every == 1,
+            f"model.moe_first_dense={m.moe_first_dense}, model.moe_every={m.moe_every}: a pipeline splits one kind of "
+            f"layer into stages; with experts every layer must be sparse (0 and 1) (sharding.pipeline={s.pipeline!r})")
   require(len(set(m.layer_pattern)) == 1, f"model.layer_pattern={m.layer_pattern!r}: a pipeline runs one kind of "
                                           f"attention per model (hybrid stacks are not split into stages yet)")

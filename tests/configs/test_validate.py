@@ -110,3 +110,42 @@ def test_fill_axis():
 def test_rule_violations(overrides, n, pattern):
   with pytest.raises(ConfigError, match=pattern):
     _check(overrides, n)
+
+
+MOE = ["model.n_experts=4", "model.experts_top_k=2"]
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["model.experts_top_k=5"], r"model.experts_top_k=5: must be between 1 and model.n_experts=4"),
+    (["model.router_groups=3"], r"model.router_groups=3: must divide model.n_experts=4"),
+    (["model.router_groups=2", "model.router_topk_groups=3"], r"model.router_topk_groups=3: must be between 1 and model.router_groups=2"),
+    (["model.router_groups=4", "model.router_topk_groups=1"], r"model.experts_top_k=2 exceeds the 1 experts of the model.router_topk_groups=1"),
+    (["model.bias_update_rate=-0.1"], r"model.bias_update_rate=-0.1: must be >= 0"),
+    (["model.aux_loss_weight=-1"], r"model.aux_loss_weight=-1.0: must be >= 0"),
+    (["model.z_loss_weight=-1"], r"model.z_loss_weight=-1.0: must be >= 0"),
+    (["model.routed_scale=0"], r"model.routed_scale=0.0: must be positive"),
+    (["model.moe_every=0"], r"model.moe_every=0: must be >= 1"),
+    (["model.moe_first_dense=2"], r"model.moe_first_dense=2: must be between 0 and model.n_layers-1=1"),
+    (["model.moe_every=3"], r"model.moe_first_dense=0, model.moe_every=3: no layer of model.n_layers=2 is sparse"),
+    (["model.shared_expert_d_ff=64"], r"model.shared_expert_d_ff=64 is set but model.n_shared_experts=0"),
+    (["model.shared_expert_gate=true"], r"model.shared_expert_gate=true needs shared experts"),
+    (["model.router_score=relu"], r"model.router_score='relu': choose one of \('softmax', 'sigmoid'\)"),
+    (["mesh.stage=2", "mesh.data=4", "sharding.pipeline=1f1b", "data.microbatches=2", "model.moe_every=2"],
+     r"model.moe_first_dense=0, model.moe_every=2: a pipeline splits one kind of layer into stages"),
+])
+def test_expert_model_fields_rejected(overrides, pattern):
+  with pytest.raises(ConfigError, match=pattern):
+    _check(MOE + overrides)
+
+
+def test_shared_experts_need_routed_experts():
+  with pytest.raises(ConfigError, match=r"model.n_shared_experts=1 needs routed experts"):
+    _check(["model.n_shared_experts=1"])
+
+
+def test_expert_presets_validate():
+  validate(get_config("tiny_moe"), 8, "cpu")
+  m = get_config("moe").model
+  assert (m.d_model, m.n_layers, m.n_experts, m.experts_top_k, m.expert_d_ff, m.n_shared_experts,
+          m.shared_expert_d_ff, m.max_seq_len, m.compute_dtype) == (2048, 16, 16, 4, 1408, 2, 1408, 4096, "bfloat16")
+  validate(get_config("moe"), 1, "gpu")

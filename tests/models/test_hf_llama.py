@@ -231,3 +231,78 @@ def test_missing_config_field_raises():
   del hf["intermediate_size"]
   with pytest.raises(ValueError, match="intermediate_size"):
     config_from_hf(hf)
+
+
+# Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm): the same dense interop, attention options on.
+QWEN_CONFIGS = {
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(num_attention_heads=4, num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 1e6})),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True)),
+}
+
+
+def hf_qwen(name: str, seed: int):
+  config_cls, model_cls, kw = QWEN_CONFIGS[name]
+  torch.manual_seed(seed)
+  model = model_cls(config_cls(**SMALL, **kw, attn_implementation="eager")).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.mark.parametrize("name", sorted(QWEN_CONFIGS))
+def test_qwen_import_export_match_transformers(tmp_path, name):
+  hf = hf_qwen(name, seed=7)
+  hf.save_pretrained(tmp_path / "hf")
+  model = model_from_hf(tmp_path / "hf")
+  assert (model.cfg.qkv_bias, model.cfg.qk_norm) == (name == "qwen2", name == "qwen3")
+  expected = hf_logits(hf)
+  assert rel_err(our_logits(model), expected) <= 1e-4
+  # Without the option's tensors the logits differ clearly: the parity above is not vacuous.
+  params = nnx.to_pure_dict(nnx.split(model)[1])
+  attn = params["layers"]["attn"]
+  for key in ("bq", "bk", "bv") if name == "qwen2" else ("q_norm", "k_norm"):
+    attn[key] = jnp.zeros_like(attn[key]) if name == "qwen2" else jnp.ones_like(attn[key])
+  assert rel_err(our_logits(model_with(model.cfg, params)), expected) > 1e-2
+  export_model(model, tmp_path / "ours")
+  back = type(hf).from_pretrained(tmp_path / "ours", attn_implementation="eager", dtype=torch.float32)
+  assert rel_err(hf_logits(back), expected) <= 1e-4
+  cfg, again = load_hf_checkpoint(tmp_path / "ours")
+  assert cfg == model.cfg
+  jax.tree.map(np.testing.assert_array_equal, again, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(model)[1])))
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("use_sliding_window", True, "use_sliding_window=True"),
+    ("layer_types", ["full_attention", "sliding_attention"], "layer_types="),
+])
+def test_qwen_sliding_window_raises(field, value, pattern):
+  hf = dict(SMALL, num_attention_heads=4, model_type="qwen2", **{field: value})
+  with pytest.raises(ValueError, match=pattern):
+    config_from_hf(hf)
+
+
+def test_qwen3_attention_bias_raises():
+  with pytest.raises(ValueError, match="attention_bias=True .* o_proj"):
+    config_from_hf(dict(SMALL, num_attention_heads=4, model_type="qwen3", attention_bias=True))
+  cfg = dataclasses.replace(OUR_CONFIGS["gqa"], qkv_bias=True, qk_norm=True)
+  with pytest.raises(ValueError, match="qkv_bias=True with model.qk_norm=True"):
+    config_to_hf(cfg)
+
+
+def test_qwen_attention_options_split_over_heads():
+  """q/k/v biases split with their heads over `tensor`, q/k norm scales replicated: the logits of
+  one device."""
+  from parallel.mesh import make_mesh
+  from parallel.plan import make_plan
+  cfg = dataclasses.replace(OUR_CONFIGS["gqa"], qkv_bias=True)
+  plan = make_plan(make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]))
+  for cfg in (cfg, dataclasses.replace(cfg, qkv_bias=False, qk_norm=True)):
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(8)))
+    rng = np.random.default_rng(8)
+    state = jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), state)
+    run = lambda p: jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, plan=p))(state, jnp.asarray(TOKENS))
+    assert rel_err(run(plan), our_logits(nnx.merge(graphdef, state))) <= 1e-5

@@ -169,3 +169,69 @@ def test_pipeline_vocabulary_parallel_matches_single_device(name, reference_pipe
   want = reference_pipeline_tied if tied else reference_pipeline
   assert want[-1] < want[0]
   np.testing.assert_allclose(losses, want, rtol=1e-5)
+
+
+# Mixture of experts: a dense layer then an MoE layer (8 routed experts, top-2, a shared expert with
+# Qwen2-MoE's gate), every router loss on and auxiliary-loss-free balancing updating the biases.
+# Each row runs the expert-parallel dispatch (padded all-to-all on CPUs) of its plan.
+MOE_MODEL = dataclasses.replace(MODEL, max_seq_len=32, n_experts=8, experts_top_k=2, expert_d_ff=32,
+                                n_shared_experts=1, shared_expert_gate=True, moe_first_dense=1, aux_loss_weight=0.01,
+                                seq_aux_loss_weight=0.01, z_loss_weight=1e-3, bias_update_rate=1e-2)
+MOE_ROWS = {  # name -> (mesh, ZeRO stage, sharding fields, seq_len[, microbatches])
+    # (Microbatched accumulation of the router losses and load: the pipeline rows' reference below.)
+    "expert8": ({"expert": 8}, 0, {}, 16),
+    "data2_expert4_chunks2": ({"data": 2, "expert": 4}, 0, {"expert_chunks": 2}, 16),
+    "expert4_tensor2": ({"expert": 4, "tensor": 2}, 0, {}, 16),
+    "fsdp2_expert2_tensor2_zero3": ({"fsdp": 2, "expert": 2, "tensor": 2}, 3, {}, 16),
+    # MoE Parallel Folding: attention's ring over seq, the experts over data x seq x expert.
+    "folded_data2_seq2_expert2_ring": ({"data": 2, "seq": 2, "expert": 2}, 0,
+                                       {"attention": "ring", "expert_axes": ("data", "seq", "expert")}, 32),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_reference():
+  cache = {}
+  return lambda seq_len, micro: cache.setdefault(
+      (seq_len, micro), _losses(_config({}, model=MOE_MODEL, seq_len=seq_len, micro=micro)))
+
+
+@pytest.mark.parametrize("name", list(MOE_ROWS))
+def test_experts_match_single_device(name, moe_reference):
+  mesh, zero, sharding, seq_len, *micro = MOE_ROWS[name]
+  micro = micro[0] if micro else 1
+  losses = _losses(_config(mesh, zero=zero, model=MOE_MODEL, seq_len=seq_len, micro=micro, **sharding))
+  reference = moe_reference(seq_len, micro)
+  assert reference[-1] < reference[0]
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+# Experts inside pipeline stages (every layer sparse). The router losses reach the objective through
+# each part's backward, the load (for the bias update) comes out as the biases' gradient; with batch
+# shards each shard's part sees its own rows, so its router losses are its rows' (not the global
+# microbatch's): the data-sharded row runs without them.
+MOE_PIPE_MODEL = dataclasses.replace(MOE_MODEL, n_layers=4, moe_first_dense=0)
+MOE_PIPE_NO_ROUTER_LOSS = dataclasses.replace(MOE_PIPE_MODEL, aux_loss_weight=0.0, seq_aux_loss_weight=0.0,
+                                              z_loss_weight=0.0)
+MOE_PIPE_ROWS = {  # name -> (mesh, schedule, microbatches, model, sharding fields)
+    "1f1b_stage2_m4": ({"stage": 2}, "1f1b", 4, MOE_PIPE_MODEL, {}),
+    "zb-h1_stage2_m4": ({"stage": 2}, "zb-h1", 4, MOE_PIPE_MODEL, {}),
+    "1f1b_stage2_data4_m2_experts_over_data": ({"stage": 2, "data": 4}, "1f1b", 2, MOE_PIPE_NO_ROUTER_LOSS,
+                                               {"expert_axes": ("data",)}),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_pipeline_reference():
+  cache = {}
+  # Four microbatches (without router losses the split does not change the objective).
+  return lambda model: cache.setdefault(model.aux_loss_weight, _losses(_config({}, model=model, micro=4)))
+
+
+@pytest.mark.parametrize("name", list(MOE_PIPE_ROWS))
+def test_experts_in_pipeline_match_single_device(name, moe_pipeline_reference):
+  mesh, schedule, micro, model, sharding = MOE_PIPE_ROWS[name]
+  losses = _losses(_config(mesh, model=model, micro=micro, pipeline=schedule, **sharding))
+  reference = moe_pipeline_reference(model)
+  assert reference[-1] < reference[0]
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)

@@ -57,7 +57,7 @@ def test_training_loss_is_the_masked_cross_entropy_of_each_document_alone(setup_
   setup, params = setup_and_params
   batch = packed_batch(np.random.default_rng(0), setup.config.model.vocab_size, keep=0.7)
   loss_sum, count = masked_cross_entropy(documents_alone_logits(setup, params, batch), batch)
-  _, loss, tokens = jax.jit(make_grad_fn(setup))(params, jax.device_put(batch, setup.batch_sharding))
+  _, loss, tokens, _ = jax.jit(make_grad_fn(setup))(params, jax.device_put(batch, setup.batch_sharding))
   assert float(tokens) == count
   np.testing.assert_allclose(float(loss), loss_sum / count, rtol=1e-5)
 

@@ -22,7 +22,7 @@ def _measure(mesh: dict, zero: int, model: ModelConfig = MODEL):
   batch = {k: np.zeros((8, 16), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
   batch["loss_mask"] = np.ones((8, 16), np.float32)
   batch = jax.device_put(batch, setup.batch_sharding)
-  grads, _, _ = jax.jit(make_grad_fn(setup))(state["params"], batch)
+  grads = jax.jit(make_grad_fn(setup))(state["params"], batch)[0]
   # Adam's moments; the step counters are replicated scalars.
   moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]
   return bytes_per_device(state["params"]), bytes_per_device(grads), bytes_per_device(moments)

@@ -1,0 +1,137 @@
+"""The single-device dispatches (capacity and dropless) through `dispatch.experts_mlp`, forward and
+gradients (inputs, router, expert weights) against the per-token reference of expert_cases.py:
+ties in router scores, capacity overflow, an expert that receives no token, top-1, bf16."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import get_config
+from parallel.experts.capacity import capacity_experts
+from parallel.experts.dispatch import experts_mlp
+from parallel.experts.dropless import dropless_experts
+from parallel.experts.grouped_matmul import tokamax_available
+from parallel.experts.routing import route
+from parallel.mesh import make_mesh, single_device_mesh
+from parallel.plan import Strategies, make_plan, plan_from_config
+from tests.parallel import expert_cases as cases
+from tests.reference import check_against_reference
+
+E, EMPTY = 8, 6
+
+
+def _plan(dispatch, factor=1.25):
+  return make_plan(single_device_mesh(), strategies=Strategies(expert_dispatch=dispatch, capacity_factor=factor,
+                                                               grouped_matmul="xla"))
+
+
+def _op(plan, top_k, compute_dtype=None):
+  bias = jnp.zeros((E,)).at[EMPTY].set(-100.0)  # selection only: expert EMPTY gets no token
+
+  def op(x, router, w_gate, w_up, w_down):
+    routing = route(cases.logits(x, router), top_k=top_k, bias_E=bias, normalize=top_k > 1)
+    return experts_mlp(x, routing, w_gate, w_up, w_down, plan, compute_dtype=compute_dtype)
+  return op
+
+
+# (dispatch, top_k, capacity factor): capacity 0.5 overflows, 4.0 keeps every pair.
+CASES = [("dropless", 2, 1.0), ("dropless", 1, 1.0), ("capacity", 2, 0.5), ("capacity", 1, 0.75), ("capacity", 2, 4.0)]
+
+
+@pytest.mark.parametrize("dispatch, top_k, factor", CASES)
+def test_single_device_against_per_token_reference(dispatch, top_k, factor):
+  args = cases.make_inputs()
+  lg = np.asarray(jax.jit(cases.logits)(*args[:2]))
+  assert (lg[:, 1] == lg[:, 3]).all()  # the tie the case is about
+  chosen = cases.choose(*args[:2], top_k, empty_expert=EMPTY)
+  kept = cases.gshard_kept(chosen, E, factor, 1) if dispatch == "capacity" else np.ones_like(chosen, bool)
+  if (dispatch, factor) == ("capacity", 0.5):
+    assert not kept.all()
+  op = _op(_plan(dispatch, factor), top_k)
+  y, stats = jax.jit(op)(*args)
+  np.testing.assert_array_equal(np.asarray(stats["tokens_per_expert"]), np.bincount(chosen.reshape(-1), minlength=E))
+  assert float(stats["dropped"]) == (~kept).sum()
+  np.testing.assert_allclose(np.asarray(y), cases.loop_reference(*args, chosen, kept), rtol=1e-5, atol=1e-6)
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, kept), args)
+
+
+def test_reference_equals_token_loop():
+  args = cases.make_inputs(seed=3)
+  chosen = cases.choose(*args[:2], 2)
+  kept = cases.gshard_kept(chosen, E, 0.5, 2)
+  np.testing.assert_allclose(np.asarray(jax.jit(cases.reference(chosen, kept))(*args)),
+                             cases.loop_reference(*args, chosen, kept), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_bf16(dispatch):
+  args = cases.make_inputs(seed=1)
+  chosen = cases.choose(*args[:2], 2, empty_expert=EMPTY)
+  kept = cases.gshard_kept(chosen, E, 1.0, 1) if dispatch == "capacity" else np.ones_like(chosen, bool)
+  op = _op(_plan(dispatch, 1.0), 2, compute_dtype=jnp.bfloat16)
+  assert jax.jit(op)(*args)[0].dtype == jnp.bfloat16
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, kept), args, dtype=jnp.bfloat16)
+
+
+def test_capacity_formula():
+  from parallel.experts.capacity import capacity
+  assert capacity(16, 2, 8, 1.25) == math.ceil(1.25 * 16 * 2 / 8) == 5
+  assert capacity(3, 1, 8, 0.1) == 1
+
+
+@pytest.mark.parametrize("fn", [capacity_experts, dropless_experts])
+def test_ops_reject_bad_inputs(fn):
+  x, _, w_gate, w_up, w_down = (jnp.asarray(a) for a in cases.make_inputs())
+  w, e = jnp.ones((16, 2)), jnp.zeros((16, 2), jnp.int32)
+  kw = {"capacity_factor": 1.0} if fn is capacity_experts else {}
+  with pytest.raises(ValueError, match="must both be"):
+    fn(x, w[:3], e, w_gate, w_up, w_down, **kw)
+  with pytest.raises(ValueError, match="w_down"):
+    fn(x, w, e, w_gate, w_up, w_down[:, :3], **kw)
+  with pytest.raises(ValueError, match="integers"):
+    fn(x, w, w, w_gate, w_up, w_down, **kw)
+  with pytest.raises(ValueError, match="above the 8 experts"):
+    fn(x, jnp.ones((16, 9)), jnp.zeros((16, 9), jnp.int32), w_gate, w_up, w_down, **kw)
+  if fn is capacity_experts:
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+      fn(x, w, e, w_gate, w_up, w_down, capacity_factor=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not tokamax_available(), reason="tokamax: GPU with tokamax")
+def test_tokamax_grouped_matmul_bf16():
+  """The GPU grouped matmul that `auto` picks there, against the per-token reference in bf16."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="tokamax"))
+  args = cases.make_inputs(t=256, d=128, f=64, seed=7)
+  chosen = cases.choose(*args[:2], 2, empty_expert=EMPTY)
+  op = _op(plan, 2, compute_dtype=jnp.bfloat16)
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args,
+                          dtype=jnp.bfloat16)
+
+
+def test_plan_from_config_carries_the_expert_choices():
+  config = get_config("tiny_moe", ["mesh.data=2", "mesh.seq=2", "mesh.expert=2", "sharding.attention=ring",
+                                   "sharding.expert_axes=data,seq,expert", "sharding.expert_tensor_axes=",
+                                   "sharding.expert_dispatch=capacity", "sharding.capacity_factor=2.0",
+                                   "sharding.expert_chunks=2", "sharding.zero_stage=3"])
+  plan = plan_from_config(config, make_mesh({"data": 2, "seq": 2, "expert": 2}))
+  s = plan.strategies
+  assert (s.expert_dispatch, s.capacity_factor, s.expert_chunks) == ("capacity", 2.0, 2)
+  assert plan.activation_axes("experts") == ("data", "seq", "expert")
+  assert plan.params["expert_mlp"] is None and plan.activation_axes("expert_mlp") == ()
+  # Parameters: experts over data x seq x expert, the embed dimension over fsdp (size 1 here).
+  want = P(("data", "seq", "expert"), None, None)
+  assert plan.spec(("experts", "embed", "expert_mlp"), plan.params, (8, 64, 32)) == want
+
+
+@pytest.mark.parametrize("top_k, dtype", [(2, jnp.float32), (1, jnp.float32), (2, jnp.bfloat16)])
+def test_tiled_ffn(top_k, dtype):
+  """Dropless through expert-aligned tiles (an empty expert, ties, groups of every size)."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="tiled"))
+  args = cases.make_inputs(t=40, seed=8)
+  chosen = cases.choose(*args[:2], top_k, empty_expert=EMPTY)
+  op = _op(plan, top_k, compute_dtype=dtype)
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args, dtype=dtype)

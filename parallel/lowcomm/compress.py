@@ -95,14 +95,15 @@ def _flat_padded(x: jax.Array, multiple: int) -> jax.Array:
   return jnp.pad(flat, (0, pad)) if pad else flat
 
 
-def _pack(codes: jax.Array, bits: int) -> jax.Array:
-  """uint8 codes < 2**bits, length a multiple of 8 // bits -> bytes holding 8 // bits codes each."""
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+  """Packs uint8 codes < 2**bits, length a multiple of 8 // bits -> bytes holding 8 // bits codes each."""
   per = 8 // bits
   shifts = jnp.arange(per, dtype=jnp.uint8) * bits
   return jnp.sum(codes.reshape(-1, per).astype(jnp.uint8) << shifts, axis=1, dtype=jnp.uint8)
 
 
-def _unpack(packed: jax.Array, bits: int) -> jax.Array:
+def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
+  """The inverse of `pack_codes`: uint8 [m] -> uint8 codes [m * 8 // bits]."""
   per = 8 // bits
   shifts = jnp.arange(per, dtype=jnp.uint8) * bits
   return ((packed[:, None] >> shifts) & jnp.uint8(2**bits - 1)).reshape(-1)
@@ -130,13 +131,13 @@ def quantize(x: jax.Array, bits: int, *, chunk: int = 256, key: jax.Array | None
   else:
     q = jnp.floor(u + jax.random.uniform(key, blocks.shape, F32))
   codes = jnp.clip(q, 0, levels).astype(jnp.uint8).reshape(-1)
-  return Quantized(_pack(codes, bits), scales, tuple(x.shape), jnp.dtype(x.dtype), bits, chunk)
+  return Quantized(pack_codes(codes, bits), scales, tuple(x.shape), jnp.dtype(x.dtype), bits, chunk)
 
 
 def dequantize(q: Quantized) -> jax.Array:
   """The quantised values, in the original shape and dtype."""
   levels = 2**q.bits - 1
-  codes = _unpack(q.codes, q.bits).reshape(-1, q.chunk).astype(F32)
+  codes = unpack_codes(q.codes, q.bits).reshape(-1, q.chunk).astype(F32)
   blocks = q.scales[:, None] * (codes * (2.0 / levels) - 1.0)
   n = int(np.prod(q.shape))
   return blocks.reshape(-1)[:n].reshape(q.shape).astype(q.dtype)
@@ -171,13 +172,13 @@ def sign_compress(x: jax.Array) -> Signs:
   flat = jnp.ravel(x).astype(F32)
   scale = jnp.mean(jnp.abs(flat))
   bits = jnp.pad((flat >= 0).astype(jnp.uint8), (0, -flat.size % 8))  # padding bits are 0
-  return Signs(_pack(bits, 1), scale, tuple(x.shape), jnp.dtype(x.dtype))
+  return Signs(pack_codes(bits, 1), scale, tuple(x.shape), jnp.dtype(x.dtype))
 
 
 def sign_decompress(s: Signs) -> jax.Array:
   """scale * (+1 or -1) per value, in the original shape and dtype."""
   n = int(np.prod(s.shape))
-  signs = _unpack(s.packed, 1)[:n].astype(F32) * 2.0 - 1.0
+  signs = unpack_codes(s.packed, 1)[:n].astype(F32) * 2.0 - 1.0
   return (s.scale * signs).reshape(s.shape).astype(s.dtype)
 
 
@@ -207,7 +208,7 @@ def gather_mean(payload: Any, decompress: Callable[[Any], jax.Array], axis: str)
   result is identical on every replica. Returns (mean, bytes sent by this replica =
   payload_bytes(payload)).
   """
-  gathered = jax.tree.map(lambda leaf: jax.lax.all_gather(leaf, axis), payload)
+  gathered = jax.tree.map(lambda leaf: jax.lax.all_gather(leaf, axis, to="invarying"), payload)
   values = jax.vmap(decompress)(gathered)
   mean = jnp.mean(values.astype(F32), axis=0).astype(values.dtype)
   return mean, payload_bytes(payload)

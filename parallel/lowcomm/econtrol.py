@@ -1,0 +1,139 @@
+"""EControl over `replica` (Gao, Islamov, Stich 2024, "EControl: Fast Distributed Optimization
+with Compression and Error Control"): top-k compressed gradient exchange whose error feedback is
+regulated by a strength eta, feeding the repo's AdamW.
+
+Per-step data parallelism across `replica`, called INSIDE a `jax.shard_map` manual over `axis`
+with each island's own (not replica-averaged) gradients g_i. Each replica keeps h_i (its running
+estimate of its gradient, as in EF21) and e_i (the error: what it meant to send minus what the
+optimizer received); every replica keeps the same average h = mean_i h_i.
+
+  delta_i = TopK(eta e_i + g_i - h_i)                 the only thing replica i sends
+  delta   = mean_i delta_i                             all_gather of (values, indices), averaged locally
+  v       = h + delta                                  the gradient estimate, the same on every replica
+  e_i    <- e_i + g_i - h_i - delta_i;  h_i <- h_i + delta_i;  h <- h + delta
+
+eta = 1 with h = 0 would be classical error feedback (EF), eta = 0 is EF21; EControl's eta in
+between keeps the error from feeding back too strongly. The estimate v then goes through the same
+AdamW as `training/optimizer.py` (global-norm clipping, bias-corrected moments, masked decoupled
+weight decay), on every replica alike, so parameters stay identical without being sent.
+
+Warm-up (step < freeze_step): the gradients are averaged in full precision (one psum), v is that
+average, and h_i = g_i, h = v (the paper's initialisation h_i = g_i at the start of compression).
+
+Bytes per replica and step (its collectives' operands over `axis`): warm-up 4 L per float32 leaf
+of L values; then k (4 + 4) per leaf, k = topk_count(L, fraction) (float32 values, int32 indices).
+
+State (`EControlState`): m, v_adam, h identical across replicas; `h_local`, `error` per replica
+(leaves [replicas, *shape]; shard_map specs from `state_specs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from parallel.lowcomm import compress
+from parallel.lowcomm.onebit_adam import adamw_step, clip_by_global_norm
+
+F32 = jnp.float32
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("m", "v", "h", "h_local", "error"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class EControlState:
+  m: Any  # AdamW first moment, like params, float32
+  v: Any  # AdamW second moment
+  h: Any  # mean over replicas of h_local, identical everywhere
+  h_local: Any  # per leaf [replicas, *shape]
+  error: Any  # per leaf [replicas, *shape]
+
+
+@dataclasses.dataclass(frozen=True)
+class EControl:
+  """EControl's update rule. `fraction`: top-k fraction of each leaf sent per step; `eta`: the
+  error-control strength. Call `init` outside and `update` inside the shard_map over `axis`."""
+
+  eta: float
+  fraction: float
+  freeze_step: int = 0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  decay_mask: Any = None
+
+  def __post_init__(self):
+    compress.topk_count(1, self.fraction)  # raises on a fraction outside (0, 1]
+    if self.eta < 0:
+      raise ValueError(f"EControl: eta={self.eta} must be >= 0")
+
+  @classmethod
+  def from_config(cls, optimizer_cfg: Any, lowcomm_cfg: Any, decay_mask: Any = None) -> EControl:
+    """From the `optimizer` and `lowcomm` config sections (econtrol_eta, topk_fraction, freeze_step)."""
+    o, c = optimizer_cfg, lowcomm_cfg
+    return cls(eta=c.econtrol_eta, fraction=c.topk_fraction, freeze_step=c.freeze_step, b1=o.b1, b2=o.b2,
+               eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip, decay_mask=decay_mask)
+
+  def init(self, params: Any, replicas: int) -> EControlState:
+    zeros = lambda p: jnp.zeros(p.shape, F32)
+    per_replica = lambda p: jnp.zeros((replicas, *p.shape), F32)
+    return EControlState(m=jax.tree.map(zeros, params), v=jax.tree.map(zeros, params),
+                         h=jax.tree.map(zeros, params), h_local=jax.tree.map(per_replica, params),
+                         error=jax.tree.map(per_replica, params))
+
+  @staticmethod
+  def state_specs(axis: str) -> EControlState:
+    """shard_map specs over `axis`: m, v, h replicated; h_local and error split."""
+    return EControlState(m=P(), v=P(), h=P(), h_local=P(axis), error=P(axis))
+
+  def sent_bytes(self, params: Any, *, compressed: bool) -> int:
+    """Bytes one replica sends per step, warm-up or compressed."""
+    if not compressed:
+      return sum(4 * p.size for p in jax.tree.leaves(params))
+    return sum(8 * compress.topk_count(p.size, self.fraction) for p in jax.tree.leaves(params))
+
+  def update(self, grads_local: Any, state: EControlState, params: Any, *, axis: str, step: Any,
+             lr: Any) -> tuple[Any, EControlState, jax.Array]:
+    """One step from this replica's gradients. step: 0-based count of updates done; lr: this
+    step's learning rate. Returns (params, state, bytes sent by this replica: float32)."""
+    t = jnp.asarray(step, jnp.int32) + 1
+    grads = jax.tree.map(lambda g: g.astype(F32), grads_local)
+
+    def warm(state):
+      mean = jax.tree.map(lambda g: jax.lax.pmean(g, axis), grads)
+      return mean, dataclasses.replace(state, h=mean, h_local=jax.tree.map(lambda g: g[None], grads))
+
+    def compressed(state):
+      def leaf(g, h, h_i, e_i):
+        target = self.eta * e_i[0] + g - h_i[0]
+        sparse = compress.topk(target, self.fraction)
+        delta_i = compress.densify(sparse)
+        delta, _ = compress.gather_mean(sparse, compress.densify, axis)
+        return h + delta, (e_i[0] + g - h_i[0] - delta_i)[None], (h_i[0] + delta_i)[None]
+
+      out = jax.tree.map(leaf, grads, state.h, state.h_local, state.error)
+      is_out = lambda x: isinstance(x, tuple)
+      estimate = jax.tree.map(lambda o: o[0], out, is_leaf=is_out)
+      return estimate, dataclasses.replace(
+          state, h=estimate, error=jax.tree.map(lambda o: o[1], out, is_leaf=is_out),
+          h_local=jax.tree.map(lambda o: o[2], out, is_leaf=is_out))
+
+    estimate, state = jax.lax.cond(t <= self.freeze_step, warm, compressed, state)
+    estimate = clip_by_global_norm(estimate, self.grad_clip)
+    b1, b2, tf = self.b1, self.b2, t.astype(F32)
+    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.m, estimate)
+    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.v, estimate)
+    mask = jax.tree.map(lambda _: True, params) if self.decay_mask is None else self.decay_mask
+    new_params = adamw_step(params, jax.tree.map(lambda x: x / (1 - b1**tf), m),
+                            jax.tree.map(lambda x: x / (1 - b2**tf), v), mask,
+                            lr=lr, eps=self.eps, weight_decay=self.weight_decay)
+    sent = jnp.where(t <= self.freeze_step, jnp.float32(self.sent_bytes(params, compressed=False)),
+                     jnp.float32(self.sent_bytes(params, compressed=True)))
+    return new_params, dataclasses.replace(state, m=m, v=v), sent

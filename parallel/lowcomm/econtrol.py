@@ -23,8 +23,10 @@ average, and h_i = g_i, h = v (the paper's initialisation h_i = g_i at the start
 Bytes per replica and step (its collectives' operands over `axis`): warm-up 4 L per float32 leaf
 of L values; then k (4 + 4) per leaf, k = topk_count(L, fraction) (float32 values, int32 indices).
 
-State (`EControlState`): m, v_adam, h identical across replicas; `h_local`, `error` per replica
-(leaves [replicas, *shape]; shard_map specs from `state_specs`).
+State (`EControlState`, one replica's, every field like params): m, v, h (the same on every
+replica), h_local and error (the replica's own). As with `training/lowcomm.py`'s outer state, the
+caller keeps one copy per replica (a leading [replicas] dimension split over `axis`) and passes
+each replica its own; outputs follow the inputs' types (see `onebit_adam.match_vma`).
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from parallel.lowcomm import compress
-from parallel.lowcomm.onebit_adam import adamw_step, clip_by_global_norm
+from parallel.lowcomm.onebit_adam import adamw_step, clip_by_global_norm, match_vma
 
 F32 = jnp.float32
 
@@ -49,15 +50,15 @@ F32 = jnp.float32
 class EControlState:
   m: Any  # AdamW first moment, like params, float32
   v: Any  # AdamW second moment
-  h: Any  # mean over replicas of h_local, identical everywhere
-  h_local: Any  # per leaf [replicas, *shape]
-  error: Any  # per leaf [replicas, *shape]
+  h: Any  # mean over replicas of h_local, the same on every replica
+  h_local: Any  # this replica's
+  error: Any  # this replica's
 
 
 @dataclasses.dataclass(frozen=True)
 class EControl:
   """EControl's update rule. `fraction`: top-k fraction of each leaf sent per step; `eta`: the
-  error-control strength. Call `init` outside and `update` inside the shard_map over `axis`."""
+  error-control strength. `update` runs inside the shard_map over `axis`."""
 
   eta: float
   fraction: float
@@ -81,17 +82,10 @@ class EControl:
     return cls(eta=c.econtrol_eta, fraction=c.topk_fraction, freeze_step=c.freeze_step, b1=o.b1, b2=o.b2,
                eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip, decay_mask=decay_mask)
 
-  def init(self, params: Any, replicas: int) -> EControlState:
-    zeros = lambda p: jnp.zeros(p.shape, F32)
-    per_replica = lambda p: jnp.zeros((replicas, *p.shape), F32)
-    return EControlState(m=jax.tree.map(zeros, params), v=jax.tree.map(zeros, params),
-                         h=jax.tree.map(zeros, params), h_local=jax.tree.map(per_replica, params),
-                         error=jax.tree.map(per_replica, params))
-
-  @staticmethod
-  def state_specs(axis: str) -> EControlState:
-    """shard_map specs over `axis`: m, v, h replicated; h_local and error split."""
-    return EControlState(m=P(), v=P(), h=P(), h_local=P(axis), error=P(axis))
+  def init(self, params: Any) -> EControlState:
+    """One replica's initial state (zeros)."""
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params)
+    return EControlState(m=zeros(), v=zeros(), h=zeros(), h_local=zeros(), error=zeros())
 
   def sent_bytes(self, params: Any, *, compressed: bool) -> int:
     """Bytes one replica sends per step, warm-up or compressed."""
@@ -108,22 +102,22 @@ class EControl:
 
     def warm(state):
       mean = jax.tree.map(lambda g: jax.lax.pmean(g, axis), grads)
-      return mean, dataclasses.replace(state, h=mean, h_local=jax.tree.map(lambda g: g[None], grads))
+      return match_vma((mean, dataclasses.replace(state, h=mean, h_local=grads)), (params, state), axis)
 
     def compressed(state):
       def leaf(g, h, h_i, e_i):
-        target = self.eta * e_i[0] + g - h_i[0]
+        target = self.eta * e_i + g - h_i
         sparse = compress.topk(target, self.fraction)
         delta_i = compress.densify(sparse)
         delta, _ = compress.gather_mean(sparse, compress.densify, axis)
-        return h + delta, (e_i[0] + g - h_i[0] - delta_i)[None], (h_i[0] + delta_i)[None]
+        return h + delta, e_i + g - h_i - delta_i, h_i + delta_i
 
       out = jax.tree.map(leaf, grads, state.h, state.h_local, state.error)
       is_out = lambda x: isinstance(x, tuple)
       estimate = jax.tree.map(lambda o: o[0], out, is_leaf=is_out)
-      return estimate, dataclasses.replace(
-          state, h=estimate, error=jax.tree.map(lambda o: o[1], out, is_leaf=is_out),
-          h_local=jax.tree.map(lambda o: o[2], out, is_leaf=is_out))
+      new_state = dataclasses.replace(state, h=estimate, error=jax.tree.map(lambda o: o[1], out, is_leaf=is_out),
+                                      h_local=jax.tree.map(lambda o: o[2], out, is_leaf=is_out))
+      return match_vma((estimate, new_state), (params, state), axis)
 
     estimate, state = jax.lax.cond(t <= self.freeze_step, warm, compressed, state)
     estimate = clip_by_global_norm(estimate, self.grad_clip)

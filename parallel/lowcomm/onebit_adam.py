@@ -23,10 +23,11 @@ The compressed all-reduce, per parameter leaf of L values (padded to Lp, a multi
 Bytes per replica and leaf (the operands of its collectives over `axis`): Lp/8 + 4 + Lp/(8 n) + 4,
 against 4 L for a float32 all-reduce (about 32 / (1 + 1/n) times fewer).
 
-State (`OneBitAdamState`): m, v are identical across replicas; `worker_error` (each leaf
-[replicas, *shape]) and `server_error` (each leaf [replicas, Lp / replicas]) are per replica: pass
-them with `in_specs`/`out_specs` P(axis) on their leading dimension (`state_specs`), so that
-inside the shard_map each replica sees its own slice [1, ...].
+State (`OneBitAdamState`, one replica's): m, v (the same on every replica), `worker_error` (like
+params) and `server_error` (per leaf [Lp / replicas], this replica's server chunk). As with
+`training/lowcomm.py`'s outer state, the caller keeps one copy per replica (a leading [replicas]
+dimension split over `axis`) and passes each replica its own; params may come in either way (the
+same everywhere, typed invariant, or one copy per replica): outputs follow the inputs' types.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
-
 from parallel.lowcomm import compress
 
 F32 = jnp.float32
@@ -48,15 +47,31 @@ F32 = jnp.float32
                    data_fields=("m", "v", "worker_error", "server_error"), meta_fields=())
 @dataclasses.dataclass(frozen=True)
 class OneBitAdamState:
-  m: Any  # like params, float32, identical across replicas
-  v: Any  # like params, float32, identical across replicas (frozen after freeze_step)
-  worker_error: Any  # per leaf float32 [replicas, *shape]
-  server_error: Any  # per leaf float32 [replicas, padded_size / replicas]
+  m: Any  # like params, float32, the same on every replica
+  v: Any  # like params, float32, the same on every replica (frozen after freeze_step)
+  worker_error: Any  # like params, float32
+  server_error: Any  # per leaf float32 [padded_size / replicas]
 
 
 def padded_size(size: int, replicas: int) -> int:
   """Lp: a leaf's flattened length padded so that it splits into `replicas` chunks of whole bytes."""
   return -(-size // (8 * replicas)) * 8 * replicas
+
+
+def _varying_axes(x: Any) -> frozenset:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; older releases name it `vma`
+  return manual.varying if manual is not None else aval.vma
+
+
+def match_vma(tree: Any, like: Any, axis: str) -> Any:
+  """Marks leaves of `tree` varying over `axis` where the matching leaf of `like` is (the two
+  branches of a `lax.cond` must agree; a value averaged over `axis` comes out invariant)."""
+  def one(x, ref):
+    if axis in _varying_axes(ref) and axis not in _varying_axes(x):
+      return jax.lax.pcast(x, axis, to="varying")
+    return x
+  return jax.tree.map(one, tree, like)
 
 
 def clip_by_global_norm(tree: Any, max_norm: float) -> Any:
@@ -116,9 +131,10 @@ def compressed_allreduce(x: jax.Array, worker_error: jax.Array, server_error: ja
 @dataclasses.dataclass(frozen=True)
 class OneBitAdam:
   """1-bit Adam's update rule; `decay_mask` (a pytree of bools like params, None: decay all) is
-  the repo's `matrix_mask`. Call `init` outside and `update` inside the shard_map over `axis`."""
+  the repo's `matrix_mask`. `replicas`: the size of `axis` (it sizes the server chunks)."""
 
   freeze_step: int
+  replicas: int
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
@@ -132,25 +148,20 @@ class OneBitAdam:
                        "comes from the full-precision warm-up)")
 
   @classmethod
-  def from_config(cls, optimizer_cfg: Any, lowcomm_cfg: Any, decay_mask: Any = None) -> OneBitAdam:
+  def from_config(cls, optimizer_cfg: Any, lowcomm_cfg: Any, replicas: int, decay_mask: Any = None) -> OneBitAdam:
     """From the `optimizer` and `lowcomm` config sections (b1, b2, eps, weight_decay, grad_clip;
-    freeze_step)."""
+    freeze_step) and mesh.replica."""
     o = optimizer_cfg
-    return cls(freeze_step=lowcomm_cfg.freeze_step, b1=o.b1, b2=o.b2, eps=o.eps,
+    return cls(freeze_step=lowcomm_cfg.freeze_step, replicas=replicas, b1=o.b1, b2=o.b2, eps=o.eps,
                weight_decay=o.weight_decay, grad_clip=o.grad_clip, decay_mask=decay_mask)
 
-  def init(self, params: Any, replicas: int) -> OneBitAdamState:
+  def init(self, params: Any) -> OneBitAdamState:
+    """One replica's initial state (zeros)."""
     zeros = lambda p: jnp.zeros(p.shape, F32)
+    n = self.replicas
     return OneBitAdamState(
-        m=jax.tree.map(zeros, params), v=jax.tree.map(zeros, params),
-        worker_error=jax.tree.map(lambda p: jnp.zeros((replicas, *p.shape), F32), params),
-        server_error=jax.tree.map(lambda p: jnp.zeros((replicas, padded_size(p.size, replicas) // replicas), F32),
-                                  params))
-
-  @staticmethod
-  def state_specs(axis: str) -> OneBitAdamState:
-    """shard_map specs over `axis` for the state: m, v replicated; the error buffers split."""
-    return OneBitAdamState(m=P(), v=P(), worker_error=P(axis), server_error=P(axis))
+        m=jax.tree.map(zeros, params), v=jax.tree.map(zeros, params), worker_error=jax.tree.map(zeros, params),
+        server_error=jax.tree.map(lambda p: jnp.zeros((padded_size(p.size, n) // n,), F32), params))
 
   def _mask(self, params: Any) -> Any:
     return jax.tree.map(lambda _: True, params) if self.decay_mask is None else self.decay_mask
@@ -159,6 +170,9 @@ class OneBitAdam:
              lr: Any) -> tuple[Any, OneBitAdamState, jax.Array]:
     """One step from this replica's gradients. step: 0-based count of updates done (traced or not);
     lr: this step's learning rate. Returns (params, state, bytes sent by this replica: float32)."""
+    if jax.lax.axis_size(axis) != self.replicas:
+      raise ValueError(f"1-bit Adam: built for replicas={self.replicas}, called over {axis!r} of size "
+                       f"{jax.lax.axis_size(axis)}")
     t = jnp.asarray(step, jnp.int32) + 1
     mask = self._mask(params)
     b1, b2 = self.b1, self.b2
@@ -172,12 +186,12 @@ class OneBitAdam:
       new_params = adamw_step(params, jax.tree.map(lambda x: x / (1 - b1**tf), m),
                               jax.tree.map(lambda x: x / (1 - b2**tf), v), mask,
                               lr=lr, eps=self.eps, weight_decay=self.weight_decay)
-      return new_params, dataclasses.replace(state, m=m, v=v)
+      return match_vma((new_params, dataclasses.replace(state, m=m, v=v)), (params, state), axis)
 
     def compressed(state):
       grads = clip_by_global_norm(jax.tree.map(lambda g: g.astype(F32), grads_local), self.grad_clip)
       local_m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.m, grads)
-      out = jax.tree.map(lambda x, we, se: compressed_allreduce(x, we[0], se[0], axis=axis)[:3],
+      out = jax.tree.map(lambda x, we, se: compressed_allreduce(x, we, se, axis=axis)[:3],
                          local_m, state.worker_error, state.server_error)
       is_out = lambda x: isinstance(x, tuple)
       m = jax.tree.map(lambda o: o[0], out, is_leaf=is_out)
@@ -185,12 +199,12 @@ class OneBitAdam:
       new_params = adamw_step(params, jax.tree.map(lambda x: x / (1 - b1**tf), m),
                               jax.tree.map(lambda x: x / (1 - b2**frozen), state.v), mask,
                               lr=lr, eps=self.eps, weight_decay=self.weight_decay)
-      return new_params, dataclasses.replace(
-          state, m=m, worker_error=jax.tree.map(lambda o: o[1][None], out, is_leaf=is_out),
-          server_error=jax.tree.map(lambda o: o[2][None], out, is_leaf=is_out))
+      new_state = dataclasses.replace(state, m=m, worker_error=jax.tree.map(lambda o: o[1], out, is_leaf=is_out),
+                                      server_error=jax.tree.map(lambda o: o[2], out, is_leaf=is_out))
+      return match_vma((new_params, new_state), (params, state), axis)
 
     new_params, new_state = jax.lax.cond(t <= self.freeze_step, warm, compressed, state)
-    n = jax.lax.axis_size(axis)
+    n = self.replicas
     warm_bytes = compress.payload_bytes(jax.tree.map(lambda g: jax.ShapeDtypeStruct(g.shape, F32), grads_local))
     compressed_bytes = sum(padded_size(p.size, n) // 8 * (n + 1) // n + 8 for p in jax.tree.leaves(params))
     sent = jnp.where(t <= self.freeze_step, jnp.float32(warm_bytes), jnp.float32(compressed_bytes))

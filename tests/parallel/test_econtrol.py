@@ -23,13 +23,25 @@ def mesh():
 
 
 def _step_fn(opt, mesh):
-  specs = opt.state_specs("replica")
-
+  """As training/lowcomm.py runs it: every array one copy per replica, [R, ...] split over `replica`."""
   def body(grads, state, params, step, lr):
-    return opt.update(jax.tree.map(lambda g: g[0], grads), state, params, axis="replica", step=step, lr=lr)
+    own = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    params, state, sent = opt.update(own(grads), own(state), own(params), axis="replica", step=step, lr=lr)
+    return jax.tree.map(lambda x: x[None], (params, state)), sent
 
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), specs, P(), P(), P()),
-                               out_specs=(P(), specs, P()), check_vma=True))
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), P("replica"), P("replica"), P(), P()),
+                               out_specs=(P("replica"), P()), check_vma=True))
+
+
+def _tile(tree):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (R, *x.shape)), tree)
+
+
+def _one(stacked):
+  """The replicas' copies, checked equal; returns the first."""
+  for leaf in jax.tree.leaves(stacked):
+    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
+  return jax.tree.map(lambda x: x[0], stacked)
 
 
 def _np_topk(x, fraction):
@@ -77,13 +89,13 @@ def test_econtrol_matches_numpy(mesh):
   grads = [{"b": 2 * jax.random.normal(keys[2 * t], (R, 13)), "w": 2 * jax.random.normal(keys[2 * t + 1], (R, 6, 10))}
            for t in range(5)]
   init = {"b": jax.random.normal(jax.random.key(1), (13,)), "w": jax.random.normal(jax.random.key(2), (6, 10))}
-  params, state, sents = init, opt.init(init, R), []
+  params, state, sents = _tile(init), _tile(opt.init(init)), []
   for t, g in enumerate(grads):
-    params, state, sent = step_fn(g, state, params, t, 0.01)
+    (params, state), sent = step_fn(g, state, params, t, 0.01)
     sents.append(float(sent))
   want = _np_econtrol(init, grads, [0.01] * 5, eta=0.3, fraction=0.2, freeze=1, b1=0.9, b2=0.95, eps=1e-8, wd=0.1,
                       clip=8.0)
-  assert_close(params, want, what="params after 1 full-precision and 4 compressed steps")
+  assert_close(_one(params), want, what="params after 1 full-precision and 4 compressed steps")
   # top-20%: 3 of 13 and 12 of 60 values, each 4 bytes of value and 4 of index
   assert sents == [4 * 73] + [8 * (3 + 12)] * 4
   assert not np.allclose(state.error["w"][0], state.error["w"][1])
@@ -105,10 +117,11 @@ def test_error_control_converges_where_full_error_feedback_does_not(mesh):
     opt = EControl(eta=eta, fraction=1 / 16, freeze_step=0, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
     step_fn = _step_fn(opt, mesh)
     params = {"x": jnp.zeros((d,))}
-    state = opt.init(params, R)
+    stacked, state = _tile(params), _tile(opt.init(params))
     for t in range(600):
-      params, state, _ = step_fn(grad_fn(params, a, b), state, params, t, 0.05 * 0.995**t)
-    final = 0.5 * np.mean((a_all @ np.asarray(params["x"], np.float64) - b_all) ** 2)
+      (stacked, state), _ = step_fn(grad_fn(params, a, b), state, stacked, t, 0.05 * 0.995**t)
+      params = jax.tree.map(lambda x: x[0], stacked)
+    final = 0.5 * np.mean((a_all @ np.asarray(_one(stacked)["x"], np.float64) - b_all) ** 2)
     return (final - best) / (initial - best)
 
   assert excess_loss(0.1) < 1e-6

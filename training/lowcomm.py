@@ -61,7 +61,8 @@ class LowCommRunner:
     self.mesh = setup.plan.mesh
     cfg = setup.config
     self.replicas = self.mesh.shape[AXIS]
-    self.algorithm = dispatch.algorithm(setup.plan.strategies.replica, cfg.lowcomm, cfg.model.n_layers)
+    self.algorithm = dispatch.algorithm(setup.plan.strategies.replica, cfg.lowcomm, cfg.model.n_layers,
+                                            self.replicas)
     self.inner = make_train_step_fn(island_setup(setup))
     self._programs: dict[Any, Callable] = {}
     self.bytes_by_events: dict[Any, int] = {}

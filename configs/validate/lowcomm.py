@@ -6,7 +6,7 @@ from configs.base import Config
 from configs.validate.require import require
 
 # Algorithms the runner (training/lowcomm.py) runs so far; the others are refused until they land.
-BUILT = ("sync", "diloco")
+BUILT = ("sync", "diloco", "streaming_diloco", "noloco", "co2", "sparseloco")
 _OUTER = ("diloco", "streaming_diloco", "noloco", "co2", "sparseloco")  # H inner steps, then an outer step
 QUANT_BITS = (0, 2, 4, 8)  # 0: no quantisation (parallel/lowcomm/compress.py has 2, 4 and 8)
 
@@ -42,5 +42,5 @@ def check(config: Config, sizes: dict[str, int]) -> None:
                                        f"must be even")
     require(0.0 <= c.noloco_gamma <= 1.0, f"lowcomm.noloco_gamma={c.noloco_gamma}: must be in [0, 1]")
   if algo == "co2":
-    require(c.staleness_penalty >= 0, f"lowcomm.staleness_penalty={c.staleness_penalty}: must be >= 0")
+    require(0.0 <= c.staleness_penalty <= 1.0, f"lowcomm.staleness_penalty={c.staleness_penalty}: must be in [0, 1]")
     require(c.momentum_clip >= 0, f"lowcomm.momentum_clip={c.momentum_clip}: must be >= 0 (0 disables)")

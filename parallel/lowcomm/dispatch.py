@@ -14,14 +14,23 @@ overlaps that inner step in the same compiled program.
 from __future__ import annotations
 
 from configs.base import LowCommConfig
+from parallel.lowcomm.co2 import CO2
 from parallel.lowcomm.diloco import DiLoCo
+from parallel.lowcomm.noloco import NoLoCo
+from parallel.lowcomm.sparseloco import SparseLoCo
+from parallel.lowcomm.streaming_diloco import StreamingDiLoCo
 
-ALGORITHMS = {"diloco": DiLoCo}
+ALGORITHMS = {
+    "diloco": lambda cfg, n_layers, n_replicas: DiLoCo(cfg),
+    "streaming_diloco": lambda cfg, n_layers, n_replicas: StreamingDiLoCo(cfg, n_layers),
+    "noloco": lambda cfg, n_layers, n_replicas: NoLoCo(cfg, n_replicas),
+    "co2": lambda cfg, n_layers, n_replicas: CO2(cfg),
+    "sparseloco": lambda cfg, n_layers, n_replicas: SparseLoCo(cfg),
+}
 
 
-def algorithm(name: str, cfg: LowCommConfig, n_layers: int):
+def algorithm(name: str, cfg: LowCommConfig, n_layers: int, n_replicas: int):
   """The algorithm object for `sharding.replica=name` (not "sync")."""
   if name not in ALGORITHMS:
     raise ValueError(f"replica algorithm {name!r} has no outer runner; runners exist for {sorted(ALGORITHMS)}")
-  cls = ALGORITHMS[name]
-  return cls(cfg, n_layers) if getattr(cls, "needs_layers", False) else cls(cfg)
+  return ALGORITHMS[name](cfg, n_layers, n_replicas)

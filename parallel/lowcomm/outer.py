@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import P
 
+from parallel.lowcomm.compress import gather_mean, payload_bytes
+
 
 def island_axes() -> tuple[str, ...]:
   """The context mesh's axes of size > 1 that are not manual: the axes inside an island."""
@@ -71,6 +73,41 @@ def replica_mean(tree: Any, axis: str) -> tuple[Any, int]:
   n = jax.lax.axis_size(axis)
   mean = jax.tree.map(lambda x: from_island_flat(jax.lax.psum(island_flat(x), axis) / n, x), tree)
   return mean, padded_bytes(tree)
+
+
+def compressed_mean(tree: Any, axis: str, compress_row: Callable[[jax.Array], Any],
+                    decompress_row: Callable[[Any], jax.Array]) -> tuple[Any, Any, int]:
+  """The mean over `axis` of compressed leaves: each leaf spread over the island (`island_flat`),
+  each device's row [k] compressed on its own (a nested `shard_map` manual over the island's axes,
+  so a chunk never spans devices and each device sends only its row's payload), the payloads
+  all-gathered over `axis` (`compress.gather_mean`: codes cannot be summed in flight) and averaged
+  after decompression. Returns (mean, what this replica sent once decompressed, bytes sent)."""
+  axes, d = island_axes(), island_size()
+
+  def row(flat_row):
+    payload = compress_row(flat_row)
+    mean, n_bytes = gather_mean(payload, decompress_row, axis)
+    return mean, decompress_row(payload), n_bytes
+
+  def one(x):
+    flat = island_flat(x)
+    k_bytes = {}
+    if axes:
+      def local(f):
+        mean, sent, k_bytes["row"] = row(f[0])
+        return mean[None], sent[None]
+      mean, sent = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), axis_names=frozenset(axes),
+                                 in_specs=P(axes), out_specs=(P(axes), P(axes)))(flat)
+    else:
+      mean, sent, k_bytes["row"] = row(flat[0])
+      mean, sent = mean[None], sent[None]
+    return (from_island_flat(mean, x), from_island_flat(sent, x)), d * k_bytes["row"]
+
+  pairs, sent_bytes = map_with_bytes(one, tree)
+  is_pair = lambda p: isinstance(p, tuple) and len(p) == 2 and hasattr(p[0], "shape")
+  mean = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+  sent = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+  return mean, sent, sent_bytes
 
 
 def nesterov_step(params: Any, delta: Any, momentum: Any, *, lr: float, mu: float,

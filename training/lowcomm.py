@@ -127,8 +127,12 @@ class LowCommRunner:
       return {**out, "step": new["step"]}, jax.tree.map(lambda x: x[None], metrics)
 
     specs = {"params": P(AXIS), "opt_state": P(AXIS), "outer": P(AXIS), "step": P()}
+    # check_vma=False, as the pipeline executor's: the island's own shard_maps (vocabulary-parallel
+    # embedding and loss, context-parallel attention) are built on the context mesh, and with
+    # value-variance tracking their outputs, varying over the manual `replica`, name it again,
+    # which Shardy rejects ("already bound by a parent"). Collectives are unchanged.
     local = jax.shard_map(island, mesh=self.mesh, axis_names=frozenset({AXIS}), in_specs=(specs, P(AXIS)),
-                          out_specs=(specs, P(AXIS)), check_vma=True)
+                          out_specs=(specs, P(AXIS)), check_vma=False)
     fn = jax.jit(local, in_shardings=(self.state_shardings, self.setup.batch_sharding),
                  out_shardings=(self.state_shardings, self._metric_sharding), donate_argnums=0)
     self._programs[events] = fn

@@ -30,7 +30,7 @@ def _step_fn(opt, mesh):
     return jax.tree.map(lambda x: x[None], (params, state)), sent
 
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), P("replica"), P("replica"), P(), P()),
-                               out_specs=(P("replica"), P()), check_vma=True))
+                               out_specs=(P("replica"), P()), axis_names=frozenset({"replica"}), check_vma=True))
 
 
 def _tile(tree):

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from parallel.lowcomm.onebit_adam import OneBitAdam, compressed_allreduce, padded_size
 from parallel.mesh import make_mesh
 from tests.reference import assert_close
+from tests.training import hlo_collectives
 
 R = 4
 SHAPES = {"b": (13,), "w": (6, 10)}  # 13 values: padding inside the last server's chunk
@@ -31,7 +32,7 @@ def _step_fn(opt, mesh):
     return jax.tree.map(lambda x: x[None], (params, state)), sent
 
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), P("replica"), P("replica"), P(), P()),
-                               out_specs=(P("replica"), P()), check_vma=True))
+                               out_specs=(P("replica"), P()), axis_names=frozenset({"replica"}), check_vma=True))
 
 
 def _tile(tree):
@@ -71,26 +72,29 @@ def test_warmup_equals_optax_adamw_on_averaged_gradients(mesh):
     assert float(sent) == 4 * (13 + 60)  # one float32 all-reduce of the gradients
 
 
-def _np_compressed_allreduce(xs, worker_err, server_err):
-  """xs, worker_err: [R, L]; server_err: [R, chunk]. Each replica compresses x + e to signs
-  (>= 0 -> +1) times mean|x + e|; the average of those is split in R chunks, and server j
-  compresses its chunk + its error the same way (the mean over the chunk's real values)."""
+def _np_compressed_allreduce(xs, worker_err, server_err, valid=None):
+  """xs, worker_err: [R, L]; server_err: [R, chunk]; only the first `valid` values are real. Each
+  replica compresses x + e to signs (>= 0 -> +1) times mean|x + e|; the average of those is split
+  in R chunks, and server j compresses its chunk + its error the same way (the mean over the
+  chunk's real values)."""
   n, size = xs.shape
+  valid = size if valid is None else valid
   chunk = padded_size(size, n) // n
-  c = xs + worker_err
-  scales = np.abs(c).mean(axis=1, keepdims=True)
+  c = xs[:, :valid] + worker_err[:, :valid]
+  scales = np.abs(c).mean(axis=1, keepdims=True) if valid else np.zeros((n, 1))
   sent = scales * np.where(c >= 0, 1.0, -1.0)
   avg = sent.mean(axis=0)
-  out, new_server = np.zeros(size), np.zeros_like(server_err)
+  out, new_worker, new_server = np.zeros(size), np.zeros_like(worker_err), np.zeros_like(server_err)
+  new_worker[:, :valid] = c - sent
   for j in range(n):
-    lo, hi = j * chunk, min((j + 1) * chunk, size)
-    if lo >= size:
+    lo, hi = j * chunk, min((j + 1) * chunk, valid)
+    if lo >= hi:
       continue
     cs = avg[lo:hi] + server_err[j, :hi - lo]
     s = np.abs(cs).mean()
     out[lo:hi] = s * np.where(cs >= 0, 1.0, -1.0)
     new_server[j, :hi - lo] = cs - out[lo:hi]
-  return out, c - sent, new_server
+  return out, new_worker, new_server
 
 
 def test_compressed_allreduce_matches_numpy(mesh):
@@ -115,14 +119,21 @@ def test_compressed_allreduce_matches_numpy(mesh):
     assert_close(se, np_se, what="server errors")
 
 
-def _np_onebit_adam(params, grads_seq, lrs, *, freeze, b1, b2, eps, wd, clip):
-  """Reference written from the paper's description, numpy float64, leaves flattened."""
+def _rows(flat, island):
+  """A flat leaf as the island's rows: zero-padded to a multiple of `island`, [island, k]."""
+  return np.concatenate([flat, np.zeros(-flat.size % island)]).reshape(island, -1)
+
+
+def _np_onebit_adam(params, grads_seq, lrs, *, freeze, b1, b2, eps, wd, clip, island=1):
+  """Reference written from the paper's description, numpy float64, leaves flattened; with
+  island > 1 each of the island's rows of a leaf is compressed and averaged on its own."""
   names = sorted(params)
   p = {k: np.asarray(params[k], np.float64).ravel() for k in names}
   m = {k: np.zeros_like(p[k]) for k in names}
   v = {k: np.zeros_like(p[k]) for k in names}
-  we = {k: np.zeros((R, p[k].size)) for k in names}
-  se = {k: np.zeros((R, padded_size(p[k].size, R) // R)) for k in names}
+  k_row = {k: -(-p[k].size // island) for k in names}
+  we = {k: np.zeros((island, R, k_row[k])) for k in names}
+  se = {k: np.zeros((island, R, padded_size(k_row[k], R) // R)) for k in names}
 
   def clipped(gs):
     norm = np.sqrt(sum(np.sum(g**2) for g in gs.values()))
@@ -139,8 +150,13 @@ def _np_onebit_adam(params, grads_seq, lrs, *, freeze, b1, b2, eps, wd, clip):
     else:
       local = [clipped({k: g[k][i] for k in names}) for i in range(R)]
       for k in names:
-        xs = np.stack([b1 * m[k] + (1 - b1) * local[i][k] for i in range(R)])
-        m[k], we[k], se[k] = _np_compressed_allreduce(xs, we[k], se[k])
+        rows = np.stack([_rows(b1 * m[k] + (1 - b1) * local[i][k], island) for i in range(R)], axis=1)
+        out = []
+        for r in range(island):  # [R, k_row] each; the last rows may end in padding
+          real = int(np.clip(p[k].size - r * k_row[k], 0, k_row[k]))
+          avg, we[k][r], se[k][r] = _np_compressed_allreduce(rows[r], we[k][r], se[k][r], real)
+          out.append(avg)
+        m[k] = np.concatenate(out)[:p[k].size]
       vt = freeze
     for k in names:
       u = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**vt)) + eps) + (wd * p[k] if MASK[k] else 0.0)
@@ -187,3 +203,32 @@ def test_converges_on_least_squares(mesh):
     params = jax.tree.map(lambda x: x[0], stacked)
   final, best = loss(_one(stacked)), loss({"x": x_opt})
   assert final - best < 1e-4 * (initial - best), (initial, final, best)
+
+
+def test_island_of_two_devices_matches_numpy_and_compiled_bytes():
+  """replica=4 x fsdp=2: each island's two devices compress and send their own halves; the result
+  equals the numpy re-computation by rows, and the byte account equals the compiled program's
+  collectives over `replica` (warm-up psum and compressed exchange both live in the program)."""
+  mesh = make_mesh({"replica": R, "fsdp": 2})
+  opt = OneBitAdam(freeze_step=1, replicas=R, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=6.0,
+                   decay_mask=MASK)
+  step_fn = _step_fn(opt, mesh)
+  grads, lrs = _grads(3, seed=2), [0.01] * 3
+  shard = lambda tree: jax.device_put(tree, {"b": jax.NamedSharding(mesh, P("replica")),
+                                             "w": jax.NamedSharding(mesh, P("replica", "fsdp"))})
+  params, state = shard(_tile(_params())), _tile(opt.init(_params()))
+  sents = []
+  for t, g in enumerate(grads):
+    (params, state), sent = step_fn(shard(g), state, params, t, lrs[t])
+    sents.append(float(sent))
+  want = _np_onebit_adam(_params(), grads, lrs, freeze=1, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, clip=6.0, island=2)
+  assert_close(_one(params), want, what="params, islands of two devices")
+
+  # b: 13 -> rows of 7 -> Lp 32; w: 60 -> rows of 30 -> Lp 32. Per row Lp/8 + Lp/(8 R) + 8.
+  compressed = 2 * (4 + 1 + 8) * 2
+  assert sents == [4 * (14 + 60), compressed, compressed]
+  hlo = step_fn.lower(shard(grads[0]), state, params, 1, 0.01).compile().as_text()
+  shape, axis = tuple(mesh.devices.shape), list(mesh.axis_names).index("replica")
+  across = [c for c in hlo_collectives.collectives(hlo) if hlo_collectives.crosses_axis(c["groups"], shape, axis)]
+  assert all(hlo_collectives.only_along_axis(c["groups"], shape, axis) for c in across)
+  assert 2 * sum(c["operand_bytes"] for c in across) == sents[0] + sents[1]  # both branches, per island

@@ -20,8 +20,13 @@ weight decay), on every replica alike, so parameters stay identical without bein
 Warm-up (step < freeze_step): the gradients are averaged in full precision (one psum), v is that
 average, and h_i = g_i, h = v (the paper's initialisation h_i = g_i at the start of compression).
 
-Bytes per replica and step (its collectives' operands over `axis`): warm-up 4 L per float32 leaf
-of L values; then k (4 + 4) per leaf, k = topk_count(L, fraction) (float32 values, int32 indices).
+What crosses `axis` is spread over the island's devices as in `outer.island_flat`: a leaf of L
+values is [d, ceil(L / d)] over the island's d devices, and each device selects the top-k of its
+own row (a nested shard_map manual over the island's axes) and sends only that.
+
+Bytes per replica and step (its collectives' operands over `axis`, summed over the island's
+devices): warm-up `outer.padded_bytes` (4 L per leaf, padded); then d k (4 + 4) per leaf,
+k = topk_count(ceil(L / d), fraction) (float32 values, int32 indices).
 
 State (`EControlState`, one replica's, every field like params): m, v, h (the same on every
 replica), h_local and error (the replica's own). As with `training/lowcomm.py`'s outer state, the
@@ -38,8 +43,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from parallel.lowcomm import compress
-from parallel.lowcomm.onebit_adam import adamw_step, clip_by_global_norm, match_vma
+from parallel.lowcomm import compress, outer
+from parallel.lowcomm.onebit_adam import adamw_step, clip_by_global_norm, match_vma, on_island_rows
 
 F32 = jnp.float32
 
@@ -87,11 +92,11 @@ class EControl:
     zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, F32), params)
     return EControlState(m=zeros(), v=zeros(), h=zeros(), h_local=zeros(), error=zeros())
 
-  def sent_bytes(self, params: Any, *, compressed: bool) -> int:
-    """Bytes one replica sends per step, warm-up or compressed."""
+  def sent_bytes(self, params: Any, *, compressed: bool, island: int = 1) -> int:
+    """Bytes one replica (its island of `island` devices) sends per step, warm-up or compressed."""
     if not compressed:
-      return sum(4 * p.size for p in jax.tree.leaves(params))
-    return sum(8 * compress.topk_count(p.size, self.fraction) for p in jax.tree.leaves(params))
+      return sum(-(-p.size // island) * island * 4 for p in jax.tree.leaves(params))
+    return sum(island * 8 * compress.topk_count(-(-p.size // island), self.fraction) for p in jax.tree.leaves(params))
 
   def update(self, grads_local: Any, state: EControlState, params: Any, *, axis: str, step: Any,
              lr: Any) -> tuple[Any, EControlState, jax.Array]:
@@ -101,15 +106,17 @@ class EControl:
     grads = jax.tree.map(lambda g: g.astype(F32), grads_local)
 
     def warm(state):
-      mean = jax.tree.map(lambda g: jax.lax.pmean(g, axis), grads)
+      mean, _ = outer.replica_mean(grads, axis)
       return match_vma((mean, dataclasses.replace(state, h=mean, h_local=grads)), (params, state), axis)
 
     def compressed(state):
+      def row(target_row):
+        sparse = compress.topk(target_row, self.fraction)
+        return compress.densify(sparse), compress.gather_mean(sparse, compress.densify, axis)[0]
+
       def leaf(g, h, h_i, e_i):
         target = self.eta * e_i + g - h_i
-        sparse = compress.topk(target, self.fraction)
-        delta_i = compress.densify(sparse)
-        delta, _ = compress.gather_mean(sparse, compress.densify, axis)
+        delta_i, delta = (outer.from_island_flat(x, g) for x in on_island_rows(row, target))
         return h + delta, e_i + g - h_i - delta_i, h_i + delta_i
 
       out = jax.tree.map(leaf, grads, state.h, state.h_local, state.error)
@@ -128,6 +135,7 @@ class EControl:
     new_params = adamw_step(params, jax.tree.map(lambda x: x / (1 - b1**tf), m),
                             jax.tree.map(lambda x: x / (1 - b2**tf), v), mask,
                             lr=lr, eps=self.eps, weight_decay=self.weight_decay)
-    sent = jnp.where(t <= self.freeze_step, jnp.float32(self.sent_bytes(params, compressed=False)),
-                     jnp.float32(self.sent_bytes(params, compressed=True)))
+    island = outer.island_size()
+    sent = jnp.where(t <= self.freeze_step, jnp.float32(self.sent_bytes(params, compressed=False, island=island)),
+                     jnp.float32(self.sent_bytes(params, compressed=True, island=island)))
     return new_params, dataclasses.replace(state, m=m, v=v), sent

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from parallel.lowcomm.econtrol import EControl
 from parallel.mesh import make_mesh
 from tests.reference import assert_close
+from tests.training import hlo_collectives
 
 R = 4
 SHAPES = {"b": (13,), "w": (6, 10)}
@@ -51,7 +52,13 @@ def _np_topk(x, fraction):
   return out
 
 
-def _np_econtrol(params, grads_seq, lrs, *, eta, fraction, freeze, b1, b2, eps, wd, clip):
+def _np_island_topk(x, fraction, island):
+  """Top-k of each of the island's rows of x (zero-padded to a multiple of `island`)."""
+  rows = np.concatenate([x, np.zeros(-x.size % island)]).reshape(island, -1)
+  return np.concatenate([_np_topk(r, fraction) for r in rows])[:x.size]
+
+
+def _np_econtrol(params, grads_seq, lrs, *, eta, fraction, freeze, b1, b2, eps, wd, clip, island=1):
   """numpy float64, leaves flattened: EControl's recursion, then clip + AdamW on the estimate."""
   names = sorted(params)
   p = {k: np.asarray(params[k], np.float64).ravel() for k in names}
@@ -66,7 +73,8 @@ def _np_econtrol(params, grads_seq, lrs, *, eta, fraction, freeze, b1, b2, eps, 
         est[k] = g[k].mean(0)
         h_i[k], h[k] = g[k].copy(), est[k]
       else:
-        deltas = np.stack([_np_topk(eta * e_i[k][i] + g[k][i] - h_i[k][i], fraction) for i in range(R)])
+        deltas = np.stack([_np_island_topk(eta * e_i[k][i] + g[k][i] - h_i[k][i], fraction, island)
+                           for i in range(R)])
         est[k] = h[k] + deltas.mean(0)
         e_i[k] = e_i[k] + g[k] - h_i[k] - deltas
         h_i[k] = h_i[k] + deltas
@@ -126,3 +134,32 @@ def test_error_control_converges_where_full_error_feedback_does_not(mesh):
 
   assert excess_loss(0.1) < 1e-6
   assert not excess_loss(1.0) < 0.1  # diverges (nan) on this problem
+
+
+def test_island_of_two_devices_matches_numpy_and_compiled_bytes():
+  """replica=4 x fsdp=2: each island device sends the top-k of its own row; the result equals the
+  numpy re-computation by rows, and the byte account the compiled program's collectives."""
+  mesh = make_mesh({"replica": R, "fsdp": 2})
+  opt = EControl(eta=0.3, fraction=0.2, freeze_step=1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=8.0,
+                 decay_mask=MASK)
+  step_fn = _step_fn(opt, mesh)
+  keys = jax.random.split(jax.random.key(5), 6)
+  grads = [{"b": 2 * jax.random.normal(keys[2 * t], (R, 13)), "w": 2 * jax.random.normal(keys[2 * t + 1], (R, 6, 10))}
+           for t in range(3)]
+  shard = lambda tree: jax.device_put(tree, {"b": jax.NamedSharding(mesh, P("replica")),
+                                             "w": jax.NamedSharding(mesh, P("replica", "fsdp"))})
+  init = {"b": jax.random.normal(jax.random.key(1), (13,)), "w": jax.random.normal(jax.random.key(2), (6, 10))}
+  params, state, sents = shard(_tile(init)), _tile(opt.init(init)), []
+  for t, g in enumerate(grads):
+    (params, state), sent = step_fn(shard(g), state, params, t, 0.01)
+    sents.append(float(sent))
+  want = _np_econtrol(init, grads, [0.01] * 3, eta=0.3, fraction=0.2, freeze=1, b1=0.9, b2=0.95, eps=1e-8, wd=0.1,
+                      clip=8.0, island=2)
+  assert_close(_one(params), want, what="params, islands of two devices")
+  # rows of 7 (b) and 30 (w): top-20% keeps 1 and 6 per row, 8 bytes each, on both devices
+  assert sents == [4 * (14 + 60)] + [2 * 8 * (1 + 6)] * 2
+  hlo = step_fn.lower(shard(grads[0]), state, params, 1, 0.01).compile().as_text()
+  shape, axis = tuple(mesh.devices.shape), list(mesh.axis_names).index("replica")
+  across = [c for c in hlo_collectives.collectives(hlo) if hlo_collectives.crosses_axis(c["groups"], shape, axis)]
+  assert all(hlo_collectives.only_along_axis(c["groups"], shape, axis) for c in across)
+  assert 2 * sum(c["operand_bytes"] for c in across) == sents[0] + sents[1]  # both branches, per island

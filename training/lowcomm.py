@@ -34,11 +34,20 @@ import jax.numpy as jnp
 from jax import P
 from jax.sharding import NamedSharding
 
+import optax
+
 from parallel.lowcomm import dispatch
+from parallel.lowcomm.econtrol import EControl
+from parallel.lowcomm.onebit_adam import OneBitAdam
+from parallel.lowcomm.zeroth_order import zo_init, zo_step
+from training.grad import make_compute_params, make_grad_fn
+from training.loss import loss_sum_and_count, uses_segments
+from training.optimizer import learning_rate_schedule, matrix_mask
 from training.state import TrainSetup, init_state
 from training.step import make_train_step_fn
 
 AXIS = "replica"
+PER_STEP = ("onebit_adam", "econtrol", "zeroth_order")  # they replace the optimizer's update, every step
 
 
 def _specs(tree: Any) -> Any:
@@ -61,9 +70,13 @@ class LowCommRunner:
     self.mesh = setup.plan.mesh
     cfg = setup.config
     self.replicas = self.mesh.shape[AXIS]
-    self.algorithm = dispatch.algorithm(setup.plan.strategies.replica, cfg.lowcomm, cfg.model.n_layers,
-                                            self.replicas)
-    self.inner = make_train_step_fn(island_setup(setup))
+    name = setup.plan.strategies.replica
+    self.per_step = name in PER_STEP
+    if self.per_step:
+      self.algorithm = _PerStep(island_setup(setup), name, self.replicas)
+    else:
+      self.algorithm = dispatch.algorithm(name, cfg.lowcomm, cfg.model.n_layers, self.replicas)
+      self.inner = make_train_step_fn(island_setup(setup))
     self._programs: dict[Any, Callable] = {}
     self.bytes_by_events: dict[Any, int] = {}
 
@@ -73,16 +86,19 @@ class LowCommRunner:
     params_def = jax.tree.structure(base["params"])
     # Outer trees shaped like the parameters live where the optimizer state does (ZeRO-1 and up:
     # sharded); anything else is replicated inside the island.
-    outer_sh = {k: (setup.opt_param_shardings if jax.tree.structure(v) == params_def
-                    else jax.tree.map(lambda _: setup.plan.replicated, v)) for k, v in abstract_outer.items()}
+    like_params = lambda v: jax.tree.structure(v) == params_def
+    outer_sh = jax.tree.map(lambda v: setup.opt_param_shardings if like_params(v) else setup.plan.replicated,
+                            abstract_outer, is_leaf=like_params)
+    # A per-step algorithm keeps its own optimizer state (in `outer`); the inner AdamW's is empty.
+    opt_sh = {} if self.per_step else setup.state_shardings["opt_state"]
     self.state_shardings = {"params": jax.tree.map(stack, setup.state_shardings["params"]),
-                            "opt_state": jax.tree.map(stack, setup.state_shardings["opt_state"]),
+                            "opt_state": jax.tree.map(stack, opt_sh),
                             "step": setup.plan.replicated,
                             "outer": jax.tree.map(stack, outer_sh)}
     with_r = lambda x, s: jax.ShapeDtypeStruct((self.replicas, *x.shape), x.dtype, sharding=s)
     self.abstract_state = {
         "params": jax.tree.map(with_r, base["params"], self.state_shardings["params"]),
-        "opt_state": jax.tree.map(with_r, base["opt_state"], self.state_shardings["opt_state"]),
+        "opt_state": jax.tree.map(with_r, {} if self.per_step else base["opt_state"], self.state_shardings["opt_state"]),
         "step": base["step"],
         "outer": jax.tree.map(with_r, abstract_outer, self.state_shardings["outer"])}
     self._metric_sharding = NamedSharding(self.mesh, P(AXIS))
@@ -96,7 +112,8 @@ class LowCommRunner:
 
     def stack(base):
       tile = lambda x: jnp.broadcast_to(x, (r, *x.shape))
-      return {"params": jax.tree.map(tile, base["params"]), "opt_state": jax.tree.map(tile, base["opt_state"]),
+      opt = {} if self.per_step else base["opt_state"]
+      return {"params": jax.tree.map(tile, base["params"]), "opt_state": jax.tree.map(tile, opt),
               "step": base["step"], "outer": jax.tree.map(tile, self.algorithm.init(base["params"]))}
 
     return jax.jit(stack, in_shardings=(self.setup.state_shardings,), out_shardings=self.state_shardings)(base)
@@ -115,16 +132,20 @@ class LowCommRunner:
     """The compiled step for `events`: (state, batch) -> (state, per-replica metrics [R])."""
     if events in self._programs:
       return self._programs[events]
-    algorithm, inner = self.algorithm, self.inner
+    algorithm = self.algorithm
 
     def island(state, batch):
       own = jax.tree.map(lambda x: x[0], {k: state[k] for k in ("params", "opt_state", "outer")})
-      params, outer, sent_before = algorithm.before(events, own["params"], own["outer"], axis=AXIS)
-      new, metrics = inner({"params": params, "opt_state": own["opt_state"], "step": state["step"]}, batch)
-      params, outer, sent_after = algorithm.after(events, new["params"], outer, axis=AXIS)
-      self.bytes_by_events[events] = sent_before + sent_after  # static: known at trace time
+      if self.per_step:
+        params, outer, metrics = algorithm.step(own["params"], own["outer"], state["step"], batch)
+        new = {"opt_state": own["opt_state"], "step": state["step"] + 1}
+      else:
+        params, outer, sent_before = algorithm.before(events, own["params"], own["outer"], axis=AXIS)
+        new, metrics = self.inner({"params": params, "opt_state": own["opt_state"], "step": state["step"]}, batch)
+        params, outer, sent_after = algorithm.after(events, new["params"], outer, axis=AXIS)
+        self.bytes_by_events[events] = sent_before + sent_after  # static: known at trace time
       out = jax.tree.map(lambda x: x[None], {"params": params, "opt_state": new["opt_state"], "outer": outer})
-      return {**out, "step": new["step"]}, jax.tree.map(lambda x: x[None], metrics)
+      return {**out, "step": new["step"]}, jax.tree.map(lambda x: jnp.asarray(x)[None], metrics)
 
     specs = {"params": P(AXIS), "opt_state": P(AXIS), "outer": P(AXIS), "step": P()}
     # check_vma=False, as the pipeline executor's: the island's own shard_maps (vocabulary-parallel
@@ -155,6 +176,57 @@ class LowCommRunner:
       events = self.algorithm.events(counter[0])
       counter[0] += 1
       state, metrics = self.program(events)(state, batch)
+      if self.per_step:  # bytes_sent is among the metrics (warm-up and compressed steps differ)
+        return state, self.summarize(metrics)
       return state, {**self.summarize(metrics), "bytes_sent": float(self.bytes_by_events[events])}
 
     return step
+
+
+class _PerStep:
+  """1-bit Adam, EControl or the zeroth-order step in place of the inner AdamW update, every step:
+  the island's gradients (not averaged over `replica`: the plan's gradient layout, reduced inside
+  the island only) go to the algorithm, which does its own compressed exchange over `replica`.
+  Its state is the runner's `outer` state; `events` is always () (one program)."""
+
+  def __init__(self, setup: TrainSetup, name: str, replicas: int):
+    cfg = setup.config
+    self.name, self.replicas, self.cfg = name, replicas, cfg
+    self.schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    mask = matrix_mask(setup.axes)
+    if name == "onebit_adam":
+      self.rule = OneBitAdam.from_config(cfg.optimizer, cfg.lowcomm, replicas, decay_mask=mask)
+    elif name == "econtrol":
+      self.rule = EControl.from_config(cfg.optimizer, cfg.lowcomm, decay_mask=mask)
+    if name == "zeroth_order":
+      masked, to_compute = uses_segments(cfg), make_compute_params(setup)
+
+      def loss_fn(params, batch):
+        loss_sum, count = loss_sum_and_count(setup.graphdef, to_compute(params), batch, setup.plan, masked)
+        return loss_sum / jnp.maximum(count, 1.0)
+      self.loss_fn = loss_fn
+    else:
+      self.grad_fn = make_grad_fn(setup)
+
+  def init(self, params: Any) -> Any:
+    if self.name == "zeroth_order":
+      return zo_init(self.replicas, self.cfg.lowcomm.zo_directions)
+    return self.rule.init(params)
+
+  def events(self, step: int) -> tuple:
+    return ()
+
+  def step(self, params, state, step, batch):
+    """(params, state, metrics with bytes_sent) after one step of this island."""
+    lr = self.schedule(step)
+    if self.name == "zeroth_order":
+      c = self.cfg.lowcomm
+      params, state, metrics, sent = zo_step(self.loss_fn, params, batch, state, axis=AXIS, seed=c.seed, step=step,
+                                             eps=c.zo_eps, lr=lr, directions=c.zo_directions)
+      tokens = jnp.sum(batch["loss_mask"])
+      return params, state, {"loss": metrics["loss"], "grad_norm": jnp.zeros(()), "lr": lr, "tokens": tokens,
+                             "bytes_sent": jnp.asarray(sent, jnp.float32)}
+    grads, loss, count = self.grad_fn(params, batch)
+    params, state, sent = self.rule.update(grads, state, params, axis=AXIS, step=step, lr=lr)
+    return params, state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "tokens": count,
+                           "bytes_sent": jnp.asarray(sent, jnp.float32)}

@@ -6,7 +6,8 @@ from configs.base import Config
 from configs.validate.require import require
 
 # Algorithms the runner (training/lowcomm.py) runs so far; the others are refused until they land.
-BUILT = ("sync", "diloco", "streaming_diloco", "noloco", "co2", "sparseloco")
+BUILT = ("sync", "diloco", "streaming_diloco", "noloco", "co2", "sparseloco", "onebit_adam", "econtrol",
+         "zeroth_order")
 _OUTER = ("diloco", "streaming_diloco", "noloco", "co2", "sparseloco")  # H inner steps, then an outer step
 QUANT_BITS = (0, 2, 4, 8)  # 0: no quantisation (parallel/lowcomm/compress.py has 2, 4 and 8)
 

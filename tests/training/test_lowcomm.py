@@ -75,23 +75,39 @@ def host(tree):
 LINEAR = OptimizerConfig(learning_rate=1e5, eps=1e6, warmup_steps=1, weight_decay=0.0, grad_clip=0.0)
 
 
-def test_diloco_h1_equals_data_parallel():
-  data = batches(4, full_mask=True)  # equal token counts per island: island means average to the global mean
-  mesh = {"replica": R, "fsdp": 2}
-  cfg = config(mesh, zero=3, optimizer=LINEAR, inner_steps=1, outer_lr=1.0, outer_momentum=0.0)
-  _, state, losses, records = run_lowcomm(cfg, data)
+MESH = {"replica": R, "fsdp": 2}
+H1_DATA = batches(4, full_mask=True)  # equal token counts per island: island means average to the global mean
 
-  ddp = setup_from_config(config(mesh, replica="sync", zero=3, optimizer=LINEAR), jax.devices())
-  ddp_state, ddp_step, ddp_losses = init_state(ddp), make_train_step(ddp), []
-  for batch in data:
-    ddp_state, metrics = ddp_step(ddp_state, jax.device_put(batch, ddp.batch_sharding))
-    ddp_losses.append(float(metrics["loss"]))
-  assert ddp_losses[-1] < ddp_losses[0]
+
+@pytest.fixture(scope="module")
+def ddp_linear():
+  """Plain data-parallel training (sync over replica) with the linear inner optimizer."""
+  ddp = setup_from_config(config(MESH, replica="sync", zero=3, optimizer=LINEAR), jax.devices())
+  state, step, losses = init_state(ddp), make_train_step(ddp), []
+  for batch in H1_DATA:
+    state, metrics = step(state, jax.device_put(batch, ddp.batch_sharding))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+  return losses, host(state["params"])
+
+
+def _equals_ddp(cfg, ddp_linear):
+  _, state, losses, records = run_lowcomm(cfg, H1_DATA)
+  ddp_losses, ddp_params = ddp_linear
   np.testing.assert_allclose(losses, ddp_losses, rtol=1e-5)
-  ours, ref = host(state["params"]), host(ddp_state["params"])
+  ours = host(state["params"])
   for r in range(R):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-7), ours, ref)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-7), ours, ddp_params)
   assert all(rec["bytes_sent"] > 0 for rec in records)
+
+
+def test_diloco_h1_equals_data_parallel(ddp_linear):
+  _equals_ddp(config(MESH, zero=3, optimizer=LINEAR, inner_steps=1, outer_lr=1.0, outer_momentum=0.0), ddp_linear)
+
+
+def test_onebit_adam_before_its_freeze_step_equals_data_parallel(ddp_linear):
+  """1-bit Adam's warm-up is the repo's AdamW on the replica-averaged gradient: DDP exactly."""
+  _equals_ddp(config(MESH, replica="onebit_adam", zero=3, optimizer=LINEAR, freeze_step=100), ddp_linear)
 
 
 # ---- DiLoCo with H inner steps against islands run alone + a numpy outer step ------------------------

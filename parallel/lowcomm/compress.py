@@ -21,9 +21,10 @@ is the exact number of bytes sent, and an `all_gather` of the payload moves exac
   way compressed values must travel: the payloads are `all_gather`ed (quantised codes cannot be
   summed in flight) and each replica decompresses and averages them locally.
 
-Byte accounting used by the whole `lowcomm` family: the bytes a replica sends in one exchange are
-the size of its own operand of each collective over `replica` (its payload for an all_gather or
-all_to_all, the array for a psum), independent of how the collective is implemented.
+Byte accounting (the whole `lowcomm` family, `outer.py`): the bytes a replica sends in one
+exchange are the sizes of its operands of each collective over `replica` (its payload for an
+all_gather or all_to_all, the array for a psum), summed over the island's devices, independent of
+how the collective is implemented. `payload_bytes` is one device's operand.
 """
 
 from __future__ import annotations

@@ -19,6 +19,18 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   require(algo in BUILT, f"sharding.replica={algo!r} is not available yet; choose one of {BUILT}")
   require(sizes["replica"] > 1, f"sharding.replica={algo!r} needs islands to average over, but "
                                 f"mesh.replica={sizes['replica']}: set mesh.replica to 2 or more")
+  require(sizes["stage"] == 1, f"sharding.replica={algo!r} with mesh.stage={sizes['stage']}: a pipeline inside an "
+                              f"island is not supported yet (XLA's SPMD partitioner fails on the pipeline's "
+                              f"shard_map nested in the one over replica); use mesh.stage=1")
+  if algo in ("onebit_adam", "econtrol"):
+    require(c.freeze_step >= 1, f"lowcomm.freeze_step={c.freeze_step}: must be >= 1 (the full-precision warm-up "
+                                f"sets the variance that compression freezes)")
+  if algo == "econtrol":
+    require(c.econtrol_eta > 0, f"lowcomm.econtrol_eta={c.econtrol_eta}: must be positive")
+    require(0.0 < c.topk_fraction <= 1.0, f"lowcomm.topk_fraction={c.topk_fraction}: must be in (0, 1]")
+  if algo == "zeroth_order":
+    require(c.zo_eps > 0, f"lowcomm.zo_eps={c.zo_eps}: must be positive")
+    require(c.zo_directions >= 1, f"lowcomm.zo_directions={c.zo_directions}: must be >= 1")
   if algo not in _OUTER:
     return
   require(c.inner_steps >= 1, f"lowcomm.inner_steps={c.inner_steps}: H must be >= 1")

@@ -7,8 +7,7 @@ from typing import Any
 import jax
 import optax
 
-from configs import Config, OptimizerConfig
-from parallel.lowcomm.per_step import PER_STEP, as_optax, make_rule
+from configs import OptimizerConfig
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -29,13 +28,3 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, axes_tree: Any) -> op
   parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=matrix_mask(axes_tree)))
   return optax.chain(*parts)
-
-
-def make_replica_optimizer(config: Config, axes_tree: Any, replicas: int) -> optax.GradientTransformation | None:
-  """`sharding.replica`'s per-step rule (1-bit Adam, EControl: `parallel/lowcomm/per_step.py`) as
-  the island's optimizer, with `make_optimizer`'s schedule and weight-decay mask; its update
-  exchanges compressed gradients over `replica` itself. None for every other algorithm."""
-  if config.sharding.replica not in PER_STEP:
-    return None
-  rule = make_rule(config.sharding.replica, config.optimizer, config.lowcomm, replicas, matrix_mask(axes_tree))
-  return as_optax(rule, learning_rate_schedule(config.optimizer, config.train.steps), axis="replica")

@@ -21,7 +21,7 @@ from configs import Config, validate
 from models.transformer import Transformer, logical_axes
 from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan, plan_from_config
-from training.optimizer import make_optimizer, make_replica_optimizer
+from training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,7 @@ def build_setup(config: Config, plan: ShardingPlan) -> TrainSetup:
   graphdef, abstract_vars = nnx.split(abstract_model)
   axes = logical_axes(abstract_vars)
   abstract_params = nnx.to_pure_dict(abstract_vars)  # ShapeDtypeStructs
-  tx = (make_replica_optimizer(config, axes, plan.mesh.shape["replica"])
-        or make_optimizer(config.optimizer, config.train.steps, axes))
+  tx = make_optimizer(config.optimizer, config.train.steps, axes)
 
   param_sh = plan.tree_shardings(axes, abstract_params, plan.params)
   grad_sh = plan.tree_shardings(axes, abstract_params, plan.grads)

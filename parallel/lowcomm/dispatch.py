@@ -17,7 +17,6 @@ from configs.base import LowCommConfig
 from parallel.lowcomm.co2 import CO2
 from parallel.lowcomm.diloco import DiLoCo
 from parallel.lowcomm.noloco import NoLoCo
-from parallel.lowcomm.per_step import PerStep
 from parallel.lowcomm.sparseloco import SparseLoCo
 from parallel.lowcomm.streaming_diloco import StreamingDiLoCo
 
@@ -27,9 +26,6 @@ ALGORITHMS = {
     "noloco": lambda cfg, n_layers, n_replicas: NoLoCo(cfg, n_replicas),
     "co2": lambda cfg, n_layers, n_replicas: CO2(cfg),
     "sparseloco": lambda cfg, n_layers, n_replicas: SparseLoCo(cfg),
-    # per-step rules: the optimizer itself exchanges over replica (training.optimizer.make_replica_optimizer)
-    "onebit_adam": lambda cfg, n_layers, n_replicas: PerStep("onebit_adam", cfg, n_replicas),
-    "econtrol": lambda cfg, n_layers, n_replicas: PerStep("econtrol", cfg, n_replicas),
 }
 
 

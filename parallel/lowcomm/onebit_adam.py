@@ -7,7 +7,7 @@ with each island's own (not replica-averaged) gradients:
 - warm-up (step < freeze_step): the repo's AdamW exactly (`training/optimizer.py`: global-norm
   clipping, then `optax.adamw` with bias correction and masked decoupled weight decay) on the
   gradient averaged over `axis` by one full-precision all-reduce (psum: the gradients' bytes).
-- compression (step >= freeze_step): the variance v is frozen (bias-corrected at the freeze step).
+- compression (step >= freeze_step, steps counted from 0): the variance v is frozen (bias-corrected at the freeze step).
   Each replica updates the momentum with its LOCAL (locally clipped) gradient,
   m_i = b1 m + (1 - b1) g_i, and the momenta are averaged by the error-compensated 1-bit
   all-reduce (`compressed_allreduce`), after which m is the same on every replica and the step is
@@ -28,13 +28,16 @@ devices): d (Lp/8 + 4 + Lp/(8 n) + 4) with Lp the padded row, against 4 L for a 
 all-reduce (about 32 / (1 + 1/n) times fewer). With several devices per island the compression is
 per row (one scale per device's row), so the numbers depend on the island's size.
 
+The scales are mean|c|, the s minimising ||c - s sign(c)|| (as in EF-SignSGD); DeepSpeed uses
+the RMS ||c|| / sqrt(L). Error compensation makes either work; the numbers differ.
+
 State (`OneBitAdamState`, one replica's, every field float32 like params): m, v (the same on
 every replica), `worker_error` and `server_error` (this replica's server chunk of each row, kept in
 place in a params-shaped buffer, zeros elsewhere, so the state's shapes do not depend on the
-mesh). As with
-`training/lowcomm.py`'s outer state, the caller keeps one copy per replica (a leading [replicas]
-dimension split over `axis`) and passes each replica its own; params may come in either way (the
-same everywhere, typed invariant, or one copy per replica): outputs follow the inputs' types.
+mesh). As with `training/lowcomm.py`'s outer state, the caller keeps one copy per replica (a
+leading [replicas] dimension split over `axis`) and passes each replica its own; params may come in
+either way (the same everywhere, typed invariant, or one copy per replica): outputs follow the
+inputs' types.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   require(algo in BUILT, f"sharding.replica={algo!r} is not available yet; choose one of {BUILT}")
   require(sizes["replica"] > 1, f"sharding.replica={algo!r} needs islands to average over, but "
                                 f"mesh.replica={sizes['replica']}: set mesh.replica to 2 or more")
-  require(sizes["stage"] == 1, f"sharding.replica={algo!r} with mesh.stage={sizes['stage']}: a pipeline inside an "
-                              f"island is not supported yet (XLA's SPMD partitioner fails on the pipeline's "
-                              f"shard_map nested in the one over replica); use mesh.stage=1")
+  for axis, what in (("stage", "a pipeline"), ("seq", "context parallelism")):
+    require(sizes[axis] == 1, f"sharding.replica={algo!r} with mesh.{axis}={sizes[axis]}: {what} inside an island is "
+                              f"not supported yet (XLA's SPMD partitioner fails on its shard_map nested in the one "
+                              f"over replica); use mesh.{axis}=1")
   if algo in ("onebit_adam", "econtrol"):
     require(c.freeze_step >= 1, f"lowcomm.freeze_step={c.freeze_step}: must be >= 1 (the full-precision warm-up "
                                 f"sets the variance that compression freezes)")

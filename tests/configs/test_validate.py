@@ -90,6 +90,8 @@ def test_fill_axis():
     (["sharding.replica=diloco"], 8, r"sharding.replica='diloco' needs islands to average over, but mesh.replica=1"),
     (["mesh.replica=2", "mesh.stage=2", "mesh.data=2", "sharding.pipeline=1f1b", "data.microbatches=2",
       "sharding.replica=diloco"], 8, r"sharding.replica='diloco' with mesh.stage=2: a pipeline inside an island"),
+    (["mesh.replica=2", "mesh.seq=2", "mesh.data=2", "sharding.attention=ring", "sharding.replica=noloco"], 8,
+     r"sharding.replica='noloco' with mesh.seq=2: context parallelism inside an island is not supported yet"),
     (["mesh.replica=2", "mesh.data=4", "sharding.replica=streaming_diloco", "lowcomm.fragments=3"], 8,
      r"lowcomm.fragments=3: must be in 1..model.n_layers=2"),
     (["mesh.replica=2", "mesh.data=4", "sharding.replica=streaming_diloco", "model.n_layers=4",

@@ -3,8 +3,9 @@
 With `sharding.replica` other than "sync", every train step is one compiled program: a
 `jax.shard_map` manual over `replica` only, inside which one island runs the repo's own pure step
 (`training.step.make_train_step_fn`) on its rows of the batch, exactly as a run on the island's
-devices alone would: DDP, ZeRO-1/2/3, tensor and context parallelism inside the island are the
-plan's rules, unchanged (they leave the manual `replica` out of every spec). Around that inner
+devices alone would: DDP, ZeRO-1/2/3, tensor and sequence parallelism inside the island are the
+plan's rules, unchanged (they leave the manual `replica` out of every spec; a pipeline or context
+parallelism inside an island is refused by validation for now). Around that inner
 step the algorithm of `parallel/lowcomm/` (`dispatch.algorithm`) runs its outer work, the only
 thing that crosses `replica`.
 

@@ -119,12 +119,17 @@ def main() -> None:
   parser.add_argument("--replicas", type=int, default=4)
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   parser.add_argument("--gpu", action="store_true", help="run on the default JAX backend instead of 8 CPU devices")
+  parser.add_argument("--ddp_from", default="", help="a results.json whose DDP run (same steps, model and data) "
+                      "is the baseline, instead of training DDP again")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   results = []
   for name in args.methods.split(","):
     results.append(run(name, args))
     print(f"{name}: eval {results[-1]['final_eval_loss']:.4f} in {results[-1]['wall_s']:.0f}s", flush=True)
+  if args.ddp_from:
+    with open(args.ddp_from) as f:
+      results.insert(0, next(r for r in json.load(f)["results"] if r["name"] == "ddp"))
   ddp = next((r for r in results if r["name"] == "ddp"), None)
   for r in results:
     r["gap_to_ddp"] = (r["final_eval_loss"] / ddp["final_eval_loss"] - 1) if ddp else None

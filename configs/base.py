@@ -31,7 +31,10 @@ ATTENTION_METHODS = ("dense", "allgather", "ring", "tokenring", "ulysses", "usp"
 CONTEXT_LAYOUTS = ("contiguous", "zigzag", "striped")  # token order over `seq` (causal load balance)
 # Schedule over the `stage` axis (parallel/pipeline/schedule.py); "none": no pipeline.
 PIPELINE_SCHEDULES = ("none", "gpipe", "circular", "1f1b", "interleaved", "zb-h1", "zb-v")
-REPLICA_ALGORITHMS = ("sync",)  # what happens over `replica`: "sync" all-reduces every step
+# What happens over `replica` (parallel/lowcomm/): "sync" all-reduces gradients every step; the
+# others let each island train on its own and communicate rarely, compressed, or with one peer.
+REPLICA_ALGORITHMS = ("sync", "diloco", "streaming_diloco", "noloco", "co2", "sparseloco", "onebit_adam",
+                      "econtrol", "zeroth_order")
 # Mixture of experts: how routed tokens reach their experts (parallel/experts/), and the router's
 # score function (softmax over experts: Mixtral, Qwen; sigmoid: DeepSeek-V3).
 EXPERT_DISPATCHES = ("capacity", "dropless")
@@ -146,6 +149,29 @@ class ShardingConfig:
 
 
 @dataclass(frozen=True)
+class LowCommConfig:
+  """Knobs of the low-communication algorithms over `replica` (sharding.replica picks one)."""
+
+  inner_steps: int = 50  # H: inner optimizer steps between two outer steps (DiLoCo family)
+  outer_lr: float = 0.7  # outer learning rate on the averaged pseudo-gradient
+  outer_momentum: float = 0.9
+  outer_nesterov: bool = True
+  fragments: int = 4  # Streaming DiLoCo: parameter fragments synchronised on staggered schedules
+  delay: int = 1  # Streaming DiLoCo: tau, inner steps between an outer all-reduce's start and its use
+  mix: float = 0.5  # Streaming DiLoCo: alpha, weight of the local parameters when the outer update lands
+  quant_bits: int = 4  # bits per value of the exchanged outer gradients (Streaming: 4; SparseLoCo: 2); 0 none
+  topk_fraction: float = 0.02  # SparseLoCo: fraction of each pseudo-gradient kept (top-k by magnitude)
+  noloco_gamma: float = 0.5  # NoLoCo: weight of the pull towards the peer average in the outer step
+  staleness_penalty: float = 0.5  # CO2: penalty on the one-step-stale outer update
+  momentum_clip: float = 1.0  # CO2: clip on the outer momentum's norm; 0 off
+  freeze_step: int = 100  # 1-bit Adam / EControl: full-precision steps before compression (variance frozen)
+  econtrol_eta: float = 0.1  # EControl: error-control strength
+  zo_eps: float = 1e-3  # zeroth-order: perturbation scale
+  zo_directions: int = 1  # zeroth-order: perturbation directions per step and replica
+  seed: int = 0  # shared seed: peer schedule, perturbations
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
   learning_rate: float = 3e-3
   min_lr_ratio: float = 0.1
@@ -205,6 +231,7 @@ class Config:
   mesh: MeshConfig = field(default_factory=MeshConfig)
   sharding: ShardingConfig = field(default_factory=ShardingConfig)
   optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+  lowcomm: LowCommConfig = field(default_factory=LowCommConfig)
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -204,3 +204,17 @@ def test_two_processes_resume_from_checkpoint(run_once, tmp_path):
     assert f"resumed from the checkpoint at step {CKPT_EVERY}" in out, f"process {i}:\n{out[-3000:]}"
   _assert_same_steps(runs.records(workdir), want)
   assert (workdir / "checkpoints" / str(STEPS)).is_dir(), "the resumed run did not save its last step"
+
+
+LOWCOMM = ["mesh.replica=2", "mesh.data=1", "mesh.fsdp=4", "sharding.zero_stage=3", "sharding.replica=diloco",
+           "lowcomm.inner_steps=2"]
+
+
+def test_diloco_islands_on_two_hosts_match_one_process(run_once):
+  """`replica` across the two processes (one island of ZeRO-3 over 4 devices per host), DiLoCo's
+  outer steps the only traffic between them: the same losses as one process with 8 devices."""
+  want = _reference(run_once, "diloco", LOWCOMM)
+  workdir, outputs = run_once("diloco_2proc", LOWCOMM + NO_CKPT, 2, 4)
+  _check_mesh(outputs[0], "replica=2 x fsdp=4")
+  _assert_same_steps(runs.records(workdir), want)
+  assert [r["bytes_sent"] > 0 for r in runs.records(workdir, "train")] == [False, True, False, True, False]

@@ -16,6 +16,7 @@ from configs import Config
 from data import make_dataset
 from models.transformer import flops_per_token
 from training.checkpoint import Checkpointer, restore_params
+from training.lowcomm import LowCommRunner
 from training.metrics import MetricsWriter, Throughput, format_duration
 from training.state import TrainSetup, bytes_per_device, init_state, setup_from_config
 from training.step import make_eval_step, make_train_step
@@ -61,16 +62,20 @@ def _describe(setup: TrainSetup, state: Any) -> str:
   mib = lambda t: bytes_per_device(t) / 2**20
   strategies = setup.plan.strategies
   context = (f"; attention={strategies.attention} ({strategies.layout})" if mesh.shape["seq"] > 1 else "")
+  context += f"; replica={strategies.replica}" if strategies.replica != "sync" else ""
   return (f"mesh: {axes} ({mesh.devices.size} devices, {jax.process_count()} processes); "
           f"zero_stage={setup.config.sharding.zero_stage}{context}\n"
           f"parameters: {setup.n_params:,}; per device: params {mib(state['params']):.2f} MiB, "
           f"optimizer state {mib(state['opt_state']):.2f} MiB")
 
 
-def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data) -> tuple[dict, int]:
-  """(state, first step): the newest own checkpoint, else `init_params_from`, else a fresh init."""
+def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data, runner=None) -> tuple[dict, int]:
+  """(state, first step): the newest own checkpoint, else `init_params_from`, else a fresh init.
+  `runner`: a low-communication run's `LowCommRunner`, whose state this is."""
   config = setup.config
-  restored = ckpt.restore_latest(setup.abstract_state, config) if ckpt else None
+  abstract = runner.abstract_state if runner else setup.abstract_state
+  init = runner.init if runner else lambda params=None: init_state(setup, params)
+  restored = ckpt.restore_latest(abstract, config) if ckpt else None
   if restored:
     start, state, data_state = restored
     train_data.set_state(data_state)
@@ -80,8 +85,8 @@ def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data) -> 
   if source:
     step, params = restore_params(source, setup.abstract_state["params"], config)
     log.info("initialised the parameters from step %d of %s (optimizer state new)", step, source)
-    return init_state(setup, params), 0
-  return init_state(setup), 0
+    return init(params), 0
+  return init(), 0
 
 
 def train(config: Config, workdir: str) -> dict[str, Any]:
@@ -98,9 +103,10 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   val_data = (make_dataset(config.data, split="validation", **data_args)
               if config.data.val_fraction > 0 or config.data.source == "synthetic" else None)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint) if config.checkpoint.enabled else None
+  runner = LowCommRunner(setup) if setup.plan.strategies.replica != "sync" else None
   writer = stop = None
   try:
-    state, start = _initial_state(setup, ckpt, train_data)
+    state, start = _initial_state(setup, ckpt, train_data, runner)
     if proc == 0:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -108,7 +114,7 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
     log.info(_describe(setup, state))
     writer = MetricsWriter(workdir, enabled=proc == 0, resume_step=start)
     stop = StopSignal()
-    return _run(setup, state, start, train_data, val_data, ckpt, writer, stop)
+    return _run(setup, state, start, train_data, val_data, ckpt, writer, stop, runner)
   finally:
     if stop:
       stop.restore()
@@ -118,9 +124,11 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
       writer.close()
 
 
-def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, writer, stop) -> dict[str, Any]:
+def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, writer, stop, runner=None) -> dict[str, Any]:
   config = setup.config
-  train_step, eval_step = make_train_step(setup), make_eval_step(setup)
+  train_step = runner.step_fn(start) if runner else make_train_step(setup)
+  eval_step = make_eval_step(setup)
+  eval_params = runner.eval_params if runner else lambda state: state["params"]
   tokens_per_step = config.data.global_batch * config.data.seq_len
   meter = Throughput(tokens_per_step, flops_per_token(config.model, setup.n_params, config.data.seq_len))
   step, total = start, config.train.steps
@@ -148,8 +156,9 @@ def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, write
                 if "router_loss" in last else "")
       rate = (f" | experts: imbalance {last['load_imbalance']:.2f} (worst layer {last['load_imbalance_max']:.2f})"
               f"{losses}{rate}")
-    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s", logged_step, total, last["loss"],
-             last["grad_norm"], last["lr"], rate)
+    sent = f" | sent {last['bytes_sent']:.3g} B/replica" if "bytes_sent" in last else ""
+    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s%s", logged_step, total, last["loss"],
+             last["grad_norm"], last["lr"], sent, rate)
 
   t_start = time.perf_counter()
   while step < total and stop.received is None:
@@ -166,8 +175,8 @@ def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, write
       pending = (step, metrics)
     if val_data is not None and (step % config.train.eval_every == 0 or step == total):
       report()
-      last["eval_loss"] = evaluate(setup, eval_step, state["params"], val_data, config.train.eval_batches,
-                                 state.get("router_bias"))
+      last["eval_loss"] = evaluate(setup, eval_step, eval_params(state), val_data, config.train.eval_batches,
+                                   state.get("router_bias"))
       writer.write(step, {"loss": last["eval_loss"]}, split="eval")
       log.info("step %d eval loss %.4f", step, last["eval_loss"])
       meter.reset(step)

@@ -95,7 +95,7 @@ def make_pipelined_grad(setup: TrainSetup, microbatch: Callable) -> Callable:
     last = {"final_norm": compute["final_norm"], "out": compute["embed"] if tied else compute["lm_head"]}
     loss_sum, count, d_first, d_parts, d_last, _ = run_pipeline(
         schedule, first_fn, part_fn, logits_fn if split else last_fn, first, to_stages(variables[stack], schedule),
-        last, microbatch(batch), mesh=plan.mesh, batch_axes=plan.activation_axes("batch"),
+        last, microbatch(batch), mesh=plan.op_mesh, batch_axes=plan.activation_axes("batch"),
         x_spec=plan.spec((None, "residual_length", "embed"), plan.activations), vocab=split)
     d_layers, stats = from_stages(d_parts, schedule), {}
     if router_bias:  # the biases' "gradient" is the load (see the module docstring)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
+from models.cache import attend_with_cache
 from models.layers import apply_rope, param, rope_inv_freq
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -54,14 +55,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
                plan: ShardingPlan, linear: bool | jax.Array = False) -> jax.Array:
     """`linear`: a Python bool, or a traced one (a hybrid stack's per-layer kind)."""
-    x = x_BxLxD.astype(self.dtype)
-    w = lambda p: p[...].astype(self.dtype)
-    project = lambda p, axes: plan.constrain(jnp.einsum("bld,dhk->blhk", x, w(p)), ("batch", "length") + axes)
-    q = project(self.wq, ("heads", "head_dim"))
-    k = project(self.wk, ("kv_heads", "head_dim"))
-    v = project(self.wv, ("kv_heads", "head_dim"))
-    inv_freq = rope_inv_freq(self.cfg)
-    q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
+    q, k, v = self.project_qkv(x_BxLxD, positions_BxL, plan)
 
     def softmax():
       return attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
@@ -75,5 +69,29 @@ class Attention(nnx.Module):
       out_BxLxHxD = decayed_linear() if linear else softmax()
     else:
       out_BxLxHxD = jax.lax.cond(linear, decayed_linear, softmax)
+    return self.project_out(out_BxLxHxD, plan)
+
+  def project_qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                  plan: ShardingPlan) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, L, H, D], k and v [B, L, K, D], RoPE applied to q and k."""
+    x = x_BxLxD.astype(self.dtype)
+    project = lambda p, axes: plan.constrain(jnp.einsum("bld,dhk->blhk", x, p[...].astype(self.dtype)),
+                                             ("batch", "length") + axes)
+    q = project(self.wq, ("heads", "head_dim"))
+    k = project(self.wk, ("kv_heads", "head_dim"))
+    v = project(self.wv, ("kv_heads", "head_dim"))
+    inv_freq = rope_inv_freq(self.cfg)
+    return apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq), v
+
+  def project_out(self, out_BxLxHxD: jax.Array, plan: ShardingPlan) -> jax.Array:
     out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, w(self.wo))
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, self.wo[...].astype(self.dtype))
+
+  def with_cache(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: dict, cache_len_B: jax.Array,
+                 plan: ShardingPlan) -> tuple[jax.Array, dict]:
+    """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
+    [B, S, K, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
+    output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache."""
+    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan)
+    out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
+    return self.project_out(out, plan), {"k": k, "v": v}

@@ -1,0 +1,138 @@
+"""The engine against the full forward pass: greedy decode with the KV cache (chunked prefill,
+several requests at once) gives, at every step, the argmax and the log_softmax of the logits that
+the model computes over the whole sequence without a cache; stop tokens, lengths, aborts and bad
+requests."""
+
+import jax
+import numpy as np
+import pytest
+
+from models.cache import attend_with_cache
+from parallel.attention.dense import dot_product_attention
+from parallel.plan import single_device_plan
+from serving.engine import Engine, Request, SamplingParams
+from tests.reference import assert_close
+from tests.serving import tiny
+
+SLOTS, BUDGET = 3, 16
+
+
+def make_engine(params, **kw):
+  kw = {"slots": SLOTS, "token_budget": BUDGET, "max_len": tiny.MAX_LEN, "eos_id": None, **kw}
+  return Engine(tiny.CFG, params, plan=single_device_plan(), **kw)
+
+
+def run(engine, requests, joins=None):
+  """Steps until idle; `joins` {step: [requests]} adds requests later. Returns {id: (tokens, logprobs, reason)}."""
+  for r in requests:
+    engine.add(r)
+  out, step, joins = {}, 0, dict(joins or {})
+  while engine.has_work() or joins:
+    for r in joins.pop(step, []):
+      engine.add(r)
+    for e in engine.step():
+      tokens, logprobs, _ = out.get(e.request_id, ([], [], None))
+      out[e.request_id] = (tokens + e.token_ids, logprobs + (e.logprobs or []), e.finish_reason)
+    step += 1
+  return out
+
+
+def greedy(rid, prompt, n, **kw):
+  return Request(rid, tuple(int(t) for t in prompt), SamplingParams(max_tokens=n, temperature=0.0, logprobs=True, **kw))
+
+
+@pytest.fixture(scope="module", params=["random", "trained"])
+def engine_and_params(request):
+  params = tiny.random_params() if request.param == "random" else tiny.trained_params()
+  return make_engine(params), params
+
+
+def test_attend_with_cache_equals_dense_attention():
+  """Keys split at every point between the cache and the new tokens: the dense causal attention
+  of the whole sequence, for the new tokens' rows."""
+  rng = np.random.default_rng(0)
+  b, length, h, k, d = 2, 12, 4, 2, 8
+  q, kk, v = (rng.standard_normal((b, length, n, d)).astype(np.float32) for n in (h, k, k))
+  want = np.asarray(jax.jit(dot_product_attention, static_argnums=3)(q, kk, v, None))
+  cached = jax.jit(attend_with_cache)
+  pad = lambda x: np.concatenate([x, rng.standard_normal((b, 4, k, d)).astype(np.float32)], axis=1)  # stale tail
+  for split in (0, 5, 11):
+    got = cached(q[:, split:], kk[:, split:], v[:, split:], pad(kk[:, :split]), pad(v[:, :split]),
+                            np.full((b,), split, np.int32))
+    assert_close(got, want[:, split:], what=f"split at {split}")
+
+
+def test_greedy_equals_full_forward(engine_and_params):
+  """Three requests at once on three slots; prompts longer than the token budget are prefilled in chunks."""
+  engine, params = engine_and_params
+  rng = np.random.default_rng(1)
+  prompts = [tiny.PATTERN[:5], rng.integers(0, tiny.CFG.vocab_size, 21), np.tile(tiny.PATTERN, 2)[3:40]]
+  out = run(engine, [greedy(str(i), p, 9) for i, p in enumerate(prompts)])
+  for i, p in enumerate(prompts):
+    tokens, logprobs, logits = tiny.reference_decode(params, p, 9)
+    assert out[str(i)][0] == tokens, f"request {i}"
+    assert_logprobs_close(out[str(i)][1], logprobs, logits)
+    assert out[str(i)][2] == "length"
+
+
+def assert_logprobs_close(got, want, logits):
+  """A log-probability x - logsumexp(x) inherits the logits' absolute error, so it is compared at
+  float32's tolerance relative to the size of that step's logits (a confident model's log-probs
+  near 0 are smaller than the rounding of the logits they come from)."""
+  scale = np.abs(np.asarray(logits)).max(axis=-1)
+  err = np.abs(np.asarray(got) - np.asarray(want)) / scale
+  assert err.max() <= 1e-5, f"log-probabilities: error {err.max():.3g} of the logits' size > 1e-5"
+
+
+def test_trained_model_continues_its_cycle():
+  """The trained fixture is a real test of decoding: it continues the cycle it was trained on."""
+  tokens, _, _ = tiny.reference_decode(tiny.trained_params(), tiny.PATTERN[:6], 6)
+  assert tokens == tiny.PATTERN[6:12].tolist()
+
+
+def test_stop_tokens_eos_and_length():
+  params = tiny.random_params()
+  engine = make_engine(params, eos_id=None)
+  prompt = tiny.PATTERN[:4]
+  ref, _, _ = tiny.reference_decode(params, prompt, 8)
+  stop = ref[3]
+  out = run(engine, [greedy("stop", prompt, 8, stop_token_ids=(stop,)), greedy("len", prompt, 2)])
+  assert out["stop"][0] == ref[:ref.index(stop) + 1] and out["stop"][2] == "stop"
+  assert out["len"][0] == ref[:2] and out["len"][2] == "length"
+  engine.eos_id = ref[1]
+  out = run(engine, [greedy("eos", prompt, 8)])
+  assert out["eos"][0] == ref[:ref.index(ref[1]) + 1] and out["eos"][2] == "stop"
+
+
+def test_abort_frees_the_slot():
+  engine = make_engine(tiny.random_params())
+  for i in range(SLOTS + 1):
+    engine.add(greedy(str(i), tiny.PATTERN[:3], 20))
+  engine.step()
+  assert engine.num_running == SLOTS and engine.num_waiting == 1
+  engine.abort("0")
+  engine.abort("3")  # still waiting
+  events = engine.step()
+  aborted = {e.request_id for e in events if e.finish_reason == "abort"}
+  assert aborted == {"0", "3"} and all(e.finished for e in events if e.request_id in aborted)
+  assert engine.num_running == SLOTS - 1 and engine.num_waiting == 0
+  for rid in ("1", "2"):
+    engine.abort(rid)
+  engine.step()
+  assert not engine.has_work()
+
+
+@pytest.mark.parametrize("prompt,sampling,field", [
+    ((), SamplingParams(max_tokens=4), "prompt_ids"),
+    ((1, 2), SamplingParams(max_tokens=0), "max_tokens"),
+    ((1,) * 60, SamplingParams(max_tokens=5), "context"),
+    ((1, 2), SamplingParams(max_tokens=4, temperature=-0.5), "temperature"),
+    ((1, 2), SamplingParams(max_tokens=4, top_k=-1), "top_k"),
+    ((1, 2), SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+    ((1, 500), SamplingParams(max_tokens=4), "prompt_ids"),
+])
+def test_add_rejects_bad_requests(engine_and_params, prompt, sampling, field):
+  engine, _ = engine_and_params
+  with pytest.raises(ValueError, match=field):
+    engine.add(Request("bad", prompt, sampling))
+  assert not engine.has_work()

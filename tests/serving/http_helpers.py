@@ -10,12 +10,11 @@ the real `Engine`.
 from __future__ import annotations
 
 import collections
-import socket
+import signal
 import threading
 import time
 
-import uvicorn
-
+from serving.app import DrainingServer, bind
 from serving.engine import Request, TokenEvent
 
 
@@ -80,16 +79,14 @@ class StandInEngine:
 
 
 class Server:
-  """uvicorn serving `app` on 127.0.0.1 (a free port) in a daemon thread; `stop()` shuts it down."""
+  """serve.py's server (`DrainingServer`) for `app` on 127.0.0.1 (a free port) in a daemon thread;
+  `stop()` shuts it down as SIGTERM would."""
 
-  def __init__(self, app, graceful_s: float = 5.0):
-    self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    self._sock.bind(("127.0.0.1", 0))
+  def __init__(self, app, engine, graceful_s: float = 5.0):
+    self._sock = bind("127.0.0.1", 0)
     self.port = self._sock.getsockname()[1]
     self.url = f"http://127.0.0.1:{self.port}"
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_s)
-    self.server = uvicorn.Server(config)
+    self.server = DrainingServer(app, engine, graceful_s=graceful_s)
     self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
     self._thread.start()
     deadline = time.monotonic() + 30
@@ -99,6 +96,6 @@ class Server:
       time.sleep(0.01)
 
   def stop(self) -> None:
-    self.server.should_exit = True
+    self.server.handle_exit(signal.SIGTERM, None)  # what the signal handler calls
     self._thread.join(30)
     self._sock.close()

@@ -9,36 +9,10 @@ import pytest
 
 from models.cache import attend_with_cache
 from parallel.attention.dense import dot_product_attention
-from parallel.plan import single_device_plan
-from serving.engine import Engine, Request, SamplingParams
+from serving.engine import Request, SamplingParams
 from tests.reference import assert_close
 from tests.serving import tiny
-
-SLOTS, BUDGET = 3, 16
-
-
-def make_engine(params, **kw):
-  kw = {"slots": SLOTS, "token_budget": BUDGET, "max_len": tiny.MAX_LEN, "eos_id": None, **kw}
-  return Engine(tiny.CFG, params, plan=single_device_plan(), **kw)
-
-
-def run(engine, requests, joins=None):
-  """Steps until idle; `joins` {step: [requests]} adds requests later. Returns {id: (tokens, logprobs, reason)}."""
-  for r in requests:
-    engine.add(r)
-  out, step, joins = {}, 0, dict(joins or {})
-  while engine.has_work() or joins:
-    for r in joins.pop(step, []):
-      engine.add(r)
-    for e in engine.step():
-      tokens, logprobs, _ = out.get(e.request_id, ([], [], None))
-      out[e.request_id] = (tokens + e.token_ids, logprobs + (e.logprobs or []), e.finish_reason)
-    step += 1
-  return out
-
-
-def greedy(rid, prompt, n, **kw):
-  return Request(rid, tuple(int(t) for t in prompt), SamplingParams(max_tokens=n, temperature=0.0, logprobs=True, **kw))
+from tests.serving.tiny import SLOTS, greedy, make_engine, run
 
 
 @pytest.fixture(scope="module", params=["random", "trained"])

@@ -1,4 +1,4 @@
-"""Shared by the engine tests: a tiny decoder, a briefly trained copy of it, and the reference
+"""Shared by the engine tests: a tiny decoder, an engine over it and a loop that runs it, a briefly trained copy of it, and the reference
 decoder every engine result is checked against: the full forward pass re-run over the whole
 sequence for every new token (no cache), argmax and log_softmax taken in numpy."""
 
@@ -14,6 +14,8 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.transformer import Transformer
+from parallel.plan import single_device_plan
+from serving.engine import Engine, Request, SamplingParams
 
 CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 MAX_LEN = 64
@@ -76,3 +78,30 @@ def reference_decode(params, prompt, n: int, cfg: ModelConfig = CFG, length: int
     logits.append(row)
     seq.append(token)
   return tokens, logprobs, logits
+
+
+SLOTS, BUDGET = 3, 16
+
+
+def make_engine(params, **kw):
+  kw = {"slots": SLOTS, "token_budget": BUDGET, "max_len": MAX_LEN, "eos_id": None, **kw}
+  return Engine(CFG, params, plan=single_device_plan(), **kw)
+
+
+def run(engine, requests, joins=None):
+  """Steps until idle; `joins` {step: [requests]} adds requests later. Returns {id: (tokens, logprobs, reason)}."""
+  for r in requests:
+    engine.add(r)
+  out, step, joins = {}, 0, dict(joins or {})
+  while engine.has_work() or joins:
+    for r in joins.pop(step, []):
+      engine.add(r)
+    for e in engine.step():
+      tokens, logprobs, _ = out.get(e.request_id, ([], [], None))
+      out[e.request_id] = (tokens + e.token_ids, logprobs + (e.logprobs or []), e.finish_reason)
+    step += 1
+  return out
+
+
+def greedy(rid, prompt, n, **kw):
+  return Request(rid, tuple(int(t) for t in prompt), SamplingParams(max_tokens=n, temperature=0.0, logprobs=True, **kw))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import time
 
@@ -81,9 +80,7 @@ def _run() -> None:
   from parallel.xla_flags import apply_default_flags
   apply_default_flags()
 
-  import uvicorn
-
-  from serving.app import create_app
+  from serving.app import DrainingServer, bind, create_app
   from serving.async_engine import AsyncEngine
   from serving.chat_template import load_chat_template
   from serving.engine import Engine
@@ -93,8 +90,11 @@ def _run() -> None:
   model = loaded.config.model
   max_len = FLAGS.max_len or model.max_seq_len
   tokenizer = loaded.tokenizer
-  engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
-                  max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps)
+  try:
+    engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
+                    max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps)
+  except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
+    raise configs.ConfigError(f"engine flags: {err}") from None
   source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
   log.info("loaded %s: %d layers, d_model=%d, vocab=%d, tokenizer %r", source, model.n_layers, model.d_model,
            model.vocab_size, tokenizer)
@@ -108,20 +108,9 @@ def _run() -> None:
   name = _model_name(loaded.config)
   application = create_app(async_engine, tokenizer, model_name=name, chat_template=template)
 
-  class Server(uvicorn.Server):
-    def handle_exit(self, sig, frame) -> None:
-      if not async_engine.draining:
-        log.info("signal %d: draining (%d requests in flight, up to %.0f s)", sig, async_engine.num_outstanding,
-                 FLAGS.graceful_s)
-      async_engine.draining = True  # new requests on open connections get 503
-      super().handle_exit(sig, frame)
-
-  family = socket.AF_INET6 if ":" in FLAGS.host else socket.AF_INET
-  sock = socket.socket(family, socket.SOCK_STREAM)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  sock.bind((FLAGS.host, FLAGS.port))
+  sock = bind(FLAGS.host, FLAGS.port)
   host, port = sock.getsockname()[:2]
-  server = Server(uvicorn.Config(application, log_level="warning", timeout_graceful_shutdown=FLAGS.graceful_s))
+  server = DrainingServer(application, async_engine, graceful_s=FLAGS.graceful_s)
   print(f"serving model {name!r} ({source}); listening on http://{host}:{port}", flush=True)
   server.run(sockets=[sock])
   log.info("stopped: %d requests were still in flight", async_engine.num_outstanding)

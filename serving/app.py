@@ -10,6 +10,11 @@ Every error is OpenAI's shape {"error": {"message", "type", "param", "code"}}: 4
 or out-of-range request (FastAPI's 422 validation errors included), 404 for an unknown model or
 route, 429 when the queue is full, 503 while draining, 500 when the engine failed. A client that
 disconnects (streaming or not) has its requests aborted, which frees their decode slots.
+
+`DrainingServer` is uvicorn's server with the graceful shutdown serve.py needs: on SIGTERM or
+SIGINT it stops accepting connections, answers 503 to new requests on open ones, lets in-flight
+requests run for `graceful_s` seconds, then cancels the rest (aborting them in the engine) and
+stops the engine thread.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import socket
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -30,6 +38,53 @@ from serving import protocol as P
 from serving.async_engine import AsyncEngine, Draining, EngineFailed, Output, QueueFull, RequestHandle
 from serving.chat_template import ChatTemplate
 from serving.engine import SamplingParams
+
+
+log = logging.getLogger("shardlab.serving")
+
+
+class DrainingServer(uvicorn.Server):
+  """uvicorn.Server that drains the engine on shutdown: new requests get 503, in-flight ones run for
+  `graceful_s` seconds, then are aborted (their streams end with finish_reason "abort"). uvicorn's
+  own cancellation of whatever is still running comes `BACKSTOP_S` later."""
+
+  BACKSTOP_S = 5.0
+
+  def __init__(self, app: FastAPI, engine: AsyncEngine, *, graceful_s: float, log_level: str = "warning"):
+    super().__init__(uvicorn.Config(app, log_level=log_level,
+                                    timeout_graceful_shutdown=graceful_s + self.BACKSTOP_S))
+    self.engine, self.graceful_s = engine, graceful_s
+
+  def handle_exit(self, sig: int, frame) -> None:
+    if not self.engine.draining:
+      log.info("signal %d: draining (%d requests in flight, up to %.0f s)", sig, self.engine.num_outstanding,
+               self.graceful_s)
+    self.engine.draining = True  # new requests on connections still open get 503
+    super().handle_exit(sig, frame)
+    # uvicorn re-raises the signal after its shutdown, so the process dies of it (status -15); a
+    # drained server has exited cleanly, so serve.py returns 0 instead.
+    self._captured_signals.clear()
+
+  async def shutdown(self, sockets=None) -> None:
+    self.engine.draining = True
+    cancel = asyncio.get_running_loop().call_later(self.graceful_s, self._cancel_in_flight)
+    try:
+      await super().shutdown(sockets)
+    finally:
+      cancel.cancel()
+
+  def _cancel_in_flight(self) -> None:
+    if self.engine.num_outstanding:
+      log.info("grace period over: aborting %d requests", self.engine.num_outstanding)
+    self.engine.abort_all()
+
+
+def bind(host: str, port: int) -> socket.socket:
+  """A bound TCP socket (port 0: any free one) for `DrainingServer.run(sockets=[...])`."""
+  sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind((host, port))
+  return sock
 
 
 def _error(status: int, message: str, **fields: Any) -> JSONResponse:
@@ -173,8 +228,8 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
       raise
     return handles
 
-  def token_texts(ids: list[int]) -> list[str]:
-    return [tokenizer.decode([t]) for t in ids]
+  def token_texts(ids: list[int], as_ids: bool) -> list[str]:
+    return [f"token_id:{t}" if as_ids else tokenizer.decode([t]) for t in ids]
 
   async def collect(handle: RequestHandle) -> dict:
     text, ids, lps, reason = [], [], [], None
@@ -244,7 +299,7 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
         return None
       ids = out.token_ids if isinstance(out, Output) else out["ids"]
       vals = out.logprobs if isinstance(out, Output) else out["logprobs"]
-      return P.completion_logprobs(token_texts(ids), list(vals or []), offset)
+      return P.completion_logprobs(token_texts(ids, req.return_tokens_as_token_ids), list(vals or []), offset)
 
     if req.stream:
       def choice(i: int, out: Output) -> dict:
@@ -277,7 +332,8 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
     handles = await submit_all([tokenizer.encode(text)], req, req.max_new_tokens, req.logprobs)
 
     def lp(ids: list[int], vals: list[float] | None) -> dict | None:
-      return P.chat_logprobs(token_texts(ids), list(vals or [])) if req.logprobs else None
+      return (P.chat_logprobs(token_texts(ids, req.return_tokens_as_token_ids), list(vals or []))
+              if req.logprobs else None)
 
     if req.stream:
       def first(i: int) -> dict:

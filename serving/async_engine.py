@@ -194,6 +194,11 @@ class AsyncEngine:
   def abort(self, request_id: str) -> None:
     self._post(("abort", request_id))
 
+  def abort_all(self) -> None:
+    """Aborts every outstanding request (their streams end with finish_reason "abort")."""
+    for rid in list(self._outstanding):
+      self.abort(rid)
+
   def _finished(self, handle: RequestHandle, reason: str | None) -> None:
     if handle.id in self._outstanding:
       self._outstanding.discard(handle.id)

@@ -5,8 +5,8 @@ which the app answers as a 400 in OpenAI's error shape (`error_body`). Checks th
 model (the prompt's length against the context, the model's name) live in `check_lengths` and
 the app, so this module stays free of the engine.
 
-Supported beyond the plain fields: `seed` (same seed, same text), `stop` (strings), `top_k`
-(as vLLM), `logprobs` (the sampled token's log-probability only: the engine does not rank
+Supported beyond the plain fields: `seed` (same seed, same text), `stop` (strings), `top_k` and
+`return_tokens_as_token_ids` (as vLLM), `logprobs` (the sampled token's log-probability only: the engine does not rank
 alternatives, so `logprobs > 0` for completions and `top_logprobs > 0` for chat are refused rather
 than answered wrongly), `stream_options.include_usage`, and `n` completions per prompt.
 """
@@ -62,6 +62,8 @@ class _SamplingFields(BaseModel):
   stream_options: StreamOptions | None = None
   n: int = Field(default=1, ge=1, le=MAX_N)
   user: str | None = None
+  # vLLM's extension: log-probability entries name tokens as "token_id:<id>", exact for any vocabulary.
+  return_tokens_as_token_ids: bool = False
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import httpx
@@ -26,10 +27,11 @@ from tests.serving.http_helpers import Server, StandInEngine
 TIMEOUT = 60.0
 
 
-def _serve(engine, *, max_waiting: int = 64, template: ChatTemplate | None = None, name: str = "tiny"):
+def _serve(engine, *, max_waiting: int = 64, template: ChatTemplate | None = None, graceful_s: float = 5.0):
   async_engine = AsyncEngine(engine, ByteTokenizer(), max_waiting=max_waiting)
-  app = create_app(async_engine, ByteTokenizer(), model_name=name, chat_template=template or ChatTemplate(DEFAULT_TEMPLATE))
-  return Server(app), async_engine
+  app = create_app(async_engine, ByteTokenizer(), model_name="tiny",
+                   chat_template=template or ChatTemplate(DEFAULT_TEMPLATE))
+  return Server(app, async_engine, graceful_s), async_engine
 
 
 def _client(server: Server) -> openai.OpenAI:
@@ -301,90 +303,157 @@ def test_engine_failure_is_a_500_and_unhealthy():
     server.stop()
 
 
-# ---- the real engine on a tiny random-init model ----------------------------------------------
+def test_sigterm_finishes_short_requests_and_cancels_long_ones():
+  engine = StandInEngine(slots=2, max_len=64, step_s=0.02)
+  server, async_engine = _serve(engine, graceful_s=0.5)
+  client = _client(server)
+  short = client.completions.create(model="tiny", prompt="a", max_tokens=10, stream=True)  # ~0.2 s
+  long = client.completions.create(model="tiny", prompt="a", max_tokens=60, stream=True)  # ~1.2 s
+  next(iter(short)), next(iter(long))
+  server.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+  assert "".join(c.choices[0].text for c in short).endswith("k")  # all 10 tokens: "b".."k"
+  ends = [c.choices[0].finish_reason for c in long]  # cut when the grace period ends
+  assert ends[-1] == "abort" and len(ends) < 60
+  server._thread.join(10)
+  assert not server._thread.is_alive() and not async_engine.alive
+  assert engine.aborted and async_engine.metrics.finished["abort"] == 1
+  with pytest.raises(httpx.ConnectError):
+    httpx.get(server.url + "/health", timeout=TIMEOUT)
 
-MAX_LEN = 64
+
+# ---- serve.py with the real engine on a tiny random-init model ---------------------------------
+
+# A random initialisation (train.seed) that the test rebuilds in-process for its reference; a large
+# init spreads the logits, so argmax has no near-ties to trip on.
+SERVED = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+          "data.seq_len=64", "model.init_std=0.5"]
+EOS = ByteTokenizer.eos_id
+
+
+def _sigterm_mid_stream(proc, url: str, log) -> None:
+  """SIGTERM while a stream runs: the stream completes (the grace period is long), exit status 0."""
+  client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+  chunks = iter(client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=40, stream=True,
+                                          stream_options={"include_usage": True}))
+  next(chunks)
+  proc.send_signal(signal.SIGTERM)
+  rest = list(chunks)
+  assert rest[-1].usage is not None and any(c.choices and c.choices[0].finish_reason for c in rest)
+  assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+  assert "draining" in log.read_text()
+  with pytest.raises(httpx.ConnectError):
+    httpx.get(url + "/health", timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def real():
-  """serve: the real Engine (tiny random-init Llama, byte tokenizer); ref(prompt_ids, n): greedy
-  tokens and their log-probabilities from full forward passes of the same model (the reference)."""
+def served(tmp_path_factory):
+  """(url, ref): serve.py in a subprocess, as a user starts it; ref(prompt_ids, n) -> the greedy
+  tokens and their log-probabilities from full forward passes of the same parameters (in-process,
+  no cache). Its teardown checks the shutdown: SIGTERM mid-stream, then a clean exit."""
+  import subprocess
+  import sys
+
   import jax
   import numpy as np
   from flax import nnx
 
-  from configs import ModelConfig
+  import configs
   from models.transformer import Transformer
-  from parallel.plan import single_device_plan
-  from serving.engine import Engine
+  from serving.loading import load
+  from tests import runs
 
-  cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=MAX_LEN,
-                    init_std=0.5)  # a large init spreads the logits: no near-ties for argmax to trip on
-  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(state)
-  forward = jax.jit(lambda p, t: jax.nn.log_softmax(nnx.merge(graphdef, p)(t).astype("float32"), axis=-1))
+  log = tmp_path_factory.mktemp("serve") / "serve.log"
+  cmd = [sys.executable, str(runs.REPO / "serve.py"), "--config=tiny", "--port=0", "--slots=8", "--token_budget=16",
+         "--max_waiting=64", "--graceful_s=30", *[f"--set={o}" for o in SERVED]]
+  with open(log, "w") as err:
+    proc = subprocess.Popen(cmd, cwd=runs.REPO, env=runs.env(devices=1), stdout=subprocess.PIPE, stderr=err,
+                            text=True)
+  try:
+    # While serve.py starts, build the reference from the same initialisation.
+    loaded = load(configs.get_config("tiny", SERVED), devices=jax.devices()[:1])
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(loaded.config.model, rngs=nnx.Rngs(0))))
+    forward = jax.jit(lambda p, t: jax.nn.log_softmax(nnx.merge(graphdef, p)(t).astype("float32"), axis=-1))
 
-  def ref(prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    ids, lps = list(prompt_ids), []
-    for _ in range(n):
-      padded = np.zeros((1, MAX_LEN), np.int32)  # causal: the padding after the end changes nothing
-      padded[0, :len(ids)] = ids
-      row = np.asarray(forward(state, padded))[0, len(ids) - 1]
-      ids.append(int(row.argmax()))
-      lps.append(float(row.max()))
-    return ids[len(prompt_ids):], lps
+    def ref(prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
+      ids, lps = list(prompt_ids), []
+      for _ in range(n):
+        padded = np.zeros((1, 64), np.int32)  # causal: the padding after the end changes nothing
+        padded[0, :len(ids)] = ids
+        row = np.asarray(forward(loaded.params, padded))[0, len(ids) - 1]
+        ids.append(int(row.argmax()))
+        lps.append(float(row.max()))
+        if ids[-1] == EOS:
+          break
+      return ids[len(prompt_ids):], lps
 
-  engine = Engine(cfg, params, plan=single_device_plan(), slots=8, token_budget=16, max_len=MAX_LEN, eos_id=None)
-  server, async_engine = _serve(engine, max_waiting=64)
-  yield server, ref
-  server.stop()
+    line = proc.stdout.readline()
+    assert "listening on http://127.0.0.1:" in line, log.read_text()[-3000:]
+    assert "loaded random initialisation" in log.read_text()
+    url = line.rsplit("listening on ", 1)[1].strip()
+    yield url, ref
+    _sigterm_mid_stream(proc, url, log)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
 
 
-def test_greedy_completion_equals_the_reference(real):
-  server, ref = real
+def _served_client(url: str) -> openai.OpenAI:
+  return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+def _ids(tokens: list[str]) -> list[int]:
+  return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def test_greedy_completion_equals_the_reference(served):
+  url, ref = served
+  client = _served_client(url)
+  assert [m.id for m in client.models.list().data] == ["tiny"]
   want_ids, want_lps = ref(list(b"Hello"), 6)
-  r = _client(server).completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=0)
+  r = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=0,
+                                extra_body={"return_tokens_as_token_ids": True})
   choice = r.choices[0]
-  assert choice.text == ByteTokenizer().decode(want_ids) and r.usage.completion_tokens == 6
-  assert choice.logprobs.tokens == [ByteTokenizer().decode([t]) for t in want_ids]
-  np_close = [abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(choice.logprobs.token_logprobs, want_lps)]
-  assert all(np_close), (choice.logprobs.token_logprobs, want_lps)
-  # The same through the streaming path, by token ids (a byte tokenizer can hide ids >= 256).
-  stream = _client(server).completions.create(model="tiny", prompt=list(b"Hello"), max_tokens=6, temperature=0,
-                                              stream=True, logprobs=0)
-  got = [t for c in stream for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
-  assert got == choice.logprobs.tokens
+  assert _ids(choice.logprobs.tokens) == want_ids and r.usage.completion_tokens == len(want_ids)
+  assert choice.finish_reason == ("stop" if want_ids[-1] == EOS else "length")
+  assert choice.text == ByteTokenizer().decode(want_ids)
+  close = [abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(choice.logprobs.token_logprobs, want_lps)]
+  assert all(close), (choice.logprobs.token_logprobs, want_lps)
+  # The same through the streaming path.
+  stream = client.completions.create(model="tiny", prompt=list(b"Hello"), max_tokens=6, temperature=0, stream=True,
+                                     logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+  assert _ids([t for c in stream for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]) == want_ids
 
 
-def test_greedy_chat_equals_the_reference(real):
-  server, ref = real
-  prompt = "user: hi\nassistant:"
-  want_ids, _ = ref(list(prompt.encode()), 5)
-  r = _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=5, temperature=0)
+def test_greedy_chat_equals_the_reference(served):
+  url, ref = served
+  client = _served_client(url)
+  want_ids, _ = ref(list(b"user: hi\nassistant:"), 5)
+  messages = [{"role": "user", "content": "hi"}]
+  r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                     extra_body={"return_tokens_as_token_ids": True})
+  assert _ids([t.token for t in r.choices[0].logprobs.content]) == want_ids
   assert r.choices[0].message.content == ByteTokenizer().decode(want_ids)
-  chunks = _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=5, temperature=0, stream=True)
+  chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, stream=True)
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
 
 
-def test_a_seeded_sample_is_reproduced(real):
-  server, _ = real
-  client = _client(server)
+def test_a_seeded_sample_is_reproduced(served):
+  url, _ = served
+  client = _served_client(url)
 
-  def sample(seed: int) -> list[str]:
-    r = client.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, top_p=0.95,
-                                  seed=seed, logprobs=0)
-    return r.choices[0].logprobs.tokens
+  def sample(seed: int) -> list[int]:
+    r = client.completions.create(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, top_p=0.95, seed=seed,
+                                  logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+    return _ids(r.choices[0].logprobs.tokens)
 
   first = sample(7)
   assert sample(7) == first
-  assert sample(8) != first  # 12 draws from a spread distribution: equal only by a vanishing chance
+  assert sample(8) != first  # a spread distribution: equal draws only by a vanishing chance
 
 
-def test_64_concurrent_streams(real):
-  server, _ = real
+def test_64_concurrent_streams(served):
+  url, _ = served
 
   async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, str | None]:
     stream = await client.completions.create(model="tiny", prompt=f"request {i}", max_tokens=4, temperature=0.7,
@@ -398,9 +467,12 @@ def test_64_concurrent_streams(real):
     return tokens, reason
 
   async def run():
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
     async with client:
       return await asyncio.wait_for(asyncio.gather(*[one(client, i) for i in range(64)]), TIMEOUT)
 
   results = asyncio.run(run())
-  assert results == [(4, "length")] * 64
+  assert all(reason in ("length", "stop") and 1 <= n <= 4 for n, reason in results), results
+  assert all(n == 4 for n, reason in results if reason == "length"), results
+  text = httpx.get(url + "/metrics", timeout=TIMEOUT).text
+  assert 'shardlab_request_success_total{finished_reason="abort"} 0' in text

@@ -17,7 +17,7 @@ from models.transformer import Transformer
 from parallel.plan import single_device_plan
 from serving.engine import Engine, Request, SamplingParams
 
-CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+CFG = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 MAX_LEN = 64
 PATTERN = np.arange(7, 7 + 23) % CFG.vocab_size  # the trained model learns to continue this cycle
 

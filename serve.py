@@ -44,8 +44,8 @@ flags.DEFINE_string("served_model_name", None, "The model name clients send (def
 flags.DEFINE_string("chat_template", None, "A tokenizer_config.json or a Jinja file with the chat template "
                     "(default: the checkpoint's tokenizer_config.json if it has one, else 'role: content' lines).")
 flags.DEFINE_float("graceful_s", 30.0, "After SIGTERM, seconds in-flight requests may take before they are cancelled.")
-flags.DEFINE_bool("warmup", True, "Run one request through the engine before listening, so the first "
-                  "client does not wait for compilation.")
+flags.DEFINE_bool("warmup", True, "Before listening, run one request per prefill chunk length through the "
+                  "engine, so clients do not wait for compilation.")
 
 log = logging.getLogger("shardlab")
 
@@ -63,13 +63,16 @@ def _template_dirs(config) -> list[str]:
   return dirs
 
 
-def _warm_up(engine, max_len: int) -> float:
+def _warm_up(engine, token_budget: int, max_len: int) -> float:
+  """One request per prefill bucket (so every chunk length compiles now), each decoding 2 tokens."""
   from serving.engine import Request, SamplingParams
+  from serving.runner import buckets
 
   start = time.perf_counter()
-  engine.add(Request(id="warmup", prompt_ids=(0,) * min(8, max_len - 2), sampling=SamplingParams(max_tokens=2)))
-  while engine.has_work():
-    engine.step()
+  for i, n in enumerate(sorted({min(b, max_len - 2) for b in buckets(token_budget)})):
+    engine.add(Request(id=f"warmup-{i}", prompt_ids=(0,) * n, sampling=SamplingParams(max_tokens=2)))
+    while engine.has_work():
+      engine.step()
   return time.perf_counter() - start
 
 
@@ -102,7 +105,7 @@ def _run() -> None:
   log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
            FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)
   if FLAGS.warmup:
-    log.info("warm-up request done in %.1f s", _warm_up(engine, max_len))
+    log.info("warm-up request done in %.1f s", _warm_up(engine, FLAGS.token_budget, max_len))
 
   async_engine = AsyncEngine(engine, tokenizer, max_waiting=FLAGS.max_waiting)
   name = _model_name(loaded.config)

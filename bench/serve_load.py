@@ -6,8 +6,8 @@
   # or against a server that is already up:
   python bench/serve_load.py --url=http://127.0.0.1:8000 --request_rates=inf --num_prompts=50
 
-Definitions (as vLLM's benchmarks/serve): per streamed request, TTFT = first non-empty text chunk
-minus send time; ITL = the gaps between successive text chunks (all requests pooled); TPOT =
+Definitions (as vLLM's benchmarks/serve): per streamed request, TTFT = first chunk with tokens
+minus send time; ITL = the gaps between successive chunks with tokens (all requests pooled); TPOT =
 (E2E - TTFT) / (output tokens - 1); E2E = last chunk minus send time; each reported as mean,
 median and p99 in ms. Request throughput = completed requests / benchmark duration; output
 throughput = generated tokens / duration (token counts from the server's `usage`). Goodput =
@@ -51,6 +51,7 @@ flags.DEFINE_integer("max_token_id", 256, "Random prompts use token ids in [1, m
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature sent with every request (0: greedy).")
 flags.DEFINE_string("goodput", "", "SLOs in ms, e.g. ttft:500,tpot:50,e2el:10000.")
 flags.DEFINE_integer("seed", 0, "Seed of prompt lengths, contents and arrival times.")
+flags.DEFINE_integer("warmup_prompts", 4, "Requests sent (all at once) and discarded before the first rate.")
 flags.DEFINE_float("request_timeout", 600.0, "Seconds before a request counts as failed.")
 flags.DEFINE_string("out", "", "Write the results (one entry per rate) as JSON here.")
 
@@ -81,8 +82,11 @@ def arrival_gaps(rng: np.random.Generator, rate: float, n: int) -> np.ndarray:
 
 
 async def one_request(client, url: str, model: str, prompt, max_tokens: int) -> dict:
+  # logprobs=0 lists each chunk's tokens, so a chunk of tokens without visible text (an incomplete
+  # character, or ids a random model picks outside the tokenizer's text) still counts as arrived.
   body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": FLAGS.temperature,
-          "stream": True, "stream_options": {"include_usage": True}}
+          "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0,
+          "return_tokens_as_token_ids": True}
   out = {"ok": False, "ttft": None, "itl": [], "e2el": None, "prompt_tokens": 0, "output_tokens": 0, "error": ""}
   start = last = time.perf_counter()
   try:
@@ -101,7 +105,7 @@ async def one_request(client, url: str, model: str, prompt, max_tokens: int) -> 
         if chunk.get("usage"):
           out["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
           out["output_tokens"] = chunk["usage"]["completion_tokens"]
-        if any(c.get("text") for c in chunk.get("choices", [])):
+        if any(c.get("text") or (c.get("logprobs") or {}).get("tokens") for c in chunk.get("choices", [])):
           if out["ttft"] is None:
             out["ttft"] = now - start
           else:
@@ -110,7 +114,7 @@ async def one_request(client, url: str, model: str, prompt, max_tokens: int) -> 
     out["e2el"] = last - start
     out["ok"] = out["ttft"] is not None
     if not out["ok"]:
-      out["error"] = "no text came back"
+      out["error"] = "no token came back"
   except Exception as err:  # noqa: BLE001 -- a failed request is a result, not a crash
     out["error"] = f"{type(err).__name__}: {err}"
   return out
@@ -129,10 +133,10 @@ async def run_rate(url: str, model: str, requests: list, rate: float, rng: np.ra
 
     start = time.perf_counter()
     tasks = []
-    for (prompt, max_tokens), gap in zip(requests, gaps):
-      tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
-      if gap > 0:
+    for i, ((prompt, max_tokens), gap) in enumerate(zip(requests, gaps)):
+      if i and gap > 0:  # the first request goes at once; each later one `gap` after its predecessor
         await asyncio.sleep(gap)
+      tasks.append(asyncio.create_task(limited(prompt, max_tokens)))
     results = await asyncio.gather(*tasks)
     return results, time.perf_counter() - start
 
@@ -190,7 +194,11 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  import logging
+
   import httpx
+
+  logging.getLogger("httpx").setLevel(logging.WARNING)
 
   slos = {k: float(v) for k, v in (item.split(":") for item in FLAGS.goodput.split(",") if item)}
   unknown = set(slos) - {"ttft", "tpot", "e2el"}
@@ -199,6 +207,9 @@ def main(argv):
   proc, url = (None, FLAGS.url.rstrip("/")) if FLAGS.url else start_server()
   try:
     model = FLAGS.model or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    if FLAGS.warmup_prompts:
+      warm = make_requests(np.random.default_rng(FLAGS.seed + 10_000))[:FLAGS.warmup_prompts]
+      asyncio.run(run_rate(url, model, warm, float("inf"), np.random.default_rng(0)))
     rows = []
     for i, rate_text in enumerate(FLAGS.request_rates):
       rng = np.random.default_rng(FLAGS.seed + i)

@@ -173,6 +173,11 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
       engine.metrics.reject("invalid")
     return JSONResponse(err.body(), status_code=err.status)
 
+  @app.exception_handler(Exception)
+  async def _unexpected(request: Request, err: Exception):
+    log.exception("unexpected error")
+    return _error(500, f"internal error: {type(err).__name__}: {err}", type="server_error")
+
   @app.get("/health")
   async def health():
     if engine.draining:

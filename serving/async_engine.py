@@ -16,6 +16,7 @@ frees its slot at the next step. If `engine.step` raises, every outstanding requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -140,6 +141,7 @@ class AsyncEngine:
     self._outstanding: set[str] = set()  # event loop only
     self._ids = itertools.count()
     self._stop = False
+    self._closed = False  # the thread has ended: commands are refused, not queued
     self._started = False
     self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -226,8 +228,18 @@ class AsyncEngine:
 
   def _post(self, command: tuple) -> None:
     with self._cv:
-      self._inbox.append(command)
-      self._cv.notify()
+      if not self._closed:
+        self._inbox.append(command)
+        self._cv.notify()
+        return
+    self._refuse(command)
+
+  def _refuse(self, command: tuple) -> None:
+    """An `add` that reached a stopped engine thread: its submitter is told, not left waiting."""
+    if command[0] == "add":
+      _, _, loop, queue = command
+      with contextlib.suppress(RuntimeError):  # the event loop may be closed already
+        loop.call_soon_threadsafe(queue.put_nowait, EngineFailed(self.error or "the engine has stopped"))
 
   def _send(self, rid: str, item) -> None:
     target = self._live.get(rid)
@@ -261,6 +273,11 @@ class AsyncEngine:
       log.exception("engine step failed")
       self.error = f"{type(err).__name__}: {err}"
     finally:
+      with self._cv:
+        self._closed = True
+        leftover, self._inbox = self._inbox, []
+      for command in leftover:
+        self._refuse(command)
       failure = EngineFailed(self.error) if self.error else None
       for rid in list(self._live):
         if failure is not None:

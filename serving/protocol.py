@@ -107,7 +107,7 @@ class CompletionRequest(_SamplingFields):
 
   prompt: str | list[str] | list[int] | list[list[int]]
   max_tokens: int | None = Field(default=16, gt=0)  # OpenAI's default for completions
-  logprobs: int | None = Field(default=None, ge=0, le=0)
+  logprobs: int | None = None
   echo: bool = False
   best_of: int | None = None
   suffix: str | None = None
@@ -117,6 +117,14 @@ class CompletionRequest(_SamplingFields):
   def _nonempty(cls, v):
     if isinstance(v, list) and not v:
       raise ValueError("prompt must not be an empty list")
+    return v
+
+  @field_validator("logprobs")
+  @classmethod
+  def _sampled_only(cls, v: int | None) -> int | None:
+    if v not in (None, 0):
+      raise ValueError(f"logprobs={v}: only 0 is supported (the sampled tokens' log-probabilities; "
+                       "this server does not rank alternatives)")
     return v
 
   @model_validator(mode="after")
@@ -162,8 +170,15 @@ class ChatCompletionRequest(_SamplingFields):
 
   messages: list[ChatMessage] = Field(min_length=1)
   logprobs: bool = False
-  top_logprobs: int | None = Field(default=None, ge=0, le=0)
+  top_logprobs: int | None = None
   max_completion_tokens: int | None = Field(default=None, gt=0)
+
+  @field_validator("top_logprobs")
+  @classmethod
+  def _no_alternatives(cls, v: int | None) -> int | None:
+    if v not in (None, 0):
+      raise ValueError(f"top_logprobs={v}: only 0 is supported (this server does not rank alternatives)")
+    return v
 
   @property
   def max_new_tokens(self) -> int | None:
@@ -243,6 +258,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
   if not errors:
     return "invalid request", None
   first = errors[0]
+  if first.get("type") == "json_invalid":
+    return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
   loc = [str(x) for x in first.get("loc", ()) if x != "body"]
   param = loc[0] if loc else None
   where = ".".join(loc) or "body"

@@ -194,7 +194,9 @@ def test_bad_json_and_unknown_routes(standin):
   server, _, _ = standin
   r = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "tiny", "prompt": ', timeout=TIMEOUT,
                  headers={"content-type": "application/json"})
-  assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+  error = r.json()["error"]
+  assert r.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] is None
+  assert "JSON" in error["message"]
   r = httpx.get(f"{server.url}/v1/nothing", timeout=TIMEOUT)
   assert r.status_code == 404 and "error" in r.json()
 

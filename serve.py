@@ -70,9 +70,11 @@ def _warm_up(engine, token_budget: int, max_len: int) -> float:
 
   start = time.perf_counter()
   for i, n in enumerate(sorted({min(b, max_len - 2) for b in buckets(token_budget)})):
-    engine.add(Request(id=f"warmup-{i}", prompt_ids=(0,) * n, sampling=SamplingParams(max_tokens=2)))
-    while engine.has_work():
-      engine.step()
+    for temperature in (0.0, 1.0):  # greedy and sampled
+      engine.add(Request(id=f"warmup-{i}-{temperature}", prompt_ids=(0,) * n,
+                         sampling=SamplingParams(max_tokens=2, temperature=temperature)))
+      while engine.has_work():
+        engine.step()
   return time.perf_counter() - start
 
 

@@ -307,8 +307,12 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
       return P.completion_logprobs(token_texts(ids, req.return_tokens_as_token_ids), list(vals or []), offset)
 
     if req.stream:
+      emitted = [0] * len(handles)  # characters of each choice's text so far: where a chunk's offsets start
+
       def choice(i: int, out: Output) -> dict:
-        return {"index": i, "text": out.text, "finish_reason": out.finish_reason, "logprobs": lp(out)}
+        logprobs = lp(out, emitted[i])
+        emitted[i] += len(out.text)
+        return {"index": i, "text": out.text, "finish_reason": out.finish_reason, "logprobs": logprobs}
       return _AbortOnDisconnect(stream_events(handles, req, P.completion_chunk, choice, None), handles)
 
     async def answer() -> Response:

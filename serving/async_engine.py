@@ -52,8 +52,6 @@ class Output:
   logprobs: list[float] | None
   finished: bool = False
   finish_reason: str | None = None  # "stop" | "length" | "abort"
-  num_prompt_tokens: int = 0
-  num_output_tokens: int = 0  # so far
 
 
 _ACCEPTED = object()
@@ -120,8 +118,7 @@ class RequestHandle:
       self._owner.abort(self.id)
     end = len(self._stops.text) if finished else self._stops.safe_length()
     text, self._emitted = self._stops.text[self._emitted:end], max(self._emitted, end)
-    return Output(text, ids, list(event.logprobs) if event.logprobs is not None else None, finished, reason,
-                  len(self.request.prompt_ids), self.num_output_tokens)
+    return Output(text, ids, list(event.logprobs) if event.logprobs is not None else None, finished, reason)
 
 
 class AsyncEngine:

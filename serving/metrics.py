@@ -100,10 +100,6 @@ class Metrics:
       if n_tokens > 1:
         self.tpot.observe((end - first_token) / (n_tokens - 1))
 
-  def tokens_per_second(self) -> float:
-    with self._lock:
-      return self._rate_locked()
-
   def _rate_locked(self) -> float:
     now = self._clock()
     while self._recent and self._recent[0][0] < now - self.window_s:

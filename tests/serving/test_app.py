@@ -71,6 +71,8 @@ def test_completion_text_usage_and_logprobs(standin):
   assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 4, 7)
   assert r.choices[0].logprobs.tokens == list("defg") and r.choices[0].logprobs.token_logprobs == [-0.5] * 4
   assert r.choices[0].logprobs.text_offset == [0, 1, 2, 3]
+  chunks = list(_client(server).completions.create(model="tiny", prompt="abc", max_tokens=4, logprobs=0, stream=True))
+  assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == [0, 1, 2, 3]
 
 
 def test_completion_token_ids_several_prompts_and_n(standin):

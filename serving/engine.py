@@ -12,8 +12,14 @@ per-step token budget. The prompt's last chunk yields the first output token. A 
 its EOS or a stop token id ("stop", the token included) or at `max_tokens` ("length"); `abort`
 ends it at the next step ("abort"), and its slot is free for the next request at once.
 
+Parallelism comes from the plan, as in training: `tensor` splits every replica's heads and MLP
+units (Megatron, the same rule tables), and `data` makes data-parallel replicas: each holds a full
+copy of the (tensor-split) weights on its slice of the mesh, `slots / data` of the slots and its own
+scheduler; a new request goes to the replica with the least outstanding work. Other mesh axes
+(replica, stage, fsdp, seq, expert) must be 1 for serving.
+
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
-One host transfer per step, after every dispatch of the step.
+A step dispatches the work of every replica, then waits for the device once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import jax
 import numpy as np
 
 from configs import ModelConfig
+from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan
 from serving.runner import ModelRunner, buckets
 from serving.scheduler import Scheduler, Sequence
@@ -62,8 +69,68 @@ class TokenEvent:
   finish_reason: str | None  # "stop" | "length" | "abort"
 
 
+def replica_plans(plan: ShardingPlan) -> list[ShardingPlan]:
+  """One plan per index of the `data` axis: the same rule tables over that slice of the mesh."""
+  mesh = plan.mesh
+  others = {a: n for a, n in mesh.shape.items() if a not in ("data", "tensor") and n > 1}
+  if others:
+    raise ValueError(f"serving splits requests over `data` and weights over `tensor`; mesh axes {others} must be 1")
+  data = mesh.axis_names.index("data")
+  sizes = {"tensor": mesh.shape["tensor"]}
+  return [dataclasses.replace(plan, mesh=make_mesh(sizes, np.take(mesh.devices, i, axis=data).reshape(-1).tolist()))
+          for i in range(mesh.shape["data"])]
+
+
+class _Replica:
+  """One data-parallel replica: its scheduler, its model runner (weights and KV cache) and the
+  last token of each of its slots."""
+
+  def __init__(self, model_config: ModelConfig, params: Any, plan: ShardingPlan, slots: int, token_budget: int,
+               max_len: int, decode_steps: int):
+    self.slots, self.decode_steps = slots, decode_steps
+    self.buckets = buckets(token_budget)
+    self.scheduler = Scheduler(slots, token_budget, max_chunk=self.buckets[-1])
+    self.runner = ModelRunner(model_config, params, plan=plan, slots=slots, max_len=max_len)
+    self.last_token = np.zeros(slots, np.int32)
+
+  @property
+  def load(self) -> int:
+    return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+  def dispatch(self) -> tuple:
+    """Schedules a step and starts its work on the device: (plan, first tokens, decoded) where first
+    tokens are (sequence, token, logprob) of prompts finished by this step, all device arrays."""
+    plan = self.scheduler.schedule()
+    firsts = []
+    for seq, start, n in plan.chunks:
+      bucket = next(b for b in self.buckets if b >= n)
+      out = self.runner.prefill(np.asarray(seq.request.prompt_ids[start:start + n]), bucket, seq.slot, start,
+                                self._sampling_rows([seq]))
+      seq.prefilled += n
+      if not seq.in_prompt:
+        firsts.append((seq, *out))
+    decoded = None
+    if plan.decode:
+      active = np.zeros(self.slots, bool)
+      active[[s.slot for s in plan.decode]] = True
+      decoded = self.runner.decode(self.last_token, active, self._sampling_rows(plan.decode, per_slot=True),
+                                   self.decode_steps)
+    return plan, firsts, decoded
+
+  def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
+    """(temperature, top_k, top_p, seed, index of the next output token): one row per sequence,
+    or with `per_slot` one row per slot (rows of other slots are greedy and ignored)."""
+    rows = np.zeros((self.slots if per_slot else len(seqs), 5), np.float64)
+    rows[:, 2] = 1.0
+    for i, seq in enumerate(seqs):
+      s = seq.request.sampling
+      rows[seq.slot if per_slot else i] = (s.temperature, s.top_k, s.top_p, seq.seed, len(seq.output))
+    return tuple(rows[:, j] for j in range(5))
+
+
 class Engine:
-  """Continuous batching over `slots` KV-cache slots of `max_len` positions each."""
+  """Continuous batching over `slots` KV-cache slots of `max_len` positions each (`slots` in all,
+  split evenly over the data-parallel replicas; `token_budget` per replica and step)."""
 
   def __init__(self, model_config: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, token_budget: int,
                max_len: int, eos_id: int | None, decode_steps: int = 1):
@@ -73,25 +140,27 @@ class Engine:
         raise ValueError(f"{name}={value} must be >= 1")
     if max_len > model_config.max_seq_len:
       raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={model_config.max_seq_len}")
+    plans = replica_plans(plan)
+    if slots % len(plans):
+      raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots
     self.eos_id, self.decode_steps = eos_id, decode_steps
-    self._buckets = buckets(token_budget)
-    self._scheduler = Scheduler(slots, token_budget, max_chunk=self._buckets[-1])
-    self._runner = ModelRunner(model_config, params, plan=plan, slots=slots, max_len=max_len)
-    self._last_token = np.zeros(slots, np.int32)
+    self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps)
+                      for p in plans]
+    self._where: dict[str, _Replica] = {}  # request id -> its replica
     self._aborts: list[str] = []
     self._seeds = np.random.default_rng()
 
   @property
   def num_waiting(self) -> int:
-    return len(self._scheduler.waiting)
+    return sum(len(r.scheduler.waiting) for r in self._replicas)
 
   @property
   def num_running(self) -> int:
-    return len(self._scheduler.running)
+    return sum(len(r.scheduler.running) for r in self._replicas)
 
   def has_work(self) -> bool:
-    return bool(self._scheduler.waiting or self._scheduler.running or self._aborts)
+    return bool(self._where or self._aborts)
 
   def add(self, request: Request) -> None:
     """Queues a request; ValueError (naming the field) if it cannot be served."""
@@ -111,10 +180,12 @@ class Engine:
       raise ValueError(f"top_k={s.top_k} must be >= 0")
     if not 0 < s.top_p <= 1:
       raise ValueError(f"top_p={s.top_p} must be in (0, 1]")
-    if request.id in self._scheduler.running or any(q.request.id == request.id for q in self._scheduler.waiting):
+    if request.id in self._where:
       raise ValueError(f"request id {request.id!r} is already in the engine")
     seed = s.seed if s.seed is not None else int(self._seeds.integers(2**31))
-    self._scheduler.add(Sequence(request, seed=seed % 2**32))
+    replica = min(self._replicas, key=lambda r: r.load)
+    replica.scheduler.add(Sequence(request, seed=seed % 2**32))
+    self._where[request.id] = replica
 
   def abort(self, request_id: str) -> None:
     """Ends the request at the next step; its slot is free from then on. Unknown ids are ignored."""
@@ -124,46 +195,23 @@ class Engine:
     """One scheduler step: prompt chunks and decode tokens; the new tokens of every request that got some."""
     events = []
     for rid in self._aborts:
-      if self._scheduler.remove(rid) is not None:
+      replica = self._where.pop(rid, None)
+      if replica is not None:
+        replica.scheduler.remove(rid)
         events.append(TokenEvent(rid, [], None, True, "abort"))
     self._aborts.clear()
-    plan = self._scheduler.schedule()
-
-    firsts = []  # (sequence, token, logprob) of prompts that finished this step
-    for seq, start, n in plan.chunks:
-      bucket = next(b for b in self._buckets if b >= n)
-      out = self._runner.prefill(np.asarray(seq.request.prompt_ids[start:start + n]), bucket, seq.slot, start,
-                                 self._sampling_rows([seq]))
-      seq.prefilled += n
-      if not seq.in_prompt:
-        firsts.append((seq, *out))
-    decoded = None
-    if plan.decode:
-      active = np.zeros(self.slots, bool)
-      active[[s.slot for s in plan.decode]] = True
-      decoded = self._runner.decode(self._last_token, active, self._sampling_rows(plan.decode, per_slot=True),
-                                    self.decode_steps)
-    firsts, decoded = jax.device_get((firsts, decoded))  # the step's one wait for the device
-
-    for seq, token, logprob in firsts:
-      events.append(self._emit(seq, [int(token[0])], [float(logprob[0])]))
-    if decoded is not None:
-      tokens, logprobs = decoded
-      for seq in plan.decode:
-        events.append(self._emit(seq, tokens[:, seq.slot].tolist(), logprobs[:, seq.slot].tolist()))
+    started = [(r, *r.dispatch()) for r in self._replicas]
+    started = jax.device_get(started)  # the step's one wait for the device
+    for replica, plan, firsts, decoded in started:
+      for seq, token, logprob in firsts:
+        events.append(self._emit(replica, seq, [int(token[0])], [float(logprob[0])]))
+      if decoded is not None:
+        tokens, logprobs = decoded
+        for seq in plan.decode:
+          events.append(self._emit(replica, seq, tokens[:, seq.slot].tolist(), logprobs[:, seq.slot].tolist()))
     return events
 
-  def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
-    """(temperature, top_k, top_p, seed, index of the next output token): one row per sequence,
-    or with `per_slot` one row per slot (rows of other slots are greedy and ignored)."""
-    rows = np.zeros((self.slots if per_slot else len(seqs), 5), np.float64)
-    rows[:, 2] = 1.0
-    for i, seq in enumerate(seqs):
-      s = seq.request.sampling
-      rows[seq.slot if per_slot else i] = (s.temperature, s.top_k, s.top_p, seq.seed, len(seq.output))
-    return tuple(rows[:, j] for j in range(5))
-
-  def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[float]) -> TokenEvent:
+  def _emit(self, replica: _Replica, seq: Sequence, tokens: list[int], logprobs: list[float]) -> TokenEvent:
     """Appends tokens up to the request's end; frees its slot when it ends."""
     s, reason, kept = seq.request.sampling, None, 0
     for token in tokens:
@@ -175,8 +223,9 @@ class Engine:
         reason = "length"
       if reason:
         break
-    self._last_token[seq.slot] = seq.output[-1]
+    replica.last_token[seq.slot] = seq.output[-1]
     if reason:
-      self._scheduler.remove(seq.request.id)
+      replica.scheduler.remove(seq.request.id)
+      del self._where[seq.request.id]
     return TokenEvent(seq.request.id, tokens[:kept], logprobs[:kept] if s.logprobs else None, reason is not None,
                       reason)

@@ -53,6 +53,7 @@ def serving_params(cfg: ModelConfig, params: Any, plan: ShardingPlan) -> Any:
   shardings = plan.tree_shardings(logical_axes(state), nnx.to_pure_dict(state), plan.params)
   dtype = jnp.dtype(cfg.compute_dtype)
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  params = jax.device_put(params, shardings)  # may move them: a data-parallel replica holds its own copy
   return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 

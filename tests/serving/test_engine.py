@@ -1,14 +1,20 @@
 """The engine against the full forward pass: greedy decode with the KV cache (chunked prefill,
 several requests at once) gives, at every step, the argmax and the log_softmax of the logits that
 the model computes over the whole sequence without a cache; stop tokens, lengths, aborts and bad
-requests."""
+requests; tensor-parallel and data-parallel decode equal to one device."""
+
+import dataclasses
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from models.cache import attend_with_cache
+from models.transformer import Transformer
 from parallel.attention.dense import dot_product_attention
+from parallel.mesh import make_mesh
+from parallel.plan import make_plan
 from serving.engine import Request, SamplingParams
 from tests.reference import assert_close
 from tests.serving import tiny
@@ -110,3 +116,29 @@ def test_add_rejects_bad_requests(engine_and_params, prompt, sampling, field):
   with pytest.raises(ValueError, match=field):
     engine.add(Request("bad", prompt, sampling))
   assert not engine.has_work()
+
+
+TP_CFG = dataclasses.replace(tiny.CFG, n_heads=8, n_kv_heads=4)  # kv heads split 4 ways
+
+
+@pytest.fixture(scope="module")
+def tp_case():
+  """Four requests (greedy and seeded sampling) on one device: what every mesh must reproduce."""
+  params = tiny.params_of(Transformer(TP_CFG, rngs=nnx.Rngs(3)))
+  rng = np.random.default_rng(4)
+  requests = [greedy(str(i), rng.integers(0, TP_CFG.vocab_size, n), 6) for i, n in enumerate((3, 20, 9))]
+  requests.append(Request("s", (5, 6, 7), SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=9,
+                                                          logprobs=True)))
+  return params, requests, run(make_engine(params, cfg=TP_CFG, slots=4), requests)
+
+
+@pytest.mark.parametrize("sizes", [{"tensor": 2}, {"tensor": 4}, {"data": 2, "tensor": 2}])
+def test_parallel_decode_equals_one_device(tp_case, sizes):
+  """Megatron tensor parallelism (the training rule tables) within each replica, data-parallel
+  replicas over `data`: the same tokens and log-probabilities as one device."""
+  params, requests, want = tp_case
+  n = int(np.prod(list(sizes.values())))
+  plan = make_plan(make_mesh(sizes, jax.devices()[:n]))
+  got = run(make_engine(params, cfg=TP_CFG, slots=4, plan=plan), requests)
+  assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+  assert_close({k: np.asarray(v[1]) for k, v in got.items()}, {k: np.asarray(v[1]) for k, v in want.items()})

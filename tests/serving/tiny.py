@@ -83,9 +83,10 @@ def reference_decode(params, prompt, n: int, cfg: ModelConfig = CFG, length: int
 SLOTS, BUDGET = 3, 16
 
 
-def make_engine(params, **kw):
-  kw = {"slots": SLOTS, "token_budget": BUDGET, "max_len": MAX_LEN, "eos_id": None, **kw}
-  return Engine(CFG, params, plan=single_device_plan(), **kw)
+def make_engine(params, cfg: ModelConfig = CFG, **kw):
+  kw = {"slots": SLOTS, "token_budget": BUDGET, "max_len": MAX_LEN, "eos_id": None, "plan": single_device_plan(),
+        **kw}
+  return Engine(cfg, params, **kw)
 
 
 def run(engine, requests, joins=None):

@@ -5,7 +5,7 @@ character can span tokens, and a word-initial space depends on the previous toke
 (vLLM's, after Hugging Face TGI) decodes a short window twice, with and without the new tokens,
 and emits the difference once it no longer ends in U+FFFD (an incomplete character).
 
-Stop strings are matched on the text; the text from the first stop string on is dropped. While
+Stop strings are matched on the text; the text from the first stop string to complete is dropped. While
 streaming, a tail that could still become a stop string is held back until it cannot.
 """
 
@@ -59,9 +59,11 @@ class StopStringMatcher:
       return
     start = max(0, len(self.text) - self._longest + 1)  # a match must end inside the new text
     self.text += delta
-    hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+    # The stop string that completes first (as if the text came one character at a time), and of
+    # those ending at the same place the longest, so the cut does not depend on how tokens group.
+    hits = [(i + len(s), i) for s, i in ((s, self.text.find(s, start)) for s in self.stops) if i >= 0]
     if hits:
-      self.text = self.text[:min(hits)]
+      self.text = self.text[:min(hits)[1]]
       self.stopped = True
 
   def safe_length(self) -> int:

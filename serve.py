@@ -78,10 +78,25 @@ def _warm_up(engine, token_budget: int, max_len: int) -> float:
   return time.perf_counter() - start
 
 
-def _run() -> None:
+def _check_flags(config) -> None:
+  """Flag errors before anything loads or compiles, each naming the flag, its value and the rule."""
   if FLAGS.checkpoint and FLAGS.hf:
-    raise configs.ConfigError("give --checkpoint or --hf, not both")
+    raise configs.ConfigError("--checkpoint and --hf: give one of them, not both")
+  for name in ("slots", "token_budget", "decode_steps"):
+    if getattr(FLAGS, name) < 1:
+      raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 1")
+  for name in ("max_len", "max_waiting", "port"):
+    if getattr(FLAGS, name) < 0:
+      raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
+  if FLAGS.graceful_s < 0:
+    raise configs.ConfigError(f"--graceful_s={FLAGS.graceful_s}: must be >= 0")
+  if not FLAGS.hf and FLAGS.max_len > config.model.max_seq_len:  # with --hf the checkpoint's config decides
+    raise configs.ConfigError(f"--max_len={FLAGS.max_len}: must be <= model.max_seq_len={config.model.max_seq_len}")
+
+
+def _run() -> None:
   config = configs.get_config(FLAGS.config, FLAGS.set)
+  _check_flags(config)
   from parallel.xla_flags import apply_default_flags
   apply_default_flags()
 

@@ -480,3 +480,16 @@ def test_64_concurrent_streams(served):
   assert all(n == 4 for n, reason in results if reason == "length"), results
   text = httpx.get(url + "/metrics", timeout=TIMEOUT).text
   assert 'shardlab_request_success_total{finished_reason="abort"} 0' in text
+
+
+@pytest.mark.parametrize("flag,message", [("--slots=0", "--slots=0: must be >= 1"),
+                                          ("--max_len=4096", "--max_len=4096: must be <= model.max_seq_len=128")])
+def test_serve_py_refuses_bad_flags_before_loading(flag, message):
+  import subprocess
+  import sys
+
+  from tests import runs
+
+  p = subprocess.run([sys.executable, str(runs.REPO / "serve.py"), "--config=tiny", flag], cwd=runs.REPO,
+                     env=runs.env(devices=1), capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2 and f"ConfigError: {message}" in p.stderr, p.stderr[-2000:]

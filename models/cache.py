@@ -88,8 +88,9 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
     raise ValueError(f"{h} query heads do not group over {kv} key/value heads")
   q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
   scale = d ** -0.5
-  s_cache = jnp.einsum("btkgd,bskd->bkgts", q, cache_k_BxSxKxD.astype(q.dtype)).astype(jnp.float32) * scale
-  s_new = jnp.einsum("btkgd,bukd->bkgtu", q, k_BxTxKxD).astype(jnp.float32) * scale
+  f32 = jnp.float32
+  s_cache = jnp.einsum("btkgd,bskd->bkgts", q, cache_k_BxSxKxD.astype(q.dtype), preferred_element_type=f32) * scale
+  s_new = jnp.einsum("btkgd,bukd->bkgtu", q, k_BxTxKxD, preferred_element_type=f32) * scale
   cached = jnp.arange(cache_k_BxSxKxD.shape[1])[None, :] < cache_len_B[:, None]  # [B, S]
   causal = jnp.tril(jnp.ones((t, t), bool))
   neg = jnp.finfo(jnp.float32).min
@@ -97,7 +98,6 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   s_new = jnp.where(causal, s_new, neg)
   p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1)
   p_cache, p_new = p[..., :s_cache.shape[-1]].astype(q.dtype), p[..., s_cache.shape[-1]:].astype(q.dtype)
-  f32 = jnp.float32
   out = (jnp.einsum("bkgts,bskd->btkgd", p_cache, cache_v_BxSxKxD.astype(q.dtype), preferred_element_type=f32)
          + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32))
   return out.reshape(b, t, h, d).astype(q.dtype)

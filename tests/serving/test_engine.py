@@ -6,6 +6,7 @@ requests; tensor-parallel and data-parallel decode equal to one device."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,19 +28,21 @@ def engine_and_params(request):
   return make_engine(params), params
 
 
-def test_attend_with_cache_equals_dense_attention():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_with_cache_equals_dense_attention(dtype):
   """Keys split at every point between the cache and the new tokens: the dense causal attention
-  of the whole sequence, for the new tokens' rows."""
+  of the whole sequence (float32), for the new tokens' rows."""
   rng = np.random.default_rng(0)
   b, length, h, k, d = 2, 12, 4, 2, 8
   q, kk, v = (rng.standard_normal((b, length, n, d)).astype(np.float32) for n in (h, k, k))
   want = np.asarray(jax.jit(dot_product_attention, static_argnums=3)(q, kk, v, None))
+  q, kk, v = (jnp.asarray(x, dtype) for x in (q, kk, v))
   cached = jax.jit(attend_with_cache)
-  pad = lambda x: np.concatenate([x, rng.standard_normal((b, 4, k, d)).astype(np.float32)], axis=1)  # stale tail
+  pad = lambda x: jnp.concatenate([x, jnp.asarray(rng.standard_normal((b, 4, k, d)), dtype)], axis=1)  # stale tail
   for split in (0, 5, 11):
     got = cached(q[:, split:], kk[:, split:], v[:, split:], pad(kk[:, :split]), pad(v[:, :split]),
                             np.full((b,), split, np.int32))
-    assert_close(got, want[:, split:], what=f"split at {split}")
+    assert_close(np.asarray(got, np.float32), want[:, split:], dtype, what=f"split at {split}")
 
 
 def test_greedy_equals_full_forward(engine_and_params):

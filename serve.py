@@ -116,8 +116,9 @@ def _run() -> None:
   except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
     raise configs.ConfigError(f"engine flags: {err}") from None
   source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
-  log.info("loaded %s: %d layers, d_model=%d, vocab=%d, tokenizer %r", source, model.n_layers, model.d_model,
-           model.vocab_size, tokenizer)
+  mesh = " x ".join(f"{a}={n}" for a, n in loaded.plan.mesh.shape.items() if n > 1) or "one device"
+  log.info("loaded %s: %d layers, d_model=%d, vocab=%d, %s compute, tokenizer %r; mesh %s", source, model.n_layers,
+           model.d_model, model.vocab_size, model.compute_dtype, tokenizer, mesh)
   template = load_chat_template(_template_dirs(loaded.config), FLAGS.chat_template)
   log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
            FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)

@@ -138,6 +138,11 @@ class Engine:
                         ("decode_steps", decode_steps)):
       if value < 1:
         raise ValueError(f"{name}={value} must be >= 1")
+    if set(model_config.layer_pattern) != {"S"}:
+      raise ValueError(f"model.layer_pattern={model_config.layer_pattern!r}: the engine's KV cache serves softmax "
+                       "attention layers only")
+    if model_config.n_experts:
+      raise ValueError(f"model.n_experts={model_config.n_experts}: the engine serves dense models only")
     if max_len > model_config.max_seq_len:
       raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={model_config.max_seq_len}")
     plans = replica_plans(plan)

@@ -145,3 +145,10 @@ def test_parallel_decode_equals_one_device(tp_case, sizes):
   got = run(make_engine(params, cfg=TP_CFG, slots=4, plan=plan), requests)
   assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
   assert_close({k: np.asarray(v[1]) for k, v in got.items()}, {k: np.asarray(v[1]) for k, v in want.items()})
+
+
+@pytest.mark.parametrize("field,value", [("layer_pattern", "LS"), ("n_experts", 4), ("max_seq_len", 32)])
+def test_unservable_models_are_refused(field, value):
+  cfg = dataclasses.replace(tiny.CFG, **{field: value})
+  with pytest.raises(ValueError, match=field):
+    make_engine(tiny.random_params(), cfg=cfg)

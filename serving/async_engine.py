@@ -204,14 +204,6 @@ class AsyncEngine:
       self.metrics.finish(reason or "abort", handle.arrival, handle.first_token, time.monotonic(),
                           handle.num_output_tokens)
 
-  async def drain(self, grace_s: float) -> bool:
-    """Refuses new requests and waits up to `grace_s` for outstanding ones; True if none is left."""
-    self.draining = True
-    deadline = time.monotonic() + grace_s
-    while self._outstanding and time.monotonic() < deadline:
-      await asyncio.sleep(0.02)
-    return not self._outstanding
-
   def shutdown(self, timeout: float = 10.0) -> None:
     """Aborts whatever is still running and stops the thread."""
     self.draining = True

@@ -295,6 +295,14 @@ def test_disconnect_while_waiting_non_streaming(slow):
   assert bytes(engine.prompts[-1]) == b"q"
 
 
+def test_draining_answers_503(slow):
+  server, _, async_engine = slow
+  async_engine.draining = True  # as after SIGTERM, for a request on a connection still open
+  r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "a"}, timeout=TIMEOUT)
+  assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
+  assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 503
+
+
 def test_engine_failure_is_a_500_and_unhealthy():
   server, async_engine = _serve(StandInEngine(fail_on=b"boom"))
   try:

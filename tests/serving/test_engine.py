@@ -15,8 +15,9 @@ from models.cache import attend_with_cache
 from models.transformer import Transformer
 from parallel.attention.dense import dot_product_attention
 from parallel.mesh import make_mesh
-from parallel.plan import make_plan
+from parallel.plan import make_plan, single_device_plan
 from serving.engine import Request, SamplingParams
+from serving.runner import ModelRunner
 from tests.reference import assert_close
 from tests.serving import tiny
 from tests.serving.tiny import SLOTS, greedy, make_engine, run
@@ -152,3 +153,15 @@ def test_unservable_models_are_refused(field, value):
   cfg = dataclasses.replace(tiny.CFG, **{field: value})
   with pytest.raises(ValueError, match=field):
     make_engine(tiny.random_params(), cfg=cfg)
+
+
+def test_decode_loop_updates_the_cache_in_place():
+  """The cache is donated to the decode loop (XLA writes the new keys and values into it, no copy),
+  and `decode_steps` tokens come back from one call."""
+  runner = ModelRunner(tiny.CFG, tiny.random_params(), plan=single_device_plan(), slots=SLOTS, max_len=tiny.MAX_LEN)
+  before = runner.cache
+  rows = (np.zeros(SLOTS), np.zeros(SLOTS), np.ones(SLOTS), np.zeros(SLOTS), np.zeros(SLOTS))
+  tokens, logprobs = runner.decode(np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool), rows, 3)
+  assert before.k.is_deleted() and before.v.is_deleted()
+  assert tokens.shape == logprobs.shape == (3, SLOTS)
+  np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [3] * SLOTS)

@@ -1,6 +1,7 @@
-"""Shared by the engine tests: a tiny decoder, an engine over it and a loop that runs it, a briefly trained copy of it, and the reference
-decoder every engine result is checked against: the full forward pass re-run over the whole
-sequence for every new token (no cache), argmax and log_softmax taken in numpy."""
+"""Shared by the engine tests: a tiny decoder, a briefly trained copy of it, an engine over it and a
+loop that runs one, and the reference decoder every engine result is checked against: the full
+forward pass re-run over the whole sequence for every new token (no cache), argmax and
+log_softmax taken in numpy."""
 
 from __future__ import annotations
 

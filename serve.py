@@ -63,16 +63,19 @@ def _template_dirs(config) -> list[str]:
   return dirs
 
 
-def _warm_up(engine, token_budget: int, max_len: int) -> float:
-  """One request per prefill bucket (so every chunk length compiles now), each decoding 2 tokens."""
+def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
+  """Every prefill chunk length, greedy and sampled, each decoding 2 tokens, on every data-parallel
+  replica (the engine gives each new request to the least-loaded one, so `replicas` requests added
+  together land one per replica)."""
   from serving.engine import Request, SamplingParams
   from serving.runner import buckets
 
   start = time.perf_counter()
-  for i, n in enumerate(sorted({min(b, max_len - 2) for b in buckets(token_budget)})):
-    for temperature in (0.0, 1.0):  # greedy and sampled
-      engine.add(Request(id=f"warmup-{i}-{temperature}", prompt_ids=(0,) * n,
-                         sampling=SamplingParams(max_tokens=2, temperature=temperature)))
+  for n in sorted({min(b, max_len - 2) for b in buckets(token_budget)}):
+    for temperature in (0.0, 1.0):
+      for r in range(replicas):
+        engine.add(Request(id=f"warmup-{n}-{temperature}-{r}", prompt_ids=(0,) * n,
+                           sampling=SamplingParams(max_tokens=2, temperature=temperature)))
       while engine.has_work():
         engine.step()
   return time.perf_counter() - start
@@ -123,7 +126,8 @@ def _run() -> None:
   log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
            FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)
   if FLAGS.warmup:
-    log.info("warm-up request done in %.1f s", _warm_up(engine, FLAGS.token_budget, max_len))
+    seconds = _warm_up(engine, FLAGS.token_budget, max_len, loaded.plan.mesh.shape["data"])
+    log.info("warm-up requests done in %.1f s", seconds)
 
   async_engine = AsyncEngine(engine, tokenizer, max_waiting=FLAGS.max_waiting)
   name = _model_name(loaded.config)

@@ -112,10 +112,13 @@ def main():
                   "in the peer comparison")
   ap.add_argument("--hbm_gib", type=float, default=8.0, help="GiB copied to measure the bandwidth")
   ap.add_argument("--no_peer", action="store_true")
+  ap.add_argument("--batches_only", action="store_true", help="skip continuous vs static batching")
+  ap.add_argument("--batching_only", action="store_true", help="only continuous vs static batching (no peer, "
+                  "no batch-1 or peer-shaped runs)")
   ap.add_argument("--out", required=True, help="JSON results path")
   args = ap.parse_args()
 
-  peer = None if args.no_peer else run_peer(args)  # before JAX takes the GPU's memory
+  peer = None if args.no_peer or args.batching_only else run_peer(args)  # before JAX takes the GPU's memory
 
   from parallel.xla_flags import apply_default_flags
   apply_default_flags()
@@ -155,13 +158,15 @@ def main():
   mean_context = args.prompt + (args.new - 1) / 2
   kv_bytes = 2 * m.n_layers * mean_context * m.n_kv_heads * m.resolved_head_dim * itemsize
   report["same_lengths"] = []
-  for batch in (int(b) for b in args.batches.split(",")):
+  for batch in ([] if args.batching_only else [int(b) for b in args.batches.split(",")]):
     # Every prompt in the first step, as `generate` does it.
     eng = engine(batch, args.decode_steps_single, batch * args.prompt)
+    t0 = time.perf_counter()
     drive(eng, requests(batch, [args.new] * batch, "warm"))  # compiles
+    warm_s = time.perf_counter() - t0
     runs = [drive(eng, requests(batch, [args.new] * batch, f"b{batch}r{i}")) for i in range(3)]
     row = min(runs, key=lambda r: r["seconds"])
-    row["batch"] = batch
+    row["batch"], row["warmup_s"] = batch, warm_s
     if batch == 1:
       row["bytes_per_token"] = weight_bytes + kv_bytes
       row["fraction_of_hbm"] = (weight_bytes + kv_bytes) / (row["tpot_ms_mean"] / 1e3) / bandwidth
@@ -176,14 +181,16 @@ def main():
 
   # Continuous against static batching of the same requests.
   report["batching"] = []
-  for c in (int(x) for x in args.concurrency.split(",")):
+  for c in ([] if args.batches_only else [int(x) for x in args.concurrency.split(",")]):
     n = args.requests_per_slot * c
     lengths = np.clip(np.round(rng.exponential(args.mean_out, n)), args.min_out, args.max_out).astype(int)
     eng = engine(c, args.decode_steps, args.token_budget)
+    t0 = time.perf_counter()
     drive(eng, requests(c, lengths[:c], "warm"))  # compiles every prefill bucket the runs use
+    warm_s = time.perf_counter() - t0
     cont = drive(eng, requests(n, lengths, f"c{c}-"))
     stat = drive(eng, requests(n, lengths, f"s{c}-"), groups=c)
-    report["batching"].append({"concurrency": c, "continuous": cont, "static": stat,
+    report["batching"].append({"concurrency": c, "continuous": cont, "static": stat, "warmup_s": warm_s,
                                "speedup": cont["tokens_per_s"] / stat["tokens_per_s"]})
     print(f"concurrency {c}: continuous {cont['tokens_per_s']:.0f} tok/s, static {stat['tokens_per_s']:.0f}",
           flush=True)

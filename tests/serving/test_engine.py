@@ -86,6 +86,12 @@ def test_stop_tokens_eos_and_length():
   engine.eos_id = ref[1]
   out = run(engine, [greedy("eos", prompt, 8)])
   assert out["eos"][0] == ref[:ref.index(ref[1]) + 1] and out["eos"][2] == "stop"
+  engine.eos_id = None
+  full = np.tile(tiny.PATTERN, 3)[:tiny.MAX_LEN - 4]  # prompt + max_tokens fill the context exactly
+  out = run(engine, [greedy("one", prompt, 1), greedy("full", full, 4)])
+  assert out["one"][0] == ref[:1] and out["one"][2] == "length"  # done by the prompt's last chunk
+  assert out["full"][0] == tiny.reference_decode(params, full, 4)[0]
+  assert not engine.has_work() and engine.num_running == 0
 
 
 def test_abort_frees_the_slot():

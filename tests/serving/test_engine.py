@@ -171,3 +171,21 @@ def test_decode_loop_updates_the_cache_in_place():
   assert before.k.is_deleted() and before.v.is_deleted()
   assert tokens.shape == logprobs.shape == (3, SLOTS)
   np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [3] * SLOTS)
+
+
+def test_bf16_decode_follows_the_full_forward_pass():
+  """bf16 compute (weights cast once, bf16 cache): along the engine's own tokens, each one is the
+  argmax and carries the log-probability of the full bf16 forward pass, within bf16's 2e-2 of the
+  logits' size (rounding may reorder near-ties, so the reference is taken on the engine's path)."""
+  cfg = dataclasses.replace(tiny.CFG, compute_dtype="bfloat16")
+  params = tiny.trained_params()
+  prompt = np.tile(tiny.PATTERN, 2)[4:21]
+  out = run(make_engine(params, cfg=cfg), [greedy("a", prompt, 8)])["a"]
+  seq = np.zeros((1, tiny.MAX_LEN), np.int32)
+  seq[0, :len(prompt) + 8] = np.concatenate([prompt, out[0]])
+  logits = np.asarray(tiny.forward_fn(cfg)(params, seq))[0, len(prompt) - 1:len(prompt) + 7].astype(np.float64)
+  scale = np.abs(logits).max(-1)
+  chosen = logits[np.arange(8), out[0]]
+  assert np.all((logits.max(-1) - chosen) / scale <= 2e-2)
+  logp = chosen - logits.max(-1) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+  assert np.all(np.abs(np.asarray(out[1]) - logp) / scale <= 2e-2)

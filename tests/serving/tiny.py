@@ -60,7 +60,8 @@ def trained_params(steps: int = 60):
 
 
 @functools.cache
-def _forward(cfg: ModelConfig):
+def forward_fn(cfg: ModelConfig):
+  """The jitted full forward pass of `cfg`: (params, tokens [B, L]) -> float32 logits."""
   graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
   return jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens).astype(jnp.float32))
 
@@ -71,7 +72,7 @@ def reference_decode(params, prompt, n: int, cfg: ModelConfig = CFG, length: int
   for _ in range(n):
     padded = np.zeros((1, length), np.int32)  # causal: padding after the sequence changes nothing before it
     padded[0, :len(seq)] = seq
-    row = np.asarray(_forward(cfg)(params, padded))[0, len(seq) - 1].astype(np.float64)
+    row = np.asarray(forward_fn(cfg)(params, padded))[0, len(seq) - 1].astype(np.float64)
     logp = row - row.max() - np.log(np.exp(row - row.max()).sum())
     token = int(np.argmax(row))
     tokens.append(token)

@@ -17,7 +17,7 @@ from parallel.attention.dense import dot_product_attention
 from parallel.mesh import make_mesh
 from parallel.plan import make_plan, single_device_plan
 from serving.engine import Request, SamplingParams
-from serving.runner import ModelRunner
+from serving.runner import ModelRunner, _row_arrays
 from tests.reference import assert_close
 from tests.serving import tiny
 from tests.serving.tiny import SLOTS, greedy, make_engine, run
@@ -161,12 +161,20 @@ def test_unservable_models_are_refused(field, value):
     make_engine(tiny.random_params(), cfg=cfg)
 
 
-def test_decode_loop_updates_the_cache_in_place():
-  """The cache is donated to the decode loop (XLA writes the new keys and values into it, no copy),
-  and `decode_steps` tokens come back from one call."""
-  runner = ModelRunner(tiny.CFG, tiny.random_params(), plan=single_device_plan(), slots=SLOTS, max_len=tiny.MAX_LEN)
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_decode_loop_updates_the_cache_in_place(unroll):
+  """The cache is donated to the decode loop, which writes the new keys and values into it without
+  copying it (rolled and fully unrolled layers), and `decode_steps` tokens come back from one call."""
+  cfg = dataclasses.replace(tiny.CFG, n_layers=4, scan_unroll=unroll)
+  params = tiny.params_of(Transformer(cfg, rngs=nnx.Rngs(0)))
+  runner = ModelRunner(cfg, params, plan=single_device_plan(), slots=SLOTS, max_len=tiny.MAX_LEN)
   before = runner.cache
   rows = (np.zeros(SLOTS), np.zeros(SLOTS), np.ones(SLOTS), np.zeros(SLOTS), np.zeros(SLOTS))
+  hlo = runner._decode.lower(runner.params, before, np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool),
+                             _row_arrays(rows), steps=3).compile().as_text()
+  cache_shape = "[" + ",".join(map(str, before.k.shape)) + "]"
+  copies = [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line.split(" copy(")[0]]
+  assert not copies, copies
   tokens, logprobs = runner.decode(np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool), rows, 3)
   assert before.k.is_deleted() and before.v.is_deleted()
   assert tokens.shape == logprobs.shape == (3, SLOTS)

@@ -5,8 +5,9 @@
     while engine.has_work():
       for event in engine.step(): ...
 
-A step (`serving.scheduler`): requests waiting for a slot take free ones; requests still in their
-prompt get prompt chunks (prefill into their slot of the KV cache, bucketed lengths) and requests
+A step (`serving.scheduler`): requests waiting for a slot take free ones (the insert: a prefill
+writes its keys and values straight into the request's slot, no separate copy); requests still in
+their prompt get prompt chunks (prefill into their slot of the KV cache, bucketed lengths) and requests
 past it get one decode token each (or `decode_steps` tokens in one on-device loop), within a
 per-step token budget. The prompt's last chunk yields the first output token. A request finishes on
 its EOS or a stop token id ("stop", the token included) or at `max_tokens` ("length"); `abort`

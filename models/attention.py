@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
+from models.cache import attend_with_cache
 from models.layers import apply_rope, param, rms_norm, rope_inv_freq
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -67,6 +68,25 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
                plan: ShardingPlan, linear: bool | jax.Array = False) -> jax.Array:
     """`linear`: a Python bool, or a traced one (a hybrid stack's per-layer kind)."""
+    q, k, v = self.project_qkv(x_BxLxD, positions_BxL, plan)
+
+    def softmax():
+      return attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
+
+    def decayed_linear():
+      o = linear_attend(q, k, v, segment_ids_BxL, jnp.asarray(decay_rates(self.cfg.n_kv_heads)), plan=plan,
+                        chunk=self.cfg.linear_chunk)
+      return _rms_per_head(o, self.cfg.norm_eps).astype(self.dtype)
+
+    if isinstance(linear, bool):
+      out_BxLxHxD = decayed_linear() if linear else softmax()
+    else:
+      out_BxLxHxD = jax.lax.cond(linear, decayed_linear, softmax)
+    return self.project_out(out_BxLxHxD, plan)
+
+  def project_qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                  plan: ShardingPlan) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, L, H, D], k and v [B, L, K, D], RoPE applied to q and k."""
     x = x_BxLxD.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
 
@@ -81,19 +101,17 @@ class Attention(nnx.Module):
     if self.cfg.qk_norm:
       q, k = rms_norm(q, self.q_norm[...], self.cfg.norm_eps), rms_norm(k, self.k_norm[...], self.cfg.norm_eps)
     inv_freq = rope_inv_freq(self.cfg)
-    q, k = apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq)
+    return apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq), v
 
-    def softmax():
-      return attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
-
-    def decayed_linear():
-      o = linear_attend(q, k, v, segment_ids_BxL, jnp.asarray(decay_rates(self.cfg.n_kv_heads)), plan=plan,
-                        chunk=self.cfg.linear_chunk)
-      return _rms_per_head(o, self.cfg.norm_eps).astype(self.dtype)
-
-    if isinstance(linear, bool):
-      out_BxLxHxD = decayed_linear() if linear else softmax()
-    else:
-      out_BxLxHxD = jax.lax.cond(linear, decayed_linear, softmax)
+  def project_out(self, out_BxLxHxD: jax.Array, plan: ShardingPlan) -> jax.Array:
     out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, w(self.wo))
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, self.wo[...].astype(self.dtype))
+
+  def with_cache(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: dict, cache_len_B: jax.Array,
+                 plan: ShardingPlan) -> tuple[jax.Array, dict]:
+    """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
+    [B, S, K, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
+    output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache."""
+    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan)
+    out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
+    return self.project_out(out, plan), {"k": k, "v": v}

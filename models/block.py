@@ -38,10 +38,18 @@ class Block(nnx.Module):
     """Returns the next carry and this layer's outputs for the loss: none for a dense block, the
     router losses, tokens per expert and dropped pairs for an MoE block (`models.moe.MOE_OUTPUTS`).
 
-    `layer_inputs`: None, or in a hybrid stack this layer's kind (1 linear attention, 0 softmax).
+    `layer_inputs`: None, or in a hybrid stack this layer's kind (1 linear attention, 0 softmax),
+    or for a decoder this layer's KV-cache slice {"k", "v"} (`models.cache`): then the carry also
+    holds "cache_lengths" [B], and the outputs are the new tokens' {"k", "v"}.
     """
-    linear = self.linear if self.linear is not None else layer_inputs == 1
     x = carry["x"]
+    if isinstance(layer_inputs, dict):
+      attn, new_kv = self.attn.with_cache(self.attn_norm(x), carry["positions"], layer_inputs,
+                                          carry["cache_lengths"], plan)
+      h = plan.constrain(x + attn.astype(x.dtype), RESIDUAL_AXES)
+      out = h + self.mlp(self.mlp_norm(h), plan).astype(h.dtype)
+      return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, new_kv
+    linear = self.linear if self.linear is not None else layer_inputs == 1
     h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan, linear).astype(x.dtype)
     h = plan.constrain(h, RESIDUAL_AXES)
     outputs = {}

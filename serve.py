@@ -1,0 +1,157 @@
+"""Serve a shardlab model over an OpenAI-compatible HTTP API.
+
+  python serve.py --config=tiny --checkpoint=runs/tiny
+  python serve.py --hf=path/to/llama --port=8000 --slots=32 --token_budget=512
+  curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
+      -d '{"model": "tiny", "prompt": "Once upon a time", "max_tokens": 32}'
+
+It prints what it loaded and then "listening on http://HOST:PORT" once requests are accepted.
+SIGTERM (or Ctrl-C): stop accepting, let in-flight requests finish for --graceful_s seconds, cancel
+the rest, exit 0. A configuration error is one line naming the field, the value and the rule
+(exit status 2), as in train.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+
+import configs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "tiny", f"Preset to start from: one of {sorted(configs.PRESETS)}. With --hf, "
+                    "the model section comes from the Hugging Face config instead.")
+flags.DEFINE_multi_string("set", [], "Override one config field, as section.field=value (e.g. --set mesh.tensor=2). "
+                          "Repeatable; applied in order.")
+flags.DEFINE_string("checkpoint", None, "A shardlab run directory (or its checkpoints/ folder): the latest "
+                    "checkpoint's parameters are served. Give --config/--set as the run was trained.")
+flags.DEFINE_string("hf", None, "A Hugging Face Llama directory (config.json, *.safetensors, tokenizer.json).")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on. The default answers this machine only; "
+                    "0.0.0.0 opens the server to the network.")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port; the one chosen is printed).")
+flags.DEFINE_integer("slots", 8, "Decode slots: requests that generate at the same time.")
+flags.DEFINE_integer("token_budget", 256, "Tokens per engine step, prefill chunks and decode tokens together "
+                     "(Dynamic SplitFuse).")
+flags.DEFINE_integer("max_len", 0, "Context length per request, prompt plus output (0: model.max_seq_len).")
+flags.DEFINE_integer("decode_steps", 1, "Decode steps the device runs per engine step before the host looks again.")
+flags.DEFINE_integer("max_waiting", 256, "Requests allowed to wait for a slot; one more is answered 429.")
+flags.DEFINE_string("served_model_name", None, "The model name clients send (default: the checkpoint's "
+                    "folder name, or the config's name).")
+flags.DEFINE_string("chat_template", None, "A tokenizer_config.json or a Jinja file with the chat template "
+                    "(default: the checkpoint's tokenizer_config.json if it has one, else 'role: content' lines).")
+flags.DEFINE_float("graceful_s", 30.0, "After SIGTERM, seconds in-flight requests may take before they are cancelled.")
+flags.DEFINE_bool("warmup", True, "Before listening, run one request per prefill chunk length through the "
+                  "engine, so clients do not wait for compilation.")
+
+log = logging.getLogger("shardlab")
+
+
+def _model_name(config) -> str:
+  path = FLAGS.hf or FLAGS.checkpoint
+  return FLAGS.served_model_name or (os.path.basename(os.path.normpath(path)) if path else config.name)
+
+
+def _template_dirs(config) -> list[str]:
+  dirs = [d for d in (FLAGS.hf, FLAGS.checkpoint) if d]
+  tok = config.data.tokenizer
+  if tok != "bytes":
+    dirs.append(tok if os.path.isdir(tok) else os.path.dirname(tok))
+  return dirs
+
+
+def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
+  """Every prefill chunk length, greedy and sampled, each decoding 2 tokens, on every data-parallel
+  replica (the engine gives each new request to the least-loaded one, so `replicas` requests added
+  together land one per replica)."""
+  from serving.engine import Request, SamplingParams
+  from serving.runner import buckets
+
+  start = time.perf_counter()
+  for n in sorted({min(b, max_len - 2) for b in buckets(token_budget)}):
+    for temperature in (0.0, 1.0):
+      for r in range(replicas):
+        engine.add(Request(id=f"warmup-{n}-{temperature}-{r}", prompt_ids=(0,) * n,
+                           sampling=SamplingParams(max_tokens=2, temperature=temperature)))
+      while engine.has_work():
+        engine.step()
+  return time.perf_counter() - start
+
+
+def _check_flags(config) -> None:
+  """Flag errors before anything loads or compiles, each naming the flag, its value and the rule."""
+  if FLAGS.checkpoint and FLAGS.hf:
+    raise configs.ConfigError("--checkpoint and --hf: give one of them, not both")
+  for name in ("slots", "token_budget", "decode_steps"):
+    if getattr(FLAGS, name) < 1:
+      raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 1")
+  for name in ("max_len", "max_waiting", "port"):
+    if getattr(FLAGS, name) < 0:
+      raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
+  if FLAGS.graceful_s < 0:
+    raise configs.ConfigError(f"--graceful_s={FLAGS.graceful_s}: must be >= 0")
+  if not FLAGS.hf and FLAGS.max_len > config.model.max_seq_len:  # with --hf the checkpoint's config decides
+    raise configs.ConfigError(f"--max_len={FLAGS.max_len}: must be <= model.max_seq_len={config.model.max_seq_len}")
+
+
+def _run() -> None:
+  config = configs.get_config(FLAGS.config, FLAGS.set)
+  _check_flags(config)
+  from parallel.xla_flags import apply_default_flags
+  apply_default_flags()
+
+  from serving.app import DrainingServer, bind, create_app
+  from serving.async_engine import AsyncEngine
+  from serving.chat_template import load_chat_template
+  from serving.engine import Engine
+  from serving.loading import load
+
+  loaded = load(config, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf)
+  model = loaded.config.model
+  max_len = FLAGS.max_len or model.max_seq_len
+  tokenizer = loaded.tokenizer
+  try:
+    engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
+                    max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps)
+  except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
+    raise configs.ConfigError(f"engine flags: {err}") from None
+  source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
+  mesh = " x ".join(f"{a}={n}" for a, n in loaded.plan.mesh.shape.items() if n > 1) or "one device"
+  log.info("loaded %s: %d layers, d_model=%d, vocab=%d, %s compute, tokenizer %r; mesh %s", source, model.n_layers,
+           model.d_model, model.vocab_size, model.compute_dtype, tokenizer, mesh)
+  template = load_chat_template(_template_dirs(loaded.config), FLAGS.chat_template)
+  log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
+           FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)
+  if FLAGS.warmup:
+    seconds = _warm_up(engine, FLAGS.token_budget, max_len, loaded.plan.mesh.shape["data"])
+    log.info("warm-up requests done in %.1f s", seconds)
+
+  async_engine = AsyncEngine(engine, tokenizer, max_waiting=FLAGS.max_waiting)
+  name = _model_name(loaded.config)
+  application = create_app(async_engine, tokenizer, model_name=name, chat_template=template)
+
+  sock = bind(FLAGS.host, FLAGS.port)
+  host, port = sock.getsockname()[:2]
+  server = DrainingServer(application, async_engine, graceful_s=FLAGS.graceful_s)
+  print(f"serving model {name!r} ({source}); listening on http://{host}:{port}", flush=True)
+  server.run(sockets=[sock])
+  log.info("stopped: %d requests were still in flight", async_engine.num_outstanding)
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    _run()
+  except configs.ConfigError as err:
+    print(f"ConfigError: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,237 @@
+"""The serving engine: requests in, tokens out, one scheduler step at a time.
+
+    engine = Engine(config.model, params, plan=plan, slots=8, token_budget=256, max_len=1024, eos_id=tok.eos_id)
+    engine.add(Request("a", prompt_ids, SamplingParams(max_tokens=64, temperature=0.0)))
+    while engine.has_work():
+      for event in engine.step(): ...
+
+A step (`serving.scheduler`): requests waiting for a slot take free ones (the insert: a prefill
+writes its keys and values straight into the request's slot, no separate copy); requests still in
+their prompt get prompt chunks (prefill into their slot of the KV cache, bucketed lengths) and requests
+past it get one decode token each (or `decode_steps` tokens in one on-device loop), within a
+per-step token budget. The prompt's last chunk yields the first output token. A request finishes on
+its EOS or a stop token id ("stop", the token included) or at `max_tokens` ("length"); `abort`
+ends it at the next step ("abort"), and its slot is free for the next request at once.
+
+Parallelism comes from the plan, as in training: `tensor` splits every replica's heads and MLP
+units (Megatron, the same rule tables), and `data` makes data-parallel replicas: each holds a full
+copy of the (tensor-split) weights on its slice of the mesh, `slots / data` of the slots and its own
+scheduler; a new request goes to the replica with the least outstanding work. Other mesh axes
+(replica, stage, fsdp, seq, expert) must be 1 for serving.
+
+Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
+A step dispatches the work of every replica, then waits for the device once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from configs import ModelConfig
+from parallel.mesh import make_mesh
+from parallel.plan import ShardingPlan
+from serving.runner import ModelRunner, buckets
+from serving.scheduler import Scheduler, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Per-request sampling (`serving.sampling`): temperature 0 is greedy; top_k 0 and top_p 1 are off;
+  seed None draws one; stop_token_ids end the request (as does the engine's EOS)."""
+
+  max_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int | None = None
+  stop_token_ids: tuple[int, ...] = ()
+  logprobs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  id: str
+  prompt_ids: tuple[int, ...]
+  sampling: SamplingParams
+
+
+@dataclasses.dataclass
+class TokenEvent:
+  """New tokens of one request in one step (with their log-probabilities if it asked for them)."""
+
+  request_id: str
+  token_ids: list[int]
+  logprobs: list[float] | None
+  finished: bool
+  finish_reason: str | None  # "stop" | "length" | "abort"
+
+
+def replica_plans(plan: ShardingPlan) -> list[ShardingPlan]:
+  """One plan per index of the `data` axis: the same rule tables over that slice of the mesh."""
+  mesh = plan.mesh
+  others = {a: n for a, n in mesh.shape.items() if a not in ("data", "tensor") and n > 1}
+  if others:
+    raise ValueError(f"serving splits requests over `data` and weights over `tensor`; mesh axes {others} must be 1")
+  data = mesh.axis_names.index("data")
+  sizes = {"tensor": mesh.shape["tensor"]}
+  return [dataclasses.replace(plan, mesh=make_mesh(sizes, np.take(mesh.devices, i, axis=data).reshape(-1).tolist()))
+          for i in range(mesh.shape["data"])]
+
+
+class _Replica:
+  """One data-parallel replica: its scheduler, its model runner (weights and KV cache) and the
+  last token of each of its slots."""
+
+  def __init__(self, model_config: ModelConfig, params: Any, plan: ShardingPlan, slots: int, token_budget: int,
+               max_len: int, decode_steps: int):
+    self.slots, self.decode_steps = slots, decode_steps
+    self.buckets = buckets(token_budget)
+    self.scheduler = Scheduler(slots, token_budget, max_chunk=self.buckets[-1])
+    self.runner = ModelRunner(model_config, params, plan=plan, slots=slots, max_len=max_len)
+    self.last_token = np.zeros(slots, np.int32)
+
+  @property
+  def load(self) -> int:
+    return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+  def dispatch(self) -> tuple:
+    """Schedules a step and starts its work on the device: (plan, first tokens, decoded) where first
+    tokens are (sequence, token, logprob) of prompts finished by this step, all device arrays."""
+    plan = self.scheduler.schedule()
+    firsts = []
+    for seq, start, n in plan.chunks:
+      bucket = next(b for b in self.buckets if b >= n)
+      out = self.runner.prefill(np.asarray(seq.request.prompt_ids[start:start + n]), bucket, seq.slot, start,
+                                self._sampling_rows([seq]))
+      seq.prefilled += n
+      if not seq.in_prompt:
+        firsts.append((seq, *out))
+    decoded = None
+    if plan.decode:
+      active = np.zeros(self.slots, bool)
+      active[[s.slot for s in plan.decode]] = True
+      decoded = self.runner.decode(self.last_token, active, self._sampling_rows(plan.decode, per_slot=True),
+                                   self.decode_steps)
+    return plan, firsts, decoded
+
+  def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
+    """(temperature, top_k, top_p, seed, index of the next output token): one row per sequence,
+    or with `per_slot` one row per slot (rows of other slots are greedy and ignored)."""
+    rows = np.zeros((self.slots if per_slot else len(seqs), 5), np.float64)
+    rows[:, 2] = 1.0
+    for i, seq in enumerate(seqs):
+      s = seq.request.sampling
+      rows[seq.slot if per_slot else i] = (s.temperature, s.top_k, s.top_p, seq.seed, len(seq.output))
+    return tuple(rows[:, j] for j in range(5))
+
+
+class Engine:
+  """Continuous batching over `slots` KV-cache slots of `max_len` positions each (`slots` in all,
+  split evenly over the data-parallel replicas; `token_budget` per replica and step)."""
+
+  def __init__(self, model_config: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, token_budget: int,
+               max_len: int, eos_id: int | None, decode_steps: int = 1):
+    for name, value in (("slots", slots), ("token_budget", token_budget), ("max_len", max_len),
+                        ("decode_steps", decode_steps)):
+      if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1")
+    if set(model_config.layer_pattern) != {"S"}:
+      raise ValueError(f"model.layer_pattern={model_config.layer_pattern!r}: the engine's KV cache serves softmax "
+                       "attention layers only")
+    if model_config.n_experts:
+      raise ValueError(f"model.n_experts={model_config.n_experts}: the engine serves dense models only")
+    if max_len > model_config.max_seq_len:
+      raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={model_config.max_seq_len}")
+    plans = replica_plans(plan)
+    if slots % len(plans):
+      raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
+    self.model_config, self.max_len, self.slots = model_config, max_len, slots
+    self.eos_id, self.decode_steps = eos_id, decode_steps
+    self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps)
+                      for p in plans]
+    self._where: dict[str, _Replica] = {}  # request id -> its replica
+    self._aborts: list[str] = []
+    self._seeds = np.random.default_rng()
+
+  @property
+  def num_waiting(self) -> int:
+    return sum(len(r.scheduler.waiting) for r in self._replicas)
+
+  @property
+  def num_running(self) -> int:
+    return sum(len(r.scheduler.running) for r in self._replicas)
+
+  def has_work(self) -> bool:
+    return bool(self._where or self._aborts)
+
+  def add(self, request: Request) -> None:
+    """Queues a request; ValueError (naming the field) if it cannot be served."""
+    s, n = request.sampling, len(request.prompt_ids)
+    if n == 0:
+      raise ValueError("prompt_ids is empty")
+    vocab = self.model_config.vocab_size
+    if any(not 0 <= int(t) < vocab for t in request.prompt_ids):
+      raise ValueError(f"prompt_ids: every id must be in [0, {vocab})")
+    if s.max_tokens < 1:
+      raise ValueError(f"max_tokens={s.max_tokens} must be >= 1")
+    if n + s.max_tokens > self.max_len:
+      raise ValueError(f"prompt of {n} tokens + max_tokens={s.max_tokens} exceeds the context of {self.max_len}")
+    if s.temperature < 0:
+      raise ValueError(f"temperature={s.temperature} must be >= 0")
+    if s.top_k < 0:
+      raise ValueError(f"top_k={s.top_k} must be >= 0")
+    if not 0 < s.top_p <= 1:
+      raise ValueError(f"top_p={s.top_p} must be in (0, 1]")
+    if request.id in self._where:
+      raise ValueError(f"request id {request.id!r} is already in the engine")
+    seed = s.seed if s.seed is not None else int(self._seeds.integers(2**31))
+    replica = min(self._replicas, key=lambda r: r.load)
+    replica.scheduler.add(Sequence(request, seed=seed % 2**32))
+    self._where[request.id] = replica
+
+  def abort(self, request_id: str) -> None:
+    """Ends the request at the next step; its slot is free from then on. Unknown ids are ignored."""
+    self._aborts.append(request_id)
+
+  def step(self) -> list[TokenEvent]:
+    """One scheduler step: prompt chunks and decode tokens; the new tokens of every request that got some."""
+    events = []
+    for rid in self._aborts:
+      replica = self._where.pop(rid, None)
+      if replica is not None:
+        replica.scheduler.remove(rid)
+        events.append(TokenEvent(rid, [], None, True, "abort"))
+    self._aborts.clear()
+    started = [(r, *r.dispatch()) for r in self._replicas]
+    started = jax.device_get(started)  # the step's one wait for the device
+    for replica, plan, firsts, decoded in started:
+      for seq, token, logprob in firsts:
+        events.append(self._emit(replica, seq, [int(token[0])], [float(logprob[0])]))
+      if decoded is not None:
+        tokens, logprobs = decoded
+        for seq in plan.decode:
+          events.append(self._emit(replica, seq, tokens[:, seq.slot].tolist(), logprobs[:, seq.slot].tolist()))
+    return events
+
+  def _emit(self, replica: _Replica, seq: Sequence, tokens: list[int], logprobs: list[float]) -> TokenEvent:
+    """Appends tokens up to the request's end; frees its slot when it ends."""
+    s, reason, kept = seq.request.sampling, None, 0
+    for token in tokens:
+      seq.output.append(token)
+      kept += 1
+      if token == self.eos_id or token in s.stop_token_ids:
+        reason = "stop"
+      elif len(seq.output) >= s.max_tokens:
+        reason = "length"
+      if reason:
+        break
+    replica.last_token[seq.slot] = seq.output[-1]
+    if reason:
+      replica.scheduler.remove(seq.request.id)
+      del self._where[seq.request.id]
+    return TokenEvent(seq.request.id, tokens[:kept], logprobs[:kept] if s.logprobs else None, reason is not None,
+                      reason)

@@ -1,0 +1,86 @@
+"""What a server serves: parameters, the plan that lays them out, and the run's tokenizer.
+
+Parameters come from one of three places:
+  checkpoint  a shardlab run's workdir (or its checkpoints/ folder): the parameters only
+              (`training.checkpoint.restore_params`), restored straight into the plan's layout;
+              the config must describe the same model (a mismatch names the fields that differ)
+  hf          a Hugging Face Llama directory (`models.hf_llama`): its config.json replaces the
+              config's model architecture (dtypes and attention implementation are kept)
+  neither     a random initialisation from `train.seed` (for trying the server out)
+
+The mesh and plan come from the config's `mesh` and `sharding` sections, as in training (the
+same rule tables): `mesh.tensor` splits heads and MLP units for tensor-parallel decode.
+
+The tokenizer is `data.tokenizer` ("bytes" or a tokenizer.json); with `hf` and the default
+"bytes", the directory's own tokenizer.json is used when it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+
+from configs import Config, ConfigError
+from configs.validate import validate
+from data.tokenizer import Tokenizer, load_tokenizer
+from models.hf_llama import load_hf_checkpoint
+from models.transformer import Transformer, logical_axes
+from parallel.mesh import make_mesh
+from parallel.plan import ShardingPlan, plan_from_config
+
+
+@dataclasses.dataclass
+class Loaded:
+  config: Config  # with the model section of an `hf` checkpoint
+  params: Any  # pure dict, laid out by `plan.params`
+  plan: ShardingPlan
+  tokenizer: Tokenizer
+
+
+def _param_shardings(config: Config, plan: ShardingPlan) -> tuple[Any, Any]:
+  """(abstract parameters with their shardings, shardings) of the config's model."""
+  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
+  abstract = nnx.to_pure_dict(state)
+  shardings = plan.tree_shardings(logical_axes(state), abstract, plan.params)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+def load(config: Config, *, checkpoint: str | None = None, hf: str | None = None,
+         devices: list[jax.Device] | None = None) -> Loaded:
+  """Parameters (see the module docstring), plan and tokenizer; `devices` default to all."""
+  if checkpoint and hf:
+    raise ConfigError("give a shardlab checkpoint or a Hugging Face directory, not both")
+  hf_params = None
+  if hf:
+    m = config.model
+    model_cfg, hf_params = load_hf_checkpoint(hf, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                                              attention_impl=m.attention_impl, scan_unroll=m.scan_unroll)
+    data = config.data
+    if data.tokenizer == "bytes" and os.path.isfile(os.path.join(hf, "tokenizer.json")):
+      data = dataclasses.replace(data, tokenizer=hf)
+    config = dataclasses.replace(config, model=model_cfg, data=data)
+
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = validate(config, len(devices), devices[0].platform)
+  plan = plan_from_config(config, make_mesh(sizes, devices))
+  abstract, shardings = _param_shardings(config, plan)
+
+  if hf_params is not None:
+    params = jax.device_put(hf_params, shardings)
+  elif checkpoint:
+    from training.checkpoint import restore_params  # deferred: Orbax only when a checkpoint is read
+    _, params = restore_params(checkpoint, abstract, config)
+  else:
+    init = lambda: nnx.to_pure_dict(nnx.state(Transformer(config.model, rngs=nnx.Rngs(config.train.seed))))
+    params = jax.jit(init, out_shardings=shardings)()
+
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} tokens, more than "
+                      f"model.vocab_size={config.model.vocab_size}")
+  return Loaded(config, params, plan, tokenizer)

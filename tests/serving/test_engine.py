@@ -1,0 +1,199 @@
+"""The engine against the full forward pass: greedy decode with the KV cache (chunked prefill,
+several requests at once) gives, at every step, the argmax and the log_softmax of the logits that
+the model computes over the whole sequence without a cache; stop tokens, lengths, aborts and bad
+requests; tensor-parallel and data-parallel decode equal to one device."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.cache import attend_with_cache
+from models.transformer import Transformer
+from parallel.attention.dense import dot_product_attention
+from parallel.mesh import make_mesh
+from parallel.plan import make_plan, single_device_plan
+from serving.engine import Request, SamplingParams
+from serving.runner import ModelRunner, _row_arrays
+from tests.reference import assert_close
+from tests.serving import tiny
+from tests.serving.tiny import SLOTS, greedy, make_engine, run
+
+
+@pytest.fixture(scope="module", params=["random", "trained"])
+def engine_and_params(request):
+  params = tiny.random_params() if request.param == "random" else tiny.trained_params()
+  return make_engine(params), params
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_with_cache_equals_dense_attention(dtype):
+  """Keys split at every point between the cache and the new tokens: the dense causal attention
+  of the whole sequence (float32), for the new tokens' rows."""
+  rng = np.random.default_rng(0)
+  b, length, h, k, d = 2, 12, 4, 2, 8
+  q, kk, v = (rng.standard_normal((b, length, n, d)).astype(np.float32) for n in (h, k, k))
+  want = np.asarray(jax.jit(dot_product_attention, static_argnums=3)(q, kk, v, None))
+  q, kk, v = (jnp.asarray(x, dtype) for x in (q, kk, v))
+  cached = jax.jit(attend_with_cache)
+  pad = lambda x: jnp.concatenate([x, jnp.asarray(rng.standard_normal((b, 4, k, d)), dtype)], axis=1)  # stale tail
+  for split in (0, 5, 11):
+    got = cached(q[:, split:], kk[:, split:], v[:, split:], pad(kk[:, :split]), pad(v[:, :split]),
+                            np.full((b,), split, np.int32))
+    assert_close(np.asarray(got, np.float32), want[:, split:], dtype, what=f"split at {split}")
+
+
+def test_greedy_equals_full_forward(engine_and_params):
+  """Three requests at once on three slots; prompts longer than the token budget are prefilled in chunks."""
+  engine, params = engine_and_params
+  rng = np.random.default_rng(1)
+  prompts = [tiny.PATTERN[:5], rng.integers(0, tiny.CFG.vocab_size, 21), np.tile(tiny.PATTERN, 2)[3:40]]
+  out = run(engine, [greedy(str(i), p, 9) for i, p in enumerate(prompts)])
+  for i, p in enumerate(prompts):
+    tokens, logprobs, logits = tiny.reference_decode(params, p, 9)
+    assert out[str(i)][0] == tokens, f"request {i}"
+    assert_logprobs_close(out[str(i)][1], logprobs, logits)
+    assert out[str(i)][2] == "length"
+
+
+def assert_logprobs_close(got, want, logits):
+  """A log-probability x - logsumexp(x) inherits the logits' absolute error, so it is compared at
+  float32's tolerance relative to the size of that step's logits (a confident model's log-probs
+  near 0 are smaller than the rounding of the logits they come from)."""
+  scale = np.abs(np.asarray(logits)).max(axis=-1)
+  err = np.abs(np.asarray(got) - np.asarray(want)) / scale
+  assert err.max() <= 1e-5, f"log-probabilities: error {err.max():.3g} of the logits' size > 1e-5"
+
+
+def test_trained_model_continues_its_cycle():
+  """The trained fixture is a real test of decoding: it continues the cycle it was trained on."""
+  tokens, _, _ = tiny.reference_decode(tiny.trained_params(), tiny.PATTERN[:6], 6)
+  assert tokens == tiny.PATTERN[6:12].tolist()
+
+
+def test_stop_tokens_eos_and_length():
+  params = tiny.random_params()
+  engine = make_engine(params, eos_id=None)
+  prompt = tiny.PATTERN[:4]
+  ref, _, _ = tiny.reference_decode(params, prompt, 8)
+  stop = ref[3]
+  out = run(engine, [greedy("stop", prompt, 8, stop_token_ids=(stop,)), greedy("len", prompt, 2)])
+  assert out["stop"][0] == ref[:ref.index(stop) + 1] and out["stop"][2] == "stop"
+  assert out["len"][0] == ref[:2] and out["len"][2] == "length"
+  engine.eos_id = ref[1]
+  out = run(engine, [greedy("eos", prompt, 8)])
+  assert out["eos"][0] == ref[:ref.index(ref[1]) + 1] and out["eos"][2] == "stop"
+  engine.eos_id = None
+  full = np.tile(tiny.PATTERN, 3)[:tiny.MAX_LEN - 4]  # prompt + max_tokens fill the context exactly
+  out = run(engine, [greedy("one", prompt, 1), greedy("full", full, 4)])
+  assert out["one"][0] == ref[:1] and out["one"][2] == "length"  # done by the prompt's last chunk
+  assert out["full"][0] == tiny.reference_decode(params, full, 4)[0]
+  assert not engine.has_work() and engine.num_running == 0
+
+
+def test_abort_frees_the_slot():
+  engine = make_engine(tiny.random_params())
+  for i in range(SLOTS + 1):
+    engine.add(greedy(str(i), tiny.PATTERN[:3], 20))
+  engine.step()
+  assert engine.num_running == SLOTS and engine.num_waiting == 1
+  engine.abort("0")
+  engine.abort("3")  # still waiting
+  events = engine.step()
+  aborted = {e.request_id for e in events if e.finish_reason == "abort"}
+  assert aborted == {"0", "3"} and all(e.finished for e in events if e.request_id in aborted)
+  assert engine.num_running == SLOTS - 1 and engine.num_waiting == 0
+  for rid in ("1", "2"):
+    engine.abort(rid)
+  engine.step()
+  assert not engine.has_work()
+
+
+@pytest.mark.parametrize("prompt,sampling,field", [
+    ((), SamplingParams(max_tokens=4), "prompt_ids"),
+    ((1, 2), SamplingParams(max_tokens=0), "max_tokens"),
+    ((1,) * 60, SamplingParams(max_tokens=5), "context"),
+    ((1, 2), SamplingParams(max_tokens=4, temperature=-0.5), "temperature"),
+    ((1, 2), SamplingParams(max_tokens=4, top_k=-1), "top_k"),
+    ((1, 2), SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+    ((1, 500), SamplingParams(max_tokens=4), "prompt_ids"),
+])
+def test_add_rejects_bad_requests(engine_and_params, prompt, sampling, field):
+  engine, _ = engine_and_params
+  with pytest.raises(ValueError, match=field):
+    engine.add(Request("bad", prompt, sampling))
+  assert not engine.has_work()
+
+
+TP_CFG = dataclasses.replace(tiny.CFG, n_heads=8, n_kv_heads=4)  # kv heads split 4 ways
+
+
+@pytest.fixture(scope="module")
+def tp_case():
+  """Four requests (greedy and seeded sampling) on one device: what every mesh must reproduce."""
+  params = tiny.params_of(Transformer(TP_CFG, rngs=nnx.Rngs(3)))
+  rng = np.random.default_rng(4)
+  requests = [greedy(str(i), rng.integers(0, TP_CFG.vocab_size, n), 6) for i, n in enumerate((3, 20, 9))]
+  requests.append(Request("s", (5, 6, 7), SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=9,
+                                                          logprobs=True)))
+  return params, requests, run(make_engine(params, cfg=TP_CFG, slots=4), requests)
+
+
+@pytest.mark.parametrize("sizes", [{"tensor": 2}, {"tensor": 4}, {"data": 2, "tensor": 2}])
+def test_parallel_decode_equals_one_device(tp_case, sizes):
+  """Megatron tensor parallelism (the training rule tables) within each replica, data-parallel
+  replicas over `data`: the same tokens and log-probabilities as one device."""
+  params, requests, want = tp_case
+  n = int(np.prod(list(sizes.values())))
+  plan = make_plan(make_mesh(sizes, jax.devices()[:n]))
+  got = run(make_engine(params, cfg=TP_CFG, slots=4, plan=plan), requests)
+  assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+  assert_close({k: np.asarray(v[1]) for k, v in got.items()}, {k: np.asarray(v[1]) for k, v in want.items()})
+
+
+@pytest.mark.parametrize("field,value", [("layer_pattern", "LS"), ("n_experts", 4), ("max_seq_len", 32)])
+def test_unservable_models_are_refused(field, value):
+  cfg = dataclasses.replace(tiny.CFG, **{field: value})
+  with pytest.raises(ValueError, match=field):
+    make_engine(tiny.random_params(), cfg=cfg)
+
+
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_decode_loop_updates_the_cache_in_place(unroll):
+  """The cache is donated to the decode loop, which writes the new keys and values into it without
+  copying it (rolled and fully unrolled layers), and `decode_steps` tokens come back from one call."""
+  cfg = dataclasses.replace(tiny.CFG, n_layers=4, scan_unroll=unroll)
+  params = tiny.params_of(Transformer(cfg, rngs=nnx.Rngs(0)))
+  runner = ModelRunner(cfg, params, plan=single_device_plan(), slots=SLOTS, max_len=tiny.MAX_LEN)
+  before = runner.cache
+  rows = (np.zeros(SLOTS), np.zeros(SLOTS), np.ones(SLOTS), np.zeros(SLOTS), np.zeros(SLOTS))
+  hlo = runner._decode.lower(runner.params, before, np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool),
+                             _row_arrays(rows), steps=3).compile().as_text()
+  cache_shape = "[" + ",".join(map(str, before.k.shape)) + "]"
+  copies = [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line.split(" copy(")[0]]
+  assert not copies, copies
+  tokens, logprobs = runner.decode(np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool), rows, 3)
+  assert before.k.is_deleted() and before.v.is_deleted()
+  assert tokens.shape == logprobs.shape == (3, SLOTS)
+  np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [3] * SLOTS)
+
+
+def test_bf16_decode_follows_the_full_forward_pass():
+  """bf16 compute (weights cast once, bf16 cache): along the engine's own tokens, each one is the
+  argmax and carries the log-probability of the full bf16 forward pass, within bf16's 2e-2 of the
+  logits' size (rounding may reorder near-ties, so the reference is taken on the engine's path)."""
+  cfg = dataclasses.replace(tiny.CFG, compute_dtype="bfloat16")
+  params = tiny.trained_params()
+  prompt = np.tile(tiny.PATTERN, 2)[4:21]
+  out = run(make_engine(params, cfg=cfg), [greedy("a", prompt, 8)])["a"]
+  seq = np.zeros((1, tiny.MAX_LEN), np.int32)
+  seq[0, :len(prompt) + 8] = np.concatenate([prompt, out[0]])
+  logits = np.asarray(tiny.forward_fn(cfg)(params, seq))[0, len(prompt) - 1:len(prompt) + 7].astype(np.float64)
+  scale = np.abs(logits).max(-1)
+  chosen = logits[np.arange(8), out[0]]
+  assert np.all((logits.max(-1) - chosen) / scale <= 2e-2)
+  logp = chosen - logits.max(-1) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+  assert np.all(np.abs(np.asarray(out[1]) - logp) / scale <= 2e-2)

@@ -6,7 +6,7 @@ from configs import ConfigError, get_config
 
 
 @pytest.mark.parametrize("preset,overrides,pattern", [
-    ("nope", [], r"config preset 'nope' is unknown; choose one of \['1b', 'small', 'tiny'\]"),
+    ("nope", [], r"config preset 'nope' is unknown; choose one of \['1b', 'moe', 'small', 'tiny', 'tiny_moe'\]"),
     ("tiny", ["model.widht=3"], r"unknown field model.widht"),
     ("tiny", ["modle.d_model=3"], r"unknown section 'modle'"),
     ("tiny", ["model.d_model=big"], r"model.d_model='big': expected int"),

@@ -8,14 +8,18 @@ is covered, so no row is dropped whatever the routing.
 
   round 0   C0 slots per expert, C0 = the mean group size x `factor`, rounded up to 128 rows:
             ordinary autodiff (its activations kept for the backward, like any matmul);
-  spill     the rows past C0 of the groups that overflow, in rounds of C1 = C0 / 4 slots per
-            expert. Their number is data-dependent (0 under balanced routing), so they run in a
-            `while_loop` with that trip count, under a custom VJP whose backward loops over the
-            same rounds again, recomputing each round's forward (nothing kept per round) and
+  spill     the rows past C0 of the groups that overflow, cut into chunks of C1 = C0 / 4 rows
+            (each chunk one expert's), E chunks per round in [E, C1, D] slots, each with its
+            expert's weights (a one-hot matmul picks them: exact, and its transpose sums the
+            weight gradients per expert without scatter-adds). Only overflowing experts take
+            slots. The number of rounds is data-dependent (0 under balanced routing), so they run
+            in a `while_loop` with that trip count, under a custom VJP whose backward loops over
+            the same rounds again, recomputing each round's forward (nothing kept per round) and
             accumulating the weight gradients in float32.
 
 Cost: E x C0 - M padded rows in round 0 (none when M / E is a multiple of 128 and the load is
-balanced); under skew, E x C1 rows per spill round plus its recomputation. The gathers are
+balanced); under skew, the overflow rows plus less than one chunk per overflowing expert, their
+recomputation in the backward, and 3 x E weight copies per spill round. The gathers are
 `permute.gather_rows`: their backward is a gather too (no scatter-adds). Rows past the sum of
 the group sizes (padding) are in no slot and come out zero. Capacity slots per expert follow
 GShard (Lepikhin et al. 2020); covering every row in extra rounds keeps it dropless (MegaBlocks,
@@ -60,36 +64,62 @@ def _layout(sizes_E: jax.Array, n_rows: int):
   return starts, expert, within
 
 
-def _round_index(sizes_E, layout, n_rows: int, offset, cap: int):
-  """(source [E*cap]: the row in each slot (n_rows: empty), slot [M]: each row's slot (E*cap: not
-  in this round)) for the round holding positions offset .. offset + cap - 1 of every group."""
-  starts, expert, within = layout
-  e = sizes_E.shape[0]
-  pos = offset + jnp.arange(cap, dtype=jnp.int32)[None, :]
-  source = jnp.where(pos < sizes_E[:, None], starts[:, None] + pos, n_rows).reshape(-1)
-  inside = (expert < e) & (within >= offset) & (within < offset + cap)
-  slot = jnp.where(inside, expert * cap + within - offset, e * cap)
-  return source, slot
-
-
-def _run_round(rows_MxD, weights, sizes_E, layout, offset, cap: int, ffn) -> jax.Array:
-  """[M, D] outputs of the rows in this round's slots (zeros elsewhere)."""
+def _first_round(rows_MxD, weights, sizes_E, layout, cap: int, ffn) -> jax.Array:
+  """[M, D] outputs of the rows at positions 0 .. cap - 1 of their group (zeros elsewhere): expert
+  e's slots [e, :] hold its first `cap` rows."""
   (m, d), e = rows_MxD.shape, sizes_E.shape[0]
-  source, slot = _round_index(sizes_E, layout, m, offset, cap)
+  starts, expert, within = layout
+  pos = jnp.arange(cap, dtype=jnp.int32)[None, :]
+  source = jnp.where(pos < sizes_E[:, None], starts[:, None] + pos, m).reshape(-1)  # m: empty slot
+  slot = jnp.where((expert < e) & (within < cap), expert * cap + within, e * cap)  # e * cap: none
   x = gather_rows(rows_MxD, source, slot[:, None]).reshape(e, cap, d)
   out = ffn(x, *weights).reshape(e * cap, d)
   return gather_rows(out, slot, source[:, None])
 
 
+def _spill_chunks(sizes_E, c0: int, c1: int):
+  """(chunks per expert [E], first chunk of each expert [E], total chunks): the rows past C0 of
+  every group cut into chunks of C1 rows, numbered expert by expert."""
+  chunks = (jnp.maximum(sizes_E - c0, 0) + c1 - 1) // c1
+  ends = jnp.cumsum(chunks)
+  return chunks, ends - chunks, ends[-1]
+
+
+def _spill_round(r, rows_MxD, weights, sizes_E, layout, *, c0: int, c1: int, ffn) -> jax.Array:
+  """[M, D] outputs of spill round r: chunks r*E .. r*E + E - 1, chunk s of the round in slots
+  [s, :] with its expert's weights (selected by a one-hot matmul: exact, and its transpose sums
+  the chunks' weight gradients per expert without a scatter-add)."""
+  (m, d), e = rows_MxD.shape, sizes_E.shape[0]
+  starts, expert, within = layout
+  chunks, first, total = _spill_chunks(sizes_E, c0, c1)
+  # Slots: chunk j = r * E + s belongs to expert e_j and holds its rows from c0 + (j - first) * c1.
+  j = r * e + jnp.arange(e, dtype=jnp.int32)
+  e_j = jnp.clip(jnp.searchsorted(first + chunks, j, side="right"), 0, e - 1)
+  pos = (c0 + (j - first[e_j]) * c1)[:, None] + jnp.arange(c1, dtype=jnp.int32)[None, :]
+  valid = (j < total)[:, None] & (pos < sizes_E[e_j][:, None])
+  source = jnp.where(valid, starts[e_j][:, None] + pos, m).reshape(-1)
+  # Rows: a row at position p >= c0 of expert e is in chunk first[e] + (p - c0) // c1.
+  ex = jnp.minimum(expert, e - 1)
+  chunk = first[ex] + (within - c0) // c1
+  inside = (expert < e) & (within >= c0) & (chunk // e == r)
+  slot = jnp.where(inside, (chunk - r * e) * c1 + (within - c0) % c1, e * c1)
+  one_hot = jax.nn.one_hot(jnp.where(j < total, e_j, e), e, dtype=rows_MxD.dtype)
+  x = gather_rows(rows_MxD, source, slot[:, None]).reshape(e, c1, d)
+  out = ffn(x, *(jnp.einsum("se,e...->s...", one_hot, w) for w in weights)).reshape(e * c1, d)
+  return gather_rows(out, slot, source[:, None])
+
+
 def _spill(rows_MxD, weights, sizes_E, *, c0: int, c1: int, ffn):
-  """The rows past C0 of every group, in data-dependent rounds of C1 slots (custom VJP, below)."""
+  """The rows past C0 of every group, in data-dependent rounds of E chunks of C1 rows (custom
+  VJP: the backward recomputes each round rather than keeping anything per round)."""
   m = rows_MxD.shape[0]
+  n_experts = sizes_E.shape[0]
 
   def count(sizes):
-    return (jnp.max(jnp.maximum(sizes - c0, 0)) + c1 - 1) // c1
+    return (_spill_chunks(sizes, c0, c1)[2] + n_experts - 1) // n_experts
 
   def one(r, rows, ws, sizes):
-    return _run_round(rows, ws, sizes, _layout(sizes, m), c0 + r * c1, c1, ffn)
+    return _spill_round(r, rows, ws, sizes, _layout(sizes, m), c0=c0, c1=c1, ffn=ffn)
 
   @jax.custom_vjp
   def spill(rows, ws, sizes):
@@ -131,7 +161,7 @@ def rounds_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.
   c0 = min(c0, m)  # a group never holds more than M rows
   sizes = group_sizes_E.astype(jnp.int32)
   weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-  out = _run_round(rows_MxD, weights, sizes, _layout(sizes, m), 0, c0, ffn)
+  out = _first_round(rows_MxD, weights, sizes, _layout(sizes, m), c0, ffn)
   if c0 < m:
     out = out + _spill(rows_MxD, weights, sizes, c0=c0, c1=c1, ffn=ffn)
   return out

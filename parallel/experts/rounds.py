@@ -29,6 +29,7 @@ Gale et al. 2023) without a grouped kernel.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,37 @@ def round_capacities(n_rows: int, n_experts: int, factor: float = CAPACITY_FACTO
   return c0, _align(c0 // 4)
 
 
+class RowMaps(NamedTuple):
+  """How the M sorted rows connect to the input rows x [N, D] and the output rows [P, D], so that
+  the slots gather straight from x and the outputs land straight in their rows (no [M, D] sorted
+  copy either way). Dropless on one device: x the tokens, the output rows the pairs.
+
+  src [M]: the x row of each sorted row; src_users [N, R]: the sorted rows reading each x row
+  (M: none); dst [M]: the output row of each sorted row; dst_src [P]: the sorted row each output
+  row reads (M: none)."""
+
+  src: jax.Array
+  src_users: jax.Array
+  dst: jax.Array
+  dst_src: jax.Array
+
+
+def _gather_in(x_NxD, source_S, slot_M, maps: RowMaps | None) -> jax.Array:
+  """[S, D] slots: slot s holds sorted row source[s] (M: empty); `slot` is its inverse (S: none)."""
+  if maps is None:
+    return gather_rows(x_NxD, source_S, slot_M[:, None])
+  n, s = x_NxD.shape[0], source_S.shape[0]
+  return gather_rows(x_NxD, jnp.append(maps.src, n)[source_S], jnp.append(slot_M, s)[maps.src_users])
+
+
+def _gather_out(out_SxD, source_S, slot_M, maps: RowMaps | None) -> jax.Array:
+  """The slots' outputs in the output rows (zeros for rows in no slot)."""
+  if maps is None:
+    return gather_rows(out_SxD, slot_M, source_S[:, None])
+  s, p = out_SxD.shape[0], maps.dst_src.shape[0]
+  return gather_rows(out_SxD, jnp.append(slot_M, s)[maps.dst_src], jnp.append(maps.dst, p)[source_S][:, None])
+
+
 def _layout(sizes_E: jax.Array, n_rows: int):
   """(starts [E], expert of each row [M] (E for rows past the groups), position in its group [M])."""
   e = sizes_E.shape[0]
@@ -64,17 +96,17 @@ def _layout(sizes_E: jax.Array, n_rows: int):
   return starts, expert, within
 
 
-def _first_round(rows_MxD, weights, sizes_E, layout, cap: int, ffn) -> jax.Array:
-  """[M, D] outputs of the rows at positions 0 .. cap - 1 of their group (zeros elsewhere): expert
-  e's slots [e, :] hold its first `cap` rows."""
-  (m, d), e = rows_MxD.shape, sizes_E.shape[0]
+def _first_round(rows_MxD, weights, sizes_E, layout, cap: int, ffn, maps, m: int) -> jax.Array:
+  """Outputs of the rows at positions 0 .. cap - 1 of their group (zeros elsewhere): expert e's
+  slots [e, :] hold its first `cap` rows."""
+  d, e = rows_MxD.shape[1], sizes_E.shape[0]
   starts, expert, within = layout
   pos = jnp.arange(cap, dtype=jnp.int32)[None, :]
   source = jnp.where(pos < sizes_E[:, None], starts[:, None] + pos, m).reshape(-1)  # m: empty slot
   slot = jnp.where((expert < e) & (within < cap), expert * cap + within, e * cap)  # e * cap: none
-  x = gather_rows(rows_MxD, source, slot[:, None]).reshape(e, cap, d)
+  x = _gather_in(rows_MxD, source, slot, maps).reshape(e, cap, d)
   out = ffn(x, *weights).reshape(e * cap, d)
-  return gather_rows(out, slot, source[:, None])
+  return _gather_out(out, source, slot, maps)
 
 
 def _spill_chunks(sizes_E, c0: int, c1: int):
@@ -85,11 +117,11 @@ def _spill_chunks(sizes_E, c0: int, c1: int):
   return chunks, ends - chunks, ends[-1]
 
 
-def _spill_round(r, rows_MxD, weights, sizes_E, layout, *, c0: int, c1: int, ffn) -> jax.Array:
+def _spill_round(r, rows_MxD, weights, sizes_E, layout, maps, m: int, *, c0: int, c1: int, ffn) -> jax.Array:
   """[M, D] outputs of spill round r: chunks r*E .. r*E + E - 1, chunk s of the round in slots
   [s, :] with its expert's weights (selected by a one-hot matmul: exact, and its transpose sums
   the chunks' weight gradients per expert without a scatter-add)."""
-  (m, d), e = rows_MxD.shape, sizes_E.shape[0]
+  d, e = rows_MxD.shape[1], sizes_E.shape[0]
   starts, expert, within = layout
   chunks, first, total = _spill_chunks(sizes_E, c0, c1)
   # Slots: chunk j = r * E + s belongs to expert e_j and holds its rows from c0 + (j - first) * c1.
@@ -104,64 +136,67 @@ def _spill_round(r, rows_MxD, weights, sizes_E, layout, *, c0: int, c1: int, ffn
   inside = (expert < e) & (within >= c0) & (chunk // e == r)
   slot = jnp.where(inside, (chunk - r * e) * c1 + (within - c0) % c1, e * c1)
   one_hot = jax.nn.one_hot(jnp.where(j < total, e_j, e), e, dtype=rows_MxD.dtype)
-  x = gather_rows(rows_MxD, source, slot[:, None]).reshape(e, c1, d)
+  x = _gather_in(rows_MxD, source, slot, maps).reshape(e, c1, d)
   out = ffn(x, *(jnp.einsum("se,e...->s...", one_hot, w) for w in weights)).reshape(e * c1, d)
-  return gather_rows(out, slot, source[:, None])
+  return _gather_out(out, source, slot, maps)
 
 
-def _spill(rows_MxD, weights, sizes_E, *, c0: int, c1: int, ffn):
+def _spill(rows_MxD, weights, sizes_E, maps, m: int, p: int, *, c0: int, c1: int, ffn):
   """The rows past C0 of every group, in data-dependent rounds of E chunks of C1 rows (custom
   VJP: the backward recomputes each round rather than keeping anything per round)."""
-  m = rows_MxD.shape[0]
   n_experts = sizes_E.shape[0]
 
   def count(sizes):
     return (_spill_chunks(sizes, c0, c1)[2] + n_experts - 1) // n_experts
 
-  def one(r, rows, ws, sizes):
-    return _spill_round(r, rows, ws, sizes, _layout(sizes, m), c0=c0, c1=c1, ffn=ffn)
+  def one(r, rows, ws, ints):
+    sizes, maps = ints
+    return _spill_round(r, rows, ws, sizes, _layout(sizes, m), maps, m, c0=c0, c1=c1, ffn=ffn)
 
   @jax.custom_vjp
-  def spill(rows, ws, sizes):
-    return jax.lax.fori_loop(0, count(sizes), lambda r, acc: acc + one(r, rows, ws, sizes), jnp.zeros_like(rows))
+  def spill(rows, ws, ints):
+    zeros = jnp.zeros_like(rows, shape=(p, rows.shape[1]))
+    return jax.lax.fori_loop(0, count(ints[0]), lambda r, acc: acc + one(r, rows, ws, ints), zeros)
 
-  def fwd(rows, ws, sizes):
-    return spill(rows, ws, sizes), (rows, ws, sizes)
+  def fwd(rows, ws, ints):
+    return spill(rows, ws, ints), (rows, ws, ints)
 
   def bwd(res, d_out):
-    rows, ws, sizes = res
+    rows, ws, ints = res
 
     def body(r, acc):
-      d_rows, d_ws = acc
-      _, vjp = jax.vjp(lambda x, *w: one(r, x, w, sizes), rows, *ws)
+      _, vjp = jax.vjp(lambda x, *w: one(r, x, w, ints), rows, *ws)
       g = vjp(d_out)
-      # Each row is in exactly one round: its gradient is added to zeros (exact in any dtype).
-      return d_rows + g[0], tuple(a + b.astype(jnp.float32) for a, b in zip(d_ws, g[1:]))
+      return tuple(a + b.astype(jnp.float32) for a, b in zip(acc, g))
 
-    # zeros_like keeps the manual axes the weights vary over (a loop carry inside `shard_map`
-    # must keep its type).
-    init = (jnp.zeros_like(rows), tuple(jnp.zeros_like(w, jnp.float32) for w in ws))
-    d_rows, d_ws = jax.lax.fori_loop(0, count(sizes), body, init)
-    return d_rows, tuple(g.astype(w.dtype) for g, w in zip(d_ws, ws)), None
+    # zeros_like keeps the manual axes the inputs vary over (a loop carry inside `shard_map` must
+    # keep its type); float32 sums (an input row read by K pairs may meet several rounds).
+    init = tuple(jnp.zeros_like(a, jnp.float32) for a in (rows, *ws))
+    grads = jax.lax.fori_loop(0, count(ints[0]), body, init)
+    return grads[0].astype(rows.dtype), tuple(g.astype(w.dtype) for g, w in zip(grads[1:], ws)), None
 
   spill.defvjp(fwd, bwd)
-  return spill(rows_MxD, tuple(weights), sizes_E)
+  return spill(rows_MxD, tuple(weights), (sizes_E, maps))
 
 
 def rounds_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
                w_down_ExFxD: jax.Array, ffn, *, expected_rows: int | None = None,
-               factor: float = CAPACITY_FACTOR) -> jax.Array:
+               factor: float = CAPACITY_FACTOR, maps: RowMaps | None = None) -> jax.Array:
   """[M, D] rows sorted by expert -> [M, D], with `ffn` the batched SwiGLU ([E, C, D] and the
   [E, ...] weights). `expected_rows` (default M) sizes the slots when M counts padding rows (the
-  expert-parallel receive buffer). Rows past the sum of the group sizes come out zero."""
-  (m, _), e = rows_MxD.shape, w_gate_ExDxF.shape[0]
+  expert-parallel receive buffer). Rows past the sum of the group sizes come out zero.
+  With `maps`, rows_MxD is the input x [N, D] that the sorted rows read and the result is [P, D]
+  in the output rows (see RowMaps)."""
+  e = w_gate_ExDxF.shape[0]
+  m = rows_MxD.shape[0] if maps is None else maps.src.shape[0]
+  p = m if maps is None else maps.dst_src.shape[0]
   if group_sizes_E.shape != (e,):
     raise ValueError(f"group sizes {group_sizes_E.shape} must be ({e},)")
   c0, c1 = round_capacities(expected_rows or m, e, factor)
   c0 = min(c0, m)  # a group never holds more than M rows
   sizes = group_sizes_E.astype(jnp.int32)
   weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-  out = _first_round(rows_MxD, weights, sizes, _layout(sizes, m), c0, ffn)
+  out = _first_round(rows_MxD, weights, sizes, _layout(sizes, m), c0, ffn, maps, m)
   if c0 < m:
-    out = out + _spill(rows_MxD, weights, sizes, c0=c0, c1=c1, ffn=ffn)
+    out = out + _spill(rows_MxD, weights, sizes, maps, m, p, c0=c0, c1=c1, ffn=ffn)
   return out

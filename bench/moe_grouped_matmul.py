@@ -2,7 +2,9 @@
 same FLOPs; and the dropless layer's dispatch overhead (routing, sort, gather, unsort, combine).
 
 Rows are the routed token-expert pairs, sorted by expert (group sizes from --balance: `balanced`,
-every expert M/E rows; `router`, the sizes a random softmax router picks for M/K tokens, top-K).
+every expert M/E rows; `router`, the sizes a random softmax router picks for M/K tokens, top-K;
+`skewed`, sizes rising linearly from 0.23 to 1.77 times the mean: the max/mean load 1.77 that the
+learned router of the `moe` preset showed in training).
 Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on the sorted rows:
 
   dense          one [M, D] x [D, F] SwiGLU with shared weights: the same FLOPs, the ceiling
@@ -17,6 +19,10 @@ Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on 
   tiled          `sharding.grouped_matmul=tiled` (parallel/experts/tiled.py): each group padded to
                  whole tiles (static bound: ceil(M / tile) + E tiles), batched matmuls over the
                  tiles with each tile's expert weights picked by a one-hot matmul
+  rounds         `sharding.grouped_matmul=rounds` (parallel/experts/rounds.py): [E, C, D] slots at
+                 the mean group size (C multiple of 128), batched matmuls, and the overflowing
+                 groups' rows in spill rounds (a while loop; none when balanced); `rounds_x1.25`
+                 etc. set the slots' factor over the mean group size
 
 Forward+backward TFLOP/s counts 3 x the forward FLOPs of the real rows (2 M D F x 3 matmuls), so
 padding is not credited. Every gradient (rows, w_gate, w_up, w_down) is compared with a float32
@@ -29,6 +35,7 @@ the non-GEMM share of the layer's time. Pass --profile_dir to write a profiler t
 
   python bench/moe_grouped_matmul.py --out=moe_grouped_matmul.json
   python bench/moe_grouped_matmul.py --balance=router --out=moe_grouped_matmul_router.json
+  python bench/moe_grouped_matmul.py --balance=skewed --out=moe_grouped_matmul_skewed.json
   (CPU smoke test: --experts=4 --d_model=64 --d_ff=32 --rows=1024 --repeats=1)
 """
 
@@ -46,6 +53,7 @@ from bench.timing import median_call_seconds
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.ffn import batched_ffn, grouped_ffn
 from parallel.experts.grouped_matmul import grouped_matmul, tokamax_available
+from parallel.experts.rounds import CAPACITY_FACTOR, rounds_ffn
 from parallel.experts.routing import route
 from parallel.mesh import single_device_mesh
 from parallel.plan import Strategies, make_plan
@@ -56,9 +64,10 @@ flags.DEFINE_integer("d_model", 2048, "D.")
 flags.DEFINE_integer("d_ff", 1408, "Expert width F.")
 flags.DEFINE_integer("rows", 65536, "Routed rows M (token-expert pairs).")
 flags.DEFINE_integer("top_k", 4, "K: the layer-overhead measurement routes M / K tokens.")
-flags.DEFINE_enum("balance", "balanced", ["balanced", "router"], "Group sizes: equal, or a random router's.")
+flags.DEFINE_enum("balance", "balanced", ["balanced", "router", "skewed"],
+                  "Group sizes: equal, a random router's, or skewed to max/mean 1.77.")
 flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "ragged_xla_f32out", "tokamax_f32out", "padded",
-                            "batched_only", "tiled"],
+                            "batched_only", "tiled", "rounds", "rounds_x1.25"],
                   "Formulations to time.")
 flags.DEFINE_string("layer_grouped_matmul", "auto", "sharding.grouped_matmul of the dispatch-overhead layer.")
 flags.DEFINE_integer("repeats", 10, "Timed calls after one warm-up; the median is reported.")
@@ -72,6 +81,10 @@ def _group_sizes(rng: np.random.Generator) -> np.ndarray:
   e, m = FLAGS.experts, FLAGS.rows
   if FLAGS.balance == "balanced":
     sizes = np.full(e, m // e)
+    sizes[: m - sizes.sum()] += 1
+    return sizes
+  if FLAGS.balance == "skewed":
+    sizes = np.floor(m / e * np.linspace(0.23, 1.77, e)).astype(int)
     sizes[: m - sizes.sum()] += 1
     return sizes
   logits = rng.normal(size=(m // FLAGS.top_k, e)) * 1.0
@@ -117,6 +130,10 @@ def _formulations(sizes: np.ndarray):
     return ffn
 
   fns["ragged_xla_f32out"] = f32out("xla")
+  for name in FLAGS.impls:
+    if name == "rounds" or name.startswith("rounds_x"):
+      factor = float(name[len("rounds_x"):]) if name != "rounds" else CAPACITY_FACTOR
+      fns[name] = lambda r, wg, wu, wd, factor=factor: rounds_ffn(r, gs, wg, wu, wd, batched_ffn, factor=factor)
   if tokamax_available():
     fns["tokamax"] = lambda r, *w: grouped_ffn(r, gs, *w, impl="tokamax")
     fns["tokamax_f32out"] = f32out("tokamax")

@@ -39,9 +39,9 @@ REPLICA_ALGORITHMS = ("sync", "diloco", "streaming_diloco", "noloco", "co2", "sp
 # score function (softmax over experts: Mixtral, Qwen; sigmoid: DeepSeek-V3).
 EXPERT_DISPATCHES = ("capacity", "dropless")
 EXPERT_ALL_TO_ALL = ("auto", "padded", "ragged")  # "auto": ragged on GPU/TPU, padded on CPU
-# Dropless expert matmuls; "auto": tokamax on GPU if installed; "tiled": batched matmuls over
-# expert-aligned tiles (parallel/experts/tiled.py).
-GROUPED_MATMULS = ("auto", "xla", "tokamax", "tiled")
+# Dropless expert matmuls; "auto": rounds on GPU, xla elsewhere; "tiled": batched matmuls over
+# expert-aligned tiles (parallel/experts/tiled.py); "rounds": over [E, C, D] slots in rounds (rounds.py).
+GROUPED_MATMULS = ("auto", "xla", "tokamax", "tiled", "rounds")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
 

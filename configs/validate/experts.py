@@ -35,7 +35,7 @@ def check(config: Config, sizes: dict[str, int], backend: str) -> None:
           "use 'padded' or 'auto'")
   require(s.grouped_matmul != "tokamax" or (backend == "gpu" and importlib.util.find_spec("tokamax") is not None),
           f"sharding.grouped_matmul='tokamax' needs a GPU and the tokamax package (backend {backend!r}): "
-          f"use 'xla' or 'auto'")
+          f"use 'rounds', 'xla' or 'auto'")
   _check_axes("expert_axes", s.expert_axes)
   _check_axes("expert_tensor_axes", s.expert_tensor_axes)
   both = sorted(set(s.expert_axes) & set(s.expert_tensor_axes))

@@ -3,7 +3,8 @@
 The T*K pairs are sorted by expert (stably), the tokens gathered in that order, the experts run
 as grouped matmuls over the sorted rows (expert e's rows contiguous; `grouped_matmul.py` picks
 `jax.lax.ragged_dot` or a GPU kernel), and the outputs are put back in pair order and combined
-with the routing weights. Nothing is dropped.
+with the routing weights. Nothing is dropped. With `rounds` (rounds.py) the expert slots gather
+the tokens and scatter to the pairs directly through the sort's index maps.
 
 Single device here; `expert_parallel.py` sends the sorted rows through an all-to-all.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from parallel.experts.ffn import check_expert_args, grouped_ffn
+from parallel.experts.ffn import batched_ffn, check_expert_args, grouped_ffn
+from parallel.experts.grouped_matmul import resolve
 from parallel.experts.permute import gather_rows, inverse_permutation, permute_rows
+from parallel.experts.rounds import RowMaps, rounds_ffn
 
 
 def sort_pairs(experts_TxK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -38,9 +41,14 @@ def dropless_experts(x_TxD: jax.Array, weights_TxK: jax.Array, experts_TxK: jax.
   (t, d), k = x_TxD.shape, experts_TxK.shape[1]
   order, sizes = sort_pairs(experts_TxK, w_gate_ExDxF.shape[0])
   inverse = inverse_permutation(order)
-  rows = gather_tokens(x_TxD.astype(dtype), order, inverse, k)
-  out = grouped_ffn(rows, sizes, w_gate_ExDxF.astype(dtype), w_up_ExDxF.astype(dtype), w_down_ExFxD.astype(dtype),
-                    grouped_matmul)
-  out_TxKxD = permute_rows(out, inverse, order).reshape(t, k, d)  # back in pair order
+  weights = (w_gate_ExDxF.astype(dtype), w_up_ExDxF.astype(dtype), w_down_ExFxD.astype(dtype))
+  if resolve(grouped_matmul) == "rounds":
+    # The slots read the tokens and write the pairs directly: no sorted [T*K, D] copy either way.
+    maps = RowMaps(src=order // k, src_users=inverse.reshape(t, k), dst=order, dst_src=inverse)
+    out_TxKxD = rounds_ffn(x_TxD.astype(dtype), sizes, *weights, batched_ffn, maps=maps).reshape(t, k, d)
+  else:
+    rows = gather_tokens(x_TxD.astype(dtype), order, inverse, k)
+    out = grouped_ffn(rows, sizes, *weights, grouped_matmul)
+    out_TxKxD = permute_rows(out, inverse, order).reshape(t, k, d)  # back in pair order
   y = jnp.einsum("tk,tkd->td", weights_TxK.astype(jnp.float32), out_TxKxD.astype(jnp.float32))
   return y.astype(dtype), jnp.zeros((), jnp.float32)

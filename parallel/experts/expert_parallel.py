@@ -82,11 +82,13 @@ def _capacity_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, factor):
   return combine_slots(back, slot, w), dropped
 
 
-def _run_local(rows, ids, local, wg, wu, wd, impl):
-  """Received rows with local expert ids (`local` marks padding) -> outputs in received order."""
+def _run_local(rows, ids, local, wg, wu, wd, impl, expected_rows):
+  """Received rows with local expert ids (`local` marks padding) -> outputs in received order.
+  `expected_rows`: the real rows a device receives under balanced routing (sizes the rounds' slots)."""
   order, sizes = sort_pairs(ids[:, None], local)
   inverse = inverse_permutation(order)
-  return permute_rows(grouped_ffn(permute_rows(rows, order, inverse), sizes, wg, wu, wd, impl), inverse, order)
+  out = grouped_ffn(permute_rows(rows, order, inverse), sizes, wg, wu, wd, impl, expected_rows=expected_rows)
+  return permute_rows(out, inverse, order)
 
 
 def _dropless_padded_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, impl):
@@ -102,7 +104,7 @@ def _dropless_padded_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, impl):
   send = gather_slots(x, slot, n_ep * bound).reshape(n_ep, bound, d)
   ids = jnp.full((n_ep * bound,), local, jnp.int32).at[slot_sorted].set(e_sorted % local).reshape(n_ep, bound)
   rows, rids = _a2a(send, axes).reshape(-1, d), _a2a(ids, axes).reshape(-1)
-  out = _run_local(rows, rids, local, wg, wu, wd, impl)
+  out = _run_local(rows, rids, local, wg, wu, wd, impl, t * k)
   back = _a2a(out.reshape(n_ep, bound, d), axes).reshape(-1, d)
   return combine_slots(back, slot, w), jnp.zeros((), jnp.float32)
 
@@ -123,7 +125,7 @@ def _dropless_ragged_chunk(x, w, e, wg, wu, wd, *, n_experts, axes, n_ep, impl):
   there = exchange(recv_offsets)  # where my rows start in each destination's buffer
   recv = ragged(rows, jnp.zeros((cap, d), rows.dtype), send_offsets, send_sizes, there, recv_sizes)
   rids = ragged(e_sorted % local, jnp.full((cap,), local, jnp.int32), send_offsets, send_sizes, there, recv_sizes)
-  out = _run_local(recv, rids, local, wg, wu, wd, impl)
+  out = _run_local(recv, rids, local, wg, wu, wd, impl, t * k)
   home = exchange(send_offsets)  # where each source keeps the rows it sent me
   back = ragged(out, jnp.zeros((t * k, d), out.dtype), recv_offsets, recv_sizes, home, send_sizes)
   out_TxKxD = permute_rows(back, inverse, order).reshape(t, k, d)

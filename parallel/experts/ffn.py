@@ -2,7 +2,8 @@
 
   batched  [E, C, D] slots per expert (capacity dispatch): dense batched matmuls;
   grouped  [M, D] rows sorted by expert with per-expert counts (dropless): grouped matmuls, or
-           (impl "tiled") batched matmuls over expert-aligned tiles of those rows (tiled.py).
+           (impl "tiled") batched matmuls over expert-aligned tiles of those rows (tiled.py), or
+           (impl "rounds") batched matmuls over [E, C, D] slots in rounds (rounds.py).
 
 Both compute in the inputs' dtype, with silu(gate) * up in float32 (as the dense MLP).
 Under expert-tensor parallelism the weights hold a slice of F: the result is a partial sum that
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from parallel.experts.grouped_matmul import grouped_matmul, resolve
+from parallel.experts.rounds import rounds_ffn
 from parallel.experts.tiled import tiled_ffn
 
 
@@ -33,9 +35,14 @@ def batched_ffn(x_ExCxD: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Arr
 
 
 def grouped_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
-                w_down_ExFxD: jax.Array, impl: str = "xla") -> jax.Array:
-  """[M, D] rows sorted by expert (expert e's group_sizes[e] rows together) -> [M, D]."""
-  if resolve(impl) == "tiled":
+                w_down_ExFxD: jax.Array, impl: str = "xla", expected_rows: int | None = None) -> jax.Array:
+  """[M, D] rows sorted by expert (expert e's group_sizes[e] rows together) -> [M, D].
+  `expected_rows` (rounds only; default M): the real rows expected when M counts padding."""
+  impl = resolve(impl)
+  if impl == "rounds":
+    return rounds_ffn(rows_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, batched_ffn,
+                      expected_rows=expected_rows)
+  if impl == "tiled":
     return tiled_ffn(rows_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, batched_ffn)
   gate = grouped_matmul(rows_MxD, w_gate_ExDxF, group_sizes_E, impl)
   up = grouped_matmul(rows_MxD, w_up_ExDxF, group_sizes_E, impl)

@@ -4,7 +4,9 @@
   tokamax  `tokamax.ragged_dot` (a GPU Pallas kernel; JAX >= 0.11), when the package is importable.
   tiled    not a grouped matmul: the FFN as batched matmuls over expert-aligned tiles
            (`tiled.py`, chosen in `ffn.grouped_ffn`)
-  auto     tokamax on a GPU when importable, else xla.
+  rounds   not a grouped matmul: the FFN as batched matmuls over [E, C, D] slots in rounds
+           (`rounds.py`, chosen in `ffn.grouped_ffn`): dense GEMM speed on GPUs, exact
+  auto     rounds on a GPU, else xla.
 Rows past the sum of the group sizes come out zero (every implementation).
 """
 
@@ -25,13 +27,14 @@ def tokamax_available() -> bool:
 
 
 def resolve(impl: str, backend: str | None = None) -> str:
-  """`auto` -> `tokamax` on a GPU with tokamax installed, else `xla`; other names unchanged."""
+  """`auto` -> `rounds` on a GPU (batched GEMMs beat the ragged kernels there: BENCHMARKS.md),
+  else `xla`; other names unchanged."""
   if impl not in GROUPED_MATMULS:
     raise ValueError(f"grouped matmul {impl!r}: choose one of {GROUPED_MATMULS}")
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
-  return "tokamax" if backend == "gpu" and tokamax_available() else "xla"
+  return "rounds" if backend == "gpu" else "xla"
 
 
 def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str = "xla",
@@ -44,8 +47,8 @@ def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.A
   if group_sizes_G.shape != (w_GxDxF.shape[0],):
     raise ValueError(f"group sizes {group_sizes_G.shape} must be ({w_GxDxF.shape[0]},)")
   impl = resolve(impl)
-  if impl == "tiled":
-    raise ValueError("the tiled implementation runs whole FFNs (ffn.grouped_ffn), not single grouped matmuls")
+  if impl in ("tiled", "rounds"):
+    raise ValueError(f"the {impl} implementation runs whole FFNs (ffn.grouped_ffn), not single grouped matmuls")
   sizes, out_dtype = group_sizes_G.astype(jnp.int32), jnp.dtype(out_dtype or rows_MxD.dtype)
   if impl == "tokamax":
     import tokamax  # noqa: PLC0415 (optional, GPU only)

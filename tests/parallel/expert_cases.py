@@ -40,6 +40,13 @@ def choose(x, router, top_k, empty_expert=None):
   return np.stack([sorted(range(lg.shape[1]), key=lambda j: (-lg[i, j], j))[:top_k] for i in range(lg.shape[0])])
 
 
+def choose_skewed(x, router, top_k, favourite=0, empty_expert=None):
+  """Chosen experts [T, K] when a selection bias puts `favourite` first for every token (the
+  others as `choose` orders them)."""
+  ranked = choose(x, router, top_k + 1, empty_expert)
+  return np.stack([[favourite] + [j for j in row if j != favourite][:top_k - 1] for row in ranked])
+
+
 def gshard_kept(chosen, n_experts, capacity_factor, groups):
   """[T, K] bool: pairs that fit their expert's capacity, per contiguous group of tokens."""
   t, k = chosen.shape

@@ -135,3 +135,57 @@ def test_tiled_ffn(top_k, dtype):
   chosen = cases.choose(*args[:2], top_k, empty_expert=EMPTY)
   op = _op(plan, top_k, compute_dtype=dtype)
   check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args, dtype=dtype)
+
+
+@pytest.mark.parametrize("top_k, dtype, skew", [(2, jnp.float32, False), (1, jnp.float32, False),
+                                                (2, jnp.bfloat16, False), (2, jnp.float32, True),
+                                                (2, jnp.bfloat16, True)])
+def test_rounds_ffn(top_k, dtype, skew):
+  """Dropless through [E, C, D] slots in rounds: ties, an empty expert, and (skew) expert 0 chosen
+  by every token, so its group needs round 0 and several spill rounds."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="rounds"))
+  args = cases.make_inputs(t=40, seed=8)
+  bias = jnp.zeros((E,)).at[EMPTY].set(-100.0)
+  if skew:
+    bias = bias.at[0].set(100.0)
+  chosen = (cases.choose_skewed if skew else cases.choose)(*args[:2], top_k, empty_expert=EMPTY)
+  sizes = np.bincount(chosen.reshape(-1), minlength=E)
+  assert sizes[EMPTY] == 0
+  if skew:  # 40 rows for expert 0 against round 0's 16 slots and spill rounds of 8
+    assert sizes[0] == 40
+
+  def op(x, router, w_gate, w_up, w_down):
+    routing = route(cases.logits(x, router), top_k=top_k, bias_E=bias, normalize=top_k > 1)
+    return experts_mlp(x, routing, w_gate, w_up, w_down, plan, compute_dtype=dtype)[0]
+
+  check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args, dtype=dtype)
+
+
+def test_rounds_capacities_and_padding_rows():
+  """Slots: the mean group x factor rounded up (128 on GPU-sized groups); rows past the groups
+  (expert-parallel padding) come out zero and get no gradient."""
+  from parallel.experts.ffn import batched_ffn
+  from parallel.experts.rounds import round_capacities, rounds_ffn
+  assert round_capacities(65536, 16) == (4096, 1024)
+  assert round_capacities(65536, 16, 1.1) == (4608, 1152)
+  assert round_capacities(80, 8) == (16, 8)
+  with pytest.raises(ValueError, match="factor=0"):
+    round_capacities(80, 8, 0)
+  args = cases.make_inputs(t=96)
+  args = (args[0], *args[2:])
+  # 88 of 96 rows used; with 8 slots per expert in every round, expert 1's 52 extra rows and
+  # experts 3-5's one each make 10 spill chunks: two spill rounds, expert 1's chunks across both.
+  bounds = np.cumsum([0, 0, 60, 0, 9, 9, 9, 0, 1])
+  sizes = jnp.asarray(np.diff(bounds), jnp.int32)
+  op = lambda x, *w: rounds_ffn(x, sizes, *w, batched_ffn, expected_rows=8)
+
+  def ref(x, w_gate, w_up, w_down):  # per group, in float32 at highest precision; padding rows zero
+    hp = "highest"
+    outs = [jnp.dot(jax.nn.silu(jnp.dot(x[lo:hi], w_gate[e], precision=hp)) * jnp.dot(x[lo:hi], w_up[e], precision=hp),
+                    w_down[e], precision=hp) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return jnp.concatenate(outs + [jnp.zeros((x.shape[0] - bounds[-1], x.shape[1]))])
+
+  check_against_reference(op, ref, args)
+  out, vjp = jax.vjp(op, *(jnp.asarray(a) for a in args))
+  np.testing.assert_array_equal(np.asarray(out[88:]), 0)
+  assert not np.asarray(vjp(jnp.ones_like(out))[0][88:]).any()

@@ -202,3 +202,20 @@ def test_tiled_expert_parallel():
     return experts_mlp(x, route(cases.logits(x, router), top_k=2), w_gate, w_up, w_down, plan)[0]
 
   check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)
+
+
+def test_rounds_expert_parallel():
+  """The rounds FFN behind the padded all-to-all (data=2 x expert=4): padding rows sort last and
+  stay zero; every token picks expert 0, so its device's group (32 rows against 8 slots per
+  expert, from its 4 tokens x top-2) spills into three more rounds."""
+  plan = make_plan(make_mesh({"data": 2, "expert": 4}),
+                   strategies=Strategies(expert_all_to_all="padded", grouped_matmul="rounds"))
+  args = cases.make_inputs(t=T, e=E, seed=10)
+  chosen = cases.choose_skewed(*args[:2], 2)
+  bias = jnp.zeros((E,)).at[0].set(100.0)
+
+  def op(x, router, w_gate, w_up, w_down):
+    routing = route(cases.logits(x, router), top_k=2, bias_E=bias)
+    return experts_mlp(x, routing, w_gate, w_up, w_down, plan)[0]
+
+  check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args)

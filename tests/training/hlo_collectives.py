@@ -31,6 +31,16 @@ def _groups(line: str) -> list[list[int]]:
     if iota.group(4):
       ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
     return ids.reshape(g, s).tolist()
+  # JAX 0.12 prints groups by mesh axes: replica_groups=mesh['replica'=4,'data'=2] {'replica'}
+  # (devices numbered in mesh order; a group spans the listed axes).
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+  if named:
+    axes = re.findall(r"'(\w+)'=(\d+)", named.group(1))
+    names, dims = [a for a, _ in axes], [int(n) for _, n in axes]
+    along = [names.index(a) for a in re.findall(r"'(\w+)'", named.group(2))]
+    rest = [i for i in range(len(dims)) if i not in along]
+    ids = np.arange(int(np.prod(dims))).reshape(dims).transpose(rest + along)
+    return ids.reshape(-1, int(np.prod([dims[i] for i in along]))).tolist()
   listed = re.search(r"(replica_groups|source_target_pairs)=\{(\{[\d,{} ]*\})\}", line)
   if listed:
     return [[int(i) for i in grp.split(",") if i] for grp in re.findall(r"\{([\d,]*)\}", listed.group(2))]

@@ -99,7 +99,8 @@ class LowCommRunner:
     with_r = lambda x, s: jax.ShapeDtypeStruct((self.replicas, *x.shape), x.dtype, sharding=s)
     self.abstract_state = {
         "params": jax.tree.map(with_r, base["params"], self.state_shardings["params"]),
-        "opt_state": jax.tree.map(with_r, {} if self.per_step else base["opt_state"], self.state_shardings["opt_state"]),
+        "opt_state": jax.tree.map(with_r, {} if self.per_step else base["opt_state"],
+                                  self.state_shardings["opt_state"]),
         "step": base["step"],
         "outer": jax.tree.map(with_r, abstract_outer, self.state_shardings["outer"])}
     self._metric_sharding = NamedSharding(self.mesh, P(AXIS))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import P
 
-from parallel.lowcomm.compress import gather_mean, payload_bytes
+from parallel.lowcomm.compress import gather_mean
 
 
 def island_axes() -> tuple[str, ...]:

@@ -88,8 +88,8 @@ class StreamingDiLoCo:
       sent += b
     for p in land:
       g, l = fragment_of(outer_params, p, self.n), fragment_of(params, p, self.n)
-      mixed = jax.tree.map(lambda a, b: (c.mix * a.astype(jnp.float32) + (1 - c.mix) * b.astype(jnp.float32)).astype(a.dtype),
-                           l, g)
+      f32 = lambda x: x.astype(jnp.float32)
+      mixed = jax.tree.map(lambda a, b: (c.mix * f32(a) + (1 - c.mix) * f32(b)).astype(a.dtype), l, g)
       params = with_fragment(params, mixed, p, self.n)
     return params, {"params": outer_params, "momentum": momentum}, sent
 

@@ -160,7 +160,8 @@ def test_diloco_outer_step_matches_numpy(diloco_run):
   expected_params, expected_momentum = _islands_alone_then_numpy_outer()
   state = diloco_run["state"]
   for r in range(R):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-6), state["params"], expected_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-6), state["params"],
+                 expected_params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-6), state["outer"]["momentum"],
                  expected_momentum)
   assert diloco_run["losses"][-1] < diloco_run["losses"][0]

@@ -19,6 +19,9 @@ def check(config: Config, sizes: dict[str, int]) -> None:
   require(algo in BUILT, f"sharding.replica={algo!r} is not available yet; choose one of {BUILT}")
   require(sizes["replica"] > 1, f"sharding.replica={algo!r} needs islands to average over, but "
                                 f"mesh.replica={sizes['replica']}: set mesh.replica to 2 or more")
+  require(config.model.n_experts == 0,
+          f"sharding.replica={algo!r} with model.n_experts={config.model.n_experts}: experts inside an island are not "
+          f"supported by the replica runner yet; use sharding.replica=sync")
   for axis, what in (("stage", "a pipeline"), ("seq", "context parallelism")):
     require(sizes[axis] == 1, f"sharding.replica={algo!r} with mesh.{axis}={sizes[axis]}: {what} inside an island is "
                               f"not supported yet (XLA's SPMD partitioner fails on its shard_map nested in the one "

@@ -23,7 +23,8 @@ from parallel.experts.rounds import RowMaps, rounds_ffn
 def sort_pairs(experts_TxK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
   """(order [T*K]: pair indices t*K + k sorted stably by expert, group sizes [E] int32)."""
   ids = experts_TxK.reshape(-1)
-  sizes = jnp.zeros((n_experts,), jnp.int32).at[ids].add(1, mode="drop")
+  # A one-hot sum, not a scatter-add: on GPUs M atomic adds into E counters contend.
+  sizes = jnp.sum(ids[:, None] == jnp.arange(n_experts, dtype=ids.dtype), axis=0, dtype=jnp.int32)
   return jnp.argsort(ids, stable=True).astype(jnp.int32), sizes
 
 

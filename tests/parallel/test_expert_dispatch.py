@@ -188,3 +188,10 @@ def test_rounds_capacities_and_padding_rows():
   out, vjp = jax.vjp(op, *(jnp.asarray(a) for a in args))
   np.testing.assert_array_equal(np.asarray(out[88:]), 0)
   assert not np.asarray(vjp(jnp.ones_like(out))[0][88:]).any()
+
+
+def test_auto_picks_rounds_on_gpus():
+  from parallel.experts.grouped_matmul import grouped_matmul, resolve
+  assert (resolve("auto", "gpu"), resolve("auto", "cpu"), resolve("tokamax", "gpu")) == ("rounds", "xla", "tokamax")
+  with pytest.raises(ValueError, match="rounds implementation runs whole FFNs"):
+    grouped_matmul(jnp.ones((4, 8)), jnp.ones((2, 8, 3)), jnp.array([2, 2]), "rounds")

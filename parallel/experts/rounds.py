@@ -1,10 +1,10 @@
 """Dropless experts as dense batched matmuls in rounds of [E, C, D] slots (static shapes, exact).
 
-Rows arrive sorted by expert (expert e's `sizes[e]` rows together). Round r gives every expert C
-slots and puts rows r*C .. (r+1)*C - 1 of each group into them (a gather), runs the SwiGLU as
-batched matmuls on [E, C, D] with the expert weights as they are (no per-tile weight copies, no
-ragged kernel), and gathers the outputs back to their rows. Rounds repeat until the largest group
-is covered, so no row is dropped whatever the routing.
+Rows arrive sorted by expert (expert e's `sizes[e]` rows together). A round gathers rows into
+[E, C, D] slots, runs the SwiGLU as batched matmuls (no ragged kernel), and gathers the outputs
+back to their rows; rounds repeat until every row is covered, so none is dropped whatever the
+routing. Local to a device: on one device, or per device after expert_parallel.py's all-to-all
+(nothing is communicated here; inputs and outputs are the device's rows).
 
   round 0   C0 slots per expert, C0 = the mean group size x `factor`, rounded up to 128 rows:
             ordinary autodiff (its activations kept for the backward, like any matmul);

@@ -25,6 +25,12 @@ def sort_pairs(experts_TxK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.A
   ids = experts_TxK.reshape(-1)
   # A one-hot sum, not a scatter-add: on GPUs M atomic adds into E counters contend.
   sizes = jnp.sum(ids[:, None] == jnp.arange(n_experts, dtype=ids.dtype), axis=0, dtype=jnp.int32)
+  m = ids.shape[0]
+  if (n_experts + 1) * m < 2**31:
+    # One int32 key (expert, pair index) sorted alone: the same stable order as an argsort, as a
+    # single-operand sort (GPUs run it as a radix sort) with the order read off the keys.
+    key = ids.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32)
+    return jnp.sort(key) % m, sizes
   return jnp.argsort(ids, stable=True).astype(jnp.int32), sizes
 
 

@@ -23,7 +23,14 @@ from parallel.experts.rounds import RowMaps, rounds_ffn
 def sort_pairs(experts_TxK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
   """(order [T*K]: pair indices t*K + k sorted stably by expert, group sizes [E] int32)."""
   ids = experts_TxK.reshape(-1)
-  sizes = jnp.zeros((n_experts,), jnp.int32).at[ids].add(1, mode="drop")
+  # A one-hot sum, not a scatter-add: on GPUs M atomic adds into E counters contend.
+  sizes = jnp.sum(ids[:, None] == jnp.arange(n_experts, dtype=ids.dtype), axis=0, dtype=jnp.int32)
+  m = ids.shape[0]
+  if (n_experts + 1) * m < 2**31:
+    # One int32 key (expert, pair index) sorted alone: the same stable order as an argsort, as a
+    # single-operand sort (GPUs run it as a radix sort) with the order read off the keys.
+    key = ids.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32)
+    return jnp.sort(key) % m, sizes
   return jnp.argsort(ids, stable=True).astype(jnp.int32), sizes
 
 

@@ -51,6 +51,8 @@ from parallel.experts.capacity import capacity, capacity_slots, combine_slots, g
 from parallel.experts.dropless import gather_tokens, sort_pairs
 from parallel.experts.permute import inverse_permutation, permute_rows
 from parallel.experts.ffn import batched_ffn, check_expert_args, grouped_ffn
+from parallel.experts.grouped_matmul import resolve
+from parallel.experts.rounds import RowMaps, rounds_ffn
 
 ALL_TO_ALLS = ("padded", "ragged")
 
@@ -87,6 +89,9 @@ def _run_local(rows, ids, local, wg, wu, wd, impl, expected_rows):
   `expected_rows`: the real rows a device receives under balanced routing (sizes the rounds' slots)."""
   order, sizes = sort_pairs(ids[:, None], local)
   inverse = inverse_permutation(order)
+  if resolve(impl) == "rounds":  # the slots read and write the received rows directly
+    maps = RowMaps(src=order, src_users=inverse[:, None], dst=order, dst_src=inverse)
+    return rounds_ffn(rows, sizes, wg, wu, wd, batched_ffn, expected_rows=expected_rows, maps=maps)
   out = grouped_ffn(permute_rows(rows, order, inverse), sizes, wg, wu, wd, impl, expected_rows=expected_rows)
   return permute_rows(out, inverse, order)
 

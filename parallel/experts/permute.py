@@ -40,7 +40,8 @@ gather_rows.defvjp(_fwd, _bwd)
 
 def inverse_permutation(order_N: jax.Array) -> jax.Array:
   """inverse[order[i]] = i."""
-  return jnp.zeros_like(order_N).at[order_N].set(jnp.arange(order_N.shape[0], dtype=order_N.dtype))
+  return jnp.zeros_like(order_N).at[order_N].set(jnp.arange(order_N.shape[0], dtype=order_N.dtype),
+                                                 unique_indices=True)
 
 
 def permute_rows(x_NxD: jax.Array, order_N: jax.Array, inverse_N: jax.Array) -> jax.Array:

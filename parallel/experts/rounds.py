@@ -1,10 +1,10 @@
 """Dropless experts as dense batched matmuls in rounds of [E, C, D] slots (static shapes, exact).
 
-Rows arrive sorted by expert (expert e's `sizes[e]` rows together). Round r gives every expert C
-slots and puts rows r*C .. (r+1)*C - 1 of each group into them (a gather), runs the SwiGLU as
-batched matmuls on [E, C, D] with the expert weights as they are (no per-tile weight copies, no
-ragged kernel), and gathers the outputs back to their rows. Rounds repeat until the largest group
-is covered, so no row is dropped whatever the routing.
+Rows arrive sorted by expert (expert e's `sizes[e]` rows together). A round gathers rows into
+[E, C, D] slots, runs the SwiGLU as batched matmuls (no ragged kernel), and gathers the outputs
+back to their rows; rounds repeat until every row is covered, so none is dropped whatever the
+routing. Local to a device: on one device, or per device after expert_parallel.py's all-to-all
+(nothing is communicated here; inputs and outputs are the device's rows).
 
   round 0   C0 slots per expert, C0 = the mean group size x `factor`, rounded up to 128 rows:
             ordinary autodiff (its activations kept for the backward, like any matmul);
@@ -141,9 +141,10 @@ def _spill_round(r, rows_MxD, weights, sizes_E, layout, maps, m: int, *, c0: int
   return _gather_out(out, source, slot, maps)
 
 
-def _spill(rows_MxD, weights, sizes_E, maps, m: int, p: int, *, c0: int, c1: int, ffn):
-  """The rows past C0 of every group, in data-dependent rounds of E chunks of C1 rows (custom
-  VJP: the backward recomputes each round rather than keeping anything per round)."""
+def _spill(base, rows_MxD, weights, sizes_E, maps, m: int, *, c0: int, c1: int, ffn):
+  """base + the outputs of the rows past C0 of every group, in data-dependent rounds of E chunks
+  of C1 rows (custom VJP: the backward recomputes each round rather than keeping anything per
+  round). Adding into `base` (round 0's outputs) costs nothing when no round runs."""
   n_experts = sizes_E.shape[0]
 
   def count(sizes):
@@ -154,12 +155,11 @@ def _spill(rows_MxD, weights, sizes_E, maps, m: int, p: int, *, c0: int, c1: int
     return _spill_round(r, rows, ws, sizes, _layout(sizes, m), maps, m, c0=c0, c1=c1, ffn=ffn)
 
   @jax.custom_vjp
-  def spill(rows, ws, ints):
-    zeros = jnp.zeros_like(rows, shape=(p, rows.shape[1]))
-    return jax.lax.fori_loop(0, count(ints[0]), lambda r, acc: acc + one(r, rows, ws, ints), zeros)
+  def spill(base, rows, ws, ints):
+    return jax.lax.fori_loop(0, count(ints[0]), lambda r, acc: acc + one(r, rows, ws, ints), base)
 
-  def fwd(rows, ws, ints):
-    return spill(rows, ws, ints), (rows, ws, ints)
+  def fwd(base, rows, ws, ints):
+    return spill(base, rows, ws, ints), (rows, ws, ints)
 
   def bwd(res, d_out):
     rows, ws, ints = res
@@ -173,10 +173,10 @@ def _spill(rows_MxD, weights, sizes_E, maps, m: int, p: int, *, c0: int, c1: int
     # keep its type); float32 sums (an input row read by K pairs may meet several rounds).
     init = tuple(jnp.zeros_like(a, jnp.float32) for a in (rows, *ws))
     grads = jax.lax.fori_loop(0, count(ints[0]), body, init)
-    return grads[0].astype(rows.dtype), tuple(g.astype(w.dtype) for g, w in zip(grads[1:], ws)), None
+    return d_out, grads[0].astype(rows.dtype), tuple(g.astype(w.dtype) for g, w in zip(grads[1:], ws)), None
 
   spill.defvjp(fwd, bwd)
-  return spill(rows_MxD, tuple(weights), (sizes_E, maps))
+  return spill(base, rows_MxD, tuple(weights), (sizes_E, maps))
 
 
 def rounds_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.Array, w_up_ExDxF: jax.Array,
@@ -189,7 +189,6 @@ def rounds_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.
   in the output rows (see RowMaps)."""
   e = w_gate_ExDxF.shape[0]
   m = rows_MxD.shape[0] if maps is None else maps.src.shape[0]
-  p = m if maps is None else maps.dst_src.shape[0]
   if group_sizes_E.shape != (e,):
     raise ValueError(f"group sizes {group_sizes_E.shape} must be ({e},)")
   c0, c1 = round_capacities(expected_rows or m, e, factor)
@@ -198,5 +197,5 @@ def rounds_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax.
   weights = (w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
   out = _first_round(rows_MxD, weights, sizes, _layout(sizes, m), c0, ffn, maps, m)
   if c0 < m:
-    out = out + _spill(rows_MxD, weights, sizes, maps, m, p, c0=c0, c1=c1, ffn=ffn)
+    out = _spill(out, rows_MxD, weights, sizes, maps, m, c0=c0, c1=c1, ffn=ffn)
   return out

@@ -102,7 +102,7 @@ def test_fill_axis():
     (["sharding.replica=gossip"], 8, r"sharding.replica='gossip': choose one of"),
     (["sharding.replica=diloco"], 8, r"sharding.replica='diloco' needs islands to average over, but mesh.replica=1"),
     (["mesh.replica=2", "mesh.data=4", "model.n_experts=4", "sharding.replica=diloco"], 8,
-     r"sharding.replica='diloco' with model.n_experts=4: experts inside an island are not supported yet"),
+     r"sharding.replica='diloco' with model.n_experts=4: experts inside an island are not supported by the replica runner yet"),
     (["mesh.replica=2", "mesh.stage=2", "mesh.data=2", "sharding.pipeline=1f1b", "data.microbatches=2",
       "sharding.replica=diloco"], 8, r"sharding.replica='diloco' with mesh.stage=2: a pipeline inside an island"),
     (["mesh.replica=2", "mesh.seq=2", "mesh.data=2", "sharding.attention=ring", "sharding.replica=noloco"], 8,

@@ -53,25 +53,33 @@ class KVCache:
   def slots(self) -> int:
     return self.k.shape[1]
 
-  def rows(self, slot_ids_B: jax.Array | None) -> dict:
+  def rows(self, slot_ids_B: jax.Array | None, span: int | None = None) -> dict:
     """The per-layer inputs of the layer stack for rows that write into `slot_ids_B` (None: the
-    rows are the slots, in order): {"k", "v": [layers, B, max_len, K, D]}."""
+    rows are the slots, in order), positions [0, span) only (None: all of max_len):
+    {"k", "v": [layers, B, span, K, D]}. A decode step reads only `span` positions per slot, so a
+    caller that knows every row's length is below it reads no more of the cache than it needs.
+    Slot ids >= slots (padding rows) read the last slot; their writes are dropped by `write`."""
+    span = self.max_len if span is None else span
+    if not 0 < span <= self.max_len:
+      raise ValueError(f"span={span} must be in [1, max_len={self.max_len}]")
+    k, v = self.k[:, :, :span], self.v[:, :, :span]
     if slot_ids_B is None:
-      return {"k": self.k, "v": self.v}
-    return {"k": self.k[:, slot_ids_B], "v": self.v[:, slot_ids_B]}
+      return {"k": k, "v": v}
+    return {"k": jnp.take(k, slot_ids_B, axis=1, mode="clip"), "v": jnp.take(v, slot_ids_B, axis=1, mode="clip")}
 
   def write(self, new_kv: dict, slot_ids_B: jax.Array | None, positions_BxT: jax.Array,
             new_lengths_B: jax.Array) -> KVCache:
     """Scatters the new tokens' keys and values ([layers, B, T, K, D]) to their slots and positions.
 
     Positions >= max_len are dropped (padding of a bucketed chunk, inactive slots), so a caller
-    marks a token it does not want written with position `max_len`.
+    marks a token it does not want written with position `max_len`; a row whose slot id is >= slots
+    (a padding row) writes nothing, its length included.
     """
     slots = jnp.arange(self.slots) if slot_ids_B is None else slot_ids_B
     idx = (slice(None), jnp.broadcast_to(slots[:, None], positions_BxT.shape), positions_BxT)
     k = self.k.at[idx].set(new_kv["k"].astype(self.k.dtype), mode="drop")
     v = self.v.at[idx].set(new_kv["v"].astype(self.v.dtype), mode="drop")
-    return KVCache(k, v, self.lengths.at[slots].set(new_lengths_B.astype(jnp.int32)))
+    return KVCache(k, v, self.lengths.at[slots].set(new_lengths_B.astype(jnp.int32), mode="drop"))
 
 
 def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, cache_k_BxSxKxD: jax.Array,

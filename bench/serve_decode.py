@@ -110,7 +110,8 @@ def main():
   ap.add_argument("--new", type=int, default=256, help="output tokens in the batch-1 and peer comparisons")
   ap.add_argument("--batches", default="1,32", help="batch sizes compared with the peer")
   ap.add_argument("--concurrency", default="32,128", help="slot counts for continuous vs static batching")
-  ap.add_argument("--requests_per_slot", type=int, default=2)
+  ap.add_argument("--requests_per_slot", type=int, default=3, help="requests per slot: the more, the "
+                  "less the longest request's tail weighs on both makespans")
   ap.add_argument("--mean_out", type=float, default=128.0)
   ap.add_argument("--min_out", type=int, default=8)
   ap.add_argument("--max_out", type=int, default=1024)

@@ -97,7 +97,15 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
   scale = d ** -0.5
   f32 = jnp.float32
-  s_cache = jnp.einsum("btkgd,bskd->bkgts", q, cache_k_BxSxKxD.astype(q.dtype), preferred_element_type=f32) * scale
+  if t == 1:
+    # Decode: the products summed in float32 (a reduction, not a dot), reading the cache once in
+    # its own layout. As a dot the cache's kv-head axis sits between its batch and matrix axes,
+    # so XLA first transposes (copies) the cache slice of every layer at every step: three passes
+    # over the largest tensor of a batched decode step instead of one.
+    prod = q[:, 0, None].astype(f32) * cache_k_BxSxKxD[:, :, :, None].astype(q.dtype).astype(f32)  # [B,S,K,G,D]
+    s_cache = jnp.sum(prod, axis=-1).transpose(0, 2, 3, 1)[:, :, :, None] * scale  # [B, K, G, 1, S]
+  else:
+    s_cache = jnp.einsum("btkgd,bskd->bkgts", q, cache_k_BxSxKxD.astype(q.dtype), preferred_element_type=f32) * scale
   s_new = jnp.einsum("btkgd,bukd->bkgtu", q, k_BxTxKxD, preferred_element_type=f32) * scale
   cached = jnp.arange(cache_k_BxSxKxD.shape[1])[None, :] < cache_len_B[:, None]  # [B, S]
   causal = jnp.tril(jnp.ones((t, t), bool))
@@ -106,6 +114,10 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   s_new = jnp.where(causal, s_new, neg)
   p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1)
   p_cache, p_new = p[..., :s_cache.shape[-1]].astype(q.dtype), p[..., s_cache.shape[-1]:].astype(q.dtype)
-  out = (jnp.einsum("bkgts,bskd->btkgd", p_cache, cache_v_BxSxKxD.astype(q.dtype), preferred_element_type=f32)
-         + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32))
+  if t == 1:
+    p_s = p_cache[:, :, :, 0].transpose(0, 3, 1, 2)[..., None].astype(f32)  # [B, S, K, G, 1]
+    from_cache = jnp.sum(p_s * cache_v_BxSxKxD[:, :, :, None].astype(q.dtype).astype(f32), axis=1)[:, None]
+  else:
+    from_cache = jnp.einsum("bkgts,bskd->btkgd", p_cache, cache_v_BxSxKxD.astype(q.dtype), preferred_element_type=f32)
+  out = from_cache + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32)
   return out.reshape(b, t, h, d).astype(q.dtype)

@@ -133,7 +133,7 @@ class ModelRunner:
     for i, (chunk, slot, start) in enumerate(chunks):
       tokens[i, :len(chunk)] = chunk
       slots[i], starts[i], n_valid[i] = slot, start, len(chunk)
-    sampling = _row_arrays(tuple(np.pad(np.asarray(a), (0, rows - n)) for a in sampling))
+    sampling = _row_arrays(tuple(np.pad(np.asarray(a), (0, rows - n), mode="edge") for a in sampling))  # valid rows
     self.cache, (token, logprob) = self._prefill(self.params, self.cache, tokens, slots, starts, n_valid, sampling,
                                                  greedy=not np.any(sampling[0] > 0))
     return token, logprob

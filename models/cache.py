@@ -53,25 +53,33 @@ class KVCache:
   def slots(self) -> int:
     return self.k.shape[1]
 
-  def rows(self, slot_ids_B: jax.Array | None) -> dict:
+  def rows(self, slot_ids_B: jax.Array | None, span: int | None = None) -> dict:
     """The per-layer inputs of the layer stack for rows that write into `slot_ids_B` (None: the
-    rows are the slots, in order): {"k", "v": [layers, B, max_len, K, D]}."""
+    rows are the slots, in order), positions [0, span) only (None: all of max_len):
+    {"k", "v": [layers, B, span, K, D]}. A decode step reads only `span` positions per slot, so a
+    caller that knows every row's length is below it reads no more of the cache than it needs.
+    Slot ids >= slots (padding rows) read the last slot; their writes are dropped by `write`."""
+    span = self.max_len if span is None else span
+    if not 0 < span <= self.max_len:
+      raise ValueError(f"span={span} must be in [1, max_len={self.max_len}]")
+    k, v = self.k[:, :, :span], self.v[:, :, :span]
     if slot_ids_B is None:
-      return {"k": self.k, "v": self.v}
-    return {"k": self.k[:, slot_ids_B], "v": self.v[:, slot_ids_B]}
+      return {"k": k, "v": v}
+    return {"k": jnp.take(k, slot_ids_B, axis=1, mode="clip"), "v": jnp.take(v, slot_ids_B, axis=1, mode="clip")}
 
   def write(self, new_kv: dict, slot_ids_B: jax.Array | None, positions_BxT: jax.Array,
             new_lengths_B: jax.Array) -> KVCache:
     """Scatters the new tokens' keys and values ([layers, B, T, K, D]) to their slots and positions.
 
     Positions >= max_len are dropped (padding of a bucketed chunk, inactive slots), so a caller
-    marks a token it does not want written with position `max_len`.
+    marks a token it does not want written with position `max_len`; a row whose slot id is >= slots
+    (a padding row) writes nothing, its length included.
     """
     slots = jnp.arange(self.slots) if slot_ids_B is None else slot_ids_B
     idx = (slice(None), jnp.broadcast_to(slots[:, None], positions_BxT.shape), positions_BxT)
     k = self.k.at[idx].set(new_kv["k"].astype(self.k.dtype), mode="drop")
     v = self.v.at[idx].set(new_kv["v"].astype(self.v.dtype), mode="drop")
-    return KVCache(k, v, self.lengths.at[slots].set(new_lengths_B.astype(jnp.int32)))
+    return KVCache(k, v, self.lengths.at[slots].set(new_lengths_B.astype(jnp.int32), mode="drop"))
 
 
 def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, cache_k_BxSxKxD: jax.Array,
@@ -89,7 +97,15 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
   scale = d ** -0.5
   f32 = jnp.float32
-  s_cache = jnp.einsum("btkgd,bskd->bkgts", q, cache_k_BxSxKxD.astype(q.dtype), preferred_element_type=f32) * scale
+  if t == 1:
+    # Decode: the products summed in float32 (a reduction, not a dot), reading the cache once in
+    # its own layout. As a dot the cache's kv-head axis sits between its batch and matrix axes,
+    # so XLA first transposes (copies) the cache slice of every layer at every step: three passes
+    # over the largest tensor of a batched decode step instead of one.
+    prod = q[:, 0, None].astype(f32) * cache_k_BxSxKxD[:, :, :, None].astype(q.dtype).astype(f32)  # [B,S,K,G,D]
+    s_cache = jnp.sum(prod, axis=-1).transpose(0, 2, 3, 1)[:, :, :, None] * scale  # [B, K, G, 1, S]
+  else:
+    s_cache = jnp.einsum("btkgd,bskd->bkgts", q, cache_k_BxSxKxD.astype(q.dtype), preferred_element_type=f32) * scale
   s_new = jnp.einsum("btkgd,bukd->bkgtu", q, k_BxTxKxD, preferred_element_type=f32) * scale
   cached = jnp.arange(cache_k_BxSxKxD.shape[1])[None, :] < cache_len_B[:, None]  # [B, S]
   causal = jnp.tril(jnp.ones((t, t), bool))
@@ -98,6 +114,10 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   s_new = jnp.where(causal, s_new, neg)
   p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1)
   p_cache, p_new = p[..., :s_cache.shape[-1]].astype(q.dtype), p[..., s_cache.shape[-1]:].astype(q.dtype)
-  out = (jnp.einsum("bkgts,bskd->btkgd", p_cache, cache_v_BxSxKxD.astype(q.dtype), preferred_element_type=f32)
-         + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32))
+  if t == 1:
+    p_s = p_cache[:, :, :, 0].transpose(0, 3, 1, 2)[..., None].astype(f32)  # [B, S, K, G, 1]
+    from_cache = jnp.sum(p_s * cache_v_BxSxKxD[:, :, :, None].astype(q.dtype).astype(f32), axis=1)[:, None]
+  else:
+    from_cache = jnp.einsum("bkgts,bskd->btkgd", p_cache, cache_v_BxSxKxD.astype(q.dtype), preferred_element_type=f32)
+  out = from_cache + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32)
   return out.reshape(b, t, h, d).astype(q.dtype)

@@ -7,9 +7,9 @@
 
 A step (`serving.scheduler`): requests waiting for a slot take free ones (the insert: a prefill
 writes its keys and values straight into the request's slot, no separate copy); requests still in
-their prompt get prompt chunks (prefill into their slot of the KV cache, bucketed lengths) and requests
-past it get one decode token each (or `decode_steps` tokens in one on-device loop), within a
-per-step token budget. The prompt's last chunk yields the first output token. A request finishes on
+their prompt get prompt chunks (prefill into their slot of the KV cache, all chunks of a step in one
+forward pass, bucketed lengths) and requests past it get one decode token each (or `decode_steps`
+tokens in one on-device loop), within a per-step token budget. The prompt's last chunk yields the first output token. A request finishes on
 its EOS or a stop token id ("stop", the token included) or at `max_tokens` ("length"); `abort`
 ends it at the next step ("abort"), and its slot is free for the next request at once.
 
@@ -100,22 +100,29 @@ class _Replica:
 
   def dispatch(self) -> tuple:
     """Schedules a step and starts its work on the device: (plan, first tokens, decoded) where first
-    tokens are (sequence, token, logprob) of prompts finished by this step, all device arrays."""
+    tokens are (sequences whose prompt this step finished, their rows in the prefill's output, the
+    prefill's (tokens, logprobs) device arrays), and decoded the decode loop's, or None."""
     plan = self.scheduler.schedule()
-    firsts = []
-    for seq, start, n in plan.chunks:
-      bucket = next(b for b in self.buckets if b >= n)
-      out = self.runner.prefill(np.asarray(seq.request.prompt_ids[start:start + n]), bucket, seq.slot, start,
-                                self._sampling_rows([seq]))
-      seq.prefilled += n
-      if not seq.in_prompt:
-        firsts.append((seq, *out))
+    firsts = ([], [], None)
+    if plan.chunks:
+      bucket = next(b for b in self.buckets if b >= max(n for _, _, n in plan.chunks))
+      chunks = [(np.asarray(seq.request.prompt_ids[start:start + n]), seq.slot, start)
+                for seq, start, n in plan.chunks]
+      out = self.runner.prefill(chunks, bucket, self._sampling_rows([seq for seq, _, _ in plan.chunks]))
+      done = []
+      for i, (seq, _, n) in enumerate(plan.chunks):
+        seq.prefilled += n
+        if not seq.in_prompt:
+          done.append(i)
+      firsts = ([plan.chunks[i][0] for i in done], done, out)
     decoded = None
     if plan.decode:
       active = np.zeros(self.slots, bool)
       active[[s.slot for s in plan.decode]] = True
+      # The cache holds prompt + output - 1 positions (the last token is written by its own step).
+      longest = max(s.prompt_len + len(s.output) - 1 for s in plan.decode)
       decoded = self.runner.decode(self.last_token, active, self._sampling_rows(plan.decode, per_slot=True),
-                                   self.decode_steps)
+                                   self.decode_steps, span=longest + self.decode_steps - 1)
     return plan, firsts, decoded
 
   def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
@@ -209,8 +216,9 @@ class Engine:
     started = [(r, *r.dispatch()) for r in self._replicas]
     started = jax.device_get(started)  # the step's one wait for the device
     for replica, plan, firsts, decoded in started:
-      for seq, token, logprob in firsts:
-        events.append(self._emit(replica, seq, [int(token[0])], [float(logprob[0])]))
+      seqs, rows, out = firsts
+      for seq, row in zip(seqs, rows):
+        events.append(self._emit(replica, seq, [int(out[0][row])], [float(out[1][row])]))
       if decoded is not None:
         tokens, logprobs = decoded
         for seq in plan.decode:

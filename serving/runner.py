@@ -3,12 +3,20 @@
 Two compiled calls, both pure functions of (parameters, cache, small inputs) with the cache donated
 so XLA updates it in place:
 
-  prefill   one chunk of one request's prompt, [1, C] with C from a few buckets (powers of two, so
-            the number of compilations is bounded), written into the request's slot from position
-            `start`; returns the next token sampled from the chunk's last real token.
+  prefill   the prompt chunks of a step, one row per request, [R, C] in one forward pass (R and C
+            powers of two, so the number of compilations is bounded), each row written into its
+            request's slot from its own position; returns the next token sampled after each row's
+            last real token.
   decode    `steps` decode steps for every slot ([slots, 1] per step) in a `lax.fori_loop` on the
             device: one dispatch and one host transfer per `steps` tokens. Slots not marked active
             compute but write nothing (their cache position is `max_len`, which the scatter drops).
+            The loop reads only the first `span` positions of every slot's cache (a static power of
+            two above the longest active sequence): at 32-128 slots of a long context the cache, not
+            the weights, is most of the bytes a step reads.
+
+Both are compiled per `greedy` (static): a step whose requests are all greedy compiles the argmax
+alone, with no sort over the vocabulary and no conditional on a device value (which the GPU
+runtime would evaluate by reading the predicate back to the host, stalling every decode step).
 
 Each step runs `Transformer.embed_tokens`, `Transformer.forward_layers_cached` (the layer stack with
 each layer's KV-cache slice as its layer input) and `Transformer.head`: the model's code, not a
@@ -35,6 +43,7 @@ from parallel.plan import ShardingPlan
 from serving.sampling import sample
 
 MIN_BUCKET = 16
+MIN_SPAN = 16
 
 
 def buckets(token_budget: int) -> tuple[int, ...]:
@@ -67,30 +76,31 @@ class ModelRunner:
     shape = (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
     self.cache = KVCache.zeros(*shape[:1], slots, max_len, *shape[3:], dtype=jnp.dtype(cfg.compute_dtype),
                                sharding=plan.sharding(CACHE_AXES, plan.activations, shape))
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps",))
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("greedy",))
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps", "span", "greedy"))
 
   def _forward(self, params, cache: KVCache, tokens_BxT, positions_BxT, slot_ids_B, cache_len_B, write_pos_BxT,
-               new_len_B):
-    """The model over new tokens with the cache; returns the updated cache and logits [B, T, V]."""
+               new_len_B, span=None):
+    """The model over new tokens with the cache (positions [0, span) of it read); returns the
+    updated cache and the last hidden states [B, T, D]."""
     model = nnx.merge(self.graphdef, params)
     carry = model.embed_tokens(tokens_BxT, positions_BxT, plan=self.plan)
     carry["cache_lengths"] = cache_len_B
-    carry, new_kv = model.forward_layers_cached(carry, cache.rows(slot_ids_B), plan=self.plan)
+    carry, new_kv = model.forward_layers_cached(carry, cache.rows(slot_ids_B, span), plan=self.plan)
     cache = cache.write(_after(new_kv, carry["x"]), slot_ids_B, write_pos_BxT, new_len_B)
     return cache, carry["x"], model
 
-  def _prefill_fn(self, params, cache, tokens_1xC, slot, start, n_valid, sampling):
-    c = tokens_1xC.shape[1]
-    positions = start + jnp.arange(c)[None]
-    write_pos = jnp.where(jnp.arange(c)[None] < n_valid, positions, self.max_len)
-    cache, x, model = self._forward(params, cache, tokens_1xC, positions, slot[None], start[None], write_pos,
-                                    (start + n_valid)[None])
-    last = jax.lax.dynamic_slice_in_dim(x, n_valid - 1, 1, axis=1)
+  def _prefill_fn(self, params, cache, tokens_RxC, slots_R, starts_R, n_valid_R, sampling, *, greedy):
+    r, c = tokens_RxC.shape
+    positions = starts_R[:, None] + jnp.arange(c)[None]
+    write_pos = jnp.where(jnp.arange(c)[None] < n_valid_R[:, None], positions, self.max_len)
+    cache, x, model = self._forward(params, cache, tokens_RxC, positions, slots_R, starts_R, write_pos,
+                                    starts_R + n_valid_R)
+    last = jnp.take_along_axis(x, jnp.maximum(n_valid_R - 1, 0)[:, None, None], axis=1)  # [R, 1, D]
     logits = model.head(last, plan=self.plan)[:, 0]
-    return cache, sample(logits, *sampling)
+    return cache, sample(logits, *sampling, greedy=greedy)
 
-  def _decode_fn(self, params, cache, tokens_S, active_S, sampling, *, steps):
+  def _decode_fn(self, params, cache, tokens_S, active_S, sampling, *, steps, span, greedy):
     temperature, top_k, top_p, seeds, indices = sampling
     slots = tokens_S.shape[0]
 
@@ -100,31 +110,53 @@ class ModelRunner:
       write_pos = jnp.where(active_S, lengths, self.max_len)[:, None]
       new_len = jnp.where(active_S, jnp.minimum(lengths + 1, self.max_len), lengths)
       cache, x, model = self._forward(params, cache, tokens[:, None], lengths[:, None], None, lengths, write_pos,
-                                      new_len)
+                                      new_len, span)
       logits = model.head(x, plan=self.plan)[:, 0]
-      tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, indices + i)
+      tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, indices + i, greedy=greedy)
       return cache, tokens, out_tokens.at[i].set(tokens), out_logprobs.at[i].set(logprobs)
 
     init = (cache, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
     cache, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
     return cache, out_tokens, out_logprobs
 
-  def prefill(self, tokens: np.ndarray, bucket: int, slot: int, start: int, sampling: tuple) -> tuple:
-    """Writes `tokens` (one request's next prompt chunk) into `slot` at positions start.. and returns
-    (next token [1], its log-probability [1]) as device arrays sampled after the last one.
-    `sampling`: (temperature, top_k, top_p, seed, index), each an array of one row."""
-    padded = np.zeros((1, bucket), np.int32)
-    padded[0, :len(tokens)] = tokens
-    self.cache, (token, logprob) = self._prefill(self.params, self.cache, padded, np.int32(slot), np.int32(start),
-                                                 np.int32(len(tokens)), _row_arrays(sampling))
+  def prefill(self, chunks: list[tuple[np.ndarray, int, int]], bucket: int, sampling: tuple) -> tuple:
+    """Writes prompt chunks, (tokens, slot, first position) each, one per slot, into the cache in one
+    forward pass of [R, bucket] tokens (R: the number of chunks rounded up to a power of two; padding
+    rows write nothing) and returns (next token [R], its log-probability [R]) as device arrays, row i
+    sampled after the last token of chunk i. `sampling`: (temperature, top_k, top_p, seed, index),
+    one row per chunk."""
+    n = len(chunks)
+    rows = 1 << (n - 1).bit_length()
+    tokens = np.zeros((rows, bucket), np.int32)
+    slots = np.full(rows, self.cache.slots, np.int32)  # out of range: the padding rows write nothing
+    starts, n_valid = np.zeros(rows, np.int32), np.ones(rows, np.int32)
+    for i, (chunk, slot, start) in enumerate(chunks):
+      tokens[i, :len(chunk)] = chunk
+      slots[i], starts[i], n_valid[i] = slot, start, len(chunk)
+    sampling = _row_arrays(tuple(np.pad(np.asarray(a), (0, rows - n), mode="edge") for a in sampling))  # valid rows
+    self.cache, (token, logprob) = self._prefill(self.params, self.cache, tokens, slots, starts, n_valid, sampling,
+                                                 greedy=not np.any(sampling[0] > 0))
     return token, logprob
 
-  def decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int) -> tuple:
+  def decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int,
+             span: int | None = None) -> tuple:
     """`steps` tokens for every slot: (tokens [steps, slots], log-probabilities [steps, slots]),
-    device arrays. `sampling`: (temperature, top_k, top_p, seed, index of the first new token), [slots] each."""
+    device arrays. `sampling`: (temperature, top_k, top_p, seed, index of the first new token), [slots] each.
+    `span`: the caller's bound on the cache positions the loop reads (every active slot's length
+    + steps - 1 must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
+    span = self.max_len if span is None else span_bucket(span, self.max_len)
+    sampling = _row_arrays(sampling)
+    greedy = not np.any(sampling[0][active_S] > 0)
     self.cache, tokens, logprobs = self._decode(self.params, self.cache, tokens_S.astype(np.int32), active_S,
-                                                _row_arrays(sampling), steps=steps)
+                                                sampling, steps=steps, span=span, greedy=greedy)
     return tokens, logprobs
+
+
+def span_bucket(need: int, max_len: int) -> int:
+  """The cache positions a decode loop reads: `need` rounded up to a power of two (at least
+  MIN_SPAN, at most max_len), so a loop reads about what its longest sequence holds while the
+  number of compilations stays logarithmic in max_len."""
+  return min(max_len, max(MIN_SPAN, 1 << (max(need, 1) - 1).bit_length()))
 
 
 def _after(new_kv: dict, x: jax.Array) -> dict:

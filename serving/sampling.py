@@ -43,20 +43,21 @@ def row_keys(seeds_B: jax.Array, indices_B: jax.Array) -> jax.Array:
 
 
 def sample(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
-           seeds_B: jax.Array, indices_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+           seeds_B: jax.Array, indices_B: jax.Array, *, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
   """Next tokens int32 [B] and their log-probabilities float32 [B] under the model.
 
-  The filters (a sort over the vocabulary per row) run only when some row has temperature > 0.
+  `greedy` (static; the caller knows every row has temperature 0) compiles the argmax alone: no sort
+  over the vocabulary, no random draw, and no `lax.cond` on the device (a conditional on a device
+  value makes the GPU runtime read the predicate back to the host, stalling every decode step).
+  Otherwise rows with temperature 0 still take the argmax and the others draw.
   """
   logits = logits_BxV.astype(jnp.float32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def draw():
+  tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if not greedy:
     filtered = jax.vmap(filter_logits)(logits, temperature_B, top_k_B, top_p_B)
     keys = row_keys(seeds_B, indices_B)
     drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-    return jnp.where(temperature_B > 0, drawn, greedy)
-
-  tokens = jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    tokens = jnp.where(temperature_B > 0, drawn, tokens)
+  chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
   return tokens, logprobs

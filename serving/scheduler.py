@@ -8,9 +8,10 @@ their prompt, up to `token_budget` tokens in all: a long prompt is split over se
 short ones are taken whole, so every step does about the same amount of work and running
 requests keep producing tokens while a long prompt is read (no prefill stall).
 
-Host-side bookkeeping only; `serving.engine.Engine` runs the plan on the device: each prompt
-chunk as its own compiled call and all decode tokens as one, dispatched together and waited for
-once per step (FastGen fuses them into one forward pass; here they share the step, not the pass).
+Host-side bookkeeping only; `serving.engine.Engine` runs the plan on the device: all prompt
+chunks of a step in one forward pass (a row each) and all decode tokens in one decode loop,
+dispatched together and waited for once per step (FastGen fuses the two into one forward pass;
+here they share the step, not the pass).
 """
 
 from __future__ import annotations

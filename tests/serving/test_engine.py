@@ -161,21 +161,23 @@ def test_unservable_models_are_refused(field, value):
     make_engine(tiny.random_params(), cfg=cfg)
 
 
-@pytest.mark.parametrize("unroll", [1, 4])
-def test_decode_loop_updates_the_cache_in_place(unroll):
+@pytest.mark.parametrize("unroll,span,greedy", [(1, tiny.MAX_LEN, False), (4, 32, True)])
+def test_decode_loop_updates_the_cache_in_place(unroll, span, greedy):
   """The cache is donated to the decode loop, which writes the new keys and values into it without
-  copying it (rolled and fully unrolled layers), and `decode_steps` tokens come back from one call."""
+  copying it (rolled and fully unrolled layers, all of the cache read or a span of it), and
+  `decode_steps` tokens come back from one call. A greedy loop compiles no sort (no top-k/top-p)."""
   cfg = dataclasses.replace(tiny.CFG, n_layers=4, scan_unroll=unroll)
   params = tiny.params_of(Transformer(cfg, rngs=nnx.Rngs(0)))
   runner = ModelRunner(cfg, params, plan=single_device_plan(), slots=SLOTS, max_len=tiny.MAX_LEN)
   before = runner.cache
   rows = (np.zeros(SLOTS), np.zeros(SLOTS), np.ones(SLOTS), np.zeros(SLOTS), np.zeros(SLOTS))
   hlo = runner._decode.lower(runner.params, before, np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool),
-                             _row_arrays(rows), steps=3).compile().as_text()
+                             _row_arrays(rows), steps=3, span=span, greedy=greedy).compile().as_text()
   cache_shape = "[" + ",".join(map(str, before.k.shape)) + "]"
   copies = [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line.split(" copy(")[0]]
   assert not copies, copies
-  tokens, logprobs = runner.decode(np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool), rows, 3)
+  assert (" sort(" in hlo) != greedy
+  tokens, logprobs = runner.decode(np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool), rows, 3, span=span)
   assert before.k.is_deleted() and before.v.is_deleted()
   assert tokens.shape == logprobs.shape == (3, SLOTS)
   np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [3] * SLOTS)
@@ -197,3 +199,22 @@ def test_bf16_decode_follows_the_full_forward_pass():
   assert np.all((logits.max(-1) - chosen) / scale <= 2e-2)
   logp = chosen - logits.max(-1) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
   assert np.all(np.abs(np.asarray(out[1]) - logp) / scale <= 2e-2)
+
+
+def test_prefill_rows_in_one_pass_and_padding_rows_write_nothing():
+  """Prompt chunks of three slots in one forward pass (rows padded to four): each row's next token
+  is the full forward pass's argmax after its prompt, and the padding row (slot id past the last,
+  which reads the last slot) leaves the last slot's keys, values and length as they were."""
+  params = tiny.trained_params()
+  runner = ModelRunner(tiny.CFG, params, plan=single_device_plan(), slots=4, max_len=tiny.MAX_LEN)
+  greedy_rows = lambda n: (np.zeros(n), np.zeros(n), np.ones(n), np.zeros(n), np.zeros(n))
+  runner.prefill([(tiny.PATTERN[:7], 3, 0)], 16, greedy_rows(1))
+  k3, v3 = np.asarray(runner.cache.k[:, 3]), np.asarray(runner.cache.v[:, 3])
+  prompts = [tiny.PATTERN[:5], np.tile(tiny.PATTERN, 2)[2:15], tiny.PATTERN[1:4]]
+  tokens, _ = runner.prefill([(p, i, 0) for i, p in enumerate(prompts)], 16, greedy_rows(3))
+  assert tokens.shape == (4,)
+  for i, p in enumerate(prompts):
+    assert int(tokens[i]) == tiny.reference_decode(params, p, 1)[0][0], f"row {i}"
+  np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [5, 13, 3, 7])
+  np.testing.assert_array_equal(np.asarray(runner.cache.k[:, 3]), k3)
+  np.testing.assert_array_equal(np.asarray(runner.cache.v[:, 3]), v3)

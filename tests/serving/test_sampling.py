@@ -67,6 +67,16 @@ def test_greedy_rows_and_logprobs():
   np.testing.assert_allclose(logprobs, want, rtol=1e-5)
 
 
+def test_greedy_program_is_argmax_with_logprobs():
+  """The static greedy program (every row at temperature 0): numpy's argmax and log_softmax."""
+  logits = np.random.default_rng(3).standard_normal((5, 50)).astype(np.float32) * 3
+  rows = (np.zeros(5, np.float32), np.zeros(5, np.int32), np.ones(5, np.float32), np.zeros(5, np.uint32),
+          np.zeros(5, np.int32))
+  tokens, logprobs = map(np.asarray, jax.jit(sample, static_argnames="greedy")(logits, *rows, greedy=True))
+  np.testing.assert_array_equal(tokens, logits.argmax(-1))
+  np.testing.assert_allclose(logprobs, np_log_softmax(logits)[np.arange(5), tokens], rtol=1e-5)
+
+
 @pytest.mark.parametrize("row", ROWS[1:4])
 def test_draws_stay_in_the_kept_set(row):
   logits = np.random.default_rng(2).standard_normal((1, 40)).astype(np.float32) * 2

@@ -125,6 +125,35 @@ def nesterov_step(params: Any, delta: Any, momentum: Any, *, lr: float, mu: floa
   return new_p, new_m
 
 
+class PeriodicSync:
+  """The runner's view (training/lowcomm.py) of an outer algorithm that syncs after inner step t
+  when (t + 1) % inner_steps == 0, in `after`, from per-replica outer state `params` (the outer
+  parameters, identical on all replicas) and one float32 buffer like them named `buffer` (DiLoCo's
+  momentum, SparseLoCo's error feedback). A subclass gives `buffer` and
+  `sync(outer_params, local_params, buffer, *, axis) -> (new outer params, new buffer, bytes sent)`;
+  every island restarts from the new outer parameters."""
+
+  buffer: str
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def init(self, params: Any) -> dict:
+    return {"params": params, self.buffer: zeros_like_f32(params)}
+
+  def events(self, step: int) -> tuple[str, ...]:
+    return ("sync",) if (step + 1) % self.cfg.inner_steps == 0 else ()
+
+  def before(self, events, params, state, *, axis):
+    return params, state, 0
+
+  def after(self, events, params, state, *, axis):
+    if "sync" not in events:
+      return params, state, 0
+    new, buffer, sent = self.sync(state["params"], params, state[self.buffer], axis=axis)
+    return new, {"params": new, self.buffer: buffer}, sent
+
+
 def zeros_like_f32(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
 

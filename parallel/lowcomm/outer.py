@@ -13,7 +13,7 @@ it, as a replicated DDP weight would be). The island gathers the result back ove
 
 Byte accounting (the whole family): the bytes a replica sends in one exchange are the sizes of its
 operands of each collective over `replica`, summed over the island's devices: for a `psum` the
-island's padded array, for an `all_gather` its payload. `tests/parallel/test_diloco.py` checks
+island's padded array, for an `all_gather` its payload. `tests/training/test_lowcomm.py` checks
 this account against the collectives of the compiled program.
 """
 

@@ -228,7 +228,8 @@ class _PerStep:
       tokens = jnp.sum(batch["loss_mask"])
       return params, state, {"loss": metrics["loss"], "grad_norm": jnp.zeros(()), "lr": lr, "tokens": tokens,
                              "bytes_sent": jnp.asarray(sent, jnp.float32)}
-    grads, loss, count = self.grad_fn(params, batch)
+    # (expert statistics: {} here, as validation refuses a mixture of experts inside islands)
+    grads, loss, count, _ = self.grad_fn(params, batch)
     params, state, sent = self.rule.update(grads, state, params, axis=AXIS, step=step, lr=lr)
     return params, state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr, "tokens": count,
                            "bytes_sent": jnp.asarray(sent, jnp.float32)}

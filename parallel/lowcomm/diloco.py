@@ -26,29 +26,13 @@ def diloco_sync(outer_params: Any, local_params: Any, momentum: Any, *, axis: st
   return new_params, new_momentum, sent
 
 
-class DiLoCo:
-  """The runner's view (training/lowcomm.py): outer state, the steps that sync, and the sync.
+class DiLoCo(outer.PeriodicSync):
+  """The runner's view (training/lowcomm.py): outer state `params` (the outer parameters) and
+  `momentum`, per replica and identical on all; the sync after every inner_steps-th inner step."""
 
-  Outer state (per replica, identical on all): `params` (the outer parameters) and `momentum`.
-  The sync runs after inner step t when (t + 1) % inner_steps == 0.
-  """
+  buffer = "momentum"
 
-  def __init__(self, cfg):
-    self.cfg = cfg
-
-  def init(self, params: Any) -> dict:
-    return {"params": params, "momentum": outer.zeros_like_f32(params)}
-
-  def events(self, step: int) -> tuple[str, ...]:
-    return ("sync",) if (step + 1) % self.cfg.inner_steps == 0 else ()
-
-  def before(self, events, params, state, *, axis):
-    return params, state, 0
-
-  def after(self, events, params, state, *, axis):
-    if "sync" not in events:
-      return params, state, 0
+  def sync(self, outer_params, local_params, momentum, *, axis):
     c = self.cfg
-    new, momentum, sent = diloco_sync(state["params"], params, state["momentum"], axis=axis, lr=c.outer_lr,
-                                      mu=c.outer_momentum, nesterov=c.outer_nesterov)
-    return new, {"params": new, "momentum": momentum}, sent
+    return diloco_sync(outer_params, local_params, momentum, axis=axis, lr=c.outer_lr, mu=c.outer_momentum,
+                       nesterov=c.outer_nesterov)

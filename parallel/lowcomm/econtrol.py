@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from parallel.lowcomm import compress, outer
-from parallel.lowcomm.onebit_adam import adamw_step, clip_by_global_norm, match_vma, on_island_rows
+from parallel.lowcomm.adamw import AdamWRule
+from parallel.lowcomm.onebit_adam import match_vma, on_island_rows
 
 F32 = jnp.float32
 
@@ -61,19 +62,14 @@ class EControlState:
 
 
 @dataclasses.dataclass(frozen=True)
-class EControl:
-  """EControl's update rule. `fraction`: top-k fraction of each leaf sent per step; `eta`: the
-  error-control strength. `update` runs inside the shard_map over `axis`."""
+class EControl(AdamWRule):
+  """EControl's update rule (AdamW's keyword fields from `AdamWRule`). `fraction`: top-k fraction
+  of each leaf sent per step; `eta`: the error-control strength. `update` runs inside the
+  shard_map over `axis`."""
 
   eta: float
   fraction: float
   freeze_step: int = 0
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.1
-  grad_clip: float = 1.0
-  decay_mask: Any = None
 
   def __post_init__(self):
     compress.topk_count(1, self.fraction)  # raises on a fraction outside (0, 1]
@@ -83,9 +79,9 @@ class EControl:
   @classmethod
   def from_config(cls, optimizer_cfg: Any, lowcomm_cfg: Any, decay_mask: Any = None) -> EControl:
     """From the `optimizer` and `lowcomm` config sections (econtrol_eta, topk_fraction, freeze_step)."""
-    o, c = optimizer_cfg, lowcomm_cfg
-    return cls(eta=c.econtrol_eta, fraction=c.topk_fraction, freeze_step=c.freeze_step, b1=o.b1, b2=o.b2,
-               eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip, decay_mask=decay_mask)
+    c = lowcomm_cfg
+    return cls(eta=c.econtrol_eta, fraction=c.topk_fraction, freeze_step=c.freeze_step, decay_mask=decay_mask,
+               **cls.adamw_fields(optimizer_cfg))
 
   def init(self, params: Any) -> EControlState:
     """One replica's initial state (zeros)."""
@@ -127,14 +123,7 @@ class EControl:
       return match_vma((estimate, new_state), (params, state), axis)
 
     estimate, state = jax.lax.cond(t <= self.freeze_step, warm, compressed, state)
-    estimate = clip_by_global_norm(estimate, self.grad_clip)
-    b1, b2, tf = self.b1, self.b2, t.astype(F32)
-    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.m, estimate)
-    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.v, estimate)
-    mask = jax.tree.map(lambda _: True, params) if self.decay_mask is None else self.decay_mask
-    new_params = adamw_step(params, jax.tree.map(lambda x: x / (1 - b1**tf), m),
-                            jax.tree.map(lambda x: x / (1 - b2**tf), v), mask,
-                            lr=lr, eps=self.eps, weight_decay=self.weight_decay)
+    new_params, m, v = self.adamw(estimate, state.m, state.v, params, t=t, lr=lr)
     island = outer.island_size()
     sent = jnp.where(t <= self.freeze_step, jnp.float32(self.sent_bytes(params, compressed=False, island=island)),
                      jnp.float32(self.sent_bytes(params, compressed=True, island=island)))

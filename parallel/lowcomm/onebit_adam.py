@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from parallel.lowcomm import compress, outer
+from parallel.lowcomm.adamw import AdamWRule, adamw_step, clip_by_global_norm
 
 F32 = jnp.float32
 
@@ -84,23 +85,6 @@ def match_vma(tree: Any, like: Any, axis: str) -> Any:
       return jax.lax.pcast(x, axis, to="varying")
     return x
   return jax.tree.map(one, tree, like)
-
-
-def clip_by_global_norm(tree: Any, max_norm: float) -> Any:
-  """optax.clip_by_global_norm's rule (max_norm <= 0: no clipping)."""
-  if max_norm <= 0:
-    return tree
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(F32))) for x in jax.tree.leaves(tree)))
-  return jax.tree.map(lambda x: jnp.where(norm < max_norm, x, x / norm * max_norm).astype(x.dtype), tree)
-
-
-def adamw_step(params: Any, m_hat: Any, v_hat: Any, mask: Any, *, lr: Any, eps: float,
-               weight_decay: float) -> Any:
-  """p - lr (m_hat / (sqrt(v_hat) + eps) + wd * mask * p), as optax.adamw (float32 math)."""
-  def one(p, mh, vh, decay):
-    u = mh / (jnp.sqrt(vh) + eps) + (weight_decay * p.astype(F32) if decay else 0.0)
-    return (p.astype(F32) - lr * u).astype(p.dtype)
-  return jax.tree.map(one, params, m_hat, v_hat, mask)
 
 
 def compressed_allreduce(x: jax.Array, worker_error: jax.Array, server_error: jax.Array, *, axis: str,
@@ -189,18 +173,12 @@ def island_allreduce_bytes(size: int, replicas: int, island: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class OneBitAdam:
-  """1-bit Adam's update rule; `decay_mask` (a pytree of bools like params, None: decay all) is
-  the repo's `matrix_mask`. `replicas`: the size of `axis` (it sizes the server chunks)."""
+class OneBitAdam(AdamWRule):
+  """1-bit Adam's update rule (AdamW's keyword fields from `AdamWRule`). `replicas`: the size of
+  `axis` (it sizes the server chunks)."""
 
   freeze_step: int
   replicas: int
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.1
-  grad_clip: float = 1.0
-  decay_mask: Any = None
 
   def __post_init__(self):
     if self.freeze_step < 1:
@@ -211,18 +189,14 @@ class OneBitAdam:
   def from_config(cls, optimizer_cfg: Any, lowcomm_cfg: Any, replicas: int, decay_mask: Any = None) -> OneBitAdam:
     """From the `optimizer` and `lowcomm` config sections (b1, b2, eps, weight_decay, grad_clip;
     freeze_step) and mesh.replica."""
-    o = optimizer_cfg
-    return cls(freeze_step=lowcomm_cfg.freeze_step, replicas=replicas, b1=o.b1, b2=o.b2, eps=o.eps,
-               weight_decay=o.weight_decay, grad_clip=o.grad_clip, decay_mask=decay_mask)
+    return cls(freeze_step=lowcomm_cfg.freeze_step, replicas=replicas, decay_mask=decay_mask,
+               **cls.adamw_fields(optimizer_cfg))
 
   def init(self, params: Any) -> OneBitAdamState:
     """One replica's initial state (zeros)."""
     zeros = lambda p: jnp.zeros(p.shape, F32)
     return OneBitAdamState(m=jax.tree.map(zeros, params), v=jax.tree.map(zeros, params),
                            worker_error=jax.tree.map(zeros, params), server_error=jax.tree.map(zeros, params))
-
-  def _mask(self, params: Any) -> Any:
-    return jax.tree.map(lambda _: True, params) if self.decay_mask is None else self.decay_mask
 
   def update(self, grads_local: Any, state: OneBitAdamState, params: Any, *, axis: str, step: Any,
              lr: Any) -> tuple[Any, OneBitAdamState, jax.Array]:
@@ -232,18 +206,12 @@ class OneBitAdam:
       raise ValueError(f"1-bit Adam: built for replicas={self.replicas}, called over {axis!r} of size "
                        f"{jax.lax.axis_size(axis)}")
     t = jnp.asarray(step, jnp.int32) + 1
-    mask = self._mask(params)
+    mask = self.mask(params)
     b1, b2 = self.b1, self.b2
 
     def warm(state):
       grads, _ = outer.replica_mean(grads_local, axis)
-      grads = clip_by_global_norm(grads, self.grad_clip)
-      m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.m, grads)
-      v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.v, grads)
-      tf = t.astype(F32)
-      new_params = adamw_step(params, jax.tree.map(lambda x: x / (1 - b1**tf), m),
-                              jax.tree.map(lambda x: x / (1 - b2**tf), v), mask,
-                              lr=lr, eps=self.eps, weight_decay=self.weight_decay)
+      new_params, m, v = self.adamw(grads, state.m, state.v, params, t=t, lr=lr)
       return match_vma((new_params, dataclasses.replace(state, m=m, v=v)), (params, state), axis)
 
     def compressed(state):

@@ -13,7 +13,7 @@ it, as a replicated DDP weight would be). The island gathers the result back ove
 
 Byte accounting (the whole family): the bytes a replica sends in one exchange are the sizes of its
 operands of each collective over `replica`, summed over the island's devices: for a `psum` the
-island's padded array, for an `all_gather` its payload. `tests/parallel/test_diloco.py` checks
+island's padded array, for an `all_gather` its payload. `tests/training/test_lowcomm.py` checks
 this account against the collectives of the compiled program.
 """
 
@@ -123,6 +123,35 @@ def nesterov_step(params: Any, delta: Any, momentum: Any, *, lr: float, mu: floa
   step = (jax.tree.map(lambda d, m: d + mu * m, delta, new_m) if nesterov else new_m)
   new_p = jax.tree.map(lambda p, s: (p.astype(jnp.float32) - lr * s).astype(p.dtype), params, step)
   return new_p, new_m
+
+
+class PeriodicSync:
+  """The runner's view (training/lowcomm.py) of an outer algorithm that syncs after inner step t
+  when (t + 1) % inner_steps == 0, in `after`, from per-replica outer state `params` (the outer
+  parameters, identical on all replicas) and one float32 buffer like them named `buffer` (DiLoCo's
+  momentum, SparseLoCo's error feedback). A subclass gives `buffer` and
+  `sync(outer_params, local_params, buffer, *, axis) -> (new outer params, new buffer, bytes sent)`;
+  every island restarts from the new outer parameters."""
+
+  buffer: str
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def init(self, params: Any) -> dict:
+    return {"params": params, self.buffer: zeros_like_f32(params)}
+
+  def events(self, step: int) -> tuple[str, ...]:
+    return ("sync",) if (step + 1) % self.cfg.inner_steps == 0 else ()
+
+  def before(self, events, params, state, *, axis):
+    return params, state, 0
+
+  def after(self, events, params, state, *, axis):
+    if "sync" not in events:
+      return params, state, 0
+    new, buffer, sent = self.sync(state["params"], params, state[self.buffer], axis=axis)
+    return new, {"params": new, self.buffer: buffer}, sent
 
 
 def zeros_like_f32(tree: Any) -> Any:

@@ -40,25 +40,13 @@ def sparseloco_sync(outer_params: Any, local_params: Any, error: Any, *, axis: s
   return new_params, new_error, n_bytes
 
 
-class SparseLoCo:
-  """Outer state (per replica): `params` (outer parameters, identical on all) and `error` (own)."""
+class SparseLoCo(outer.PeriodicSync):
+  """Outer state (per replica): `params` (outer parameters, identical on all) and `error` (own);
+  the sync after every inner_steps-th inner step."""
 
-  def __init__(self, cfg):
-    self.cfg = cfg
+  buffer = "error"
 
-  def init(self, params: Any) -> dict:
-    return {"params": params, "error": outer.zeros_like_f32(params)}
-
-  def events(self, step: int) -> tuple[str, ...]:
-    return ("sync",) if (step + 1) % self.cfg.inner_steps == 0 else ()
-
-  def before(self, events, params, state, *, axis):
-    return params, state, 0
-
-  def after(self, events, params, state, *, axis):
-    if "sync" not in events:
-      return params, state, 0
+  def sync(self, outer_params, local_params, error, *, axis):
     c = self.cfg
-    new, error, sent = sparseloco_sync(state["params"], params, state["error"], axis=axis, lr=c.outer_lr,
-                                       beta=c.outer_momentum, fraction=c.topk_fraction, bits=c.quant_bits)
-    return new, {"params": new, "error": error}, sent
+    return sparseloco_sync(outer_params, local_params, error, axis=axis, lr=c.outer_lr, beta=c.outer_momentum,
+                           fraction=c.topk_fraction, bits=c.quant_bits)

@@ -5,44 +5,13 @@ top-k without error control stalls."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import PartitionSpec as P
 
 from parallel.lowcomm.econtrol import EControl
 from parallel.mesh import make_mesh
+from tests.parallel.per_step_cases import MASK, R, SHAPES, mesh, single, tile, update_fn  # noqa: F401 (mesh: a fixture)
 from tests.reference import assert_close
 from tests.training import hlo_collectives
-
-R = 4
-SHAPES = {"b": (13,), "w": (6, 10)}
-MASK = {"b": False, "w": True}
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return make_mesh({"replica": R}, jax.devices()[:R])
-
-
-def _step_fn(opt, mesh):
-  """As training/lowcomm.py runs it: every array one copy per replica, [R, ...] split over `replica`."""
-  def body(grads, state, params, step, lr):
-    own = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    params, state, sent = opt.update(own(grads), own(state), own(params), axis="replica", step=step, lr=lr)
-    return jax.tree.map(lambda x: x[None], (params, state)), sent
-
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), P("replica"), P("replica"), P(), P()),
-                               out_specs=(P("replica"), P()), axis_names=frozenset({"replica"}), check_vma=True))
-
-
-def _tile(tree):
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (R, *x.shape)), tree)
-
-
-def _one(stacked):
-  """The replicas' copies, checked equal; returns the first."""
-  for leaf in jax.tree.leaves(stacked):
-    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
-  return jax.tree.map(lambda x: x[0], stacked)
 
 
 def _np_topk(x, fraction):
@@ -92,18 +61,18 @@ def _np_econtrol(params, grads_seq, lrs, *, eta, fraction, freeze, b1, b2, eps, 
 def test_econtrol_matches_numpy(mesh):
   kw = dict(eta=0.3, fraction=0.2, freeze_step=1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=8.0)
   opt = EControl(**kw, decay_mask=MASK)
-  step_fn = _step_fn(opt, mesh)
+  step_fn = update_fn(opt, mesh)
   keys = jax.random.split(jax.random.key(4), 10)
   grads = [{"b": 2 * jax.random.normal(keys[2 * t], (R, 13)), "w": 2 * jax.random.normal(keys[2 * t + 1], (R, 6, 10))}
            for t in range(5)]
   init = {"b": jax.random.normal(jax.random.key(1), (13,)), "w": jax.random.normal(jax.random.key(2), (6, 10))}
-  params, state, sents = _tile(init), _tile(opt.init(init)), []
+  params, state, sents = tile(init), tile(opt.init(init)), []
   for t, g in enumerate(grads):
     (params, state), sent = step_fn(g, state, params, t, 0.01)
     sents.append(float(sent))
   want = _np_econtrol(init, grads, [0.01] * 5, eta=0.3, fraction=0.2, freeze=1, b1=0.9, b2=0.95, eps=1e-8, wd=0.1,
                       clip=8.0)
-  assert_close(_one(params), want, what="params after 1 full-precision and 4 compressed steps")
+  assert_close(single(params), want, what="params after 1 full-precision and 4 compressed steps")
   # top-20%: 3 of 13 and 12 of 60 values, each 4 bytes of value and 4 of index
   assert sents == [4 * 73] + [8 * (3 + 12)] * 4
   assert not np.allclose(state.error["w"][0], state.error["w"][1])
@@ -123,13 +92,13 @@ def test_error_control_converges_where_full_error_feedback_does_not(mesh):
 
   def excess_loss(eta):
     opt = EControl(eta=eta, fraction=1 / 16, freeze_step=0, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=0.0)
-    step_fn = _step_fn(opt, mesh)
+    step_fn = update_fn(opt, mesh)
     params = {"x": jnp.zeros((d,))}
-    stacked, state = _tile(params), _tile(opt.init(params))
+    stacked, state = tile(params), tile(opt.init(params))
     for t in range(600):
       (stacked, state), _ = step_fn(grad_fn(params, a, b), state, stacked, t, 0.05 * 0.995**t)
       params = jax.tree.map(lambda x: x[0], stacked)
-    final = 0.5 * np.mean((a_all @ np.asarray(_one(stacked)["x"], np.float64) - b_all) ** 2)
+    final = 0.5 * np.mean((a_all @ np.asarray(single(stacked)["x"], np.float64) - b_all) ** 2)
     return (final - best) / (initial - best)
 
   assert excess_loss(0.1) < 1e-6
@@ -142,20 +111,20 @@ def test_island_of_two_devices_matches_numpy_and_compiled_bytes():
   mesh = make_mesh({"replica": R, "fsdp": 2})
   opt = EControl(eta=0.3, fraction=0.2, freeze_step=1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=8.0,
                  decay_mask=MASK)
-  step_fn = _step_fn(opt, mesh)
+  step_fn = update_fn(opt, mesh)
   keys = jax.random.split(jax.random.key(5), 6)
   grads = [{"b": 2 * jax.random.normal(keys[2 * t], (R, 13)), "w": 2 * jax.random.normal(keys[2 * t + 1], (R, 6, 10))}
            for t in range(3)]
   shard = lambda tree: jax.device_put(tree, {"b": jax.NamedSharding(mesh, P("replica")),
                                              "w": jax.NamedSharding(mesh, P("replica", "fsdp"))})
   init = {"b": jax.random.normal(jax.random.key(1), (13,)), "w": jax.random.normal(jax.random.key(2), (6, 10))}
-  params, state, sents = shard(_tile(init)), _tile(opt.init(init)), []
+  params, state, sents = shard(tile(init)), tile(opt.init(init)), []
   for t, g in enumerate(grads):
     (params, state), sent = step_fn(shard(g), state, params, t, 0.01)
     sents.append(float(sent))
   want = _np_econtrol(init, grads, [0.01] * 3, eta=0.3, fraction=0.2, freeze=1, b1=0.9, b2=0.95, eps=1e-8, wd=0.1,
                       clip=8.0, island=2)
-  assert_close(_one(params), want, what="params, islands of two devices")
+  assert_close(single(params), want, what="params, islands of two devices")
   # rows of 7 (b) and 30 (w): top-20% keeps 1 and 6 per row, 8 bytes each, on both devices
   assert sents == [4 * (14 + 60)] + [2 * 8 * (1 + 6)] * 2
   hlo = step_fn.lower(shard(grads[0]), state, params, 1, 0.01).compile().as_text()

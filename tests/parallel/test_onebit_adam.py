@@ -6,44 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from jax.sharding import PartitionSpec as P
 
 from parallel.lowcomm.onebit_adam import OneBitAdam, compressed_allreduce, padded_size
 from parallel.mesh import make_mesh
+from tests.parallel.per_step_cases import MASK, R, SHAPES, mesh, single, tile, update_fn  # noqa: F401 (mesh: a fixture)
 from tests.reference import assert_close
 from tests.training import hlo_collectives
-
-R = 4
-SHAPES = {"b": (13,), "w": (6, 10)}  # 13 values: padding inside the last server's chunk
-MASK = {"b": False, "w": True}
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return make_mesh({"replica": R}, jax.devices()[:R])
-
-
-def _step_fn(opt, mesh):
-  """As training/lowcomm.py runs it: every array one copy per replica, [R, ...] split over `replica`."""
-  def body(grads, state, params, step, lr):
-    own = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    params, state, sent = opt.update(own(grads), own(state), own(params), axis="replica", step=step, lr=lr)
-    return jax.tree.map(lambda x: x[None], (params, state)), sent
-
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), P("replica"), P("replica"), P(), P()),
-                               out_specs=(P("replica"), P()), axis_names=frozenset({"replica"}), check_vma=True))
-
-
-def _tile(tree):
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (R, *x.shape)), tree)
-
-
-def _one(stacked):
-  """The replicas' copies, checked equal; returns the first."""
-  for leaf in jax.tree.leaves(stacked):
-    np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
-  return jax.tree.map(lambda x: x[0], stacked)
 
 
 def _grads(steps, seed=0):
@@ -59,16 +28,16 @@ def _params():
 
 def test_warmup_equals_optax_adamw_on_averaged_gradients(mesh):
   opt = OneBitAdam(freeze_step=100, replicas=R, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.5, decay_mask=MASK)
-  step_fn = _step_fn(opt, mesh)
+  step_fn = update_fn(opt, mesh)
   tx = optax.chain(optax.clip_by_global_norm(1.5),
                    optax.adamw(lambda c: 0.01 * (c + 1), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=MASK))
-  params, ref = _tile(_params()), _params()
-  state, ref_state = _tile(opt.init(_params())), tx.init(ref)
+  params, ref = tile(_params()), _params()
+  state, ref_state = tile(opt.init(_params())), tx.init(ref)
   ref_step = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
   for t, g in enumerate(_grads(3)):
     (params, state), sent = step_fn(g, state, params, t, 0.01 * (t + 1))
     ref, ref_state = ref_step(jax.tree.map(lambda x: x.mean(0), g), ref_state, ref)
-    assert_close(_one(params), ref, what=f"params after step {t}")
+    assert_close(single(params), ref, what=f"params after step {t}")
     assert float(sent) == 4 * (13 + 60)  # one float32 all-reduce of the gradients
 
 
@@ -166,15 +135,15 @@ def _np_onebit_adam(params, grads_seq, lrs, *, freeze, b1, b2, eps, wd, clip, is
 
 def test_compressed_phase_matches_numpy(mesh):
   opt = OneBitAdam(freeze_step=2, replicas=R, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=6.0, decay_mask=MASK)
-  step_fn = _step_fn(opt, mesh)
+  step_fn = update_fn(opt, mesh)
   grads, lrs = _grads(5, seed=1), [0.01] * 5
-  params, state = _tile(_params()), _tile(opt.init(_params()))
+  params, state = tile(_params()), tile(opt.init(_params()))
   sents = []
   for t, g in enumerate(grads):
     (params, state), sent = step_fn(g, state, params, t, lrs[t])
     sents.append(float(sent))
   want = _np_onebit_adam(_params(), grads, lrs, freeze=2, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, clip=6.0)
-  assert_close(_one(params), want, what="params after 2 warm-up and 3 compressed steps")
+  assert_close(single(params), want, what="params after 2 warm-up and 3 compressed steps")
   # b: 13 values -> Lp 32; w: 60 -> Lp 64. Per leaf Lp/8 + Lp/(8 R) + 2 scales of 4 bytes.
   assert sents == [4 * 73] * 2 + [(4 + 1 + 8) + (8 + 2 + 8)] * 3
   for leaf in jax.tree.leaves(state.worker_error):
@@ -193,15 +162,15 @@ def test_converges_on_least_squares(mesh):
   loss = lambda x: 0.5 * np.mean((a_all @ np.asarray(x["x"], np.float64) - b_all) ** 2)
 
   opt = OneBitAdam(freeze_step=50, replicas=R, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=0.0)
-  step_fn = _step_fn(opt, mesh)
+  step_fn = update_fn(opt, mesh)
   grad_fn = jax.jit(jax.vmap(jax.grad(lambda x, ai, bi: 0.5 * jnp.mean((ai @ x["x"] - bi) ** 2)), (None, 0, 0)))
   params = {"x": jnp.zeros((d,))}
-  stacked, state = _tile(params), _tile(opt.init(params))
+  stacked, state = tile(params), tile(opt.init(params))
   initial = loss(params)
   for t in range(400):
     (stacked, state), _ = step_fn(grad_fn(params, a, b), state, stacked, t, 0.1 * (0.99**t))
     params = jax.tree.map(lambda x: x[0], stacked)
-  final, best = loss(_one(stacked)), loss({"x": x_opt})
+  final, best = loss(single(stacked)), loss({"x": x_opt})
   assert final - best < 1e-4 * (initial - best), (initial, final, best)
 
 
@@ -212,17 +181,17 @@ def test_island_of_two_devices_matches_numpy_and_compiled_bytes():
   mesh = make_mesh({"replica": R, "fsdp": 2})
   opt = OneBitAdam(freeze_step=1, replicas=R, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=6.0,
                    decay_mask=MASK)
-  step_fn = _step_fn(opt, mesh)
+  step_fn = update_fn(opt, mesh)
   grads, lrs = _grads(3, seed=2), [0.01] * 3
   shard = lambda tree: jax.device_put(tree, {"b": jax.NamedSharding(mesh, P("replica")),
                                              "w": jax.NamedSharding(mesh, P("replica", "fsdp"))})
-  params, state = shard(_tile(_params())), _tile(opt.init(_params()))
+  params, state = shard(tile(_params())), tile(opt.init(_params()))
   sents = []
   for t, g in enumerate(grads):
     (params, state), sent = step_fn(shard(g), state, params, t, lrs[t])
     sents.append(float(sent))
   want = _np_onebit_adam(_params(), grads, lrs, freeze=1, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, clip=6.0, island=2)
-  assert_close(_one(params), want, what="params, islands of two devices")
+  assert_close(single(params), want, what="params, islands of two devices")
 
   # b: 13 -> rows of 7 -> Lp 32; w: 60 -> rows of 30 -> Lp 32. Per row Lp/8 + Lp/(8 R) + 8.
   compressed = 2 * (4 + 1 + 8) * 2

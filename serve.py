@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 from absl import app, flags
 
 import configs
+from configs.entry import run_entry_point
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", f"Preset to start from: one of {sorted(configs.PRESETS)}. With --hf, "
@@ -143,14 +143,7 @@ def _run() -> None:
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "orbax", "jax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    _run()
-  except configs.ConfigError as err:
-    print(f"ConfigError: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  run_entry_point(_run)
 
 
 if __name__ == "__main__":

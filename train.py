@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from absl import app, flags
 
 import configs
+from configs.entry import run_entry_point
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", f"Preset to start from: one of {sorted(configs.PRESETS)}.")
@@ -46,14 +46,7 @@ def _run() -> None:
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "orbax", "jax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    _run()
-  except configs.ConfigError as err:
-    print(f"ConfigError: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  run_entry_point(_run)
 
 
 if __name__ == "__main__":

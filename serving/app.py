@@ -245,6 +245,23 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
       reason = out.finish_reason
     return {"text": "".join(text), "ids": ids, "logprobs": lps, "finish_reason": reason}
 
+  async def answer_all(request: Request, handles: list[RequestHandle],
+                       respond: Callable[[list[dict]], Response]) -> Response:
+    """Every handle's whole result (`collect`) answered by `respond`, or a 500 if the engine failed;
+    given up if the client leaves first. The handles are closed either way."""
+    async def answer() -> Response:
+      try:
+        results = await asyncio.gather(*[collect(h) for h in handles])
+      except EngineFailed as err:
+        return _error(500, f"the engine failed: {err}", type="server_error")
+      return respond(results)
+
+    try:
+      return await _unless_disconnected(request, answer())
+    finally:
+      for h in handles:
+        h.close()
+
   async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Output]]:
     """(choice index, Output) from every handle as they come; closing this closes them all."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -315,20 +332,12 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
         return {"index": i, "text": out.text, "finish_reason": out.finish_reason, "logprobs": logprobs}
       return _AbortOnDisconnect(stream_events(handles, req, P.completion_chunk, choice, None), handles)
 
-    async def answer() -> Response:
-      try:
-        results = await asyncio.gather(*[collect(h) for h in handles])
-      except EngineFailed as err:
-        return _error(500, f"the engine failed: {err}", type="server_error")
+    def respond(results: list[dict]) -> Response:
       choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": lp(r)}
                  for i, r in enumerate(results)]
       return JSONResponse(P.completion_response(P.new_id("cmpl"), model_name, choices, usage_of(handles, req.n)))
 
-    try:
-      return await _unless_disconnected(request, answer())
-    finally:
-      for h in handles:
-        h.close()
+    return await answer_all(request, handles, respond)
 
   @app.post("/v1/chat/completions")
   async def chat(req: P.ChatCompletionRequest, request: Request):
@@ -354,20 +363,12 @@ def create_app(engine: AsyncEngine, tokenizer: Tokenizer, *, model_name: str, ch
                 "logprobs": lp(out.token_ids, out.logprobs)}
       return _AbortOnDisconnect(stream_events(handles, req, P.chat_chunk, choice, first), handles)
 
-    async def answer() -> Response:
-      try:
-        results = await asyncio.gather(*[collect(h) for h in handles])
-      except EngineFailed as err:
-        return _error(500, f"the engine failed: {err}", type="server_error")
+    def respond(results: list[dict]) -> Response:
       choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
                   "finish_reason": r["finish_reason"], "logprobs": lp(r["ids"], r["logprobs"])}
                  for i, r in enumerate(results)]
       return JSONResponse(P.chat_response(P.new_id("chatcmpl"), model_name, choices, usage_of(handles, req.n)))
 
-    try:
-      return await _unless_disconnected(request, answer())
-    finally:
-      for h in handles:
-        h.close()
+    return await answer_all(request, handles, respond)
 
   return app

@@ -22,6 +22,7 @@ import transformers
 
 import configs
 from bench.timing import steady_step_times, summarize
+from bench.torch_peer import make_torch_step
 from models.moe import shared_width
 from models.transformer import flops_per_token
 
@@ -62,18 +63,11 @@ def main():
     model = model.to(torch.bfloat16)
   n_params = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
-  fwd = model if args.no_compile else torch.compile(model)
   tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device=args.device)
   sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-  def step():
-    with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.weights == "fp32"):
-      loss = fwd(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss  # + router aux loss when on
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+  # The loss includes the router's aux loss when its weight is on.
+  step = make_torch_step(model, opt, tokens, compile=not args.no_compile, device=args.device,
+                         autocast=args.weights == "fp32")
 
   t0 = time.perf_counter()
   step()

@@ -19,6 +19,23 @@ from bench.timing import steady_step_times, summarize
 from models.transformer import flops_per_token
 
 
+def make_torch_step(model, opt, tokens, *, compile: bool, device: str, autocast: bool):
+  """One training step of a transformers causal LM on `tokens` [B, L + 1] (next-token loss, bf16
+  autocast if asked, clipping at 1.0, the optimizer's step); returns the loss."""
+  fwd = torch.compile(model) if compile else model
+
+  def step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      loss = fwd(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  return step
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--config", default="1b")
@@ -42,17 +59,8 @@ def main():
   model = transformers.LlamaForCausalLM(hf).cuda().train()
   n_params = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-  fwd = model if args.no_compile else torch.compile(model)
   tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device="cuda")
-
-  def step():
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-      loss = fwd(input_ids=tokens[:, :-1], labels=tokens[:, 1:]).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+  step = make_torch_step(model, opt, tokens, compile=not args.no_compile, device="cuda", autocast=True)
 
   t0 = time.perf_counter()
   step()

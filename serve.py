@@ -101,7 +101,7 @@ def _run() -> None:
   config = configs.get_config(FLAGS.config, FLAGS.set)
   _check_flags(config)
   from parallel.xla_flags import apply_default_flags
-  apply_default_flags()
+  apply_default_flags(serving=True)
 
   from serving.app import DrainingServer, bind, create_app
   from serving.async_engine import AsyncEngine

@@ -131,7 +131,7 @@ def main():
   peer = None if args.no_peer or args.batching_only else run_peer(args)  # before JAX takes the GPU's memory
 
   from parallel.xla_flags import apply_default_flags
-  apply_default_flags()
+  apply_default_flags(serving=True)
   import jax
   import jax.numpy as jnp
 

@@ -25,10 +25,19 @@ def _has_cuda_plugin() -> bool:
   return any(importlib.util.find_spec(name) for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
 
 
-def apply_default_flags() -> None:
-  """Adds the GPU defaults to XLA_FLAGS (before JAX starts); flags the user already set win."""
+# Serving adds these. A decode step multiplies one row per slot by every weight: XLA's dot merger
+# joins the q/k/v (and gate/up) matmuls that share their input by concatenating their weights,
+# which at one row costs a copy of those weights per step (batch-1 decode of `1b` on an H200:
+# 1.85 ms per token with it, 1.55 without; BENCHMARKS.md).
+SERVING_FLAGS = {"xla_disable_hlo_passes": "dot-merger"}
+
+
+def apply_default_flags(serving: bool = False) -> None:
+  """Adds the GPU defaults to XLA_FLAGS (before JAX starts), and with `serving` the decode ones;
+  flags the user already set win."""
   if not _has_cuda_plugin() or os.environ.get("JAX_PLATFORMS", "") == "cpu":
     return
   current = os.environ.get("XLA_FLAGS", "")
-  extra = [f"--{k}={v}" for k, v in GPU_FLAGS.items() if f"--{k}=" not in current]
+  flags = {**GPU_FLAGS, **(SERVING_FLAGS if serving else {})}
+  extra = [f"--{k}={v}" for k, v in flags.items() if f"--{k}=" not in current]
   os.environ["XLA_FLAGS"] = " ".join([*extra, current]).strip()

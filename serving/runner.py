@@ -73,8 +73,9 @@ class ModelRunner:
     self.cfg, self.plan, self.max_len = cfg, plan, max_len
     self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     self.params = serving_params(cfg, params, plan)
-    shape = (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    self.cache = KVCache.zeros(*shape[:1], slots, max_len, *shape[3:], dtype=jnp.dtype(cfg.compute_dtype),
+    shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
+    self.cache = KVCache.zeros(cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.resolved_head_dim,
+                               dtype=jnp.dtype(cfg.compute_dtype),
                                sharding=plan.sharding(CACHE_AXES, plan.activations, shape))
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("greedy",))
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps", "span", "greedy"))
@@ -144,12 +145,21 @@ class ModelRunner:
     device arrays. `sampling`: (temperature, top_k, top_p, seed, index of the first new token), [slots] each.
     `span`: the caller's bound on the cache positions the loop reads (every active slot's length
     + steps - 1 must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
+    args, static = self._decode_args(tokens_S, active_S, sampling, steps, span)
+    self.cache, tokens, logprobs = self._decode(self.params, self.cache, *args, **static)
+    return tokens, logprobs
+
+  def compiled_decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int,
+                      span: int | None = None):
+    """The compiled program `decode` would run for these arguments (for reading its HLO)."""
+    args, static = self._decode_args(tokens_S, active_S, sampling, steps, span)
+    return self._decode.lower(self.params, self.cache, *args, **static).compile()
+
+  def _decode_args(self, tokens_S, active_S, sampling, steps, span) -> tuple[tuple, dict]:
     span = self.max_len if span is None else span_bucket(span, self.max_len)
     sampling = _row_arrays(sampling)
     greedy = not np.any(sampling[0][active_S] > 0)
-    self.cache, tokens, logprobs = self._decode(self.params, self.cache, tokens_S.astype(np.int32), active_S,
-                                                sampling, steps=steps, span=span, greedy=greedy)
-    return tokens, logprobs
+    return (tokens_S.astype(np.int32), active_S, sampling), {"steps": steps, "span": span, "greedy": greedy}
 
 
 def span_bucket(need: int, max_len: int) -> int:

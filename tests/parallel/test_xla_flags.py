@@ -23,3 +23,15 @@ def test_nothing_on_the_cpu(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--a=1")
   xla_flags.apply_default_flags()
   assert os.environ["XLA_FLAGS"] == "--a=1"
+
+
+def test_serving_adds_its_own(monkeypatch):
+  monkeypatch.setattr(xla_flags, "_has_cuda_plugin", lambda: True)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  xla_flags.apply_default_flags(serving=True)
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_disable_hlo_passes=dot-merger" in flags and "--xla_gpu_enable_triton_gemm=false" in flags
+  monkeypatch.setenv("XLA_FLAGS", "")
+  xla_flags.apply_default_flags()
+  assert not any(f.startswith("--xla_disable_hlo_passes") for f in os.environ["XLA_FLAGS"].split())

@@ -39,7 +39,8 @@ def test_attend_with_cache_equals_dense_attention(dtype):
   want = np.asarray(jax.jit(dot_product_attention, static_argnums=3)(q, kk, v, None))
   q, kk, v = (jnp.asarray(x, dtype) for x in (q, kk, v))
   cached = jax.jit(attend_with_cache)
-  pad = lambda x: jnp.concatenate([x, jnp.asarray(rng.standard_normal((b, 4, k, d)), dtype)], axis=1)  # stale tail
+  # The cache's layout [B, K, S, D], with a stale tail past the valid positions.
+  pad = lambda x: jnp.concatenate([x, jnp.asarray(rng.standard_normal((b, 4, k, d)), dtype)], axis=1).transpose(0, 2, 1, 3)
   for split in (0, 5, 11):
     got = cached(q[:, split:], kk[:, split:], v[:, split:], pad(kk[:, :split]), pad(v[:, :split]),
                             np.full((b,), split, np.int32))

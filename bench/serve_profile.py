@@ -2,9 +2,10 @@
 
 For each `--batches` B: B slots, each holding a `--prompt`-token prompt (one prefill), then decode
 loops of `--steps` tokens per slot (one dispatch each, as the engine runs them), each reading the
-whole `--max_len` cache. Prints the wall time per decode step, the device kernel time per step by
-kind and by kernel, the kernels launched per step and the idle time between them, and the bytes a
-step reads (weights but the embedding table, plus the cache) over its wall time.
+first `--span` positions of a `--max_len` cache. Prints the wall time per decode step, the device
+kernel time per step by kind and by kernel, the kernels launched per step and the idle time
+between them, and the bytes a step reads (weights but the embedding table, plus the span of the
+cache) over its wall time.
 
   PYTHONPATH=. python bench/serve_profile.py --config=1b --batches=1,32 --out=serve_profile.json
   XLA_FLAGS=--xla_gpu_enable_triton_gemm=true PYTHONPATH=. python bench/serve_profile.py ...  # a flag's effect
@@ -55,8 +56,10 @@ def main():
   ap.add_argument("--prompt", type=int, default=128)
   ap.add_argument("--steps", type=int, default=64, help="decode steps per dispatch")
   ap.add_argument("--repeats", type=int, default=3, help="timed dispatches per batch")
-  ap.add_argument("--max_len", type=int, default=512, help="cache positions per slot; every loop reads all of "
-                  "them (one compilation), so the bytes counted are the weights and the whole cache")
+  ap.add_argument("--max_len", type=int, default=512, help="cache positions per slot")
+  ap.add_argument("--span", type=int, default=0, help="cache positions every loop reads (0: all of --max_len; "
+                  "the engine reads a power of two above its longest sequence); the bytes counted are the "
+                  "weights and this span of the cache")
   ap.add_argument("--top", type=int, default=20)
   ap.add_argument("--label", default="", help="a name for this run in the table (e.g. the XLA flags tried)")
   ap.add_argument("--hlo", default="", help="write the compiled decode loop of the first batch here (gzipped text)")
@@ -79,8 +82,9 @@ def main():
   n_params = sum(x.size for x in jax.tree.leaves(loaded.params))
   weight_bytes = (n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)) * itemsize
   max_len = args.max_len
-  if args.prompt + args.steps * (args.repeats + 2) > max_len:
-    raise SystemExit(f"--prompt + --steps x (--repeats + 2) exceeds --max_len={max_len}")
+  span = args.span or max_len
+  if args.prompt + args.steps * (args.repeats + 2) > span or span > max_len:
+    raise SystemExit(f"--prompt + --steps x (--repeats + 2) must fit in --span={span}, and --span in --max_len")
   greedy = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32), np.zeros(1, np.uint32),
             np.zeros(1, np.int32))
   rows = []
@@ -95,11 +99,11 @@ def main():
     sampling = tuple(np.repeat(a, batch) for a in greedy)
 
     def loop():
-      return runner.decode(tokens, active, sampling, args.steps, span=max_len)[0]
+      return runner.decode(tokens, active, sampling, args.steps, span=span)[0]
 
     if args.hlo and not rows:
       with gzip.open(args.hlo, "wt") as f:
-        f.write(runner.compiled_decode(tokens, active, sampling, args.steps, span=max_len).as_text())
+        f.write(runner.compiled_decode(tokens, active, sampling, args.steps, span=span).as_text())
     t0 = time.perf_counter()
     jax.block_until_ready(loop())  # compiles
     compile_s = time.perf_counter() - t0
@@ -109,7 +113,7 @@ def main():
       jax.block_until_ready(loop())
       times.append(time.perf_counter() - t0)
     step_ms = 1e3 * min(times) / args.steps
-    kv_bytes = 2 * m.n_layers * max_len * m.n_kv_heads * m.resolved_head_dim * itemsize * batch
+    kv_bytes = 2 * m.n_layers * span * m.n_kv_heads * m.resolved_head_dim * itemsize * batch
     row = {"batch": batch, "label": args.label, "compile_s": compile_s, "wall_ms_per_step": step_ms,
            "bytes_per_step": weight_bytes + kv_bytes}
     if jax.default_backend() == "gpu":

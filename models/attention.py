@@ -91,7 +91,7 @@ class Attention(nnx.Module):
     w = lambda p: p[...].astype(self.dtype)
 
     def project(p, bias, axes):
-      y = _matmul_heads_out(x, w(p))
+      y = jnp.einsum("bld,dhk->blhk", x, w(p))
       return plan.constrain(y if bias is None else y + w(bias), ("batch", "length") + axes)
 
     biases = (self.bq, self.bk, self.bv) if self.cfg.qkv_bias else (None, None, None)
@@ -105,27 +105,13 @@ class Attention(nnx.Module):
 
   def project_out(self, out_BxLxHxD: jax.Array, plan: ShardingPlan) -> jax.Array:
     out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))
-    wo = self.wo[...].astype(self.dtype)
-    b, l, h, k = out_BxLxHxD.shape
-    return out_BxLxHxD.reshape(b, l, h * k) @ wo.reshape(h * k, wo.shape[-1])
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, self.wo[...].astype(self.dtype))
 
   def with_cache(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: dict, cache_len_B: jax.Array,
                  plan: ShardingPlan) -> tuple[jax.Array, dict]:
     """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
-    [B, K, S, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
+    [B, S, K, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
     output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache."""
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan)
     out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
     return self.project_out(out, plan), {"k": k, "v": v}
-
-
-def _matmul_heads_out(x_BxLxD: jax.Array, w_DxHxK: jax.Array) -> jax.Array:
-  """x [B, L, D] @ w [D, H, K] -> [B, L, H, K] as one 2-D matmul ([B*L, D] @ [D, H*K]).
-
-  The same product as einsum("bld,dhk->blhk"), written so XLA sees a plain matrix product: with
-  one row (a batch-1 decode step) and two output axes on the weight, it otherwise rewrites the dot
-  as a multiply and a reduction that materialises x * w (as large as the weight) every step. The
-  output projection is written the same way for the same reason.
-  """
-  d, h, k = w_DxHxK.shape
-  return (x_BxLxD @ w_DxHxK.reshape(d, h * k)).reshape(*x_BxLxD.shape[:2], h, k)

@@ -113,8 +113,12 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   neg = jnp.finfo(jnp.float32).min
   s_cache = jnp.where(cached[:, None, None, None, :], s_cache, neg)
   s_new = jnp.where(causal, s_new, neg)
-  p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1)
-  p_cache, p_new = p[..., :s_cache.shape[-1]].astype(q.dtype), p[..., s_cache.shape[-1]:].astype(q.dtype)
+  # One softmax over both parts, without concatenating them (XLA:GPU fuses a concatenation of the
+  # scores with the small new-token products into one slow kernel per layer).
+  top = jax.lax.stop_gradient(jnp.maximum(s_cache.max(-1, keepdims=True), s_new.max(-1, keepdims=True)))
+  e_cache, e_new = jnp.exp(s_cache - top), jnp.exp(s_new - top)
+  total = e_cache.sum(-1, keepdims=True) + e_new.sum(-1, keepdims=True)
+  p_cache, p_new = (e_cache / total).astype(q.dtype), (e_new / total).astype(q.dtype)
   from_cache = _einsum_f32("bkgts,bksd->btkgd", p_cache, cache_v_BxKxSxD.astype(q.dtype))
   out = from_cache + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32)
   return out.reshape(b, t, h, d).astype(q.dtype)

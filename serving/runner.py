@@ -44,6 +44,12 @@ from serving.sampling import sample
 
 MIN_BUCKET = 16
 MIN_SPAN = 16
+# The cache holds at least this many slots, so a decode step multiplies at least two rows by each
+# weight: with one row XLA:GPU rewrites the projections whose weights have fewer than ~10M
+# elements (q, k, v, o at `1b`) as a multiply and a reduction that materialises x * w, 2-4x
+# slower than the matrix product. A spare slot is never active: it costs its share of the
+# attention over the cache span, not a second read of the weights.
+MIN_DECODE_ROWS = 2
 
 
 def buckets(token_budget: int) -> tuple[int, ...]:
@@ -70,7 +76,8 @@ class ModelRunner:
   """Holds the graph of the model, its parameters and the cache; runs prefill chunks and decode loops."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, max_len: int):
-    self.cfg, self.plan, self.max_len = cfg, plan, max_len
+    self.cfg, self.plan, self.max_len, self.slots = cfg, plan, max_len, slots
+    slots = max(slots, MIN_DECODE_ROWS)
     self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     self.params = serving_params(cfg, params, plan)
     shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
@@ -147,7 +154,7 @@ class ModelRunner:
     + steps - 1 must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
     args, static = self._decode_args(tokens_S, active_S, sampling, steps, span)
     self.cache, tokens, logprobs = self._decode(self.params, self.cache, *args, **static)
-    return tokens, logprobs
+    return tokens[:, :self.slots], logprobs[:, :self.slots]
 
   def compiled_decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int,
                       span: int | None = None):
@@ -159,7 +166,11 @@ class ModelRunner:
     span = self.max_len if span is None else span_bucket(span, self.max_len)
     sampling = _row_arrays(sampling)
     greedy = not np.any(sampling[0][active_S] > 0)
-    return (tokens_S.astype(np.int32), active_S, sampling), {"steps": steps, "span": span, "greedy": greedy}
+    spare = self.cache.slots - len(tokens_S)  # spare slots: inactive, with the last slot's settings
+    pad = lambda a: np.pad(np.asarray(a), (0, spare), mode="edge")
+    active = np.pad(np.asarray(active_S, bool), (0, spare))
+    args = (pad(tokens_S).astype(np.int32), active, tuple(map(pad, sampling)))
+    return args, {"steps": steps, "span": span, "greedy": greedy}
 
 
 def span_bucket(need: int, max_len: int) -> int:

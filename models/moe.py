@@ -155,10 +155,13 @@ class MoE(nnx.Module):
         shared = (jax.nn.sigmoid(gate)[..., None] * shared.astype(jnp.float32)).astype(self.dtype)
       y = y + shared.astype(self.dtype)
     e, k = cfg.n_experts, cfg.experts_top_k
+    # Batch axes a shard_map around this layer has made manual (a pipeline's executor runs each batch
+    # shard's rows on its own): the losses are those of all the rows, as on one device.
+    shards = plan.manual_activation_axes("batch")
     outputs = {
-        "aux_loss": switch_aux_loss(routing.probs, routing.experts, e),
-        "seq_aux_loss": sequence_aux_loss(routing.probs.reshape(b, l, e), routing.experts.reshape(b, l, k), e),
-        "z_loss": z_loss(logits_TxE),
+        "aux_loss": switch_aux_loss(routing.probs, routing.experts, e, shards),
+        "seq_aux_loss": sequence_aux_loss(routing.probs.reshape(b, l, e), routing.experts.reshape(b, l, k), e, shards),
+        "z_loss": z_loss(logits_TxE, shards),
         "tokens_per_expert": stats["tokens_per_expert"].astype(jnp.float32),
         "dropped": jnp.asarray(stats["dropped"], jnp.float32),
     }

@@ -167,6 +167,14 @@ class ShardingPlan:
     manual = _manual_axes()
     return tuple(a for a in axes if self.mesh.shape[a] > 1 and a not in manual)
 
+  def manual_activation_axes(self, name: str) -> tuple[str, ...]:
+    """The mesh axes (size > 1) of dimension `name` that a surrounding `shard_map` is manual over
+    (a pipeline's batch shards): there an array holds one shard's part of `name`."""
+    axes = self.activations.get(name)
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    manual = _manual_axes()
+    return tuple(a for a in axes if self.mesh.shape[a] > 1 and a in manual)
+
   @property
   def data_parallel_size(self) -> int:
     """How many ways the batch's rows are split (the product of its mesh axes)."""

@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from parallel.experts import losses
 from parallel.experts.routing import route
+from parallel.mesh import make_mesh
 
 
 def np_route(logits, top_k, score="softmax", bias=None, n_groups=1, topk_groups=1, normalize=True, scale=1.0):
@@ -112,6 +114,30 @@ def test_losses_against_numpy():
   np.testing.assert_allclose(float(got), np.mean(per_seq), rtol=1e-5)
   lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
   np.testing.assert_allclose(float(losses.z_loss(jnp.asarray(logits.reshape(-1, e)))), np.mean(lse ** 2), rtol=1e-5)
+
+
+def test_losses_over_manual_batch_shards_are_the_whole_batchs():
+  """Inside a shard_map manual over a batch axis, `axis_names` makes each loss that of all the rows
+  (numpy over the whole batch), on every shard."""
+  rng = np.random.default_rng(4)
+  b, l, e, k = 4, 6, 5, 2
+  logits = rng.normal(size=(b, l, e)).astype(np.float32)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  experts = np.stack([rng.permutation(e)[:k] for _ in range(b * l)]).reshape(b, l, k)
+  counts = np.bincount(experts.reshape(-1), minlength=e)
+  want_switch = e * np.sum(counts / (b * l * k) * probs.reshape(-1, e).mean(0))
+  want_seq = np.mean([np.sum(np.bincount(experts[s].reshape(-1), minlength=e) * e / (k * l)
+                             * (probs[s] / probs[s].sum(-1, keepdims=True)).mean(0)) for s in range(b)])
+  want_z = np.mean(np.log(np.exp(logits.astype(np.float64)).sum(-1)) ** 2)
+  mesh = make_mesh({"data": 4}, jax.devices()[:4])
+
+  def per_shard(p, x, z):
+    return jnp.stack([losses.switch_aux_loss(p.reshape(-1, e), x.reshape(-1, k), e, ("data",)),
+                      losses.sequence_aux_loss(p, x, e, ("data",)), losses.z_loss(z.reshape(-1, e), ("data",))])[None]
+
+  got = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(
+      jnp.asarray(probs), jnp.asarray(experts), jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(got), np.tile([want_switch, want_seq, want_z], (4, 1)), rtol=1e-5)
 
 
 def test_balanced_switch_loss_is_one():

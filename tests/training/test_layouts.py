@@ -208,30 +208,26 @@ def test_experts_match_single_device(name, moe_reference):
 
 # Experts inside pipeline stages (every layer sparse). The router losses reach the objective through
 # each part's backward, the load (for the bias update) comes out as the biases' gradient; with batch
-# shards each shard's part sees its own rows, so its router losses are its rows' (not the global
-# microbatch's): the data-sharded row runs without them.
+# shards each shard's part sums the losses' statistics over the shards, so its router losses are
+# the whole microbatch's, as on one device with the same microbatches.
 MOE_PIPE_MODEL = dataclasses.replace(MOE_MODEL, n_layers=4, moe_first_dense=0)
-MOE_PIPE_NO_ROUTER_LOSS = dataclasses.replace(MOE_PIPE_MODEL, aux_loss_weight=0.0, seq_aux_loss_weight=0.0,
-                                              z_loss_weight=0.0)
-MOE_PIPE_ROWS = {  # name -> (mesh, schedule, microbatches, model, sharding fields)
-    "1f1b_stage2_m4": ({"stage": 2}, "1f1b", 4, MOE_PIPE_MODEL, {}),
-    "zb-h1_stage2_m4": ({"stage": 2}, "zb-h1", 4, MOE_PIPE_MODEL, {}),
-    "1f1b_stage2_data4_m2_experts_over_data": ({"stage": 2, "data": 4}, "1f1b", 2, MOE_PIPE_NO_ROUTER_LOSS,
-                                               {"expert_axes": ("data",)}),
+MOE_PIPE_ROWS = {  # name -> (mesh, schedule, microbatches, sharding fields)
+    "1f1b_stage2_m4": ({"stage": 2}, "1f1b", 4, {}),
+    "zb-h1_stage2_m4": ({"stage": 2}, "zb-h1", 4, {}),
+    "1f1b_stage2_data4_m2_experts_over_data": ({"stage": 2, "data": 4}, "1f1b", 2, {"expert_axes": ("data",)}),
 }
 
 
 @pytest.fixture(scope="module")
 def moe_pipeline_reference():
   cache = {}
-  # Four microbatches (without router losses the split does not change the objective).
-  return lambda model: cache.setdefault(model.aux_loss_weight, _losses(_config({}, model=model, micro=4)))
+  return lambda micro: cache.setdefault(micro, _losses(_config({}, model=MOE_PIPE_MODEL, micro=micro)))
 
 
 @pytest.mark.parametrize("name", list(MOE_PIPE_ROWS))
 def test_experts_in_pipeline_match_single_device(name, moe_pipeline_reference):
-  mesh, schedule, micro, model, sharding = MOE_PIPE_ROWS[name]
-  losses = _losses(_config(mesh, model=model, micro=micro, pipeline=schedule, **sharding))
-  reference = moe_pipeline_reference(model)
+  mesh, schedule, micro, sharding = MOE_PIPE_ROWS[name]
+  losses = _losses(_config(mesh, model=MOE_PIPE_MODEL, micro=micro, pipeline=schedule, **sharding))
+  reference = moe_pipeline_reference(micro)
   assert reference[-1] < reference[0]
   np.testing.assert_allclose(losses, reference, rtol=1e-5)

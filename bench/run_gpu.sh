@@ -15,6 +15,9 @@
 #   pipeline p = every GPU (2 or more): GPipe, 1F1B and ZB-H1 on the `1b` preset, measured bubble
 #            against the simulator's with measured action costs; on one GPU the costs and the
 #            simulated bubbles for p = 2 only (bench/pipeline_bubbles.py)
+#   serving  one GPU: skinny products per library (bench/gemv_probe.py), the batch-32 decode loop over
+#            a 512-position span of a 1,152-position cache (bench/serve_profile.py), and the load
+#            generator against serve.py at three request rates (bench/serve_load.py); each prints its table
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -99,6 +102,15 @@ case $set_name in
     if [ "$n" -ge 2 ]; then what="--stages=$n"; else what="--stages=2 --costs_only"; fi
     timeout 580 python3 bench/pipeline_bubbles.py --config=1b --set data.global_batch=8 --microbatches=8 $what \
       --bubbles_out="$out/pipeline_bubbles.pp" 2>&1 | quiet | tail -n 12
+    ;;
+  serving)
+    timeout 120 python3 bench/gemv_probe.py --out="$out/gemv_probe.json" 2>&1 | quiet
+    timeout 150 python3 bench/serve_profile.py --config=1b --batches=32 --max_len=1152 --span=512 \
+      --label=span512_of_1152 --out="$out/serve_profile_span.json" 2>&1 | quiet | tail -n 30
+    timeout 300 python3 bench/serve_load.py --serve="--config=1b --slots=64 --token_budget=2048 --decode_steps=8 \
+      --max_len=1024" --request_rates=4,16,64 --num_prompts=256 --input_len=128 --output_len=128 --range_ratio=0.5 \
+      --goodput=ttft:500,tpot:50 --server_log="$out/serve_load_server.log" --out="$out/serve_load.json" 2>&1 | quiet
+    exit 0
     ;;
   *)
     echo "unknown set: $set_name" >&2; exit 2 ;;

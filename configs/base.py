@@ -222,6 +222,10 @@ class CheckpointConfig:
   # A fresh run (no checkpoint in its own workdir) starts from the parameters of this run's newest
   # checkpoint (a workdir or its checkpoints/ folder), with a new optimizer state: fine-tuning.
   init_params_from: str = ""
+  # Or from a Hugging Face directory (Llama, Qwen2/3, Mixtral, Qwen-MoE): its config.json replaces
+  # the model's architecture (dtypes, attention implementation, remat and unroll are kept from this
+  # config; its tokenizer.json is used where data.tokenizer is "bytes") and its weights start the run.
+  init_from_hf: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ prefix (`model.moe_first_dense`) and `decoder_sparse_step` becomes `model.moe_ev
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from configs import ModelConfig
+from configs import Config, ModelConfig
 from models import hf_llama
 from models.hf_common import (Spec, Stack, params_from_specs, params_to_specs, read_checkpoint, required,
                               transpose, write_checkpoint)
@@ -201,6 +203,30 @@ def load_hf(path: str | Path, **overrides: Any) -> tuple[ModelConfig, dict]:
   hf_config, tensors = read_checkpoint(Path(path))
   cfg = config_from_hf(hf_config, **overrides)
   return cfg, params_from_hf(tensors, cfg)
+
+
+# What a run keeps of its own model section when a HF directory gives the architecture.
+KEPT_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "scan_unroll", "remat")
+
+
+def config_with_hf(config: Config, path: str | Path) -> Config:
+  """`config` with the architecture of a HF directory's `config.json` (any of `MODEL_TYPES`): its
+  model section replaced, `KEPT_FIELDS` kept from `config.model`; with `data.tokenizer` "bytes" and
+  a `tokenizer.json` in the directory, that tokenizer. Reads no weights (`params_from_dir` does)."""
+  path = Path(path)
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+  kept = {f: getattr(config.model, f) for f in KEPT_FIELDS}
+  model = config_from_hf(json.loads((path / "config.json").read_text()), **kept)
+  data = config.data
+  if data.tokenizer == "bytes" and os.path.isfile(path / "tokenizer.json"):
+    data = dataclasses.replace(data, tokenizer=str(path))
+  return dataclasses.replace(config, model=model, data=data)
+
+
+def params_from_dir(path: str | Path, cfg: ModelConfig) -> dict:
+  """The pure parameters of a HF directory's safetensors for `cfg` (`config_with_hf(...).model`)."""
+  return params_from_hf(read_checkpoint(Path(path))[1], cfg)
 
 
 def save_hf(path: str | Path, cfg: ModelConfig, params: Mapping, dtype: str = "float32") -> None:

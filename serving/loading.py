@@ -4,8 +4,9 @@ Parameters come from one of three places:
   checkpoint  a shardlab run's workdir (or its checkpoints/ folder): the parameters only
               (`training.checkpoint.restore_params`), restored straight into the plan's layout;
               the config must describe the same model (a mismatch names the fields that differ)
-  hf          a Hugging Face Llama directory (`models.hf_llama`): its config.json replaces the
-              config's model architecture (dtypes and attention implementation are kept)
+  hf          a Hugging Face directory (`models.hf_moe.config_with_hf`): its config.json replaces the
+              config's model architecture (dtypes, attention implementation, remat and unroll are
+              kept); the engine serves the dense ones (Llama, Qwen2, Qwen3)
   neither     a random initialisation from `train.seed` (for trying the server out)
 
 The mesh and plan come from the config's `mesh` and `sharding` sections, as in training (the
@@ -18,7 +19,6 @@ The tokenizer is `data.tokenizer` ("bytes" or a tokenizer.json); with `hf` and t
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -27,7 +27,7 @@ from flax import nnx
 from configs import Config, ConfigError
 from configs.validate import validate
 from data.tokenizer import Tokenizer, load_tokenizer
-from models.hf_llama import load_hf_checkpoint
+from models.hf_moe import config_with_hf, params_from_dir
 from models.transformer import Transformer, logical_axes
 from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan, plan_from_config
@@ -55,23 +55,16 @@ def load(config: Config, *, checkpoint: str | None = None, hf: str | None = None
   """Parameters (see the module docstring), plan and tokenizer; `devices` default to all."""
   if checkpoint and hf:
     raise ConfigError("give a shardlab checkpoint or a Hugging Face directory, not both")
-  hf_params = None
   if hf:
-    m = config.model
-    model_cfg, hf_params = load_hf_checkpoint(hf, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                                              attention_impl=m.attention_impl, scan_unroll=m.scan_unroll)
-    data = config.data
-    if data.tokenizer == "bytes" and os.path.isfile(os.path.join(hf, "tokenizer.json")):
-      data = dataclasses.replace(data, tokenizer=hf)
-    config = dataclasses.replace(config, model=model_cfg, data=data)
+    config = config_with_hf(config, hf)
 
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate(config, len(devices), devices[0].platform)
   plan = plan_from_config(config, make_mesh(sizes, devices))
   abstract, shardings = _param_shardings(config, plan)
 
-  if hf_params is not None:
-    params = jax.device_put(hf_params, shardings)
+  if hf:
+    params = jax.device_put(params_from_dir(hf, config.model), shardings)
   elif checkpoint:
     from training.checkpoint import restore_params  # deferred: Orbax only when a checkpoint is read
     _, params = restore_params(checkpoint, abstract, config)

@@ -14,6 +14,7 @@ import numpy as np
 
 from configs import Config
 from data import make_dataset
+from models.hf_moe import config_with_hf, params_from_dir
 from models.transformer import flops_per_token
 from training.checkpoint import Checkpointer, restore_params
 from training.lowcomm import LowCommRunner
@@ -70,7 +71,8 @@ def _describe(setup: TrainSetup, state: Any) -> str:
 
 
 def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data, runner=None) -> tuple[dict, int]:
-  """(state, first step): the newest own checkpoint, else `init_params_from`, else a fresh init.
+  """(state, first step): the newest own checkpoint, else `init_params_from` or `init_from_hf`,
+  else a fresh init.
   `runner`: a low-communication run's `LowCommRunner`, whose state this is."""
   config = setup.config
   abstract = runner.abstract_state if runner else setup.abstract_state
@@ -86,6 +88,10 @@ def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data, run
     step, params = restore_params(source, setup.abstract_state["params"], config)
     log.info("initialised the parameters from step %d of %s (optimizer state new)", step, source)
     return init(params), 0
+  if config.checkpoint.init_from_hf:
+    params = params_from_dir(config.checkpoint.init_from_hf, config.model)
+    log.info("initialised the parameters from %s (optimizer state new)", config.checkpoint.init_from_hf)
+    return init(params), 0
   return init(), 0
 
 
@@ -93,8 +99,11 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training in `workdir`; returns the last train and eval metrics.
 
   Validates `config` (raising `ConfigError` before anything is written or compiled), writes
-  `config.json`, then trains, logging to `metrics.jsonl` and TensorBoard and checkpointing.
+  `config.json`, then trains, logging to `metrics.jsonl` and TensorBoard and checkpointing. With
+  `checkpoint.init_from_hf`, the model section is that directory's architecture (written so).
   """
+  if config.checkpoint.init_from_hf:
+    config = config_with_hf(config, config.checkpoint.init_from_hf)
   setup = setup_from_config(config)
   proc, nproc = jax.process_index(), jax.process_count()
   data_args = dict(vocab_size=config.model.vocab_size, process_index=proc, process_count=nproc)

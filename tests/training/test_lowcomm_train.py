@@ -6,6 +6,7 @@ step. The others share those paths and are proven at the op level (Streaming DiL
 SparseLoCo in tests/parallel/test_lowcomm_outer.py, EControl in tests/parallel/test_econtrol.py);
 their schedules of outer steps over the same run are checked here without training."""
 
+import json
 import signal
 
 import numpy as np
@@ -93,3 +94,45 @@ def test_each_algorithm_trains_with_data_and_tensor_inside_islands(name, tmp_pat
   assert outer_steps == (list(range(1, 9)) if every_step else [2, 4, 6, 8])
   if name == "onebit_adam":  # compressed after the freeze step
     assert sent[-1] < sent[0] / 4
+
+
+def test_zeroth_order_starts_from_a_hugging_face_llama(tmp_path):
+  """`checkpoint.init_from_hf`: the run takes a transformers Llama's architecture and weights. At
+  step 1 the warm-up learning rate is 0, so the zeroth-order step leaves the weights as they were
+  and the eval loss after it is transformers' own loss on the same validation batches."""
+  import torch
+  import transformers
+
+  from data import make_dataset
+
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    attn_implementation="eager")
+  model = transformers.LlamaForCausalLM(hf_cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path / "hf")
+
+  cfg = configs.get_config("tiny", runs.SMALL + [
+      "mesh.replica=2", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "sharding.zero_stage=3",
+      "sharding.replica=zeroth_order", "lowcomm.zo_directions=2", "lowcomm.zo_eps=1e-3", "train.steps=1",
+      "train.eval_every=1", "checkpoint.enabled=false", f"checkpoint.init_from_hf={tmp_path / 'hf'}"])
+  train(cfg, str(tmp_path / "run"))
+  written = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+  assert (written["n_layers"], written["d_ff"], written["d_model"]) == (3, 96, 64)
+  assert runs.records(tmp_path / "run", "train")[0]["lr"] == 0.0
+
+  val = make_dataset(cfg.data, vocab_size=264, split="validation")
+  total = count = 0.0
+  for i in range(cfg.train.eval_batches):
+    b = val.get_batch(i)
+    assert np.all(b["segment_ids"] == b["segment_ids"][:, :1]), "one document per row, as transformers sees it"
+    with torch.no_grad():
+      logits = model(torch.tensor(b["inputs"], dtype=torch.long)).logits
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.tensor(b["targets"], dtype=torch.long),
+                                            reduction="none").numpy()
+    total, count = total + float((nll * b["loss_mask"]).sum()), count + float(b["loss_mask"].sum())
+  got = runs.records(tmp_path / "run", "eval")[0]["loss"]
+  np.testing.assert_allclose(got, total / count, rtol=1e-5)

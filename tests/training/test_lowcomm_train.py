@@ -4,7 +4,9 @@ of the runner through the training loop over replica=2 x data=2 x tensor=2: an o
 with an all-reduce (DiLoCo), NoLoCo's ppermute, a per-step rule (1-bit Adam) and the zeroth-order
 step. The others share those paths and are proven at the op level (Streaming DiLoCo, CO2 and
 SparseLoCo in tests/parallel/test_lowcomm_outer.py, EControl in tests/parallel/test_econtrol.py);
-their schedules of outer steps over the same run are checked here without training."""
+their schedules of outer steps over the same run are checked here without training. Every
+algorithm's outer state is checkpointed between two outer steps (step 3; rounds of 2) and a run
+resumed from there continues with the uninterrupted run's losses and bytes."""
 
 import json
 import signal
@@ -15,7 +17,7 @@ import pytest
 import configs
 from parallel.lowcomm import dispatch
 from tests import runs
-from tests.training.test_checkpoint import _wait_for
+from tests.training.test_checkpoint import _wait_for, _workdir_with
 from training.loop import train
 
 STEPS, H = 24, 4
@@ -63,12 +65,29 @@ SAME_PATH = {  # the algorithms that share a row's path: their knobs in the same
     "sparseloco": ["lowcomm.topk_fraction=0.03", "lowcomm.quant_bits=2"],
 }
 OUTER_STEPS = {"co2": [3, 5, 7], "streaming_diloco": [2, 3, 4, 5, 6, 7, 8]}  # others: every inner_steps=2
+RESUMED_ONLY = {  # the algorithms without a row: trained only to resume them (state a row's lacks)
+    "streaming_diloco": ["lowcomm.fragments=2", "lowcomm.delay=1", "lowcomm.quant_bits=4"],  # one in flight
+    "co2": [],  # the stale outer update
+    "sparseloco": SAME_PATH["sparseloco"],  # error feedback
+    "econtrol": [],  # per-step error control
+}
+RESUME_AT = 3  # a checkpoint between two outer steps (rounds of 2 inner steps)
 
 
 def _config(name: str, knobs: list[str]):
   return configs.get_config("tiny", runs.SMALL + [
       "mesh.replica=2", "mesh.data=2", "mesh.tensor=2", f"sharding.replica={name}", "lowcomm.inner_steps=2",
-      "train.steps=8", "checkpoint.enabled=false", "data.max_corpus_bytes=100000"] + knobs)
+      "train.steps=8", f"checkpoint.every={RESUME_AT}", "checkpoint.keep=10", "data.max_corpus_bytes=100000"] + knobs)
+
+
+def _assert_resumes(cfg, reference, tmp_path) -> None:
+  """A run resumed from `reference`'s step-RESUME_AT checkpoint repeats its losses and bytes after it."""
+  workdir = _workdir_with(reference, [RESUME_AT], tmp_path / "resumed")
+  train(cfg, str(workdir))
+  want = {r["step"]: (r["loss"], r["bytes_sent"]) for r in runs.records(reference, "train")}
+  got = {r["step"]: (r["loss"], r["bytes_sent"]) for r in runs.records(workdir, "train")}
+  assert sorted(got) == list(range(RESUME_AT + 1, 9))
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(SAME_PATH))
@@ -82,8 +101,8 @@ def test_outer_steps_of_the_algorithms_that_share_a_path(name):
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_each_algorithm_trains_with_data_and_tensor_inside_islands(name, tmp_path):
   cfg = _config(name, ALGORITHMS[name])
-  result = train(cfg, str(tmp_path))
-  records = runs.records(tmp_path, "train")
+  result = train(cfg, str(tmp_path / "run"))
+  records = runs.records(tmp_path / "run", "train")
   losses = [r["loss"] for r in records]
   assert result["step"] == 8 and np.all(np.isfinite(losses))
   if name != "zeroth_order":  # two SPSA directions per replica move a model from scratch too slowly to see
@@ -94,6 +113,14 @@ def test_each_algorithm_trains_with_data_and_tensor_inside_islands(name, tmp_pat
   assert outer_steps == (list(range(1, 9)) if every_step else [2, 4, 6, 8])
   if name == "onebit_adam":  # compressed after the freeze step
     assert sent[-1] < sent[0] / 4
+  _assert_resumes(cfg, tmp_path / "run", tmp_path)
+
+
+@pytest.mark.parametrize("name", list(RESUMED_ONLY))
+def test_each_other_algorithm_resumes_between_outer_steps(name, tmp_path):
+  cfg = _config(name, RESUMED_ONLY[name])
+  train(cfg, str(tmp_path / "run"))
+  _assert_resumes(cfg, tmp_path / "run", tmp_path)
 
 
 def test_zeroth_order_starts_from_a_hugging_face_llama(tmp_path):

@@ -12,6 +12,9 @@ Bytes per replica: what a replica puts into collectives over `replica` (parallel
 DDP's is its float32 gradient's share of the step's reduction: 4 bytes x parameters per step.
 
   python bench/lowcomm_compare.py --out=bench/results/lowcomm     # CPU: 8 emulated devices
+  # a sweep: DiLoCo at three H, each with two outer (learning rate/momentum) settings, 4 runs at a time
+  python bench/lowcomm_compare.py --out=sweep --methods=ddp,diloco --inner_steps=100,25,10 \
+      --outer=0.7/0.9,1.0/0.0 --jobs=4
 """
 
 from __future__ import annotations
@@ -52,10 +55,22 @@ def records(workdir: str, split: str) -> list[dict]:
     return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def run(name: str, args) -> dict:
+def label(name: str, inner_steps: int, outer: str) -> str:
+  """A run's name in the table: the method, then (for the DiLoCo family) H and the outer lr/momentum."""
+  if name == "ddp":
+    return name
+  return name + f" H={inner_steps}" + (f" outer {outer}" if outer else "")
+
+
+def run(name: str, inner_steps: int, outer: str, args) -> dict:
+  """One training run of `name` (H = `inner_steps`; `outer` "LR/MOMENTUM" or "" for METHODS' own)."""
+  knobs = list(METHODS[name])
+  if outer and name != "ddp":
+    lr, momentum = outer.split("/")
+    knobs += [f"lowcomm.outer_lr={float(lr)}", f"lowcomm.outer_momentum={float(momentum)}"]
   overrides = MODEL + [f"mesh.replica={args.replicas}", "mesh.data=-1", f"train.steps={args.steps}",
-                       f"lowcomm.inner_steps={args.inner_steps}", f"train.eval_every={args.eval_every}",
-                       "train.eval_batches=8", "train.log_every=1", "checkpoint.enabled=false"] + METHODS[name]
+                       f"lowcomm.inner_steps={inner_steps}", f"train.eval_every={args.eval_every}",
+                       "train.eval_batches=8", "train.log_every=1", "checkpoint.enabled=false"] + knobs
   config = configs.get_config("tiny", overrides)
   workdir = tempfile.mkdtemp(prefix=f"lowcomm-{name}-")
   t0 = time.perf_counter()
@@ -76,7 +91,7 @@ def run(name: str, args) -> dict:
   for b in sent:
     total += b
     cumulative.append(total)
-  return {"name": name, "overrides": overrides, "wall_s": wall, "final_train_loss": result["loss"],
+  return {"name": label(name, inner_steps, outer), "method": name, "overrides": overrides, "wall_s": wall, "final_train_loss": result["loss"],
           "final_eval_loss": result.get("eval_loss"),
           "train": [{"step": r["step"], "tokens": r["step"] * tokens_per_step, "loss": r["loss"],
                      "bytes": cumulative[r["step"] - 1]} for r in train_rec],
@@ -110,23 +125,58 @@ def plot(results: list[dict], out: str) -> list[str]:
   return paths
 
 
+def run_all(runs: list[tuple], args) -> list[dict]:
+  """Every run, in this process (--jobs=1) or `args.jobs` at a time, each as this script on one run."""
+  if args.jobs <= 1:
+    results = []
+    for spec in runs:
+      results.append(run(*spec, args))
+      print(f"{results[-1]['name']}: eval {results[-1]['final_eval_loss']:.4f} in {results[-1]['wall_s']:.0f}s",
+            flush=True)
+    return results
+  import subprocess
+  pending, active, parts = list(enumerate(runs)), [], {}
+  while pending or active:
+    while pending and len(active) < args.jobs:
+      i, (name, h, outer) = pending.pop(0)
+      part = os.path.join(args.out, f"part{i}")
+      cmd = [sys.executable, os.path.abspath(__file__), f"--out={part}", f"--methods={name}", f"--inner_steps={h}",
+             f"--outer={outer}", f"--steps={args.steps}", f"--eval_every={args.eval_every}",
+             f"--replicas={args.replicas}", "--no_plots"] + (["--gpu"] if args.gpu else [])
+      active.append((i, part, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    time.sleep(1)
+    for entry in [a for a in active if a[2].poll() is not None]:
+      active.remove(entry)
+      i, part, proc = entry
+      if proc.returncode:
+        raise RuntimeError(f"run {runs[i]} exited with {proc.returncode}")
+      with open(os.path.join(part, "results.json")) as f:
+        parts[i] = json.load(f)["results"][0]
+      print(f"{parts[i]['name']}: eval {parts[i]['final_eval_loss']:.4f} in {parts[i]['wall_s']:.0f}s", flush=True)
+  return [parts[i] for i in range(len(runs))]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="folder for results.json and the PNGs")
   parser.add_argument("--steps", type=int, default=1000)
-  parser.add_argument("--inner_steps", type=int, default=100, help="H of the DiLoCo family")
+  parser.add_argument("--inner_steps", default="100", help="H of the DiLoCo family (comma-separated: one run each)")
+  parser.add_argument("--outer", default="", help="outer LR/MOMENTUM settings, comma-separated, one run each "
+                      "(default: each method's own in METHODS); DiLoCo's paper uses 0.7/0.9")
+  parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--replicas", type=int, default=4)
   parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
   parser.add_argument("--gpu", action="store_true", help="run on the default JAX backend instead of 8 CPU devices")
   parser.add_argument("--ddp_from", default="", help="a results.json whose DDP run (same steps, model and data) "
                       "is the baseline, instead of training DDP again")
+  parser.add_argument("--no_plots", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  results = []
-  for name in args.methods.split(","):
-    results.append(run(name, args))
-    print(f"{name}: eval {results[-1]['final_eval_loss']:.4f} in {results[-1]['wall_s']:.0f}s", flush=True)
+  runs = [(name, int(h), outer) for name in args.methods.split(",")
+          for h in (args.inner_steps.split(",") if name != "ddp" else [args.inner_steps.split(",")[0]])
+          for outer in (args.outer.split(",") if name != "ddp" else [""])]
+  results = run_all(runs, args)
   if args.ddp_from:
     with open(args.ddp_from) as f:
       results.insert(0, next(r for r in json.load(f)["results"] if r["name"] == "ddp"))
@@ -137,14 +187,16 @@ def main() -> None:
                                 if ddp and r["bytes_per_replica"] else None)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"args": vars(args), "results": results}, f, indent=1)
+  if args.no_plots:
+    return
   paths = plot(results, args.out)
   print(f"\nwrote {os.path.join(args.out, 'results.json')}, {', '.join(paths)}")
-  print(f"{args.steps} steps, H={args.inner_steps}, {args.replicas} replicas, identical batches\n")
-  print(f"{'method':<18}{'train loss':>11}{'eval loss':>11}{'gap to DDP':>12}{'bytes/replica':>15}{'fewer bytes':>13}")
+  print(f"{args.steps} steps, {args.replicas} replicas, identical batches\n")
+  print(f"{'method':<34}{'train loss':>11}{'eval loss':>11}{'gap to DDP':>12}{'bytes/replica':>15}{'fewer bytes':>13}")
   for r in results:
     gap = f"{100 * r['gap_to_ddp']:+.2f}%" if r["gap_to_ddp"] is not None else "-"
     saving = f"{r['bytes_saving_vs_ddp']:.0f}x" if r["bytes_saving_vs_ddp"] else "-"
-    print(f"{r['name']:<18}{r['final_train_loss']:>11.4f}{r['final_eval_loss']:>11.4f}{gap:>12}"
+    print(f"{r['name']:<34}{r['final_train_loss']:>11.4f}{r['final_eval_loss']:>11.4f}{gap:>12}"
           f"{r['bytes_per_replica']:>15.3g}{saving:>13}")
 
 

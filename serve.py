@@ -45,7 +45,8 @@ flags.DEFINE_string("chat_template", None, "A tokenizer_config.json or a Jinja f
                     "(default: the checkpoint's tokenizer_config.json if it has one, else 'role: content' lines).")
 flags.DEFINE_float("graceful_s", 30.0, "After SIGTERM, seconds in-flight requests may take before they are cancelled.")
 flags.DEFINE_bool("warmup", True, "Before listening, run one request per prefill chunk length through the "
-                  "engine, so clients do not wait for compilation.")
+                  "engine and compile the decode loop of every cache span, so clients do not wait for "
+                  "compilation.")
 
 log = logging.getLogger("shardlab")
 
@@ -66,7 +67,7 @@ def _template_dirs(config) -> list[str]:
 def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
   """Every prefill chunk length, greedy and sampled, each decoding 2 tokens, on every data-parallel
   replica (the engine gives each new request to the least-loaded one, so `replicas` requests added
-  together land one per replica)."""
+  together land one per replica); then the decode loop of every cache span (`Engine.warm_up_decode`)."""
   from serving.engine import Request, SamplingParams
   from serving.runner import buckets
 
@@ -78,6 +79,7 @@ def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
                            sampling=SamplingParams(max_tokens=2, temperature=temperature)))
       while engine.has_work():
         engine.step()
+  engine.warm_up_decode()
   return time.perf_counter() - start
 
 

@@ -18,6 +18,10 @@
 #   serving  one GPU: skinny products per library (bench/gemv_probe.py), the batch-32 decode loop over
 #            a 512-position span of a 1,152-position cache (bench/serve_profile.py), and the load
 #            generator against serve.py at three request rates (bench/serve_load.py); each prints its table
+#   decode   one GPU: skinny products, the span profile, and bench/serve_decode.py at batch 1 and 32
+#            against the transformers peer
+#   cmdbuf   one GPU: the `moe` and `1b` training steps with and without XLA's command buffers for
+#            while loops and conditionals (CMDBUF below)
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -102,6 +106,23 @@ case $set_name in
     if [ "$n" -ge 2 ]; then what="--stages=$n"; else what="--stages=2 --costs_only"; fi
     timeout 580 python3 bench/pipeline_bubbles.py --config=1b --set data.global_batch=8 --microbatches=8 $what \
       --bubbles_out="$out/pipeline_bubbles.pp" 2>&1 | quiet | tail -n 12
+    ;;
+  cmdbuf)
+    CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
+    for flags in "" "$CMDBUF"; do
+      tag=$([ -n "$flags" ] && echo _cmdbuf || echo "")
+      XLA_FLAGS=$flags timeout 170 python3 bench/moe_train_speed.py --config=moe --variants=learned --windows=2 \
+        --steps=8 --out="$out/moe$tag.json" 2>&1 | quiet | tail -n 4
+      XLA_FLAGS=$flags run "shardlab_1b$tag" 120 --config=1b --windows=2
+    done
+    exit 0
+    ;;
+  decode)
+    timeout 100 python3 bench/gemv_probe.py --out="$out/gemv_probe.json" 2>&1 | quiet
+    timeout 120 python3 bench/serve_profile.py --config=1b --batches=32 --max_len=1152 --span=512 \
+      --label=span512_of_1152 --out="$out/serve_profile_span.json" 2>&1 | quiet | tail -n 4
+    timeout 300 python3 bench/serve_decode.py --config=1b --batches_only --out="$out/serve_decode.json" 2>&1 | quiet | tail -n 12
+    exit 0
     ;;
   serving)
     timeout 120 python3 bench/gemv_probe.py --out="$out/gemv_probe.json" 2>&1 | quiet

@@ -58,16 +58,20 @@ class KVCache:
   def slots(self) -> int:
     return self.k.shape[1]
 
-  def rows(self, slot_ids_B: jax.Array | None, span: int | None = None) -> dict:
-    """The per-layer inputs of the layer stack for rows that write into `slot_ids_B` (None: the
-    rows are the slots, in order), positions [0, span) only (None: all of max_len):
-    {"k", "v": [layers, B, K, span, D]}. A decode step reads only `span` positions per slot, so a
-    caller that knows every row's length is below it reads no more of the cache than it needs.
-    Slot ids >= slots (padding rows) read the last slot; their writes are dropped by `write`."""
-    span = self.max_len if span is None else span
+  def window(self, span: int) -> KVCache:
+    """A copy of positions [0, span) of every slot: a cache of max_len `span` with the same lengths.
+    A decode loop whose every sequence stays below `span` reads this window instead of the cache
+    (a slice of the positions axis is not contiguous, so XLA copies it: once per loop, not once per
+    step) and writes each step's keys and values into both."""
     if not 0 < span <= self.max_len:
       raise ValueError(f"span={span} must be in [1, max_len={self.max_len}]")
-    k, v = self.k[:, :, :, :span], self.v[:, :, :, :span]
+    return KVCache(self.k[:, :, :, :span], self.v[:, :, :, :span], self.lengths)
+
+  def rows(self, slot_ids_B: jax.Array | None) -> dict:
+    """The per-layer inputs of the layer stack for rows that write into `slot_ids_B` (None: the
+    rows are the slots, in order): {"k", "v": [layers, B, K, max_len, D]}. Slot ids >= slots
+    (padding rows) read the last slot; their writes are dropped by `write`."""
+    k, v = self.k, self.v
     if slot_ids_B is None:
       return {"k": k, "v": v}
     return {"k": jnp.take(k, slot_ids_B, axis=1, mode="clip"), "v": jnp.take(v, slot_ids_B, axis=1, mode="clip")}

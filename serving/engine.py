@@ -164,6 +164,11 @@ class Engine:
     self._aborts: list[str] = []
     self._seeds = np.random.default_rng()
 
+  def warm_up_decode(self) -> int:
+    """Compiles every decode program a request can need (each span, greedy and sampled) on every
+    replica, writing nothing; returns how many (`ModelRunner.warm_up`)."""
+    return sum(r.runner.warm_up(self.decode_steps) for r in self._replicas)
+
   @property
   def num_waiting(self) -> int:
     return sum(len(r.scheduler.waiting) for r in self._replicas)

@@ -12,7 +12,9 @@ so XLA updates it in place:
             compute but write nothing (their cache position is `max_len`, which the scatter drops).
             The loop reads only the first `span` positions of every slot's cache (a static power of
             two above the longest active sequence): at 32-128 slots of a long context the cache, not
-            the weights, is most of the bytes a step reads.
+            the weights, is most of the bytes a step reads. Those positions are copied once per
+            loop into a window that every step reads and writes (besides the cache): a slice of
+            the positions axis read in every step would be a copy in every step.
 
 Both are compiled per `greedy` (static): a step whose requests are all greedy compiles the argmax
 alone, with no sort over the vocabulary and no conditional on a device value (which the GPU
@@ -88,22 +90,26 @@ class ModelRunner:
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps", "span", "greedy"))
 
   def _forward(self, params, cache: KVCache, tokens_BxT, positions_BxT, slot_ids_B, cache_len_B, write_pos_BxT,
-               new_len_B, span=None):
-    """The model over new tokens with the cache (positions [0, span) of it read); returns the
-    updated cache and the last hidden states [B, T, D]."""
+               new_len_B, window: KVCache | None = None):
+    """The model over new tokens with the cache, or with `window` (`KVCache.window`) read in its
+    place and written as well; returns the updated cache and window and the last hidden states [B, T, D]."""
     model = nnx.merge(self.graphdef, params)
     carry = model.embed_tokens(tokens_BxT, positions_BxT, plan=self.plan)
     carry["cache_lengths"] = cache_len_B
-    carry, new_kv = model.forward_layers_cached(carry, cache.rows(slot_ids_B, span), plan=self.plan)
-    cache = cache.write(_after(new_kv, carry["x"]), slot_ids_B, write_pos_BxT, new_len_B)
-    return cache, carry["x"], model
+    carry, new_kv = model.forward_layers_cached(carry, (cache if window is None else window).rows(slot_ids_B),
+                                                plan=self.plan)
+    new_kv = _after(new_kv, carry["x"])
+    cache = cache.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
+    if window is not None:
+      window = window.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
+    return cache, window, carry["x"], model
 
   def _prefill_fn(self, params, cache, tokens_RxC, slots_R, starts_R, n_valid_R, sampling, *, greedy):
     r, c = tokens_RxC.shape
     positions = starts_R[:, None] + jnp.arange(c)[None]
     write_pos = jnp.where(jnp.arange(c)[None] < n_valid_R[:, None], positions, self.max_len)
-    cache, x, model = self._forward(params, cache, tokens_RxC, positions, slots_R, starts_R, write_pos,
-                                    starts_R + n_valid_R)
+    cache, _, x, model = self._forward(params, cache, tokens_RxC, positions, slots_R, starts_R, write_pos,
+                                       starts_R + n_valid_R)
     last = jnp.take_along_axis(x, jnp.maximum(n_valid_R - 1, 0)[:, None, None], axis=1)  # [R, 1, D]
     logits = model.head(last, plan=self.plan)[:, 0]
     return cache, sample(logits, *sampling, greedy=greedy)
@@ -113,18 +119,20 @@ class ModelRunner:
     slots = tokens_S.shape[0]
 
     def body(i, state):
-      cache, tokens, out_tokens, out_logprobs = state
+      cache, window, tokens, out_tokens, out_logprobs = state
       lengths = cache.lengths
       write_pos = jnp.where(active_S, lengths, self.max_len)[:, None]
       new_len = jnp.where(active_S, jnp.minimum(lengths + 1, self.max_len), lengths)
-      cache, x, model = self._forward(params, cache, tokens[:, None], lengths[:, None], None, lengths, write_pos,
-                                      new_len, span)
+      cache, window, x, model = self._forward(params, cache, tokens[:, None], lengths[:, None], None, lengths,
+                                              write_pos, new_len, window)
       logits = model.head(x, plan=self.plan)[:, 0]
       tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, indices + i, greedy=greedy)
-      return cache, tokens, out_tokens.at[i].set(tokens), out_logprobs.at[i].set(logprobs)
+      return cache, window, tokens, out_tokens.at[i].set(tokens), out_logprobs.at[i].set(logprobs)
 
-    init = (cache, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
-    cache, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
+    # Positions [0, span) copied once for the whole loop (see KVCache.window); all of them: none.
+    window = cache.window(span) if span < self.max_len else None
+    init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
+    cache, _, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
     return cache, out_tokens, out_logprobs
 
   def prefill(self, chunks: list[tuple[np.ndarray, int, int]], bucket: int, sampling: tuple) -> tuple:
@@ -155,6 +163,19 @@ class ModelRunner:
     args, static = self._decode_args(tokens_S, active_S, sampling, steps, span)
     self.cache, tokens, logprobs = self._decode(self.params, self.cache, *args, **static)
     return tokens[:, :self.slots], logprobs[:, :self.slots]
+
+  def warm_up(self, steps: int) -> int:
+    """Compiles the decode loop of `steps` steps for every span bucket, greedy and sampled, and runs
+    each once with no active slot (nothing is written), so no request waits for a compilation when
+    its sequence grows into the next span. Returns the number of programs."""
+    tokens, inactive = np.zeros(self.slots, np.int32), np.zeros(self.slots, bool)
+    rows = (np.zeros(self.slots), np.zeros(self.slots), np.ones(self.slots), np.zeros(self.slots), np.zeros(self.slots))
+    spans = sorted({span_bucket(1 << i, self.max_len) for i in range(self.max_len.bit_length() + 1)})
+    for span in spans:
+      for greedy in (True, False):
+        args, static = self._decode_args(tokens, inactive, rows, steps, span)
+        self.cache, _, _ = self._decode(self.params, self.cache, *args, **{**static, "greedy": greedy})
+    return 2 * len(spans)
 
   def compiled_decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int,
                       span: int | None = None):

@@ -181,7 +181,8 @@ def test_unservable_models_are_refused(field, value):
 def test_decode_loop_updates_the_cache_in_place(unroll, span, greedy):
   """The cache is donated to the decode loop, which writes the new keys and values into it without
   copying it (rolled and fully unrolled layers, all of the cache read or a span of it), and
-  `decode_steps` tokens come back from one call. A greedy loop compiles no sort (no top-k/top-p)."""
+  `decode_steps` tokens come back from one call. A span is copied out of the cache once, before
+  the loop, not in every step. A greedy loop compiles no sort (no top-k/top-p)."""
   cfg = dataclasses.replace(tiny.CFG, n_layers=4, scan_unroll=unroll)
   params = tiny.params_of(Transformer(cfg, rngs=nnx.Rngs(0)))
   runner = ModelRunner(cfg, params, plan=single_device_plan(), slots=SLOTS, max_len=tiny.MAX_LEN)
@@ -192,11 +193,30 @@ def test_decode_loop_updates_the_cache_in_place(unroll, span, greedy):
   cache_shape = "[" + ",".join(map(str, before.k.shape)) + "]"
   copies = [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line.split(" copy(")[0]]
   assert not copies, copies
+  window_shape = "[" + ",".join(map(str, (*before.k.shape[:3], span, before.k.shape[4]))) + "]"
+  span_slices = [line for line in hlo.splitlines() if f"{window_shape}" in line.split(" slice(")[0] and " slice(" in line]
+  assert len(span_slices) == (2 if span < tiny.MAX_LEN else 0), span_slices  # k and v
+  assert not [line for line in span_slices if "/while/" in line], span_slices
   assert (" sort(" in hlo) != greedy
   tokens, logprobs = runner.decode(np.zeros(SLOTS, np.int32), np.ones(SLOTS, bool), rows, 3, span=span)
   assert before.k.is_deleted() and before.v.is_deleted()
   assert tokens.shape == logprobs.shape == (3, SLOTS)
   np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [3] * SLOTS)
+
+
+def test_warm_up_compiles_every_decode_program_and_writes_nothing():
+  """After `warm_up_decode`, requests that grow through every span, greedy and sampled, compile no
+  new decode program; the warm-up left the cache empty, so their tokens are those of a cold engine."""
+  params = tiny.random_params()
+  warm, cold = make_engine(params, decode_steps=2), make_engine(params, decode_steps=2)
+  runner = warm._replicas[0].runner
+  assert warm.warm_up_decode() == 2 * 3  # spans 16, 32, 64 (MIN_SPAN up to MAX_LEN)
+  compiled = runner._decode._cache_size()
+  assert not np.any(np.asarray(runner.cache.lengths)) and not np.any(np.asarray(runner.cache.k))
+  sample = lambda rid, prompt, n: Request(rid, tuple(prompt), SamplingParams(max_tokens=n, temperature=0.8, seed=3))
+  requests = lambda: [greedy("a", tiny.PATTERN[:5], 50), sample("b", tiny.PATTERN[:9], 40)]
+  assert run(warm, requests()) == run(cold, requests())
+  assert runner._decode._cache_size() == compiled
 
 
 def test_bf16_decode_follows_the_full_forward_pass():

@@ -70,7 +70,7 @@ def run(name: str, inner_steps: int, outer: str, args) -> dict:
     knobs += [f"lowcomm.outer_lr={float(lr)}", f"lowcomm.outer_momentum={float(momentum)}"]
   overrides = MODEL + [f"mesh.replica={args.replicas}", "mesh.data=-1", f"train.steps={args.steps}",
                        f"lowcomm.inner_steps={inner_steps}", f"train.eval_every={args.eval_every}",
-                       "train.eval_batches=8", "train.log_every=1", "checkpoint.enabled=false"] + knobs
+                       "train.eval_batches=8", "train.log_every=1", "checkpoint.enabled=false"] + knobs + args.set
   config = configs.get_config("tiny", overrides)
   workdir = tempfile.mkdtemp(prefix=f"lowcomm-{name}-")
   t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def run_all(runs: list[tuple], args) -> list[dict]:
       part = os.path.join(args.out, f"part{i}")
       cmd = [sys.executable, os.path.abspath(__file__), f"--out={part}", f"--methods={name}", f"--inner_steps={h}",
              f"--outer={outer}", f"--steps={args.steps}", f"--eval_every={args.eval_every}",
-             f"--replicas={args.replicas}", "--no_plots"] + (["--gpu"] if args.gpu else [])
+             f"--replicas={args.replicas}", "--no_plots"] + [f"--set={o}" for o in args.set] + (["--gpu"] if args.gpu else [])
       active.append((i, part, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
     time.sleep(1)
     for entry in [a for a in active if a[2].poll() is not None]:
@@ -163,6 +163,8 @@ def main() -> None:
   parser.add_argument("--inner_steps", default="100", help="H of the DiLoCo family (comma-separated: one run each)")
   parser.add_argument("--outer", default="", help="outer LR/MOMENTUM settings, comma-separated, one run each "
                       "(default: each method's own in METHODS); DiLoCo's paper uses 0.7/0.9")
+  parser.add_argument("--set", action="append", default=[], help="a config override for every run (e.g. "
+                      "data.global_batch=64), as train.py's --set")
   parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
   parser.add_argument("--eval_every", type=int, default=100)
   parser.add_argument("--replicas", type=int, default=4)

@@ -113,7 +113,8 @@ def test_each_algorithm_trains_with_data_and_tensor_inside_islands(name, tmp_pat
   assert outer_steps == (list(range(1, 9)) if every_step else [2, 4, 6, 8])
   if name == "onebit_adam":  # compressed after the freeze step
     assert sent[-1] < sent[0] / 4
-  _assert_resumes(cfg, tmp_path / "run", tmp_path)
+  if name != "diloco":  # DiLoCo's resume: the SIGKILL test above
+    _assert_resumes(cfg, tmp_path / "run", tmp_path)
 
 
 @pytest.mark.parametrize("name", list(RESUMED_ONLY))

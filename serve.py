@@ -47,6 +47,9 @@ flags.DEFINE_float("graceful_s", 30.0, "After SIGTERM, seconds in-flight request
 flags.DEFINE_bool("warmup", True, "Before listening, run one request per prefill chunk length through the "
                   "engine and compile the decode loop of every cache span, so clients do not wait for "
                   "compilation.")
+flags.DEFINE_bool("warmup_rows", False, "With --warmup, also compile the prefill of every number of prompt chunks "
+                  "per step (rows, a power of two) and chunk length a step can ask for, so a burst of requests "
+                  "meets no compilation either (112 programs at 64 slots and a budget of 2048).")
 
 log = logging.getLogger("shardlab")
 
@@ -80,6 +83,8 @@ def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
       while engine.has_work():
         engine.step()
   engine.warm_up_decode()
+  if FLAGS.warmup_rows:
+    log.info("compiled %d prefill programs", engine.warm_up_prefill())
   return time.perf_counter() - start
 
 

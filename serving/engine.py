@@ -169,6 +169,11 @@ class Engine:
     replica, writing nothing; returns how many (`ModelRunner.warm_up`)."""
     return sum(r.runner.warm_up(self.decode_steps) for r in self._replicas)
 
+  def warm_up_prefill(self) -> int:
+    """Compiles the prefill of every (rows, chunk length) that fits the token budget, greedy and
+    sampled, on every replica, writing nothing; returns how many (`ModelRunner.warm_up_prefill`)."""
+    return sum(r.runner.warm_up_prefill(r.buckets, r.scheduler.token_budget) for r in self._replicas)
+
   @property
   def num_waiting(self) -> int:
     return sum(len(r.scheduler.waiting) for r in self._replicas)

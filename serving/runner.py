@@ -177,6 +177,25 @@ class ModelRunner:
         self.cache, _, _ = self._decode(self.params, self.cache, *args, **{**static, "greedy": greedy})
     return 2 * len(spans)
 
+  def warm_up_prefill(self, chunk_lengths: tuple[int, ...], token_budget: int) -> int:
+    """Compiles the prefill of every shape a step can ask for, greedy and sampled, and runs each
+    once with padding rows only (nothing is written); returns the number of programs. A step's
+    chunks fit the token budget and its longest one sets the chunk length C (a bucket: longer than
+    the bucket below), so with C there are at most 1 + budget - (that length) chunks, and the rows
+    are their number rounded up to a power of two."""
+    shapes = []
+    for i, c in enumerate(chunk_lengths):
+      longest = 1 if i == 0 else chunk_lengths[i - 1] + 1
+      chunks = min(self.slots, 1 + max(token_budget - longest, 0))
+      shapes += [(1 << j, c) for j in range((chunks - 1).bit_length() + 1)]
+    for r, c in shapes:
+      rows = _row_arrays((np.ones(r), np.zeros(r), np.ones(r), np.zeros(r), np.zeros(r)))
+      for greedy in (True, False):
+        self.cache, _ = self._prefill(self.params, self.cache, np.zeros((r, c), np.int32),
+                                      np.full(r, self.cache.slots, np.int32), np.zeros(r, np.int32),
+                                      np.ones(r, np.int32), rows, greedy=greedy)
+    return 2 * len(shapes)
+
   def compiled_decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int,
                       span: int | None = None):
     """The compiled program `decode` would run for these arguments (for reading its HLO)."""

@@ -219,6 +219,22 @@ def test_warm_up_compiles_every_decode_program_and_writes_nothing():
   assert runner._decode._cache_size() == compiled
 
 
+def test_prefill_warm_up_covers_a_burst_and_writes_nothing():
+  """After `warm_up_prefill`, a burst of requests with prompts of many lengths, all joining at
+  once, compiles no new prefill program, and their tokens are those of a cold engine."""
+  params = tiny.random_params()
+  warm, cold = make_engine(params, slots=8, token_budget=32), make_engine(params, slots=8, token_budget=32)
+  runner = warm._replicas[0].runner
+  assert warm.warm_up_prefill() == 2 * 2 * 4  # chunk lengths 16 and 32, each with 1, 2, 4 or 8 rows
+  compiled = runner._prefill._cache_size()
+  assert not np.any(np.asarray(runner.cache.lengths)) and not np.any(np.asarray(runner.cache.k))
+  rng = np.random.default_rng(2)
+  requests = lambda: [greedy(str(i), rng_prompt, 4) for i, rng_prompt in enumerate(prompts)]
+  prompts = [rng.integers(0, tiny.CFG.vocab_size, int(n)) for n in rng.integers(2, 40, 8)]
+  assert run(warm, requests()) == run(cold, requests())
+  assert runner._prefill._cache_size() == compiled
+
+
 def test_bf16_decode_follows_the_full_forward_pass():
   """bf16 compute (weights cast once, bf16 cache): along the engine's own tokens, each one is the
   argmax and carries the log-probability of the full bf16 forward pass, within bf16's 2e-2 of the

@@ -19,7 +19,8 @@ from models.transformer import flops_per_token
 from training.checkpoint import Checkpointer, restore_params
 from training.lowcomm import LowCommRunner
 from training.metrics import MetricsWriter, Throughput, format_duration
-from training.state import TrainSetup, bytes_per_device, init_state, setup_from_config
+from training.state import (TrainSetup, bytes_per_device, has_router_bias, init_state, setup_from_config,
+                            split_router_bias)
 from training.step import make_eval_step, make_train_step
 
 log = logging.getLogger("shardlab")
@@ -90,6 +91,11 @@ def _initial_state(setup: TrainSetup, ckpt: Checkpointer | None, train_data, run
     return init(params), 0
   if config.checkpoint.init_from_hf:
     params = params_from_dir(config.checkpoint.init_from_hf, config.model)
+    if has_router_bias(config):  # zeros on import (HF routers have none): the state's own zeros
+      params, _ = split_router_bias(params, setup.abstract_state["router_bias"])
+    # Host arrays -> global arrays in the parameters' layout (each process places its own shards).
+    params = jax.tree.map(lambda x, a: jax.make_array_from_callback(x.shape, a.sharding, lambda i: x[i]),
+                          params, setup.abstract_state["params"])
     log.info("initialised the parameters from %s (optimizer state new)", config.checkpoint.init_from_hf)
     return init(params), 0
   return init(), 0

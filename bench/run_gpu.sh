@@ -18,8 +18,9 @@
 #   serving  one GPU: skinny products per library (bench/gemv_probe.py), the batch-32 decode loop over
 #            a 512-position span of a 1,152-position cache (bench/serve_profile.py), and the load
 #            generator against serve.py at three request rates (bench/serve_load.py); each prints its table
-#   decode   one GPU: skinny products, the span profile, and bench/serve_decode.py at batch 1 and 32
-#            against the transformers peer
+#   decode   one GPU: the decode loop profiled at batch 1 and 32 over a 512-position span of a
+#            1,152-position cache, with separate and with fused projections, then bench/serve_decode.py
+#            at batch 1 and 32 against the transformers peer
 #   cmdbuf   one GPU: the `moe` and `1b` training steps with and without XLA's command buffers for
 #            while loops and conditionals (CMDBUF below)
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
@@ -118,9 +119,11 @@ case $set_name in
     exit 0
     ;;
   decode)
-    timeout 100 python3 bench/gemv_probe.py --out="$out/gemv_probe.json" 2>&1 | quiet
-    timeout 120 python3 bench/serve_profile.py --config=1b --batches=32 --max_len=1152 --span=512 \
-      --label=span512_of_1152 --out="$out/serve_profile_span.json" 2>&1 | quiet | tail -n 4
+    for layout in separate fused; do
+      flag=$([ $layout = separate ] && echo --separate_projections || echo "")
+      timeout 110 python3 bench/serve_profile.py --config=1b --batches=1,32 --max_len=1152 --span=512 $flag \
+        --label=$layout --out="$out/serve_profile_$layout.json" 2>&1 | quiet | tail -n 4
+    done
     timeout 300 python3 bench/serve_decode.py --config=1b --batches_only --out="$out/serve_decode.json" 2>&1 | quiet | tail -n 12
     exit 0
     ;;

@@ -60,6 +60,8 @@ def main():
   ap.add_argument("--span", type=int, default=0, help="cache positions every loop reads (0: all of --max_len; "
                   "the engine reads a power of two above its longest sequence); the bytes counted are the "
                   "weights and this span of the cache")
+  ap.add_argument("--separate_projections", action="store_true",
+                  help="serve q/k/v and gate/up as separate weights, as trained (default: fused, models.fused)")
   ap.add_argument("--top", type=int, default=20)
   ap.add_argument("--label", default="", help="a name for this run in the table (e.g. the XLA flags tried)")
   ap.add_argument("--hlo", default="", help="write the compiled decode loop of the first batch here (gzipped text)")
@@ -89,7 +91,8 @@ def main():
             np.zeros(1, np.int32))
   rows = []
   for batch in [int(b) for b in args.batches.split(",")]:
-    runner = ModelRunner(m, loaded.params, plan=loaded.plan, slots=batch, max_len=max_len)
+    runner = ModelRunner(m, loaded.params, plan=loaded.plan, slots=batch, max_len=max_len,
+                         fused_projections=not args.separate_projections)
     rng = np.random.default_rng(0)
     chunks = [(rng.integers(0, m.vocab_size, args.prompt), s, 0) for s in range(batch)]
     bucket = 1 << (args.prompt - 1).bit_length()

@@ -16,6 +16,11 @@ from parallel.linear.linear_attention import decay_rates
 from parallel.plan import ShardingPlan
 
 
+# The fused q/k/v weight [D, K, H/K + 2, hd] (`models.fused`): split over kv heads, so under tensor
+# parallelism each device holds its kv heads' keys and values and the query heads that read them.
+QKV_AXES = ("embed", "kv_heads", None, "head_dim")
+
+
 def resolve_implementation(cfg: ModelConfig) -> str:
   """"auto" picks cuDNN flash attention where it exists (NVIDIA GPUs, bf16), else XLA."""
   if cfg.attention_impl != "auto":
@@ -46,21 +51,29 @@ class Attention(nnx.Module):
   model's layers share one parameter structure and scan as one stack.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fused: bool = False):
+    """`fused`: q, k and v as one weight (`models.fused`), one matrix product instead of three."""
     d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
     self.cfg = cfg
     self.dtype = jnp.dtype(cfg.compute_dtype)
     self.implementation = resolve_implementation(cfg)
-    self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
-    self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
-    self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
+    self.fused = fused
+    if fused:
+      self.wqkv = param(rngs, (d, k, h // k + 2, hd), QKV_AXES, cfg)
+    else:
+      self.wq = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+      self.wk = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
+      self.wv = param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg)
     self.wo = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
     # Qwen-family options; absent (no parameters at all) when off, so dense Llama trees are unchanged.
     if cfg.qkv_bias:  # Qwen2: q/k/v projections with biases, initialised to zero
       zeros = lambda shape, axes: nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
-      self.bq = zeros((h, hd), ("heads", "head_dim"))
-      self.bk = zeros((k, hd), ("kv_heads", "head_dim"))
-      self.bv = zeros((k, hd), ("kv_heads", "head_dim"))
+      if fused:
+        self.bqkv = zeros((k, h // k + 2, hd), QKV_AXES[1:])
+      else:
+        self.bq = zeros((h, hd), ("heads", "head_dim"))
+        self.bk = zeros((k, hd), ("kv_heads", "head_dim"))
+        self.bv = zeros((k, hd), ("kv_heads", "head_dim"))
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's query and key vectors, before RoPE
       self.q_norm = param(rngs, (hd,), ("head_dim",), cfg, init="ones")
       self.k_norm = param(rngs, (hd,), ("head_dim",), cfg, init="ones")
@@ -94,14 +107,28 @@ class Attention(nnx.Module):
       y = jnp.einsum("bld,dhk->blhk", x, w(p))
       return plan.constrain(y if bias is None else y + w(bias), ("batch", "length") + axes)
 
-    biases = (self.bq, self.bk, self.bv) if self.cfg.qkv_bias else (None, None, None)
-    q = project(self.wq, biases[0], ("heads", "head_dim"))
-    k = project(self.wk, biases[1], ("kv_heads", "head_dim"))
-    v = project(self.wv, biases[2], ("kv_heads", "head_dim"))
+    if self.fused:
+      q, k, v = self._project_fused(x, w, plan)
+    else:
+      biases = (self.bq, self.bk, self.bv) if self.cfg.qkv_bias else (None, None, None)
+      q = project(self.wq, biases[0], ("heads", "head_dim"))
+      k = project(self.wk, biases[1], ("kv_heads", "head_dim"))
+      v = project(self.wv, biases[2], ("kv_heads", "head_dim"))
     if self.cfg.qk_norm:
       q, k = rms_norm(q, self.q_norm[...], self.cfg.norm_eps), rms_norm(k, self.k_norm[...], self.cfg.norm_eps)
     inv_freq = rope_inv_freq(self.cfg)
     return apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq), v
+
+  def _project_fused(self, x_BxLxD, w, plan):
+    """q, k, v from one product with `wqkv` [D, K, H/K + 2, hd]: each kv head's query heads, then
+    its key and its value."""
+    y = jnp.einsum("bld,dkgh->blkgh", x_BxLxD, w(self.wqkv))
+    if self.cfg.qkv_bias:
+      y = y + w(self.bqkv)
+    y = plan.constrain(y, ("batch", "length") + QKV_AXES[1:])
+    b, l, k, n, hd = y.shape  # n: the query heads per kv head, + 2
+    q = plan.constrain(y[:, :, :, :n - 2].reshape(b, l, k * (n - 2), hd), ("batch", "length", "heads", "head_dim"))
+    return q, y[:, :, :, n - 2], y[:, :, :, n - 1]
 
   def project_out(self, out_BxLxHxD: jax.Array, plan: ShardingPlan) -> jax.Array:
     out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))

@@ -24,15 +24,16 @@ class Block(nnx.Module):
   along unchanged, so a pipeline stage that receives a carry has all it needs.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False):
-    """`sparse`: the MLP is a mixture of experts (`models.moe.MoE`) instead of a dense SwiGLU."""
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False, fused: bool = False):
+    """`sparse`: the MLP is a mixture of experts (`models.moe.MoE`) instead of a dense SwiGLU.
+    `fused`: q/k/v and gate/up as one weight each (`models.fused`)."""
     kinds = set(layer_kinds(cfg))
     self.linear = None if len(kinds) > 1 else kinds == {"L"}  # None: each layer's kind comes as its input
     self.attn_norm = RMSNorm(cfg, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, fused=fused)
     self.mlp_norm = RMSNorm(cfg, rngs=rngs)
     self.sparse = sparse
-    self.mlp = MoE(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs, fused=fused)
 
   def __call__(self, carry: dict, layer_inputs: Any, plan: ShardingPlan) -> tuple[dict, dict]:
     """Returns the next carry and this layer's outputs for the loss: none for a dense block, the

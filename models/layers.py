@@ -105,16 +105,25 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel over `mlp`."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fused: bool = False):
+    """`fused`: gate and up as one weight `w_gate_up` [D, 2, F] (`models.fused`), one product."""
     d, f = cfg.d_model, cfg.d_ff
     self.dtype = jnp.dtype(cfg.compute_dtype)
-    self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
-    self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
+    self.fused = fused
+    if fused:
+      self.w_gate_up = param(rngs, (d, 2, f), ("embed", None, "mlp"), cfg)
+    else:
+      self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
+      self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
 
   def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan) -> jax.Array:
     x = x_BxLxD.astype(self.dtype)
-    gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))
-    up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(self.dtype))
+    if self.fused:
+      y = jnp.einsum("bld,dtf->bltf", x, self.w_gate_up[...].astype(self.dtype))
+      gate, up = y[:, :, 0], y[:, :, 1]
+    else:
+      gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))
+      up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(self.dtype))
     h_BxLxF = plan.constrain(swiglu(gate, up), ("batch", "length", "mlp"))
     return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(self.dtype))

@@ -24,11 +24,11 @@ from parallel.plan import ShardingPlan, single_device_plan
 from parallel.vocab.dispatch import embed_lookup
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int, sparse: bool = False) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, n: int, sparse: bool = False, fused: bool = False) -> Block:
   @nnx.split_rngs(splits=n)
   @nnx.vmap(in_axes=0, out_axes=0)
   def create(rngs: nnx.Rngs) -> Block:
-    return Block(cfg, rngs=rngs, sparse=sparse)
+    return Block(cfg, rngs=rngs, sparse=sparse, fused=fused)
 
   blocks = create(rngs)
   for _, var in nnx.iter_graph(blocks):
@@ -50,16 +50,19 @@ class Transformer(nnx.Module):
   dense-MLP blocks in order (absent when every layer is sparse), and `moe_layers`, the MoE blocks
   in order; `models.moe.layer_slots` maps each layer to its slot and `models.moe.stack_layout`
   says how the stacks interleave.
+
+  `fused_projections`: each block's q/k/v and (dense) gate/up weights as one weight each
+  (`models.fused`, the layout the decoder serves from); training and checkpoints use separate ones.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, fused_projections: bool = False):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
     n_sparse = sum(is_sparse(cfg, i) for i in range(cfg.n_layers))
     if cfg.n_layers > n_sparse:
-      self.layers = _stacked_blocks(cfg, rngs, cfg.n_layers - n_sparse)
+      self.layers = _stacked_blocks(cfg, rngs, cfg.n_layers - n_sparse, fused=fused_projections)
     if n_sparse:
-      self.moe_layers = _stacked_blocks(cfg, rngs, n_sparse, sparse=True)
+      self.moe_layers = _stacked_blocks(cfg, rngs, n_sparse, sparse=True, fused=fused_projections)
     self.final_norm = RMSNorm(cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 

@@ -40,6 +40,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import CACHE_AXES, KVCache
+from models.fused import fuse_projections
 from models.transformer import Transformer, logical_axes
 from parallel.plan import ShardingPlan
 from serving.sampling import sample
@@ -62,26 +63,36 @@ def buckets(token_budget: int) -> tuple[int, ...]:
   return tuple(out)
 
 
-def serving_params(cfg: ModelConfig, params: Any, plan: ShardingPlan) -> Any:
+def serving_params(cfg: ModelConfig, params: Any, plan: ShardingPlan, fused_projections: bool = True) -> Any:
   """The parameters in the compute dtype (decode reads every weight once per token: bf16 halves
-  the bytes), laid out by the plan's `params` table."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  _, state = nnx.split(abstract)
-  shardings = plan.tree_shardings(logical_axes(state), nnx.to_pure_dict(state), plan.params)
+  the bytes), with q/k/v and gate/up fused (`models.fused`) unless told not to, laid out by the
+  plan's `params` table."""
+  shardings = lambda fused: _param_shardings(cfg, plan, fused)
   dtype = jnp.dtype(cfg.compute_dtype)
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  params = jax.device_put(params, shardings)  # may move them: a data-parallel replica holds its own copy
-  return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
+  params = jax.device_put(params, shardings(False))  # may move them: a data-parallel replica holds its own copy
+  fuse = (lambda p: fuse_projections(cfg, p)) if fused_projections else (lambda p: p)
+  return jax.jit(lambda p: jax.tree.map(cast, fuse(p)), out_shardings=shardings(fused_projections))(params)
+
+
+def _param_shardings(cfg: ModelConfig, plan: ShardingPlan, fused_projections: bool) -> Any:
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections))
+  _, state = nnx.split(abstract)
+  return plan.tree_shardings(logical_axes(state), nnx.to_pure_dict(state), plan.params)
 
 
 class ModelRunner:
   """Holds the graph of the model, its parameters and the cache; runs prefill chunks and decode loops."""
 
-  def __init__(self, cfg: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, max_len: int):
+  def __init__(self, cfg: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, max_len: int,
+               fused_projections: bool = True):
+    """`params`: the model's (separate projections, as trained); `fused_projections`: serve them
+    fused (`models.fused`; off only to measure the difference)."""
     self.cfg, self.plan, self.max_len, self.slots = cfg, plan, max_len, slots
     slots = max(slots, MIN_DECODE_ROWS)
-    self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    self.params = serving_params(cfg, params, plan)
+    model = lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections)
+    self.graphdef, _ = nnx.split(nnx.eval_shape(model))
+    self.params = serving_params(cfg, params, plan, fused_projections)
     shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
     self.cache = KVCache.zeros(cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.resolved_head_dim,
                                dtype=jnp.dtype(cfg.compute_dtype),

@@ -35,7 +35,7 @@ def _run() -> None:
   config = configs.get_config(FLAGS.config, FLAGS.set)
   # XLA flags and multi-host start-up must come before anything touches a JAX backend.
   from parallel.xla_flags import apply_default_flags
-  apply_default_flags()
+  apply_default_flags(device_loops=config.model.n_experts > 0)
   from parallel.mesh import initialize_distributed
   ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
   initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, ids)

@@ -30,7 +30,7 @@ VARIANTS = {"learned": [], "forced": ["model.router_force_balance=true"]}
 def main(argv):
   del argv
   from parallel.xla_flags import apply_default_flags
-  apply_default_flags()  # as train.py does
+  apply_default_flags(device_loops=True)  # as train.py does for experts
   results = []
   for name in FLAGS.variants:
     if name not in VARIANTS:

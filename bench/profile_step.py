@@ -118,8 +118,9 @@ def largest_gaps(events: list[dict], names: dict[int, str], top: int) -> dict:
 
 def main(argv):
   del argv
+  config = configs.get_config(FLAGS.config, ["data.source=synthetic", "checkpoint.enabled=false", *FLAGS.set])
   from parallel.xla_flags import apply_default_flags
-  apply_default_flags()  # as train.py does
+  apply_default_flags(device_loops=config.model.n_experts > 0)  # as train.py does
   import jax
 
   from data import make_dataset
@@ -127,7 +128,6 @@ def main(argv):
   from training.state import init_state, setup_from_config
   from training.step import make_train_step
 
-  config = configs.get_config(FLAGS.config, ["data.source=synthetic", "checkpoint.enabled=false", *FLAGS.set])
   setup = setup_from_config(config)
   data = make_dataset(config.data, vocab_size=config.model.vocab_size)
   state, step = init_state(setup), make_train_step(setup)

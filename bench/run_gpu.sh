@@ -21,8 +21,8 @@
 #   decode   one GPU: the decode loop profiled at batch 1 and 32 over a 512-position span of a
 #            1,152-position cache, with separate and with fused projections, then bench/serve_decode.py
 #            at batch 1 and 32 against the transformers peer
-#   cmdbuf   one GPU: the `moe` and `1b` training steps with and without XLA's command buffers for
-#            while loops and conditionals (CMDBUF below)
+#   cmdbuf   one GPU: the `moe` training step with and without XLA's command buffers for while loops
+#            and conditionals (on by default for experts, parallel/xla_flags.py)
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -109,12 +109,13 @@ case $set_name in
       --bubbles_out="$out/pipeline_bubbles.pp" 2>&1 | quiet | tail -n 12
     ;;
   cmdbuf)
-    CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
-    for flags in "" "$CMDBUF"; do
-      tag=$([ -n "$flags" ] && echo _cmdbuf || echo "")
+    # The `moe` step with its default command buffers (loops on the device) and without (no WHILE,
+    # CONDITIONAL), then the `moe` preset's train.py run as users start it.
+    OFF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
+    for flags in "$OFF" ""; do
+      tag=$([ -n "$flags" ] && echo _host_loops || echo _device_loops)
       XLA_FLAGS=$flags timeout 170 python3 bench/moe_train_speed.py --config=moe --variants=learned --windows=2 \
         --steps=8 --out="$out/moe$tag.json" 2>&1 | quiet | tail -n 4
-      XLA_FLAGS=$flags run "shardlab_1b$tag" 120 --config=1b --windows=2
     done
     exit 0
     ;;

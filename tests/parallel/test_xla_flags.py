@@ -35,3 +35,15 @@ def test_serving_adds_its_own(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
   xla_flags.apply_default_flags()
   assert not any(f.startswith("--xla_disable_hlo_passes") for f in os.environ["XLA_FLAGS"].split())
+
+
+def test_experts_keep_their_loops_on_the_device(monkeypatch):
+  monkeypatch.setattr(xla_flags, "_has_cuda_plugin", lambda: True)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  xla_flags.apply_default_flags(device_loops=True)
+  assert "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" in os.environ[
+      "XLA_FLAGS"].split()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")  # the user's choice wins
+  xla_flags.apply_default_flags(device_loops=True)
+  assert [f for f in os.environ["XLA_FLAGS"].split() if "command_buffer" in f] == ["--xla_gpu_enable_command_buffer=FUSION"]

@@ -20,7 +20,7 @@ import time
 from absl import app, flags
 
 import configs
-from configs.entry import run_entry_point
+from configs.entry import compilation_cache_dir, run_entry_point
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", f"Preset to start from: one of {sorted(configs.PRESETS)}. With --hf, "
@@ -50,6 +50,11 @@ flags.DEFINE_bool("warmup", True, "Before listening, run one request per prefill
 flags.DEFINE_bool("warmup_rows", False, "With --warmup, also compile the prefill of every number of prompt chunks "
                   "per step (rows, a power of two) and chunk length a step can ask for, so a burst of requests "
                   "meets no compilation either (112 programs at 64 slots and a budget of 2048).")
+
+flags.DEFINE_string("compilation_cache", os.path.join("~", ".cache", "shardlab", "jax"),
+                    "Directory of JAX's persistent compilation cache: a restarted server loads the programs an "
+                    "earlier one compiled (its warm-up, and the shapes its traffic met) instead of compiling them "
+                    "again. '' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.")
 
 log = logging.getLogger("shardlab")
 
@@ -109,6 +114,11 @@ def _run() -> None:
   _check_flags(config)
   from parallel.xla_flags import apply_default_flags
   apply_default_flags(serving=True)
+  cache_dir = compilation_cache_dir(FLAGS.compilation_cache, os.environ)
+  if cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    log.info("compilation cache: %s", cache_dir)
 
   from serving.app import DrainingServer, bind, create_app
   from serving.async_engine import AsyncEngine

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from configs.errors import ConfigError
 
@@ -20,3 +21,11 @@ def run_entry_point(run: Callable[[], None]) -> None:
   except ConfigError as err:
     print(f"ConfigError: {err}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def compilation_cache_dir(flag: str, environ: Mapping[str, str]) -> str | None:
+  """The directory to give JAX's persistent compilation cache (`flag`, with ~ expanded), or None to
+  leave JAX's own setting: when JAX_COMPILATION_CACHE_DIR is set (it wins) or the flag is empty."""
+  if environ.get("JAX_COMPILATION_CACHE_DIR") or not flag:
+    return None
+  return os.path.expanduser(flag)

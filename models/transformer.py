@@ -148,14 +148,15 @@ class Transformer(nnx.Module):
     return carry, outputs
 
   def forward_layers_cached(self, carry: Carry, cache_rows: dict, *, plan: ShardingPlan,
-                            run_layers=scan_layers) -> tuple[Carry, dict]:
+                            run_layers=scan_layers, unroll: int | None = None) -> tuple[Carry, dict]:
     """The second piece for a decoder: each layer gets its KV-cache slice (`models.cache.KVCache.rows`)
     as its layer input; the carry holds "cache_lengths" [B]. Returns the last carry and the new
-    tokens' keys and values, {"k", "v"} [layers, B, T, K, D]."""
+    tokens' keys and values, {"k", "v"} [layers, B, T, K, D]. `unroll`: layers per scan
+    iteration (default `model.scan_unroll`)."""
     if set(layer_kinds(self.cfg)) != {"S"}:
       raise ValueError(f"layer_pattern={self.cfg.layer_pattern!r}: the KV cache decodes softmax layers only")
     fn, stacked = self.layer_fn(plan)
-    return run_layers(fn, stacked, carry, cache_rows, unroll=self.cfg.scan_unroll)
+    return run_layers(fn, stacked, carry, cache_rows, unroll=self.cfg.scan_unroll if unroll is None else unroll)
 
   def head(self, x_BxLxD: jax.Array, *, plan: ShardingPlan) -> jax.Array:
     """The last piece: final norm and output projection. Logits in the compute dtype; the loss

@@ -23,7 +23,7 @@ from training.loop import train
 STEPS, H = 24, 4
 DILOCO = runs.SMALL + ["mesh.replica=4", "mesh.data=1", "mesh.fsdp=2", "sharding.zero_stage=3",
                        "sharding.replica=diloco", f"lowcomm.inner_steps={H}", f"train.steps={STEPS}",
-                       "checkpoint.every=6"]  # 6, 18: mid-round checkpoints (outer steps after 4, 8, ...)
+                       "checkpoint.every=7"]  # 7, 14, 21: every checkpoint mid-round (outer steps after 4, 8, ...)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -41,7 +41,7 @@ def test_diloco_sigkill_between_outer_steps_then_resume(tmp_path):
 
   workdir, log = tmp_path / "run", tmp_path / "killed.log"
   proc = runs.start(workdir, DILOCO, log)
-  _wait_for(proc, lambda: any(s >= 6 for s in runs.complete_checkpoints(workdir)), "a checkpoint at step >= 6", log)
+  _wait_for(proc, lambda: any(s >= 7 for s in runs.complete_checkpoints(workdir)), "a checkpoint at step >= 7", log)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   resume_from = runs.complete_checkpoints(workdir)[-1]

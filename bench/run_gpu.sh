@@ -110,7 +110,7 @@ case $set_name in
     ;;
   cmdbuf)
     # The `moe` step with its default command buffers (loops on the device) and without (no WHILE,
-    # CONDITIONAL), then the `moe` preset's train.py run as users start it.
+    # CONDITIONAL).
     OFF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
     for flags in "$OFF" ""; do
       tag=$([ -n "$flags" ] && echo _host_loops || echo _device_loops)

@@ -43,6 +43,15 @@ def logical_axes(state: nnx.State) -> Any:
                                        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def abstract_params(cfg: ModelConfig, plan: ShardingPlan, *, fused_projections: bool = False) -> Any:
+  """The parameters of `Transformer(cfg, fused_projections=...)` as a pure dict of shapes and dtypes,
+  each with its sharding by the plan's `params` table (nothing is allocated)."""
+  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections)))
+  abstract = nnx.to_pure_dict(state)
+  shardings = plan.tree_shardings(logical_axes(state), abstract, plan.params)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 class Transformer(nnx.Module):
   """tokens [B, L] (+ positions, segment ids) -> logits [B, L, V] in the compute dtype.
 

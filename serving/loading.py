@@ -28,7 +28,7 @@ from configs import Config, ConfigError
 from configs.validate import validate
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.hf_moe import config_with_hf, params_from_dir
-from models.transformer import Transformer, logical_axes
+from models.transformer import Transformer, abstract_params
 from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan, plan_from_config
 
@@ -39,15 +39,6 @@ class Loaded:
   params: Any  # pure dict, laid out by `plan.params`
   plan: ShardingPlan
   tokenizer: Tokenizer
-
-
-def _param_shardings(config: Config, plan: ShardingPlan) -> tuple[Any, Any]:
-  """(abstract parameters with their shardings, shardings) of the config's model."""
-  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
-  abstract = nnx.to_pure_dict(state)
-  shardings = plan.tree_shardings(logical_axes(state), abstract, plan.params)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  return abstract, shardings
 
 
 def load(config: Config, *, checkpoint: str | None = None, hf: str | None = None,
@@ -61,7 +52,8 @@ def load(config: Config, *, checkpoint: str | None = None, hf: str | None = None
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate(config, len(devices), devices[0].platform)
   plan = plan_from_config(config, make_mesh(sizes, devices))
-  abstract, shardings = _param_shardings(config, plan)
+  abstract = abstract_params(config.model, plan)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
 
   if hf:
     params = jax.device_put(params_from_dir(hf, config.model), shardings)

@@ -41,7 +41,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.cache import CACHE_AXES, KVCache
 from models.fused import fuse_projections
-from models.transformer import Transformer, logical_axes
+from models.transformer import Transformer, abstract_params
 from parallel.plan import ShardingPlan
 from serving.sampling import sample
 
@@ -72,18 +72,12 @@ def serving_params(cfg: ModelConfig, params: Any, plan: ShardingPlan, fused_proj
   """The parameters in the compute dtype (decode reads every weight once per token: bf16 halves
   the bytes), with q/k/v and gate/up fused (`models.fused`) unless told not to, laid out by the
   plan's `params` table."""
-  shardings = lambda fused: _param_shardings(cfg, plan, fused)
+  shardings = lambda fused: jax.tree.map(lambda a: a.sharding, abstract_params(cfg, plan, fused_projections=fused))
   dtype = jnp.dtype(cfg.compute_dtype)
   cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
   params = jax.device_put(params, shardings(False))  # may move them: a data-parallel replica holds its own copy
   fuse = (lambda p: fuse_projections(cfg, p)) if fused_projections else (lambda p: p)
   return jax.jit(lambda p: jax.tree.map(cast, fuse(p)), out_shardings=shardings(fused_projections))(params)
-
-
-def _param_shardings(cfg: ModelConfig, plan: ShardingPlan, fused_projections: bool) -> Any:
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections))
-  _, state = nnx.split(abstract)
-  return plan.tree_shardings(logical_axes(state), nnx.to_pure_dict(state), plan.params)
 
 
 class ModelRunner:

@@ -10,9 +10,10 @@ weights (one per layer, so nothing stays in L2) are streamed by one jitted progr
 
 and the weights' bytes over the time per layer are printed against the HBM bandwidth measured in
 the same run. Then the time of one product against its width (K = 2048), fitted as a fixed cost
-plus bytes over a rate, for XLA and both Pallas kernels; then a 16-layer chain of the four products (attention left out: the first H x hd
-outputs of q/k/v stand in for its output) shows what a step's products cost end to end. Every
-Pallas result is checked against the XLA one (relative error). Prints a table last, writes JSON.
+plus bytes over a rate, for XLA and both Pallas kernels; then a 16-layer chain of the four
+products (attention left out: the first H x hd outputs of q/k/v stand in for its output) shows
+what a step's products cost end to end. Every Pallas result is checked against the XLA one
+(relative error). Prints a table last, writes JSON.
 
   PYTHONPATH=. python bench/decode_kernels.py --out=decode_kernels.json
 """

@@ -24,6 +24,8 @@ import argparse
 import itertools
 import json
 
+import numpy as np
+
 LAYERS = 16
 
 
@@ -41,23 +43,10 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
 
-  from bench.serve_decode import hbm_bandwidth
   from bench import pallas_gemv as dk
+  from bench.serve_decode import hbm_bandwidth
+  from bench.timing import queued_call_seconds
   from models.layers import rms_norm, swiglu
-
-  def median_call_seconds(fn, *a, repeats):
-    """Seconds per call of `repeats` calls queued back to back (the host does not wait between them,
-    so launch costs overlap the device's work), after a warm-up call; the median of 3 such runs."""
-    import statistics
-    import time
-    jax.block_until_ready(fn(*a))
-    runs = []
-    for _ in range(3):
-      t = time.perf_counter()
-      outs = [fn(*a) for _ in range(repeats)]
-      jax.block_until_ready(outs)
-      runs.append((time.perf_counter() - t) / repeats)
-    return statistics.median(runs)
 
   bw = max(hbm_bandwidth(4.0).values())
   d, f, qkv, v = 2048, 5632, 4096, 32000
@@ -82,6 +71,10 @@ def main() -> None:
   }
   report = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "hbm_bytes_per_s": bw,
             "rows": b, "cases": []}
+  grid = lambda spec: itertools.product(*(map(int, part.split(",")) for part in spec.split("/")))
+  configs = [{"method": "fma", "block_n": bn, "block_k": bk, "num_warps": nw} for bn, bk, nw in grid(args.fma)]
+  configs += [{"method": "dot", "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
+              for bn, bk, nw, ns in grid(args.dot)]
   best = {}
   for name, (n, k, count, pallas, xla) in cases.items():
     swig = name.startswith("gate_up")
@@ -89,20 +82,16 @@ def main() -> None:
     wx = [jnp.transpose(w, (2, 1, 0)) if swig else w.T for w in wp]  # input-major copies for XLA
     xin = normal((b, k)) * 50
     nbytes = sum(w.nbytes for w in wp) / count
-    t_xla = median_call_seconds(jax.jit(lambda x, ws: [xla(x, w) for w in ws]), xin, wx, repeats=args.repeats) / count
+    t_xla = queued_call_seconds(jax.jit(lambda x, ws: [xla(x, w) for w in ws]), xin, wx, repeats=args.repeats) / count
     ref = jax.jit(xla)(xin, wx[0]).astype(jnp.float32)
     row = {"case": name, "n": n, "k": k, "bytes": nbytes, "xla_us": t_xla * 1e6, "xla_frac": nbytes / t_xla / bw,
            "pallas": []}
-    grid = lambda spec: itertools.product(*(map(int, part.split(",")) for part in spec.split("/")))
-    configs = [{"method": "fma", "block_n": bn, "block_k": bk, "num_warps": nw} for bn, bk, nw in grid(args.fma)]
-    configs += [{"method": "dot", "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
-                for bn, bk, nw, ns in grid(args.dot)]
     for cfg in configs:
       if n % cfg["block_n"] or k % cfg["block_k"]:
         continue
       try:
         fn = jax.jit(lambda x, ws, cfg=cfg: [pallas(x, w, cfg) for w in ws])
-        t = median_call_seconds(fn, xin, wp, repeats=args.repeats) / count
+        t = queued_call_seconds(fn, xin, wp, repeats=args.repeats) / count
         out = fn(xin, wp[:1])[0].astype(jnp.float32)
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
       except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses is reported, not fatal
@@ -117,7 +106,6 @@ def main() -> None:
 
   # What one product costs beyond its bytes: time against bytes over widths N (K = 2048), fitted
   # as t = fixed + bytes / rate, for XLA and for each Pallas way to sum.
-  import numpy as np
   widths = (1024, 2048, 4096, 8192, 16384)
   fit_cfgs = {"xla": None, "pallas fma": {"method": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4},
               "pallas dot": {"method": "dot", "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}}
@@ -130,7 +118,7 @@ def main() -> None:
         fn, ws = jax.jit(lambda x, ws: [jnp.dot(x, w) for w in ws]), [w.T for w in wp]
       else:
         fn, ws = jax.jit(lambda x, ws, cfg=cfg: [dk.gemv(x, w, **cfg) for w in ws]), wp
-      pts.append((2 * n * d, median_call_seconds(fn, x, ws, repeats=args.repeats) / LAYERS))
+      pts.append((2 * n * d, queued_call_seconds(fn, x, ws, repeats=args.repeats) / LAYERS))
     nbytes, secs = map(np.array, zip(*pts))
     slope, fixed = np.polyfit(nbytes, secs, 1)
     report["fixed_cost"][label] = {"points_bytes_s": pts, "fixed_us": fixed * 1e6, "rate_bytes_per_s": 1 / slope}
@@ -161,8 +149,8 @@ def main() -> None:
       return x
 
     layer_bytes = sum(w.nbytes for w in (wq[0], wo[0], wgu[0], wd[0]))
-    t_p = median_call_seconds(jax.jit(chain_pallas), x, wq, wo, wgu, wd, repeats=args.repeats)
-    t_x = median_call_seconds(jax.jit(chain_xla), x, xq, xo, xgu, xd, repeats=args.repeats)
+    t_p = queued_call_seconds(jax.jit(chain_pallas), x, wq, wo, wgu, wd, repeats=args.repeats)
+    t_x = queued_call_seconds(jax.jit(chain_xla), x, xq, xo, xgu, xd, repeats=args.repeats)
     out_p = jax.jit(chain_pallas)(x, wq, wo, wgu, wd).astype(jnp.float32)
     out_x = jax.jit(chain_xla)(x, xq, xo, xgu, xd).astype(jnp.float32)
     report["chain"] = {"layers": LAYERS, "bytes": layer_bytes * LAYERS, "pallas_us": t_p * 1e6, "xla_us": t_x * 1e6,

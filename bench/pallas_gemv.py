@@ -137,9 +137,9 @@ def _call(kernel, x_BxK, w, extra, *, n, k, block_n, block_k, method, num_warps,
   if method not in ("fma", "dot"):
     raise ValueError(f"{name}: method must be 'fma' or 'dot', got {method!r}")
   b = x_BxK.shape[0]
-  rows = max(pl.next_power_of_2(b), 16 if method == "dot" else 1)  # tensor-core products need 16
-  if b > rows or (method == "fma" and b > 8):
+  if b > (8 if method == "fma" else 16):
     raise ValueError(f"{name}: {b} rows is more than the {method!r} kernel takes (8 for fma, 16 for dot)")
+  rows = max(pl.next_power_of_2(b), 16 if method == "dot" else 1)  # tensor-core products need 16
   pad = lambda a: jnp.pad(a, ((0, rows - b), (0, 0)))
   args = [pad(x_BxK), w] + [pad(a) if a.ndim == 2 else a for a in extra]
   out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((rows, n), x_BxK.dtype), grid=(n // block_n,),

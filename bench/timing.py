@@ -50,3 +50,19 @@ def median_call_seconds(fn: Callable, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
   return statistics.median(times)
+
+
+def queued_call_seconds(fn: Callable, *args, repeats: int, runs: int = 3) -> float:
+  """Seconds per call of `fn(*args)` (a JAX function) over `repeats` calls queued back to back
+  (the host does not wait between them, so launch costs overlap the device's work), after one
+  warm-up call; the median of `runs` such batches. For programs of microseconds, where waiting on
+  every call (`median_call_seconds`) would time the host."""
+  import jax  # noqa: PLC0415 - the PyTorch peer imports this module without JAX
+
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    jax.block_until_ready([fn(*args) for _ in range(repeats)])
+    times.append((time.perf_counter() - t) / repeats)
+  return statistics.median(times)

@@ -7,7 +7,9 @@ fused AdamW, SDPA attention, `torch.compile`, its router aux loss at the preset'
   python bench/moe_torch_peer.py --config=moe --weights=fp32 --out=peer_fp32.json
 
 --weights=bf16: parameters and AdamW states in bfloat16. --weights=fp32: float32 master parameters
-under bf16 autocast. MFU counts active parameters as shardlab does (`models.transformer.flops_per_token`).
+under bf16 autocast. --router=forced gives every expert the same tokens as shardlab's
+`model.router_force_balance` does (token t's k-th pick is expert (t * K + k) mod E, weighted by the
+router's probability of it), so forced-balance rows compare kernels with kernels. MFU counts active parameters as shardlab does (`models.transformer.flops_per_token`).
 --device=cpu --no-compile runs a tiny preset as a smoke test.
 """
 
@@ -39,6 +41,24 @@ def hf_config(m: configs.ModelConfig, experts: str) -> transformers.Qwen2MoeConf
       router_aux_loss_coef=m.aux_loss_weight, experts_implementation=experts, attn_implementation="sdpa")
 
 
+def force_balance(model: torch.nn.Module) -> int:
+  """Replaces every Qwen2-MoE router's top-k picks with shardlab's round robin
+  (`models.moe._round_robin`); the router still runs, and its logits still feed the aux loss.
+  Returns the number of routers patched."""
+  routers = [mod for mod in model.modules() if type(mod).__name__ == "Qwen2MoeTopKRouter"]
+  for router in routers:
+    def forward(hidden_states, router=router, original=router.forward):
+      logits, _, _ = original(hidden_states)
+      t, k = logits.shape[0], router.top_k
+      picks = (torch.arange(t, device=logits.device)[:, None] * k + torch.arange(k, device=logits.device)) % router.num_experts
+      weights = torch.softmax(logits, dtype=torch.float, dim=-1).gather(1, picks)
+      if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+      return logits, weights.to(logits.dtype), picks
+    router.forward = forward
+  return len(routers)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--config", default="moe")
@@ -46,6 +66,8 @@ def main():
   ap.add_argument("--seq", type=int, default=0, help="tokens per sequence (default: the preset's)")
   ap.add_argument("--weights", choices=("bf16", "fp32"), default="bf16")
   ap.add_argument("--experts", default="grouped_mm", help="transformers experts implementation")
+  ap.add_argument("--router", choices=("learned", "forced"), default="learned",
+                  help="forced: every expert gets the same tokens (round robin, as shardlab's forced balance)")
   ap.add_argument("--steps", type=int, default=10, help="steps per timed window")
   ap.add_argument("--windows", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=3)
@@ -61,6 +83,8 @@ def main():
   model = transformers.Qwen2MoeForCausalLM(hf_config(m, args.experts)).to(args.device).train()
   if args.weights == "bf16":
     model = model.to(torch.bfloat16)
+  if args.router == "forced" and not force_balance(model):
+    raise SystemExit("--router=forced: the model has no Qwen2-MoE routers")
   n_params = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
   tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device=args.device)
@@ -94,7 +118,8 @@ def main():
   step_s = timing["step_s"]
   n_tok = batch * seq
   fpt = flops_per_token(m, n_params, seq)
-  result = {"label": f"transformers Qwen2-MoE {args.weights} weights, {args.experts}", "config": args.config,
+  result = {"label": f"transformers Qwen2-MoE {args.weights} weights, {args.experts}, {args.router} router",
+            "router": args.router, "config": args.config,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "device_kind": torch.cuda.get_device_name() if cuda else args.device, "params": n_params,
             "experts_implementation": model.config._experts_implementation, "tokens_per_step": n_tok,

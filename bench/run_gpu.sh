@@ -23,6 +23,8 @@
 #            at batch 1 and 32 against the transformers peer
 #   cmdbuf   one GPU: the `moe` training step with and without XLA's command buffers for while loops
 #            and conditionals (on by default for experts, parallel/xla_flags.py)
+#   moe_bf16 one GPU: the `moe` step with bfloat16 weights and moments (the PyTorch peer's bf16
+#            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -117,6 +119,16 @@ case $set_name in
       XLA_FLAGS=$flags timeout 170 python3 bench/moe_train_speed.py --config=moe --variants=learned --windows=2 \
         --steps=8 --out="$out/moe$tag.json" 2>&1 | quiet | tail -n 4
     done
+    exit 0
+    ;;
+  moe_bf16)
+    bf16="--set model.param_dtype=bfloat16"
+    timeout 170 python3 bench/moe_train_speed.py --config=moe $bf16 --windows=2 --steps=8 \
+      --out="$out/moe_bf16.json" 2>&1 | quiet | tail -n 4
+    timeout 120 python3 bench/moe_train_speed.py --config=moe $bf16 --set model.scan_unroll=1 --variants=learned \
+      --windows=2 --steps=8 --out="$out/moe_bf16_scanned.json" 2>&1 | quiet | tail -n 3
+    timeout 200 python3 bench/profile_step.py --config=moe $bf16 --steps=2 --top=80 --out="$out/moe_step_bf16.json" \
+      --hlo="$out/moe_step_bf16.hlo.gz" 2>&1 | quiet | tail -n 100
     exit 0
     ;;
   decode)

@@ -160,7 +160,13 @@ def test_rounds_ffn(top_k, dtype, skew):
   check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args, dtype=dtype)
 
 
-def test_rounds_capacities_and_padding_rows():
+@pytest.mark.parametrize("group_sizes", [
+    # 88 of 96 rows used; with 8 slots per expert in every round, expert 1's 52 extra rows and
+    # experts 3-5's one each make 10 spill chunks: two spill rounds, expert 1's chunks across both.
+    [0, 60, 0, 9, 9, 9, 0, 1],
+    # Every group within round 0's 8 slots: no spill round, so the spill's backward is skipped.
+    [8, 8, 7, 0, 8, 8, 8, 1]])
+def test_rounds_capacities_and_padding_rows(group_sizes):
   """Slots: the mean group x factor rounded up (128 on GPU-sized groups); rows past the groups
   (expert-parallel padding) come out zero and get no gradient."""
   from parallel.experts.ffn import batched_ffn
@@ -172,9 +178,7 @@ def test_rounds_capacities_and_padding_rows():
     round_capacities(80, 8, 0)
   args = cases.make_inputs(t=96)
   args = (args[0], *args[2:])
-  # 88 of 96 rows used; with 8 slots per expert in every round, expert 1's 52 extra rows and
-  # experts 3-5's one each make 10 spill chunks: two spill rounds, expert 1's chunks across both.
-  bounds = np.cumsum([0, 0, 60, 0, 9, 9, 9, 0, 1])
+  bounds = np.cumsum([0, *group_sizes])
   sizes = jnp.asarray(np.diff(bounds), jnp.int32)
   op = lambda x, *w: rounds_ffn(x, sizes, *w, batched_ffn, expected_rows=8)
 
@@ -186,8 +190,9 @@ def test_rounds_capacities_and_padding_rows():
 
   check_against_reference(op, ref, args)
   out, vjp = jax.vjp(op, *(jnp.asarray(a) for a in args))
-  np.testing.assert_array_equal(np.asarray(out[88:]), 0)
-  assert not np.asarray(vjp(jnp.ones_like(out))[0][88:]).any()
+  used = bounds[-1]
+  np.testing.assert_array_equal(np.asarray(out[used:]), 0)
+  assert not np.asarray(vjp(jnp.ones_like(out))[0][used:]).any()
 
 
 def test_auto_picks_rounds_on_gpus():

@@ -25,6 +25,9 @@
 #            and conditionals (on by default for experts, parallel/xla_flags.py)
 #   moe_bf16 one GPU: the `moe` step with bfloat16 weights and moments (the PyTorch peer's bf16
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
+#   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
+#            peer in bf16 weights with its learned and with forced routing (same call); on a GPU
+#            with room for them (H200), shardlab with float32 master weights too
 # Wheels missing from the GPU image (grain, tensorboardX, ...) are installed from .whl/ if present.
 # `final` compares the `tiny` curve with bench/results/tiny_curve/cpu.jsonl, trained on
 # .cmp/tiny_tokens.bin (write it with bench/corpus_tokens.py on the CPU machine; carry it along).
@@ -129,6 +132,19 @@ case $set_name in
       --windows=2 --steps=8 --out="$out/moe_bf16_scanned.json" 2>&1 | quiet | tail -n 3
     timeout 200 python3 bench/profile_step.py --config=moe $bf16 --steps=2 --top=80 --out="$out/moe_step_bf16.json" \
       --hlo="$out/moe_step_bf16.hlo.gz" 2>&1 | quiet | tail -n 100
+    exit 0
+    ;;
+  moe_peer)
+    timeout 170 python3 bench/moe_train_speed.py --config=moe --set model.param_dtype=bfloat16 --windows=2 --steps=8 \
+      --out="$out/moe_bf16.json" 2>&1 | quiet | tail -n 3
+    for router in learned forced; do
+      timeout 150 python3 bench/moe_torch_peer.py --config=moe --weights=bf16 --router=$router --windows=2 --steps=8 \
+        --out="$out/moe_peer_bf16_$router.json" 2>&1 | grep RESULT
+    done
+    if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)" -gt 100000 ]; then
+      timeout 120 python3 bench/moe_train_speed.py --config=moe --windows=2 --steps=8 \
+        --out="$out/moe_f32_masters.json" 2>&1 | quiet | tail -n 3
+    fi
     exit 0
     ;;
   decode)

@@ -12,19 +12,15 @@ routing. Local to a device: on one device, or per device after expert_parallel.p
             (each chunk one expert's), E chunks per round in [E, C1, D] slots, each with its
             expert's weights (a one-hot matmul picks them: exact, and its transpose sums the
             weight gradients per expert without scatter-adds). Only overflowing experts take
-            slots. A round gathers its slots' input rows and scatters its outputs into their
-            rows (each written once: unique indices), so it costs its slots, not the M rows. The
-            number of rounds is data-dependent (0 under balanced routing), so they run in a
-            `while_loop` with that trip count, under a custom VJP whose backward loops over the
-            same rounds again, recomputing each round's forward (nothing kept per round),
-            accumulating the weight gradients in float32, and is skipped (a `cond`) when no
-            round ran.
+            slots. The number of rounds is data-dependent (0 under balanced routing), so they run
+            in a `while_loop` with that trip count, under a custom VJP whose backward loops over
+            the same rounds again, recomputing each round's forward (nothing kept per round) and
+            accumulating the weight gradients in float32.
 
 Cost: E x C0 - M padded rows in round 0 (none when M / E is a multiple of 128 and the load is
 balanced); under skew, the overflow rows plus less than one chunk per overflowing expert, their
-recomputation in the backward, and 3 x E weight copies per spill round. Round 0's gathers are
-`permute.gather_rows`: their backward is a gather too (no scatter-adds); the spill's backward
-writes each slot's input gradient to its sorted row and sums them into the input rows once. Rows past the sum of
+recomputation in the backward, and 3 x E weight copies per spill round. The gathers are
+`permute.gather_rows`: their backward is a gather too (no scatter-adds). Rows past the sum of
 the group sizes (padding) are in no slot and come out zero. Capacity slots per expert follow
 GShard (Lepikhin et al. 2020); covering every row in extra rounds keeps it dropless (MegaBlocks,
 Gale et al. 2023) without a grouped kernel.
@@ -121,100 +117,63 @@ def _spill_chunks(sizes_E, c0: int, c1: int):
   return chunks, ends - chunks, ends[-1]
 
 
-class _Round(NamedTuple):
-  """Spill round r's slots: chunk s of the round belongs to expert `expert[s]` (E: no chunk), and
-  slot i (chunk i // C1) holds sorted row `row[i]`, reads input row `src[i]` and writes output row
-  `dst[i]` (M, the input row count and the output row count mean none)."""
-
-  expert: jax.Array
-  row: jax.Array
-  src: jax.Array
-  dst: jax.Array
-
-
-def _round_slots(r, sizes_E, maps: RowMaps | None, m: int, n_in: int, n_out: int, *, c0: int, c1: int) -> _Round:
-  """Chunks r*E .. r*E + E - 1 in slots [s, :]: chunk j belongs to expert e_j and holds its rows
-  from c0 + (j - first[e_j]) * c1."""
-  e = sizes_E.shape[0]
-  starts = jnp.cumsum(sizes_E) - sizes_E
+def _spill_round(r, rows_MxD, weights, sizes_E, layout, maps, m: int, *, c0: int, c1: int, ffn) -> jax.Array:
+  """[M, D] outputs of spill round r: chunks r*E .. r*E + E - 1, chunk s of the round in slots
+  [s, :] with its expert's weights (selected by a one-hot matmul: exact, and its transpose sums
+  the chunks' weight gradients per expert without a scatter-add)."""
+  d, e = rows_MxD.shape[1], sizes_E.shape[0]
+  starts, expert, within = layout
   chunks, first, total = _spill_chunks(sizes_E, c0, c1)
+  # Slots: chunk j = r * E + s belongs to expert e_j and holds its rows from c0 + (j - first) * c1.
   j = r * e + jnp.arange(e, dtype=jnp.int32)
   e_j = jnp.clip(jnp.searchsorted(first + chunks, j, side="right"), 0, e - 1)
   pos = (c0 + (j - first[e_j]) * c1)[:, None] + jnp.arange(c1, dtype=jnp.int32)[None, :]
   valid = (j < total)[:, None] & (pos < sizes_E[e_j][:, None])
-  row = jnp.where(valid, starts[e_j][:, None] + pos, m).reshape(-1)
-  if maps is None:
-    src = dst = row
-  else:
-    src, dst = jnp.append(maps.src, n_in)[row], jnp.append(maps.dst, n_out)[row]
-  return _Round(jnp.where(j < total, e_j, e), row, src, dst)
+  source = jnp.where(valid, starts[e_j][:, None] + pos, m).reshape(-1)
+  # Rows: a row at position p >= c0 of expert e is in chunk first[e] + (p - c0) // c1.
+  ex = jnp.minimum(expert, e - 1)
+  chunk = first[ex] + (within - c0) // c1
+  inside = (expert < e) & (within >= c0) & (chunk // e == r)
+  slot = jnp.where(inside, (chunk - r * e) * c1 + (within - c0) % c1, e * c1)
+  one_hot = jax.nn.one_hot(jnp.where(j < total, e_j, e), e, dtype=rows_MxD.dtype)
+  x = _gather_in(rows_MxD, source, slot, maps).reshape(e, c1, d)
+  out = ffn(x, *(jnp.einsum("se,e...->s...", one_hot, w) for w in weights)).reshape(e * c1, d)
+  return _gather_out(out, source, slot, maps)
 
 
 def _spill(base, rows_MxD, weights, sizes_E, maps, m: int, *, c0: int, c1: int, ffn):
   """base + the outputs of the rows past C0 of every group, in data-dependent rounds of E chunks
-  of C1 rows. Each round reads and writes only its slots' rows: its inputs are gathered from the
-  input rows, its outputs scattered into their output rows (each output row is written by one
-  slot of one round, so the indices are unique and nothing is added twice). Custom VJP: the
-  backward recomputes each round (nothing is kept per round), writes the slots' input gradients
-  into a per-sorted-row buffer (again one slot each) and sums them into the input rows once at the
-  end, and accumulates the weight gradients in float32; with no spill round (balanced routing) it
-  is skipped whole."""
-  n_experts, d = sizes_E.shape[0], rows_MxD.shape[1]
-  n_in, n_out = rows_MxD.shape[0], base.shape[0]
+  of C1 rows (custom VJP: the backward recomputes each round rather than keeping anything per
+  round). Adding into `base` (round 0's outputs) costs nothing when no round runs."""
+  n_experts = sizes_E.shape[0]
 
   def count(sizes):
     return (_spill_chunks(sizes, c0, c1)[2] + n_experts - 1) // n_experts
 
-  def round_inputs(r, rows, ints):
+  def one(r, rows, ws, ints):
     sizes, maps = ints
-    slots = _round_slots(r, sizes, maps, m, n_in, n_out, c0=c0, c1=c1)
-    one_hot = jax.nn.one_hot(slots.expert, n_experts, dtype=rows.dtype)
-    return slots, one_hot, rows.at[slots.src].get(mode="fill", fill_value=0).reshape(n_experts, c1, d)
+    return _spill_round(r, rows, ws, sizes, _layout(sizes, m), maps, m, c0=c0, c1=c1, ffn=ffn)
 
   @jax.custom_vjp
   def spill(base, rows, ws, ints):
-    def body(r, acc):
-      slots, one_hot, x = round_inputs(r, rows, ints)
-      out = ffn(x, *(jnp.einsum("se,e...->s...", one_hot, w) for w in ws)).reshape(n_experts * c1, d).astype(acc.dtype)
-      return acc.at[slots.dst].add(out, mode="drop", unique_indices=True)
-    return jax.lax.fori_loop(0, count(ints[0]), body, base)
+    return jax.lax.fori_loop(0, count(ints[0]), lambda r, acc: acc + one(r, rows, ws, ints), base)
 
   def fwd(base, rows, ws, ints):
     return spill(base, rows, ws, ints), (rows, ws, ints)
 
   def bwd(res, d_out):
     rows, ws, ints = res
-    n_rounds = count(ints[0])
 
     def body(r, acc):
-      d_sorted, d_ws = acc
-      slots, one_hot, x = round_inputs(r, rows, ints)
-      # The selection's transpose sums each chunk's weight gradients into its expert's (and, inside
-      # `shard_map`, over the axes the weights are replicated on, as autodiff types it).
-      selected, select_vjp = jax.vjp(lambda *w: tuple(jnp.einsum("se,e...->s...", one_hot, a) for a in w), *ws)
-      _, vjp = jax.vjp(ffn, x, *selected)
-      d_x, *d_selected = vjp(d_out.at[slots.dst].get(mode="fill", fill_value=0).reshape(x.shape).astype(x.dtype))
-      d_sorted = d_sorted.at[slots.row].set(d_x.reshape(-1, d).astype(d_sorted.dtype), mode="drop",
-                                            unique_indices=True)
-      d_ws = tuple(a + g.astype(jnp.float32) for a, g in zip(d_ws, select_vjp(tuple(d_selected))))
-      return d_sorted, d_ws
+      _, vjp = jax.vjp(lambda x, *w: one(r, x, w, ints), rows, *ws)
+      g = vjp(d_out)
+      return tuple(a + b.astype(jnp.float32) for a, b in zip(acc, g))
 
-    def run(_):
-      # zeros_like keeps the manual axes the inputs vary over (a loop carry inside `shard_map` must
-      # keep its type). A sorted row is in one slot of one round, so its buffer is written once.
-      init = (jnp.zeros_like(rows, shape=(m, d)), tuple(jnp.zeros_like(w, jnp.float32) for w in ws))
-      d_sorted, d_ws = jax.lax.fori_loop(0, n_rounds, body, init)
-      maps = ints[1]
-      if maps is not None:  # input row n's gradient: the sum over the sorted rows that read it
-        d_sorted = jnp.sum(d_sorted.at[maps.src_users].get(mode="fill", fill_value=0).astype(jnp.float32),
-                           axis=1).astype(rows.dtype)
-      return d_sorted, tuple(g.astype(w.dtype) for g, w in zip(d_ws, ws))
-
-    def skip(_):
-      return jnp.zeros_like(rows), tuple(jnp.zeros_like(w) for w in ws)
-
-    d_rows, d_ws = jax.lax.cond(n_rounds > 0, run, skip, None)
-    return d_out, d_rows, d_ws, None
+    # zeros_like keeps the manual axes the inputs vary over (a loop carry inside `shard_map` must
+    # keep its type); float32 sums (an input row read by K pairs may meet several rounds).
+    init = tuple(jnp.zeros_like(a, jnp.float32) for a in (rows, *ws))
+    grads = jax.lax.fori_loop(0, count(ints[0]), body, init)
+    return d_out, grads[0].astype(rows.dtype), tuple(g.astype(w.dtype) for g, w in zip(grads[1:], ws)), None
 
   spill.defvjp(fwd, bwd)
   return spill(base, rows_MxD, tuple(weights), (sizes_E, maps))

@@ -164,7 +164,7 @@ def test_rounds_ffn(top_k, dtype, skew):
     # 88 of 96 rows used; with 8 slots per expert in every round, expert 1's 52 extra rows and
     # experts 3-5's one each make 10 spill chunks: two spill rounds, expert 1's chunks across both.
     [0, 60, 0, 9, 9, 9, 0, 1],
-    # Every group within round 0's 8 slots: no spill round, so the spill's backward is skipped.
+    # Every group within round 0's 8 slots: no spill round.
     [8, 8, 7, 0, 8, 8, 8, 1]])
 def test_rounds_capacities_and_padding_rows(group_sizes):
   """Slots: the mean group x factor rounded up (128 on GPU-sized groups); rows past the groups

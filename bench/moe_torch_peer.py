@@ -9,7 +9,8 @@ fused AdamW, SDPA attention, `torch.compile`, its router aux loss at the preset'
 --weights=bf16: parameters and AdamW states in bfloat16. --weights=fp32: float32 master parameters
 under bf16 autocast. --router=forced gives every expert the same tokens as shardlab's
 `model.router_force_balance` does (token t's k-th pick is expert (t * K + k) mod E, weighted by the
-router's probability of it), so forced-balance rows compare kernels with kernels. MFU counts active parameters as shardlab does (`models.transformer.flops_per_token`).
+router's probability of it), so forced-balance rows compare kernels with kernels. MFU counts active
+parameters as shardlab does (`models.transformer.flops_per_token`).
 --device=cpu --no-compile runs a tiny preset as a smoke test.
 """
 
@@ -41,11 +42,12 @@ def hf_config(m: configs.ModelConfig, experts: str) -> transformers.Qwen2MoeConf
       router_aux_loss_coef=m.aux_loss_weight, experts_implementation=experts, attn_implementation="sdpa")
 
 
-def force_balance(model: torch.nn.Module) -> int:
+def force_balance(model: torch.nn.Module) -> list[torch.nn.Module]:
   """Replaces every Qwen2-MoE router's top-k picks with shardlab's round robin
   (`models.moe._round_robin`); the router still runs, and its logits still feed the aux loss.
-  Returns the number of routers patched."""
-  routers = [mod for mod in model.modules() if type(mod).__name__ == "Qwen2MoeTopKRouter"]
+  Returns the routers patched."""
+  router_type = transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter
+  routers = [mod for mod in model.modules() if isinstance(mod, router_type)]
   for router in routers:
     def forward(hidden_states, router=router, original=router.forward):
       logits, _, _ = original(hidden_states)
@@ -56,7 +58,7 @@ def force_balance(model: torch.nn.Module) -> int:
         weights = weights / weights.sum(dim=-1, keepdim=True)
       return logits, weights.to(logits.dtype), picks
     router.forward = forward
-  return len(routers)
+  return routers
 
 
 def main():

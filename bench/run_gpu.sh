@@ -45,6 +45,12 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 quiet() { grep -vE "^(W|I)[0-9]{4}|TF_CPP|oneDNN"; }
 
+moe_speed() {  # output name, timeout, then moe_train_speed flags (the `moe` preset, 2 windows of 8 steps)
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 bench/moe_train_speed.py --config=moe --windows=2 --steps=8 --out="$out/$name.json" "$@" \
+    2>&1 | quiet | tail -n 3
+}
+
 run() {  # label, timeout, then train_speed flags
   local label=$1 limit=$2; shift 2
   timeout "$limit" python3 bench/train_speed.py --label="$label" --out="$out/$label.json" "$@" 2>&1 | quiet | tail -n 5
@@ -126,24 +132,20 @@ case $set_name in
     ;;
   moe_bf16)
     bf16="--set model.param_dtype=bfloat16"
-    timeout 170 python3 bench/moe_train_speed.py --config=moe $bf16 --windows=2 --steps=8 \
-      --out="$out/moe_bf16.json" 2>&1 | quiet | tail -n 4
-    timeout 120 python3 bench/moe_train_speed.py --config=moe $bf16 --set model.scan_unroll=1 --variants=learned \
-      --windows=2 --steps=8 --out="$out/moe_bf16_scanned.json" 2>&1 | quiet | tail -n 3
+    moe_speed moe_bf16 170 $bf16
+    moe_speed moe_bf16_scanned 120 $bf16 --set model.scan_unroll=1 --variants=learned
     timeout 200 python3 bench/profile_step.py --config=moe $bf16 --steps=2 --top=80 --out="$out/moe_step_bf16.json" \
       --hlo="$out/moe_step_bf16.hlo.gz" 2>&1 | quiet | tail -n 100
     exit 0
     ;;
   moe_peer)
-    timeout 170 python3 bench/moe_train_speed.py --config=moe --set model.param_dtype=bfloat16 --windows=2 --steps=8 \
-      --out="$out/moe_bf16.json" 2>&1 | quiet | tail -n 3
+    moe_speed moe_bf16 170 --set model.param_dtype=bfloat16
     for router in learned forced; do
       timeout 150 python3 bench/moe_torch_peer.py --config=moe --weights=bf16 --router=$router --windows=2 --steps=8 \
         --out="$out/moe_peer_bf16_$router.json" 2>&1 | grep RESULT
     done
     if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)" -gt 100000 ]; then
-      timeout 120 python3 bench/moe_train_speed.py --config=moe --windows=2 --steps=8 \
-        --out="$out/moe_f32_masters.json" 2>&1 | quiet | tail -n 3
+      moe_speed moe_f32_masters 120
     fi
     exit 0
     ;;

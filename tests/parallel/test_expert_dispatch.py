@@ -160,22 +160,26 @@ def test_rounds_ffn(top_k, dtype, skew):
   check_against_reference(op, cases.reference(chosen, np.ones_like(chosen, bool)), args, dtype=dtype)
 
 
+def test_round_capacities():
+  """Slots: the mean group x factor rounded up (128 on GPU-sized groups, 8 on small ones)."""
+  from parallel.experts.rounds import round_capacities
+  assert round_capacities(65536, 16) == (4096, 1024)
+  assert round_capacities(65536, 16, 1.1) == (4608, 1152)
+  assert round_capacities(80, 8) == (16, 8)
+  with pytest.raises(ValueError, match="factor=0"):
+    round_capacities(80, 8, 0)
+
+
 @pytest.mark.parametrize("group_sizes", [
     # 88 of 96 rows used; with 8 slots per expert in every round, expert 1's 52 extra rows and
     # experts 3-5's one each make 10 spill chunks: two spill rounds, expert 1's chunks across both.
     [0, 60, 0, 9, 9, 9, 0, 1],
     # Every group within round 0's 8 slots: no spill round.
     [8, 8, 7, 0, 8, 8, 8, 1]])
-def test_rounds_capacities_and_padding_rows(group_sizes):
-  """Slots: the mean group x factor rounded up (128 on GPU-sized groups); rows past the groups
-  (expert-parallel padding) come out zero and get no gradient."""
+def test_rounds_padding_rows(group_sizes):
+  """Rows past the groups (expert-parallel padding) come out zero and get no gradient."""
   from parallel.experts.ffn import batched_ffn
-  from parallel.experts.rounds import round_capacities, rounds_ffn
-  assert round_capacities(65536, 16) == (4096, 1024)
-  assert round_capacities(65536, 16, 1.1) == (4608, 1152)
-  assert round_capacities(80, 8) == (16, 8)
-  with pytest.raises(ValueError, match="factor=0"):
-    round_capacities(80, 8, 0)
+  from parallel.experts.rounds import rounds_ffn
   args = cases.make_inputs(t=96)
   args = (args[0], *args[2:])
   bounds = np.cumsum([0, *group_sizes])

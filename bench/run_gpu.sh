@@ -18,6 +18,9 @@
 #   serving  one GPU: skinny products per library (bench/gemv_probe.py), the batch-32 decode loop over
 #            a 512-position span of a 1,152-position cache (bench/serve_profile.py), and the load
 #            generator against serve.py at three request rates (bench/serve_load.py); each prints its table
+#   moe_mgpu one GPU (Hopper): the Mosaic GPU grouped-matmul tilings (bench/mgpu_sweep.py), the
+#            expert layer's formulations at the best of them, then the `moe` step in bf16 weights
+#            with sharding.grouped_matmul=mgpu, learned and forced routing
 #   decode   one GPU: the decode loop profiled at batch 1 and 32 over a 512-position span of a
 #            1,152-position cache, with separate and with fused projections, then bench/serve_decode.py
 #            at batch 1 and 32 against the transformers peer
@@ -147,6 +150,15 @@ case $set_name in
     if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)" -gt 100000 ]; then
       moe_speed moe_f32_masters 120
     fi
+    exit 0
+    ;;
+  moe_mgpu)
+    timeout 220 python3 bench/mgpu_sweep.py --out="$out/mgpu_sweep.json" --configs_out="$out/mgpu_configs.json" \
+      --block_m=128 2>&1 | quiet | tail -n 12
+    timeout 100 python3 bench/moe_grouped_matmul.py --balance=skewed --impls=dense,batched_only,rounds,mgpu,mgpu_fused \
+      --mgpu_configs="$out/mgpu_configs.json" --layer_grouped_matmul=mgpu --out="$out/moe_grouped_mgpu.json" 2>&1 \
+      | quiet | tail -n 8
+    moe_speed moe_bf16_mgpu 200 --set model.param_dtype=bfloat16 --set sharding.grouped_matmul=mgpu
     exit 0
     ;;
   decode)

@@ -41,7 +41,7 @@ EXPERT_DISPATCHES = ("capacity", "dropless")
 EXPERT_ALL_TO_ALL = ("auto", "padded", "ragged")  # "auto": ragged on GPU/TPU, padded on CPU
 # Dropless expert matmuls; "auto": rounds on GPU, xla elsewhere; "tiled": batched matmuls over
 # expert-aligned tiles (parallel/experts/tiled.py); "rounds": over [E, C, D] slots in rounds (rounds.py).
-GROUPED_MATMULS = ("auto", "xla", "tokamax", "tiled", "rounds")
+GROUPED_MATMULS = ("auto", "xla", "tokamax", "mgpu", "tiled", "rounds")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
 

@@ -22,6 +22,13 @@ def _check_axes(field: str, axes: tuple[str, ...]) -> None:
   require(len(set(axes)) == len(axes), f"sharding.{field}={tuple(axes)}: an axis appears twice")
 
 
+def _hopper(backend: str) -> bool:
+  if backend != "gpu":
+    return False
+  import jax  # noqa: PLC0415 (the device is only asked about on GPUs)
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
 def check(config: Config, sizes: dict[str, int], backend: str) -> None:
   m, s = config.model, config.sharding
   require_choice(s.expert_dispatch, EXPERT_DISPATCHES, "sharding.expert_dispatch")
@@ -36,6 +43,9 @@ def check(config: Config, sizes: dict[str, int], backend: str) -> None:
   require(s.grouped_matmul != "tokamax" or (backend == "gpu" and importlib.util.find_spec("tokamax") is not None),
           f"sharding.grouped_matmul='tokamax' needs a GPU and the tokamax package (backend {backend!r}): "
           f"use 'rounds', 'xla' or 'auto'")
+  require(s.grouped_matmul != "mgpu" or _hopper(backend),
+          f"sharding.grouped_matmul='mgpu' needs a GPU of compute capability 9.x (Hopper: warpgroup MMA and "
+          f"TMA), backend {backend!r}: use 'rounds', 'xla' or 'auto'")
   _check_axes("expert_axes", s.expert_axes)
   _check_axes("expert_tensor_axes", s.expert_tensor_axes)
   both = sorted(set(s.expert_axes) & set(s.expert_tensor_axes))

@@ -2,6 +2,8 @@
 
   xla      `jax.lax.ragged_dot`: correct on every backend, slow on GPUs (BENCHMARKS.md).
   tokamax  `tokamax.ragged_dot` (a GPU Pallas kernel; JAX >= 0.11), when the package is importable.
+  mgpu     JAX's own Mosaic GPU ragged-dot kernels (Hopper GPUs; `mgpu_matmul.py`); computes in the
+           inputs' dtype whatever `out_dtype` asks (float32 accumulation inside the kernel).
   tiled    not a grouped matmul: the FFN as batched matmuls over expert-aligned tiles
            (`tiled.py`, chosen in `ffn.grouped_ffn`)
   rounds   not a grouped matmul: the FFN as batched matmuls over [E, C, D] slots in rounds
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.base import GROUPED_MATMULS
+from parallel.experts.mgpu_matmul import grouped_matmul_mgpu
 
 
 @functools.cache
@@ -50,6 +53,8 @@ def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.A
   if impl in ("tiled", "rounds"):
     raise ValueError(f"the {impl} implementation runs whole FFNs (ffn.grouped_ffn), not single grouped matmuls")
   sizes, out_dtype = group_sizes_G.astype(jnp.int32), jnp.dtype(out_dtype or rows_MxD.dtype)
+  if impl == "mgpu":
+    return grouped_matmul_mgpu(rows_MxD, w_GxDxF.astype(rows_MxD.dtype), sizes).astype(out_dtype)
   if impl == "tokamax":
     import tokamax  # noqa: PLC0415 (optional, GPU only)
     return tokamax.ragged_dot(rows_MxD, w_GxDxF, sizes, preferred_element_type=out_dtype)

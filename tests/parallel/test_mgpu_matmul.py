@@ -1,0 +1,73 @@
+"""The `mgpu` grouped matmul's differentiation (parallel/experts/mgpu_matmul.py) on CPUs.
+
+The Mosaic GPU kernels run on Hopper GPUs only (the benchmark checks them against a float32
+reference there). Here `jax.lax.ragged_dot` stands in for them, with the rows past the groups
+filled with NaN as the real kernels leave them unwritten, and the op's forward and both gradients
+are compared with a per-group numpy computation: which operand each product reads transposed, the
+zeroed tail rows, an empty group."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parallel.experts.mgpu_matmul import Kernels, grouped_matmul_mgpu
+
+SIZES = np.array([3, 0, 5, 1])  # group 1 empty; 9 rows in groups, 2 past them
+M, K, N = 11, 6, 7
+
+
+def _garbage_tail(x, sizes):
+  live = jnp.arange(x.shape[0]) < jnp.sum(sizes)
+  return jnp.where(live[:, None], x, jnp.nan)
+
+
+def _stand_ins() -> Kernels:
+  hi = jax.lax.Precision.HIGHEST
+
+  def forward(a, b, sizes):
+    return _garbage_tail(jax.lax.ragged_dot(a, b, sizes, precision=hi), sizes)
+
+  def rows_grad(a, b, sizes):
+    return _garbage_tail(jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), sizes, precision=hi), sizes)
+
+  def weight_grad(a, b, sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(a, b, sizes, ragged_dot_dimension_numbers=dims, precision=hi)
+
+  return Kernels(forward, rows_grad, weight_grad)
+
+
+def _numpy_reference(rows, w, d_out):
+  """(out, d_rows, d_w) group by group in float64; rows past the groups give and get zeros."""
+  rows, w, d_out = (np.asarray(a, np.float64) for a in (rows, w, d_out))
+  out, d_rows, d_w = np.zeros((M, N)), np.zeros((M, K)), np.zeros(w.shape)
+  start = 0
+  for g, n in enumerate(SIZES):
+    sl = slice(start, start + n)
+    out[sl] = rows[sl] @ w[g]
+    d_rows[sl] = d_out[sl] @ w[g].T
+    d_w[g] = rows[sl].T @ d_out[sl]
+    start += n
+  return out, d_rows, d_w
+
+
+def test_forward_and_gradients_match_per_group_products():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  rows = jax.random.normal(k1, (M, K), jnp.float32)
+  w = jax.random.normal(k2, (len(SIZES), K, N), jnp.float32)
+  d_out = jax.random.normal(k3, (M, N), jnp.float32)
+  sizes = jnp.asarray(SIZES, jnp.int32)
+  out, vjp = jax.vjp(lambda r, w: grouped_matmul_mgpu(r, w, sizes, kernels=_stand_ins()), rows, w)
+  d_rows, d_w = vjp(d_out)
+  want = _numpy_reference(rows, w, d_out)
+  for got, ref in zip((out, d_rows, d_w), want):
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_are_refused():
+  with pytest.raises(ValueError, match="one dtype"):
+    grouped_matmul_mgpu(jnp.zeros((4, K), jnp.bfloat16), jnp.zeros((2, K, N), jnp.float32), jnp.array([2, 2]),
+                        kernels=_stand_ins())

@@ -153,6 +153,7 @@ case $set_name in
     exit 0
     ;;
   moe_mgpu)
+    timeout 90 python3 -m pytest -q -o addopts="" tests/parallel/test_expert_dispatch.py -k "mgpu or tokamax" 2>&1 | tail -n 3
     timeout 220 python3 bench/mgpu_sweep.py --out="$out/mgpu_sweep.json" --configs_out="$out/mgpu_configs.json" \
       --block_m=128 2>&1 | quiet | tail -n 12
     timeout 100 python3 bench/moe_grouped_matmul.py --balance=skewed --impls=dense,batched_only,rounds,mgpu,mgpu_fused \

@@ -46,6 +46,12 @@ def check(config: Config, sizes: dict[str, int], backend: str) -> None:
   require(s.grouped_matmul != "mgpu" or _hopper(backend),
           f"sharding.grouped_matmul='mgpu' needs a GPU of compute capability 9.x (Hopper: warpgroup MMA and "
           f"TMA), backend {backend!r}: use 'rounds', 'xla' or 'auto'")
+  if s.grouped_matmul == "mgpu":
+    width = m.expert_d_ff // math.prod(sizes[a] for a in s.expert_tensor_axes)
+    require(m.d_model % 128 == 0 and width % 128 == 0,
+            f"sharding.grouped_matmul='mgpu' tiles model.d_model={m.d_model} and the expert width per device "
+            f"({width}: model.expert_d_ff={m.expert_d_ff} over sharding.expert_tensor_axes) in 128s: both must be "
+            f"multiples of 128")
   _check_axes("expert_axes", s.expert_axes)
   _check_axes("expert_tensor_axes", s.expert_tensor_axes)
   both = sorted(set(s.expert_axes) & set(s.expert_tensor_axes))

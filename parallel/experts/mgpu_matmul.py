@@ -79,6 +79,17 @@ def mosaic_kernels(configs: Configs = Configs()) -> Kernels:
   return Kernels(forward, rows_grad, weight_grad)
 
 
+def _check_tiles(k: int, n: int, configs: Configs) -> None:
+  """The kernels' shape rules, as errors that say which tiling and width disagree."""
+  bad = [f"K={k} is not a multiple of {name}.block_k={c.block_k}"
+         for name, c, kk in (("forward", configs.forward, k), ("rows_grad", configs.rows_grad, n)) if kk % c.block_k]
+  w = configs.weight_grad
+  bad += [f"{dim}={v} is not a multiple of weight_grad.{b}={t}"
+          for dim, v, b, t in (("K", k, "block_m", w.block_m), ("N", n, "block_n", w.block_n)) if v % t]
+  if bad:
+    raise ValueError(f"the mgpu grouped matmul [M, {k}] x [G, {k}, {n}]: " + "; ".join(bad))
+
+
 def _zero_past_groups(x_MxN: jax.Array, sizes_G: jax.Array) -> jax.Array:
   live = jnp.arange(x_MxN.shape[0], dtype=jnp.int32) < jnp.sum(sizes_G)
   return jnp.where(live[:, None], x_MxN, jnp.zeros((), x_MxN.dtype))
@@ -91,6 +102,8 @@ def grouped_matmul_mgpu(rows_MxK: jax.Array, w_GxKxN: jax.Array, group_sizes_G: 
   if rows_MxK.dtype != w_GxKxN.dtype:
     raise ValueError(f"the mgpu grouped matmul wants rows and weights of one dtype, got {rows_MxK.dtype} and "
                      f"{w_GxKxN.dtype}")
+  if kernels is None:
+    _check_tiles(rows_MxK.shape[1], w_GxKxN.shape[2], configs)
   ops = kernels or mosaic_kernels(configs)
 
   @jax.custom_vjp

@@ -48,6 +48,7 @@ def test_ragged_and_tokamax_on_gpu():
     (["sharding.expert_all_to_all=nccl"], r"sharding.expert_all_to_all='nccl': choose one of"),
     (["sharding.expert_dispatch=sinkhorn"], r"sharding.expert_dispatch='sinkhorn': choose one of"),
     (["sharding.grouped_matmul=tokamax"], r"sharding.grouped_matmul='tokamax' needs a GPU and the tokamax package"),
+    (["sharding.grouped_matmul=mgpu"], r"sharding.grouped_matmul='mgpu' needs a GPU of compute capability 9.x"),
     (["mesh.expert=8", "model.n_experts=0", "model.n_shared_experts=0", "model.moe_first_dense=0"],
      r"mesh.expert=8 needs a mixture-of-experts model"),
     (["mesh.expert=8", "sharding.expert_axes=data"],

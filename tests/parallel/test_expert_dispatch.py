@@ -112,6 +112,20 @@ def test_tokamax_grouped_matmul_bf16():
                           dtype=jnp.bfloat16)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu"
+                    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
+                    reason="mgpu: a Hopper GPU")
+def test_mgpu_grouped_matmul_bf16():
+  """JAX's Mosaic GPU grouped matmuls through the dropless dispatch, against the per-token
+  reference in bf16 (widths multiples of the kernels' 128-wide tiles)."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="mgpu"))
+  args = cases.make_inputs(t=256, d=128, f=128, seed=7)
+  chosen = cases.choose(*args[:2], 2, empty_expert=EMPTY)
+  op = _op(plan, 2, compute_dtype=jnp.bfloat16)
+  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args,
+                          dtype=jnp.bfloat16)
+
+
 def test_plan_from_config_carries_the_expert_choices():
   config = get_config("tiny_moe", ["mesh.data=2", "mesh.seq=2", "mesh.expert=2", "sharding.attention=ring",
                                    "sharding.expert_axes=data,seq,expert", "sharding.expert_tensor_axes=",

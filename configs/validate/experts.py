@@ -26,7 +26,7 @@ def _hopper(backend: str) -> bool:
   if backend != "gpu":
     return False
   import jax  # noqa: PLC0415 (the device is only asked about on GPUs)
-  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")  # as mgpu_matmul.on_hopper
 
 
 def check(config: Config, sizes: dict[str, int], backend: str) -> None:

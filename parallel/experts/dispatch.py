@@ -45,9 +45,11 @@ def experts_mlp(x_TxD: jax.Array, routing: Routing, w_gate_ExDxF: jax.Array, w_u
   s = plan.strategies
   n_experts = w_gate_ExDxF.shape[0]
   stats = {"tokens_per_expert": expert_load(routing.experts, n_experts)}
-  grouped = resolve_grouped_matmul(s.grouped_matmul)
+  one_device = plan.mesh.size == 1 and s.expert_chunks == 1
+  grouped = resolve_grouped_matmul(s.grouped_matmul, widths=w_gate_ExDxF.shape[1:], one_device=one_device,
+                                   dtype=compute_dtype or x_TxD.dtype)
   args = (x_TxD, routing.weights, routing.experts, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
-  if plan.mesh.size == 1 and s.expert_chunks == 1:
+  if one_device:
     if s.expert_dispatch == "capacity":
       y, dropped = capacity_experts(*args, capacity_factor=s.capacity_factor, compute_dtype=compute_dtype)
     else:

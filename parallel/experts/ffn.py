@@ -44,12 +44,8 @@ def grouped_ffn(rows_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_ExDxF: jax
                       expected_rows=expected_rows)
   if impl == "tiled":
     return tiled_ffn(rows_MxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, batched_ffn)
-  if impl == "mgpu":  # one product over [E, D, 2F]: wider tiles, one kernel instead of two
-    gate_up = grouped_matmul(rows_MxD, jnp.concatenate([w_gate_ExDxF, w_up_ExDxF], axis=2), group_sizes_E, impl)
-    gate, up = jnp.split(gate_up, 2, axis=1)
-  else:
-    gate = grouped_matmul(rows_MxD, w_gate_ExDxF, group_sizes_E, impl)
-    up = grouped_matmul(rows_MxD, w_up_ExDxF, group_sizes_E, impl)
+  gate = grouped_matmul(rows_MxD, w_gate_ExDxF, group_sizes_E, impl)
+  up = grouped_matmul(rows_MxD, w_up_ExDxF, group_sizes_E, impl)
   return grouped_matmul(_swiglu(gate, up), w_down_ExFxD, group_sizes_E, impl)
 
 

@@ -8,7 +8,8 @@
            (`tiled.py`, chosen in `ffn.grouped_ffn`)
   rounds   not a grouped matmul: the FFN as batched matmuls over [E, C, D] slots in rounds
            (`rounds.py`, chosen in `ffn.grouped_ffn`): dense GEMM speed on GPUs, exact
-  auto     rounds on a GPU, else xla.
+  auto     mgpu for one device's bf16 dropless layer on a Hopper GPU, widths in 128s, else rounds on a
+           GPU (expert-parallel buffers hold padding rows that mgpu would compute), else xla.
 Rows past the sum of the group sizes come out zero (every implementation).
 """
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.base import GROUPED_MATMULS
-from parallel.experts.mgpu_matmul import grouped_matmul_mgpu
+from parallel.experts.mgpu_matmul import grouped_matmul_mgpu, on_hopper
 
 
 @functools.cache
@@ -29,15 +30,22 @@ def tokamax_available() -> bool:
   return importlib.util.find_spec("tokamax") is not None
 
 
-def resolve(impl: str, backend: str | None = None) -> str:
-  """`auto` -> `rounds` on a GPU (batched GEMMs beat the ragged kernels there: BENCHMARKS.md),
-  else `xla`; other names unchanged."""
+def resolve(impl: str, backend: str | None = None, *, widths: tuple[int, ...] = (), one_device: bool = False,
+            dtype=None, hopper: bool | None = None) -> str:
+  """`auto` -> `mgpu` for `one_device`'s dropless layer in bf16 (`dtype`) on a Hopper GPU when every
+  width in `widths` is a multiple of 128 (skew costs it nothing; BENCHMARKS.md), else `rounds` on a GPU (batched
+  GEMMs at the dense rate, spill rounds under skew), else `xla`; other names unchanged.
+  `hopper` (default: ask the device) says whether the GPU is one."""
   if impl not in GROUPED_MATMULS:
     raise ValueError(f"grouped matmul {impl!r}: choose one of {GROUPED_MATMULS}")
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
-  return "rounds" if backend == "gpu" else "xla"
+  if backend != "gpu":
+    return "xla"
+  hopper = on_hopper() if hopper is None else hopper
+  fits = one_device and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and all(w % 128 == 0 for w in widths)
+  return "mgpu" if hopper and fits else "rounds"
 
 
 def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str = "xla",

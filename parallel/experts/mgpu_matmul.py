@@ -14,10 +14,15 @@ group sizes are written by no kernel: they are zeroed here, in the output and in
 gradient, so the op keeps `grouped_matmul.py`'s contract.
 
 The kernels are imported from JAX itself, so each JAX version brings the kernels that match its
-own Pallas API. They run on GPUs of compute capability 9.x only (warpgroup MMA, TMA). Tile sizes
-come from `bench/moe_grouped_matmul.py --mgpu_sweep` on an H200 (BENCHMARKS.md) and can be set per
-call. The VJP wiring is tested on CPUs with `jax.lax.ragged_dot` in the kernels' place
-(`kernels=`); the kernels themselves are checked against a float32 reference by the benchmark.
+own Pallas API. They run on GPUs of compute capability 9.x only (warpgroup MMA, TMA). The default
+tilings are the best of `bench/mgpu_sweep.py` on an H100 at the `moe` preset's shapes
+(BENCHMARKS.md: 70-92% of a dense matmul of the same FLOPs) and can be set per call. The VJP
+wiring is tested on CPUs with `jax.lax.ragged_dot` in the kernels' place (`kernels=`); the kernels
+themselves are checked against a float32 reference by the benchmark.
+
+Every tile of the [M, ...] rows is computed, the rows past the groups included: a buffer with
+padding rows (the expert-parallel receive buffers) pays for them, which is why `auto` picks these
+kernels for the one-device dropless layer only (grouped_matmul.py).
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ class TileConfig:
   block_m: int = 128
   block_n: int = 128
   block_k: int = 64
-  steps: int = 4
-  grid_block_n: int = 1
+  steps: int = 5
+  grid_block_n: int = 8
 
   def kwargs(self) -> dict:
     return dict(block_m=self.block_m, block_n=self.block_n, block_k=self.block_k,
@@ -50,7 +55,12 @@ class Configs(NamedTuple):
 
   forward: TileConfig = TileConfig()
   rows_grad: TileConfig = TileConfig()
-  weight_grad: TileConfig = TileConfig()
+  weight_grad: TileConfig = TileConfig(grid_block_n=1)
+
+
+def on_hopper() -> bool:
+  """Whether the default device is a GPU these kernels run on (compute capability 9.x)."""
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
 class Kernels(NamedTuple):

@@ -15,6 +15,7 @@ from parallel.experts.capacity import capacity_experts
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.dropless import dropless_experts
 from parallel.experts.grouped_matmul import tokamax_available
+from parallel.experts.mgpu_matmul import on_hopper
 from parallel.experts.routing import route
 from parallel.mesh import make_mesh, single_device_mesh
 from parallel.plan import Strategies, make_plan, plan_from_config
@@ -112,9 +113,7 @@ def test_tokamax_grouped_matmul_bf16():
                           dtype=jnp.bfloat16)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu"
-                    or not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"),
-                    reason="mgpu: a Hopper GPU")
+@pytest.mark.skipif(not on_hopper(), reason="mgpu: a Hopper GPU")
 def test_mgpu_grouped_matmul_bf16():
   """JAX's Mosaic GPU grouped matmuls through the dropless dispatch, against the per-token
   reference in bf16 (widths multiples of the kernels' 128-wide tiles)."""
@@ -215,6 +214,12 @@ def test_rounds_padding_rows(group_sizes):
 
 def test_auto_picks_rounds_on_gpus():
   from parallel.experts.grouped_matmul import grouped_matmul, resolve
-  assert (resolve("auto", "gpu"), resolve("auto", "cpu"), resolve("tokamax", "gpu")) == ("rounds", "xla", "tokamax")
+  assert (resolve("auto", "gpu", hopper=False), resolve("auto", "cpu"), resolve("tokamax", "gpu")) == \
+      ("rounds", "xla", "tokamax")
+  hopper = dict(backend="gpu", hopper=True, widths=(2048, 1408), dtype=jnp.bfloat16)
+  assert resolve("auto", **hopper, one_device=True) == "mgpu"
+  assert resolve("auto", **hopper, one_device=False) == "rounds"  # padded expert-parallel buffers
+  assert resolve("auto", **{**hopper, "widths": (2048, 1400)}, one_device=True) == "rounds"
+  assert resolve("auto", **{**hopper, "dtype": jnp.float32}, one_device=True) == "rounds"
   with pytest.raises(ValueError, match="rounds implementation runs whole FFNs"):
     grouped_matmul(jnp.ones((4, 8)), jnp.ones((2, 8, 3)), jnp.array([2, 2]), "rounds")

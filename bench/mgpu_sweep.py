@@ -6,7 +6,7 @@ dense matmul of the same FLOPs, and its result checked against `jax.lax.ragged_d
 `ragged_dot_general` in float32 (relative Frobenius error; a tiling above 1e-2 is rejected).
 Group sizes: `bench/moe_grouped_matmul.py`'s `skewed` (max/mean 1.77, the learned router's).
 The table (best tiling per product) comes last; the JSON holds every tiling's time, and
-`--configs_out` the best ones in the form `moe_grouped_matmul.py --mgpu_configs` reads.
+`--configs_out` the best ones (product name -> `mgpu_matmul.TileConfig` fields).
 
   python bench/mgpu_sweep.py --out=mgpu_sweep.json --configs_out=mgpu_configs.json
 """

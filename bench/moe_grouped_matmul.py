@@ -10,9 +10,6 @@ Each formulation computes the SwiGLU experts down(silu(x gate_e) * (x up_e)) on 
   dense          one [M, D] x [D, F] SwiGLU with shared weights: the same FLOPs, the ceiling
   ragged_xla     `jax.lax.ragged_dot` (parallel/experts/grouped_matmul.py, impl xla)
   tokamax        `tokamax.ragged_dot` (when importable)
-  mgpu           JAX's Mosaic GPU ragged-dot kernels (parallel/experts/mgpu_matmul.py; Hopper GPUs),
-                 at the tilings of --mgpu_configs (bench/mgpu_sweep.py's --configs_out) or the defaults
-  mgpu_fused     the same with gate and up as one [E, D, 2F] weight (one product instead of two)
   *_f32out       the same grouped matmuls asked for float32 outputs (cast back to bf16): does the
                  kernel then accumulate the weight gradient in float32, and at what cost?
   padded         the sorted rows scattered into [E, C, D] slots (C = the largest group, rounded up
@@ -56,7 +53,6 @@ from bench.timing import median_call_seconds
 from parallel.experts.dispatch import experts_mlp
 from parallel.experts.ffn import batched_ffn, grouped_ffn
 from parallel.experts.grouped_matmul import grouped_matmul, tokamax_available
-from parallel.experts.mgpu_matmul import Configs, TileConfig, grouped_matmul_mgpu
 from parallel.experts.rounds import CAPACITY_FACTOR, rounds_ffn
 from parallel.experts.routing import route
 from parallel.mesh import single_device_mesh
@@ -71,9 +67,8 @@ flags.DEFINE_integer("top_k", 4, "K: the layer-overhead measurement routes M / K
 flags.DEFINE_enum("balance", "balanced", ["balanced", "router", "skewed"],
                   "Group sizes: equal, a random router's, or skewed to max/mean 1.77.")
 flags.DEFINE_list("impls", ["dense", "ragged_xla", "tokamax", "ragged_xla_f32out", "tokamax_f32out", "padded",
-                            "batched_only", "tiled", "rounds", "rounds_x1.25", "mgpu", "mgpu_fused"],
+                            "batched_only", "tiled", "rounds", "rounds_x1.25"],
                   "Formulations to time.")
-flags.DEFINE_string("mgpu_configs", "", "Tilings of the mgpu products (bench/mgpu_sweep.py --configs_out).")
 flags.DEFINE_string("layer_grouped_matmul", "auto", "sharding.grouped_matmul of the dispatch-overhead layer.")
 flags.DEFINE_integer("repeats", 10, "Timed calls after one warm-up; the median is reported.")
 flags.DEFINE_string("profile_dir", "", "Write a profiler trace of the dispatch-overhead measurement here.")
@@ -135,8 +130,6 @@ def _formulations(sizes: np.ndarray):
     return ffn
 
   fns["ragged_xla_f32out"] = f32out("xla")
-  if jax.default_backend() == "gpu":
-    fns.update(_mgpu_formulations(gs))
   for name in FLAGS.impls:
     if name == "rounds" or name.startswith("rounds_x"):
       factor = float(name[len("rounds_x"):]) if name != "rounds" else CAPACITY_FACTOR
@@ -145,34 +138,6 @@ def _formulations(sizes: np.ndarray):
     fns["tokamax"] = lambda r, *w: grouped_ffn(r, gs, *w, impl="tokamax")
     fns["tokamax_f32out"] = f32out("tokamax")
   return fns, cap
-
-
-def _mgpu_configs(product: str) -> Configs:
-  """The tilings bench/mgpu_sweep.py found for `product` (gate, gate_up, down), else the defaults."""
-  if not FLAGS.mgpu_configs:
-    return Configs()
-  with open(FLAGS.mgpu_configs) as fh:
-    tiles = json.load(fh)
-  return Configs(*(TileConfig(**tiles[f"{product}_{kind}"]) if f"{product}_{kind}" in tiles else TileConfig()
-                   for kind in ("forward", "rows_grad", "weight_grad")))
-
-
-def _mgpu_formulations(gs):
-  gate, gate_up, down = (_mgpu_configs(p) for p in ("gate", "gate_up", "down"))
-
-  def swiglu(g, u):
-    return (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(g.dtype)
-
-  def separate(rows, wg, wu, wd):
-    g, u = grouped_matmul_mgpu(rows, wg, gs, gate), grouped_matmul_mgpu(rows, wu, gs, gate)
-    return grouped_matmul_mgpu(swiglu(g, u), wd, gs, down)
-
-  def fused(rows, wg, wu, wd):
-    gu = grouped_matmul_mgpu(rows, jnp.concatenate([wg, wu], axis=2), gs, gate_up)
-    g, u = jnp.split(gu, 2, axis=1)
-    return grouped_matmul_mgpu(swiglu(g, u), wd, gs, down)
-
-  return {"mgpu": separate, "mgpu_fused": fused}
 
 
 def _reference(sizes):

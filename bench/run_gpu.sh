@@ -18,9 +18,8 @@
 #   serving  one GPU: skinny products per library (bench/gemv_probe.py), the batch-32 decode loop over
 #            a 512-position span of a 1,152-position cache (bench/serve_profile.py), and the load
 #            generator against serve.py at three request rates (bench/serve_load.py); each prints its table
-#   moe_mgpu one GPU (Hopper): the Mosaic GPU grouped-matmul tilings (bench/mgpu_sweep.py), the
-#            expert layer's formulations at the best of them, then the `moe` step in bf16 weights
-#            with sharding.grouped_matmul=mgpu, learned and forced routing
+#   moe_mgpu one GPU (Hopper): the Mosaic GPU grouped-matmul tilings (bench/mgpu_sweep.py), then the
+#            `moe` step in bf16 weights with sharding.grouped_matmul=mgpu, learned and forced routing
 #   decode   one GPU: the decode loop profiled at batch 1 and 32 over a 512-position span of a
 #            1,152-position cache, with separate and with fused projections, then bench/serve_decode.py
 #            at batch 1 and 32 against the transformers peer
@@ -153,12 +152,9 @@ case $set_name in
     exit 0
     ;;
   moe_mgpu)
-    timeout 90 python3 -m pytest -q -o addopts="" tests/parallel/test_expert_dispatch.py -k "mgpu or tokamax" 2>&1 | tail -n 3
+    JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -o addopts="" tests/parallel/test_expert_dispatch.py -k "mgpu or tokamax" 2>&1 | tail -n 3
     timeout 220 python3 bench/mgpu_sweep.py --out="$out/mgpu_sweep.json" --configs_out="$out/mgpu_configs.json" \
       --block_m=128 2>&1 | quiet | tail -n 12
-    timeout 100 python3 bench/moe_grouped_matmul.py --balance=skewed --impls=dense,batched_only,rounds,mgpu,mgpu_fused \
-      --mgpu_configs="$out/mgpu_configs.json" --layer_grouped_matmul=mgpu --out="$out/moe_grouped_mgpu.json" 2>&1 \
-      | quiet | tail -n 8
     moe_speed moe_bf16_mgpu 200 --set model.param_dtype=bfloat16 --set sharding.grouped_matmul=mgpu
     exit 0
     ;;

@@ -102,22 +102,16 @@ def test_ops_reject_bad_inputs(fn):
       fn(x, w, e, w_gate, w_up, w_down, capacity_factor=0)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu" or not tokamax_available(), reason="tokamax: GPU with tokamax")
-def test_tokamax_grouped_matmul_bf16():
-  """The GPU grouped matmul that `auto` picks there, against the per-token reference in bf16."""
-  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="tokamax"))
-  args = cases.make_inputs(t=256, d=128, f=64, seed=7)
-  chosen = cases.choose(*args[:2], 2, empty_expert=EMPTY)
-  op = _op(plan, 2, compute_dtype=jnp.bfloat16)
-  check_against_reference(lambda *a: op(*a)[0], cases.reference(chosen, np.ones_like(chosen, bool)), args,
-                          dtype=jnp.bfloat16)
-
-
-@pytest.mark.skipif(not on_hopper(), reason="mgpu: a Hopper GPU")
-def test_mgpu_grouped_matmul_bf16():
-  """JAX's Mosaic GPU grouped matmuls through the dropless dispatch, against the per-token
-  reference in bf16 (widths multiples of the kernels' 128-wide tiles)."""
-  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul="mgpu"))
+@pytest.mark.parametrize("impl", [
+    pytest.param("tokamax", marks=pytest.mark.skipif(jax.default_backend() != "gpu" or not tokamax_available(),
+                                                     reason="tokamax: a GPU with tokamax")),
+    pytest.param("mgpu", marks=pytest.mark.skipif(not on_hopper(), reason="mgpu: a Hopper GPU")),
+])
+def test_gpu_grouped_matmul_bf16(impl):
+  """The GPU grouped-matmul kernels through the dropless dispatch, against the per-token reference
+  in bf16 (widths multiples of the mgpu kernels' 128-wide tiles). Run on a GPU with
+  JAX_PLATFORMS=cuda (the suite's conftest defaults to the CPU)."""
+  plan = make_plan(single_device_mesh(), strategies=Strategies(grouped_matmul=impl))
   args = cases.make_inputs(t=256, d=128, f=128, seed=7)
   chosen = cases.choose(*args[:2], 2, empty_expert=EMPTY)
   op = _op(plan, 2, compute_dtype=jnp.bfloat16)

@@ -39,7 +39,8 @@ REPLICA_ALGORITHMS = ("sync", "diloco", "streaming_diloco", "noloco", "co2", "sp
 # score function (softmax over experts: Mixtral, Qwen; sigmoid: DeepSeek-V3).
 EXPERT_DISPATCHES = ("capacity", "dropless")
 EXPERT_ALL_TO_ALL = ("auto", "padded", "ragged")  # "auto": ragged on GPU/TPU, padded on CPU
-# Dropless expert matmuls; "auto": rounds on GPU, xla elsewhere; "tiled": batched matmuls over
+# Dropless expert matmuls; "auto": mgpu (JAX's Mosaic GPU kernels, parallel/experts/mgpu_matmul.py) for
+# one device's bf16 layer on Hopper, rounds on other GPUs, xla elsewhere; "tiled": batched matmuls over
 # expert-aligned tiles (parallel/experts/tiled.py); "rounds": over [E, C, D] slots in rounds (rounds.py).
 GROUPED_MATMULS = ("auto", "xla", "tokamax", "mgpu", "tiled", "rounds")
 ROUTER_SCORES = ("softmax", "sigmoid")

@@ -32,10 +32,10 @@ def tokamax_available() -> bool:
 
 def resolve(impl: str, backend: str | None = None, *, widths: tuple[int, ...] = (), one_device: bool = False,
             dtype=None, hopper: bool | None = None) -> str:
-  """`auto` -> `mgpu` for `one_device`'s dropless layer in bf16 (`dtype`) on a Hopper GPU when every
-  width in `widths` is a multiple of 128 (skew costs it nothing; BENCHMARKS.md), else `rounds` on a GPU (batched
-  GEMMs at the dense rate, spill rounds under skew), else `xla`; other names unchanged.
-  `hopper` (default: ask the device) says whether the GPU is one."""
+  """`auto` -> `mgpu` for `one_device`'s dropless layer in bf16 (`dtype`) on a Hopper GPU when
+  every width in `widths` is a multiple of 128 (skew costs it nothing; BENCHMARKS.md), else
+  `rounds` on a GPU (batched GEMMs at the dense rate, spill rounds under skew), else `xla`; other
+  names unchanged. `hopper` (default: ask the device) says whether the GPU is one."""
   if impl not in GROUPED_MATMULS:
     raise ValueError(f"grouped matmul {impl!r}: choose one of {GROUPED_MATMULS}")
   if impl != "auto":

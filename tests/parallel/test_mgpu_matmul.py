@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel.experts.mgpu_matmul import Kernels, grouped_matmul_mgpu
+from parallel.experts.mgpu_matmul import Configs, Kernels, TileConfig, grouped_matmul_mgpu
 
 SIZES = np.array([3, 0, 5, 1])  # group 1 empty; 9 rows in groups, 2 past them
 M, K, N = 11, 6, 7
@@ -71,3 +71,11 @@ def test_mixed_dtypes_are_refused():
   with pytest.raises(ValueError, match="one dtype"):
     grouped_matmul_mgpu(jnp.zeros((4, K), jnp.bfloat16), jnp.zeros((2, K, N), jnp.float32), jnp.array([2, 2]),
                         kernels=_stand_ins())
+
+
+def test_widths_off_the_tiles_are_refused_before_any_kernel():
+  tile = TileConfig(block_m=128, block_n=128, block_k=64)
+  with pytest.raises(ValueError, match=r"K=96 is not a multiple of forward.block_k=64.*"
+                                       r"N=200 is not a multiple of weight_grad.block_n=128"):
+    grouped_matmul_mgpu(jnp.zeros((8, 96), jnp.bfloat16), jnp.zeros((2, 96, 200), jnp.bfloat16), jnp.array([4, 4]),
+                        Configs(tile, tile, tile))

@@ -36,6 +36,7 @@ flags.DEFINE_list("block_n", ["128", "256"], "Tile columns to try.")
 flags.DEFINE_list("block_k", ["64"], "K step to try.")
 flags.DEFINE_list("steps", ["3", "5"], "Pipeline stages to try.")
 flags.DEFINE_list("grid_block_n", ["1", "8"], "Column-band widths to try.")
+flags.DEFINE_list("products", [], "Only these products (e.g. gate_forward,gate_weight_grad); default all.")
 flags.DEFINE_integer("repeats", 10, "Calls queued per timing.")
 flags.DEFINE_string("out", "", "JSON of every timing.")
 flags.DEFINE_string("configs_out", "", "JSON of the best tiling per product.")
@@ -133,6 +134,8 @@ def main(_):
   sizes = skewed_sizes(FLAGS.rows, FLAGS.experts)
   results = []
   for name, kind, k, n in products(FLAGS.d_model, FLAGS.d_ff):
+    if FLAGS.products and name not in FLAGS.products:
+      continue
     results.append(sweep_product(name, kind, k, n, sizes))
     r = results[-1]
     print(f"{name}: dense {r['dense_us']:.0f} us, best {r.get('best_us', float('nan')):.0f} us "

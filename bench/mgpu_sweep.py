@@ -2,8 +2,8 @@
 
 For each product of a SwiGLU expert layer's forward and backward (gate, up and down, and gate and
 up as one [E, D, 2F] weight), every tiling of a grid is timed (calls queued back to back) against a
-dense matmul of the same FLOPs, and its result checked against `jax.lax.ragged_dot` /
-`ragged_dot_general` in float32 (relative Frobenius error; a tiling above 1e-2 is rejected).
+dense matmul of the same FLOPs, and its result checked against `mgpu_matmul.xla_kernels`
+(`jax.lax.ragged_dot`) in float32 (relative Frobenius error; a tiling above 1e-2 is rejected).
 Group sizes: `bench/moe_grouped_matmul.py`'s `skewed` (max/mean 1.77, the learned router's).
 The table (best tiling per product) comes last; the JSON holds every tiling's time, and
 `--configs_out` the best ones (product name -> `mgpu_matmul.TileConfig` fields).
@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from bench.timing import queued_call_seconds
-from parallel.experts.mgpu_matmul import Configs, TileConfig, mosaic_kernels
+from parallel.experts.mgpu_matmul import Configs, TileConfig, mosaic_kernels, xla_kernels
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("experts", 16, "Groups E.")
@@ -41,7 +41,7 @@ flags.DEFINE_integer("repeats", 10, "Calls queued per timing.")
 flags.DEFINE_string("out", "", "JSON of every timing.")
 flags.DEFINE_string("configs_out", "", "JSON of the best tiling per product.")
 
-KIND = {"forward": 0, "rows_grad": 1, "weight_grad": 2}
+KINDS = ("forward", "rows_grad", "weight_grad")
 
 
 def skewed_sizes(m: int, e: int) -> np.ndarray:
@@ -54,7 +54,7 @@ def products(d: int, f: int) -> list[tuple[str, str, int, int]]:
   """(name, kernel, K, N): forward [M, K] x [E, K, N]; rows_grad [M, N] x [E, K, N]^T -> [M, K];
   weight_grad [M, K]^T [M, N] -> [E, K, N]."""
   out = []
-  for kind in KIND:
+  for kind in KINDS:
     out += [(f"gate_{kind}", kind, d, f), (f"gate_up_{kind}", kind, d, 2 * f), (f"down_{kind}", kind, f, d)]
   return out
 
@@ -69,14 +69,7 @@ def _operands(kind, m, e, k, n, key):
 
 
 def _reference(kind, a, b, sizes):
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  if kind == "forward":
-    return jax.lax.ragged_dot(a, b, sizes, precision="highest")
-  if kind == "rows_grad":
-    return jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), sizes, precision="highest")
-  dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
-                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-  return jax.lax.ragged_dot_general(a, b, sizes, ragged_dot_dimension_numbers=dims, precision="highest")
+  return getattr(xla_kernels("highest"), kind)(a.astype(jnp.float32), b.astype(jnp.float32), sizes)
 
 
 def _dense(kind, m, k, n, key):

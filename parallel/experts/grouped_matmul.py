@@ -43,9 +43,8 @@ def resolve(impl: str, backend: str | None = None, *, widths: tuple[int, ...] = 
   backend = backend or jax.default_backend()
   if backend != "gpu":
     return "xla"
-  hopper = on_hopper() if hopper is None else hopper
   fits = one_device and dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and all(w % 128 == 0 for w in widths)
-  return "mgpu" if hopper and fits else "rounds"
+  return "mgpu" if fits and (on_hopper() if hopper is None else hopper) else "rounds"
 
 
 def grouped_matmul(rows_MxD: jax.Array, w_GxDxF: jax.Array, group_sizes_G: jax.Array, impl: str = "xla",

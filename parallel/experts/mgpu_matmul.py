@@ -17,8 +17,8 @@ The kernels are imported from JAX itself, so each JAX version brings the kernels
 own Pallas API. They run on GPUs of compute capability 9.x only (warpgroup MMA, TMA). The default
 tilings are the best of `bench/mgpu_sweep.py` on an H100 at the `moe` preset's shapes
 (BENCHMARKS.md: 70-92% of a dense matmul of the same FLOPs) and can be set per call. The VJP
-wiring is tested on CPUs with `jax.lax.ragged_dot` in the kernels' place (`kernels=`); the kernels
-themselves are checked against a float32 reference by the benchmark.
+wiring is tested on CPUs with `xla_kernels` (`jax.lax.ragged_dot`) in the kernels' place
+(`kernels=`); the kernels themselves are checked against `xla_kernels` in float32 by the benchmark.
 
 Every tile of the [M, ...] rows is computed, the rows past the groups included: a buffer with
 padding rows (the expert-parallel receive buffers) pays for them, which is why `auto` picks these
@@ -85,6 +85,24 @@ def mosaic_kernels(configs: Configs = Configs()) -> Kernels:
 
   def weight_grad(a, b, sizes):
     return transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=sizes, **configs.weight_grad.kwargs())
+
+  return Kernels(forward, rows_grad, weight_grad)
+
+
+def xla_kernels(precision=None) -> Kernels:
+  """The same three products in XLA (`jax.lax.ragged_dot`): any backend, any dtype; the reference
+  the kernels are checked against, and their stand-in in CPU tests."""
+
+  def forward(a, b, sizes):
+    return jax.lax.ragged_dot(a, b, sizes, precision=precision)
+
+  def rows_grad(a, b, sizes):
+    return jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2), sizes, precision=precision)
+
+  def weight_grad(a, b, sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(a, b, sizes, ragged_dot_dimension_numbers=dims, precision=precision)
 
   return Kernels(forward, rows_grad, weight_grad)
 

@@ -96,8 +96,11 @@ def compressed_mean(tree: Any, axis: str, compress_row: Callable[[jax.Array], An
       def local(f):
         mean, sent, k_bytes["row"] = row(f[0])
         return mean[None], sent[None]
+      # check_vma=False, as the runner's map over `replica` (training/lowcomm.py) that this one nests
+      # in: with the check on here, the payloads' types would name only the island's axes, and JAX
+      # (from 0.12.1) rejects the all_gather over `replica` of a value not typed as varying over it.
       mean, sent = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), axis_names=frozenset(axes),
-                                 in_specs=P(axes), out_specs=(P(axes), P(axes)))(flat)
+                                 in_specs=P(axes), out_specs=(P(axes), P(axes)), check_vma=False)(flat)
     else:
       mean, sent, k_bytes["row"] = row(flat[0])
       mean, sent = mean[None], sent[None]

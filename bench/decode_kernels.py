@@ -13,9 +13,12 @@ the same run. Then the time of one product against its width (K = 2048), fitted 
 plus bytes over a rate, for XLA and both Pallas kernels; then a 16-layer chain of the four
 products (attention left out: the first H x hd outputs of q/k/v stand in for its output) shows
 what a step's products cost end to end. Every Pallas result is checked against the XLA one
-(relative error). Prints a table last, writes JSON.
+(relative error). `--persistent` adds the same chain run by one resident kernel
+(`bench/persistent_chain.py`: a grid barrier between products instead of a launch per product);
+`--persistent_only` runs just XLA's chain and that. Prints a table last, writes JSON.
 
   PYTHONPATH=. python bench/decode_kernels.py --out=decode_kernels.json
+  PYTHONPATH=. python bench/decode_kernels.py --persistent_only --persistent=128/2,4/256,512/4,8 --out=persistent.json
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ def main() -> None:
   ap.add_argument("--rows", type=int, default=2, help="rows per product (the engine decodes at least 2)")
   ap.add_argument("--fma", default="4/1024/4", help="block_n/block_k/num_warps values of the fma kernels")
   ap.add_argument("--dot", default="32,64/256/4/3,5", help="block_n/block_k/num_warps/num_stages of the dot kernels")
+  ap.add_argument("--persistent", default="",
+                  help="programs/block_n/block_k/num_warps values of bench/persistent_chain.py's one-launch chain "
+                       "(e.g. 128/2,4/256,512/4,8); empty: not run")
+  ap.add_argument("--persistent_only", action="store_true",
+                  help="skip the per-product sweep and the fit: XLA's chain and the one-launch chain only")
   ap.add_argument("--repeats", type=int, default=30)
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
@@ -69,6 +77,8 @@ def main() -> None:
       "head+norm": (v, d, 1, lambda x, w, c: dk.gemv(x, w, norm_scale_K=g, **c),
                     lambda x, w: jnp.dot(xla_norm(x), w)),
   }
+  if args.persistent_only:
+    cases = {}
   report = {"device_kind": jax.devices()[0].device_kind, "jax": jax.__version__, "hbm_bytes_per_s": bw,
             "rows": b, "cases": []}
   grid = lambda spec: itertools.product(*(map(int, part.split(",")) for part in spec.split("/")))
@@ -110,7 +120,7 @@ def main() -> None:
   fit_cfgs = {"xla": None, "pallas fma": {"method": "fma", "block_n": 4, "block_k": 1024, "num_warps": 4},
               "pallas dot": {"method": "dot", "block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3}}
   report["fixed_cost"] = {}
-  for label, cfg in fit_cfgs.items():
+  for label, cfg in fit_cfgs.items() if cases else ():
     pts = []
     for n in widths:
       wp = [normal((n, d)) for _ in range(LAYERS)]
@@ -127,7 +137,7 @@ def main() -> None:
   # A step's products, 16 layers chained (attention left out).
   keys = ("method", "block_n", "block_k", "num_warps", "num_stages")
   cfgs = {name: {k: best[name][k] for k in keys if k in best[name]} for name in best if best[name]}
-  if len(cfgs) == len(cases):
+  if cases and len(cfgs) == len(cases):
     layer = lambda shape: [normal(shape) for _ in range(LAYERS)]
     wq, wo, wgu, wd = layer((qkv, d)), layer((d, d)), layer((f, 2, d)), layer((d, f))
     xq, xo, xgu, xd = ([w.T for w in wq], [w.T for w in wo], [jnp.transpose(w, (2, 1, 0)) for w in wgu], [w.T for w in wd])
@@ -156,6 +166,24 @@ def main() -> None:
     report["chain"] = {"layers": LAYERS, "bytes": layer_bytes * LAYERS, "pallas_us": t_p * 1e6, "xla_us": t_x * 1e6,
                        "pallas_frac": layer_bytes * LAYERS / t_p / bw, "xla_frac": layer_bytes * LAYERS / t_x / bw,
                        "rel_err": float(jnp.linalg.norm(out_p - out_x) / jnp.linalg.norm(out_x)), "configs": cfgs}
+    report["persistent"] = _persistent(args, x, g, (wq, wo, wgu, wd), out_x, layer_bytes * LAYERS, bw)
+
+  if args.persistent and "chain" not in report:  # the one-launch chain without the per-product sweep's
+    layer = lambda shape: [normal(shape) for _ in range(LAYERS)]
+    ws = layer((qkv, d)), layer((d, d)), layer((f, 2, d)), layer((d, f))
+    xs = [w.T for w in ws[0]], [w.T for w in ws[1]], [jnp.transpose(w, (2, 1, 0)) for w in ws[2]], [w.T for w in ws[3]]
+
+    def chain_xla(x, wq, wo, wgu, wd):
+      for i in range(LAYERS):
+        h = x + jnp.dot(jnp.dot(xla_norm(x), wq[i])[:, :d], wo[i])
+        gu = jnp.einsum("bd,dtf->btf", xla_norm(h), wgu[i])
+        x = h + jnp.dot(swiglu(gu[:, 0], gu[:, 1]), wd[i])
+      return x
+
+    nbytes = sum(w.nbytes for group in ws for w in group)
+    t_x = queued_call_seconds(jax.jit(chain_xla), x, *xs, repeats=args.repeats)
+    report["chain"] = {"layers": LAYERS, "bytes": nbytes, "xla_us": t_x * 1e6, "xla_frac": nbytes / t_x / bw}
+    report["persistent"] = _persistent(args, x, g, ws, jax.jit(chain_xla)(x, *xs).astype(jnp.float32), nbytes, bw)
 
   with open(args.out, "w") as fh:
     json.dump(report, fh, indent=1)
@@ -170,10 +198,46 @@ def main() -> None:
     us = " ".join(f"{t * 1e6:6.1f}" for _, t in f["points_bytes_s"])
     print(f"{label:>20} us per product at N = {', '.join(map(str, widths))} (K = 2048): {us}; "
           f"fit t = {f['fixed_us']:.2f} us + bytes / {f['rate_bytes_per_s'] / 1e9:,.0f} GB/s")
-  if "chain" in report:
+  if "pallas_us" in report.get("chain", {}):
     c = report["chain"]
     print(f"{'16-layer chain':>20} {c['bytes'] / 1e6:6.0f} | {c['xla_us']:7.0f} {100 * c['xla_frac']:5.0f} | "
           f"{c['pallas_us']:9.0f} {100 * c['pallas_frac']:5.0f} {c['rel_err']:8.1e}")
+  for p in report.get("persistent", []):
+    c = report["chain"]
+    cfg = f"p{p['programs']} n{p['block_n']} k{p['block_k']} w{p['num_warps']}"
+    if "us" in p:
+      print(f"{'one-launch chain':>20} {c['bytes'] / 1e6:6.0f} | {c['xla_us']:7.0f} {100 * c['xla_frac']:5.0f} | "
+            f"{p['us']:9.0f} {100 * p['frac']:5.0f} {p['rel_err']:8.1e}  {cfg}")
+    else:
+      print(f"{'one-launch chain':>20} {cfg}: {p['error']}")
+
+
+def _persistent(args, x, g, per_layer, want, nbytes: float, bw: float) -> list[dict]:
+  """bench/persistent_chain.py's one-launch chain for every configuration of --persistent: time,
+  fraction of HBM, relative error against XLA's chain (`want`)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from bench import persistent_chain
+  from bench.timing import queued_call_seconds
+
+  stacked = [jnp.stack(ws) for ws in per_layer]
+  rows = []
+  for programs, block_n, block_k, num_warps in itertools.product(
+      *(map(int, part.split(",")) for part in args.persistent.split("/")) if args.persistent else ()):
+    cfg = {"programs": programs, "block_n": block_n, "block_k": block_k, "num_warps": num_warps}
+    try:
+      fn = jax.jit(lambda x, *ws, cfg=cfg: persistent_chain.chain(x, g, *ws, **cfg))
+      out = fn(x, *stacked).astype(jnp.float32)
+      err = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
+      t = queued_call_seconds(fn, x, *stacked, repeats=args.repeats)
+    except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses is reported, not fatal
+      rows.append({**cfg, "error": str(e)[:300]})
+      print("persistent", cfg, "error", str(e)[:300], flush=True)
+      continue
+    rows.append({**cfg, "us": t * 1e6, "frac": nbytes / t / bw, "rel_err": err})
+    print("persistent", cfg, f"{t * 1e6:.0f} us", f"{100 * nbytes / t / bw:.0f}% of HBM", f"err {err:.1e}", flush=True)
+  return rows
 
 
 if __name__ == "__main__":

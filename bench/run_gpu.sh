@@ -23,6 +23,9 @@
 #   decode   one GPU: the decode loop profiled at batch 1 and 32 over a 512-position span of a
 #            1,152-position cache, with separate and with fused projections, then bench/serve_decode.py
 #            at batch 1 and 32 against the transformers peer
+#   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
+#            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
+#            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
 #   cmdbuf   one GPU: the `moe` training step with and without XLA's command buffers for while loops
 #            and conditionals (on by default for experts, parallel/xla_flags.py)
 #   moe_bf16 one GPU: the `moe` step with bfloat16 weights and moments (the PyTorch peer's bf16
@@ -165,6 +168,14 @@ case $set_name in
         --label=$layout --out="$out/serve_profile_$layout.json" 2>&1 | quiet | tail -n 4
     done
     timeout 300 python3 bench/serve_decode.py --config=1b --batches_only --out="$out/serve_decode.json" 2>&1 | quiet | tail -n 12
+    exit 0
+    ;;
+  persistent)
+    # the first configuration alone, so that a hang (programs not all resident) shows before the sweep
+    timeout 60 python3 bench/decode_kernels.py --persistent_only --persistent=128/4/512/4 --repeats=5 \
+      --out="$out/persistent_first.json" 2>&1 | quiet | tail -n 4
+    timeout 400 python3 bench/decode_kernels.py --persistent_only --persistent=128,64/2,4/256,512/4,8 \
+      --out="$out/persistent.json" 2>&1 | quiet | tail -n 22
     exit 0
     ;;
   serving)

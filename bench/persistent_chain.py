@@ -30,6 +30,11 @@ all programs have arrived, and an atomic add of 0 acquires what they wrote.
 
 `interpret=True` runs it on CPUs with `programs=1` (a program that waited for another would wait
 forever: the interpreter runs programs one after another).
+
+Status: measured once on an H100 (BENCHMARKS.md, "The resident kernel, tried"), it completes but its
+outputs differ from XLA's chain by 28-45% and from run to run, so some activation is read before
+another program's write of it is seen; it is also slower than XLA's chain. Do not build on it
+before that race is found.
 """
 
 from __future__ import annotations

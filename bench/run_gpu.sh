@@ -174,7 +174,7 @@ case $set_name in
     # the first configuration alone, so that a hang (programs not all resident) shows before the sweep
     timeout 60 python3 bench/decode_kernels.py --persistent_only --persistent=128/4/512/4 --repeats=5 \
       --out="$out/persistent_first.json" 2>&1 | quiet | tail -n 4
-    timeout 400 python3 bench/decode_kernels.py --persistent_only --persistent=128/4,8/256,512/4,8 \
+    timeout 400 python3 bench/decode_kernels.py --persistent_only --persistent=128/4/256,512/4,8 \
       --out="$out/persistent.json" 2>&1 | quiet | tail -n 22
     exit 0
     ;;

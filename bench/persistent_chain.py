@@ -54,17 +54,23 @@ def _triton():
   return plt
 
 
-def _barrier(count_ref, target, *, interpret: bool):
+def _barrier(count_ref, seen_ref, pid, target, *, interpret: bool):
   """Wait until the counter reaches `target` (= programs x barriers passed so far, this one included).
-  (The interpreter has no threads to synchronise: no `debug_barrier` there.)"""
+  (The interpreter has no threads to synchronise: no `debug_barrier` there.)
+
+  What the atomics return and what the poll saw are stored (`seen_ref`, one entry per program): a
+  Pallas kernel's jaxpr is pruned of work whose results are unused before it is lowered, and an
+  unused atomic add and poll loop were pruned so, leaving no barrier at all (measured on an H100:
+  the counter stayed 0 and the outputs raced)."""
   plt = _triton()
   one = pl.ds(0, 1)
   sync = (lambda: None) if interpret else plt.debug_barrier
   sync()  # every thread of this program has stored its outputs
-  plt.atomic_add(count_ref, one, jnp.ones((1,), jnp.int32))
+  before = plt.atomic_add(count_ref, one, jnp.ones((1,), jnp.int32))[0]
   seen = lambda: plt.load(count_ref.at[one], volatile=True)[0]
-  jax.lax.while_loop(lambda c: c < target, lambda c: seen(), seen())
-  plt.atomic_add(count_ref, one, jnp.zeros((1,), jnp.int32))  # acquire the others' stores
+  polled = jax.lax.while_loop(lambda c: c < target, lambda c: seen(), seen())
+  after = plt.atomic_add(count_ref, one, jnp.zeros((1,), jnp.int32))[0]  # acquire the others' stores
+  seen_ref[pl.ds(pid, 1)] = jnp.full((1,), jnp.maximum(jnp.maximum(before + 1, polled), after), jnp.int32)
   sync()
 
 
@@ -84,7 +90,7 @@ class _Chain:
     self.programs, self.block_n, self.block_k, self.eps, self.dtype = programs, block_n, block_k, eps, dtype
 
   def barrier(self, count_ref, target) -> None:
-    _barrier(count_ref, target, interpret=self.interpret)
+    _barrier(count_ref, self.seen_ref, self.pid, target, interpret=self.interpret)
 
   def block(self, n: int, j):
     """This program's j-th block of the outputs of a product with n (a contiguous share each)."""
@@ -133,11 +139,12 @@ class _Chain:
 
 
 def _kernel(x0_ref, g_ref, wq_ref, wo_ref, wgu_ref, wd_ref, count0_ref, x_ref, y_ref, h_ref, a_ref, count_ref,
-            *, c: _Chain, layers: int):
+            seen_ref, *, c: _Chain, layers: int):
   del x0_ref, count0_ref  # aliased to x_ref and count_ref
   d, q, f, p = c.d, c.q, c.f, c.programs
   rows = range(c.rows)
   c.pid = pl.program_id(0)  # read once, outside the loop over layers
+  c.seen_ref = seen_ref
 
   def layer(i, first_q):
     base = 4 * i * p  # the counter's value when this layer starts
@@ -189,8 +196,9 @@ def _kernel(x0_ref, g_ref, wq_ref, wo_ref, wgu_ref, wd_ref, count0_ref, x_ref, y
 
 def chain(x_RxD: jax.Array, g_D: jax.Array, wq_LxQxD: jax.Array, wo_LxDxD: jax.Array, wgu_LxFx2xD: jax.Array,
           wd_LxDxF: jax.Array, *, programs: int = 128, block_n: int = 4, block_k: int = 512, num_warps: int = 4,
-          eps: float = 1e-6, interpret: bool = False) -> jax.Array:
-  """x after every layer of the chain (module docstring), in x's dtype, from one kernel launch.
+          eps: float = 1e-6, interpret: bool = False, return_count: bool = False) -> jax.Array:
+  """x after every layer of the chain (module docstring), in x's dtype, from one kernel launch
+  (with `return_count`, also the barrier counter's final value: programs x 4 x layers).
 
   Every product's outputs must split into blocks of `block_n` that split evenly over `programs`,
   and `block_k` must divide D and F. `programs` must not exceed the SMs (all must be resident)."""
@@ -214,12 +222,13 @@ def chain(x_RxD: jax.Array, g_D: jax.Array, wq_LxQxD: jax.Array, wo_LxDxD: jax.A
   c = _Chain(rows=rows, d=d, q=q, f=f, programs=programs, block_n=block_n, block_k=block_k, eps=eps,
              dtype=x_RxD.dtype, interpret=interpret)
   act = lambda n: jax.ShapeDtypeStruct((rows, n), x_RxD.dtype)
-  out_shape = (act(d), act(q), act(d), act(f), jax.ShapeDtypeStruct((1,), jnp.int32))
+  count = jax.ShapeDtypeStruct((1,), jnp.int32)
+  out_shape = (act(d), act(q), act(d), act(f), count, jax.ShapeDtypeStruct((programs,), jnp.int32))
   params = None if interpret else _triton().CompilerParams(num_warps=num_warps, num_stages=1)
   out = pl.pallas_call(functools.partial(_kernel, c=c, layers=layers), out_shape=out_shape, grid=(programs,),
                        input_output_aliases={0: 0, 6: 4}, interpret=interpret, compiler_params=params)(
                            x_RxD, g_D, wq_LxQxD, wo_LxDxD, wgu_LxFx2xD, wd_LxDxF, jnp.zeros((1,), jnp.int32))
-  return out[0]
+  return (out[0], out[4][0]) if return_count else out[0]
 
 
 def chain_reference(x_RxD, g_D, wq_LxQxD, wo_LxDxD, wgu_LxFx2xD, wd_LxDxF, *, eps: float = 1e-6) -> jax.Array:

@@ -36,9 +36,10 @@ def test_chain_matches_numpy_in_the_interpreter():
   normal = lambda *s: _round(0.15 * rng.standard_normal(s))
   x, g = normal(rows, d) * 10, 1 + normal(d)
   ws = normal(layers, q, d), normal(layers, d, d), normal(layers, f, 2, d), normal(layers, d, f)
-  got = pc.chain(*(jnp.asarray(a, jnp.bfloat16) for a in (x, g, *ws)), programs=1, block_n=8, block_k=16,
-                 interpret=True)
+  got, count = pc.chain(*(jnp.asarray(a, jnp.bfloat16) for a in (x, g, *ws)), programs=1, block_n=8, block_k=16,
+                        interpret=True, return_count=True)
   want = _numpy_chain(x, g, *ws)
+  assert int(count) == 4 * layers  # every barrier's atomic add ran (an unused one is pruned away)
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
 
 

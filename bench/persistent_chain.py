@@ -31,10 +31,10 @@ all programs have arrived, and an atomic add of 0 acquires what they wrote.
 `interpret=True` runs it on CPUs with `programs=1` (a program that waited for another would wait
 forever: the interpreter runs programs one after another).
 
-Status: measured once on an H100 (BENCHMARKS.md, "The resident kernel, tried"), it completes but its
-outputs differ from XLA's chain by 28-45% and from run to run, so some activation is read before
-another program's write of it is seen; it is also slower than XLA's chain. Do not build on it
-before that race is found.
+Status (BENCHMARKS.md, "The resident kernel, tried"): on an H100 a first version ran without any
+barrier (Pallas pruned its unused atomics and poll loop) and raced; with the barrier kept alive, as
+now, it hung even with one program over two layers. The cause of the hang is not found: do not
+build on this kernel before it is.
 """
 
 from __future__ import annotations

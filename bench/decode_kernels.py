@@ -137,18 +137,11 @@ def main() -> None:
   # A step's products, 16 layers chained (attention left out).
   keys = ("method", "block_n", "block_k", "num_warps", "num_stages")
   cfgs = {name: {k: best[name][k] for k in keys if k in best[name]} for name in best if best[name]}
-  if cases and len(cfgs) == len(cases):
+  sweep_chain = bool(cases) and len(cfgs) == len(cases)
+  if sweep_chain or args.persistent:
     layer = lambda shape: [normal(shape) for _ in range(LAYERS)]
-    wq, wo, wgu, wd = layer((qkv, d)), layer((d, d)), layer((f, 2, d)), layer((d, f))
-    xq, xo, xgu, xd = ([w.T for w in wq], [w.T for w in wo], [jnp.transpose(w, (2, 1, 0)) for w in wgu], [w.T for w in wd])
-
-    def chain_pallas(x, wq, wo, wgu, wd):
-      for i in range(LAYERS):
-        y = dk.gemv(x, wq[i], norm_scale_K=g, **cfgs["qkv+norm"])
-        h = dk.gemv(y[:, :d], wo[i], residual_BxN=x, **cfgs["o+residual"])
-        a = dk.gemv_swiglu(h, wgu[i], norm_scale_K=g, **cfgs["gate_up+norm+swiglu"])
-        x = dk.gemv(a, wd[i], residual_BxN=h, **cfgs["down+residual"])
-      return x
+    ws = wq, wo, wgu, wd = layer((qkv, d)), layer((d, d)), layer((f, 2, d)), layer((d, f))
+    xs = [w.T for w in wq], [w.T for w in wo], [jnp.transpose(w, (2, 1, 0)) for w in wgu], [w.T for w in wd]
 
     def chain_xla(x, wq, wo, wgu, wd):
       for i in range(LAYERS):
@@ -158,32 +151,27 @@ def main() -> None:
         x = h + jnp.dot(swiglu(gu[:, 0], gu[:, 1]), wd[i])
       return x
 
-    layer_bytes = sum(w.nbytes for w in (wq[0], wo[0], wgu[0], wd[0]))
-    t_p = queued_call_seconds(jax.jit(chain_pallas), x, wq, wo, wgu, wd, repeats=args.repeats)
-    t_x = queued_call_seconds(jax.jit(chain_xla), x, xq, xo, xgu, xd, repeats=args.repeats)
-    out_p = jax.jit(chain_pallas)(x, wq, wo, wgu, wd).astype(jnp.float32)
-    out_x = jax.jit(chain_xla)(x, xq, xo, xgu, xd).astype(jnp.float32)
-    report["chain"] = {"layers": LAYERS, "bytes": layer_bytes * LAYERS, "pallas_us": t_p * 1e6, "xla_us": t_x * 1e6,
-                       "pallas_frac": layer_bytes * LAYERS / t_p / bw, "xla_frac": layer_bytes * LAYERS / t_x / bw,
-                       "rel_err": float(jnp.linalg.norm(out_p - out_x) / jnp.linalg.norm(out_x)), "configs": cfgs}
-    report["persistent"] = _persistent(args, x, g, (wq, wo, wgu, wd), out_x, layer_bytes * LAYERS, bw)
+    nbytes = LAYERS * sum(w[0].nbytes for w in ws)
+    t_x = queued_call_seconds(jax.jit(chain_xla), x, *xs, repeats=args.repeats)
+    out_x = jax.jit(chain_xla)(x, *xs).astype(jnp.float32)
+    report["chain"] = {"layers": LAYERS, "bytes": nbytes, "xla_us": t_x * 1e6, "xla_frac": nbytes / t_x / bw}
 
-  if args.persistent and "chain" not in report:  # the one-launch chain without the per-product sweep's
-    layer = lambda shape: [normal(shape) for _ in range(LAYERS)]
-    ws = layer((qkv, d)), layer((d, d)), layer((f, 2, d)), layer((d, f))
-    xs = [w.T for w in ws[0]], [w.T for w in ws[1]], [jnp.transpose(w, (2, 1, 0)) for w in ws[2]], [w.T for w in ws[3]]
-
-    def chain_xla(x, wq, wo, wgu, wd):
+  if sweep_chain:
+    def chain_pallas(x, wq, wo, wgu, wd):
       for i in range(LAYERS):
-        h = x + jnp.dot(jnp.dot(xla_norm(x), wq[i])[:, :d], wo[i])
-        gu = jnp.einsum("bd,dtf->btf", xla_norm(h), wgu[i])
-        x = h + jnp.dot(swiglu(gu[:, 0], gu[:, 1]), wd[i])
+        y = dk.gemv(x, wq[i], norm_scale_K=g, **cfgs["qkv+norm"])
+        h = dk.gemv(y[:, :d], wo[i], residual_BxN=x, **cfgs["o+residual"])
+        a = dk.gemv_swiglu(h, wgu[i], norm_scale_K=g, **cfgs["gate_up+norm+swiglu"])
+        x = dk.gemv(a, wd[i], residual_BxN=h, **cfgs["down+residual"])
       return x
 
-    nbytes = sum(w.nbytes for group in ws for w in group)
-    t_x = queued_call_seconds(jax.jit(chain_xla), x, *xs, repeats=args.repeats)
-    report["chain"] = {"layers": LAYERS, "bytes": nbytes, "xla_us": t_x * 1e6, "xla_frac": nbytes / t_x / bw}
-    report["persistent"] = _persistent(args, x, g, ws, jax.jit(chain_xla)(x, *xs).astype(jnp.float32), nbytes, bw)
+    t_p = queued_call_seconds(jax.jit(chain_pallas), x, *ws, repeats=args.repeats)
+    out_p = jax.jit(chain_pallas)(x, *ws).astype(jnp.float32)
+    report["chain"].update({"pallas_us": t_p * 1e6, "pallas_frac": nbytes / t_p / bw, "configs": cfgs,
+                            "rel_err": float(jnp.linalg.norm(out_p - out_x) / jnp.linalg.norm(out_x))})
+
+  if args.persistent:
+    report["persistent"] = _persistent(grid(args.persistent), args.repeats, x, g, ws, out_x, nbytes, bw)
 
   with open(args.out, "w") as fh:
     json.dump(report, fh, indent=1)
@@ -212,9 +200,9 @@ def main() -> None:
       print(f"{'one-launch chain':>20} {cfg}: {p['error']}")
 
 
-def _persistent(args, x, g, per_layer, want, nbytes: float, bw: float) -> list[dict]:
-  """bench/persistent_chain.py's one-launch chain for every configuration of --persistent: time,
-  fraction of HBM, relative error against XLA's chain (`want`)."""
+def _persistent(configs, repeats: int, x, g, per_layer, want, nbytes: float, bw: float) -> list[dict]:
+  """bench/persistent_chain.py's one-launch chain for every (programs, block_n, block_k, num_warps)
+  of `configs`: time, fraction of HBM, relative error against XLA's chain (`want`)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -223,14 +211,13 @@ def _persistent(args, x, g, per_layer, want, nbytes: float, bw: float) -> list[d
 
   stacked = [jnp.stack(ws) for ws in per_layer]
   rows = []
-  for programs, block_n, block_k, num_warps in itertools.product(
-      *(map(int, part.split(",")) for part in args.persistent.split("/")) if args.persistent else ()):
+  for programs, block_n, block_k, num_warps in configs:
     cfg = {"programs": programs, "block_n": block_n, "block_k": block_k, "num_warps": num_warps}
     try:
       fn = jax.jit(lambda x, *ws, cfg=cfg: persistent_chain.chain(x, g, *ws, **cfg))
       out = fn(x, *stacked).astype(jnp.float32)
       err = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
-      t = queued_call_seconds(fn, x, *stacked, repeats=args.repeats)
+      t = queued_call_seconds(fn, x, *stacked, repeats=repeats)
     except Exception as e:  # noqa: BLE001 - a configuration the compiler refuses is reported, not fatal
       rows.append({**cfg, "error": str(e)[:300]})
       print("persistent", cfg, "error", str(e)[:300], flush=True)

@@ -1,7 +1,8 @@
 """The resident decode-chain kernel (bench/persistent_chain.py) on CPUs in the Pallas interpreter,
 against the chain written in numpy (float32, each product and norm rounded to bfloat16 where the
 model rounds). One program: the interpreter runs programs one after another, so a grid barrier
-between two of them would never open; the GPU run of bench/decode_kernels.py checks many."""
+between two of them would never open. Many programs run only on a GPU (bench/decode_kernels.py
+--persistent), where the kernel does not yet run correctly (BENCHMARKS.md)."""
 
 import ml_dtypes
 import numpy as np

@@ -23,6 +23,10 @@
 #   decode   one GPU: the decode loop profiled at batch 1 and 32 over a 512-position span of a
 #            1,152-position cache, with separate and with fused projections, then bench/serve_decode.py
 #            at batch 1 and 32 against the transformers peer
+#   decode_flags  one GPU: the one-kernel decode attention against XLA's (bench/decode_attention.py), then
+#            the batch-1 decode profile (bench/serve_profile.py) with XLA's attention, with the kernel, and
+#            with the kernel under XLA flags that cut kernels or their start-up cost (PDL, block-level
+#            fusions, command buffers for the decode loop)
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -169,6 +173,26 @@ case $set_name in
         --label=$layout --out="$out/serve_profile_$layout.json" 2>&1 | quiet | tail -n 4
     done
     timeout 300 python3 bench/serve_decode.py --config=1b --batches_only --out="$out/serve_decode.json" 2>&1 | quiet | tail -n 12
+    exit 0
+    ;;
+  decode_flags)
+    # the one-kernel decode attention against XLA's, alone; then batch-1 decode with XLA's attention,
+    # with the kernel (the default), and with the kernel under XLA flags that cut kernels or their
+    # start-up cost: PDL (programmatic dependent launch), Triton fusions of a reduction with its
+    # elementwise consumers, command buffers for the decode loop itself
+    timeout 120 python3 bench/decode_attention.py --out="$out/decode_attention.json" 2>&1 | quiet | tail -n 9
+    base="--config=1b --batches=1 --max_len=1152 --span=512"
+    cmd="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+    timeout 90 python3 bench/serve_profile.py $base --set model.attention_impl=xla --label=xla_attention \
+      --out="$out/flags_xla_attention.json" 2>&1 | quiet | tail -n 24
+    timeout 90 python3 bench/serve_profile.py $base --label=kernel --hlo="$out/decode_b1.hlo.gz" \
+      --out="$out/flags_kernel.json" 2>&1 | quiet | tail -n 24
+    for variant in "pdl:--xla_gpu_enable_pdl=true" "blocklevel:--xla_gpu_experimental_enable_fusion_block_level_rewriter=true" \
+        "cmdbuf:$cmd" "all:--xla_gpu_enable_pdl=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true $cmd"; do
+      label=${variant%%:*}
+      XLA_FLAGS="${variant#*:}" timeout 90 python3 bench/serve_profile.py $base --label=$label \
+        --out="$out/flags_$label.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    done
     exit 0
     ;;
   persistent)

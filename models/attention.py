@@ -10,6 +10,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.cache import attend_with_cache
 from models.layers import apply_rope, param, rms_norm, rope_inv_freq
+from parallel.attention.decode_kernel import block_size, decode_attention
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
 from parallel.linear.linear_attention import decay_rates
@@ -140,5 +141,16 @@ class Attention(nnx.Module):
     [B, S, K, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
     output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache."""
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan)
-    out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
+    if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[2], plan):
+      out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B)[:, None]
+    else:
+      out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
     return self.project_out(out, plan), {"k": k, "v": v}
+
+  def _decode_kernel(self, new_tokens: int, span: int, plan: ShardingPlan) -> bool:
+    """One new token per row on one GPU where cuDNN attention is the implementation (bf16): the
+    one-kernel decode attention (`parallel.attention.decode_kernel`) instead of XLA's. Not under a
+    mesh of several devices (the kernel is not partitioned), nor for spans or head dims it cannot tile."""
+    hd = self.cfg.resolved_head_dim
+    return (new_tokens == 1 and resolve_implementation(self.cfg) == "cudnn" and jax.default_backend() == "gpu"
+            and plan.mesh.size == 1 and block_size(span) > 0 and hd & (hd - 1) == 0)

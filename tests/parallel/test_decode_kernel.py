@@ -1,0 +1,75 @@
+"""The one-kernel decode attention (parallel/attention/decode_kernel.py) in the Pallas interpreter,
+against a per-row, per-head softmax written here in numpy: each query head over its kv head's
+first cache_len cached positions and the new token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from parallel.attention.decode_kernel import block_size, decode_attention
+
+
+def _numpy_reference(q, k_new, v_new, cache_k, cache_v, lengths):
+  b, h, d = q.shape
+  kv = k_new.shape[1]
+  out = np.zeros((b, h, d), np.float64)
+  for r in range(b):
+    for head in range(h):
+      j = head // (h // kv)
+      keys = np.concatenate([cache_k[r, j, :lengths[r]], k_new[r, j][None]]).astype(np.float64)
+      values = np.concatenate([cache_v[r, j, :lengths[r]], v_new[r, j][None]]).astype(np.float64)
+      s = keys @ q[r, head].astype(np.float64) / np.sqrt(d)
+      p = np.exp(s - s.max())
+      out[r, head] = (p / p.sum()) @ values
+  return out
+
+
+def _inputs(b, h, kv, s, d, lengths, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  arrays = [rng.standard_normal(shape).astype(np.float32) for shape in
+            ((b, h, d), (b, kv, d), (b, kv, d), (b, kv, s, d), (b, kv, s, d))]
+  arrays = [np.asarray(jnp.asarray(a, dtype).astype(jnp.float32)) for a in arrays]  # values the dtype holds
+  return arrays, np.asarray(lengths, np.int32)
+
+
+@pytest.mark.parametrize("h,kv,lengths,block_s", [
+    (4, 2, [0, 5, 16, 64], 16),      # an empty cache, a partial block, a full block, the whole span
+    (2, 2, [37, 1, 63, 20], 32),     # one query head per kv head; lengths off the block grid
+    (8, 1, [50, 64, 3, 33], None),   # multi-query (8 heads on one kv head); the default block
+])
+def test_decode_attention_matches_numpy_float32(h, kv, lengths, block_s):
+  (q, kn, vn, ck, cv), lens = _inputs(4, h, kv, 64, 16, lengths, jnp.float32)
+  got = decode_attention(*(jnp.asarray(a) for a in (q, kn, vn, ck, cv)), jnp.asarray(lens), block_s=block_s,
+                         interpret=True)
+  np.testing.assert_allclose(np.asarray(got), _numpy_reference(q, kn, vn, ck, cv, lens), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_bf16_and_stale_positions_ignored():
+  """bf16 operands within bf16 tolerance; what lies past a row's length (stale or garbage) changes nothing."""
+  (q, kn, vn, ck, cv), lens = _inputs(2, 4, 2, 128, 32, [70, 127], jnp.bfloat16, seed=1)
+  args = lambda ck, cv: [jnp.asarray(a, jnp.bfloat16) for a in (q, kn, vn, ck, cv)] + [jnp.asarray(lens)]
+  got = decode_attention(*args(ck, cv), interpret=True)
+  want = _numpy_reference(q, kn, vn, ck, cv, lens)
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=2e-2, atol=2e-2)
+  ck2, cv2 = ck.copy(), cv.copy()
+  ck2[0, :, 70:], cv2[0, :, 70:] = 1e4, -1e4
+  again = decode_attention(*args(ck2, cv2), interpret=True)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+
+
+def test_decode_attention_rejects_bad_shapes():
+  q = jnp.zeros((2, 4, 16))
+  kv = jnp.zeros((2, 2, 16))
+  cache = jnp.zeros((2, 2, 64, 16))
+  lens = jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="do not group"):
+    decode_attention(jnp.zeros((2, 3, 16)), kv, kv, cache, cache, lens, interpret=True)
+  with pytest.raises(ValueError, match="block_s=24"):
+    decode_attention(q, kv, kv, cache, cache, lens, block_s=24, interpret=True)
+  with pytest.raises(ValueError, match="cache_len"):
+    decode_attention(q, kv, kv, cache, cache, jnp.zeros((3,), jnp.int32), interpret=True)
+  assert block_size(1152) == 128 and block_size(48) == 16 and block_size(40) == 0

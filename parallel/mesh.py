@@ -79,3 +79,12 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids)
+  if jax.default_backend() == "cpu" and _version(jax.__version__) >= (0, 12):
+    # JAX 0.12's CPU processes hang in their first gloo collective when their step programs come
+    # from the persistent compilation cache (a second run on a warm cache never finishes its first
+    # step; a cold cache is fine). Multi-process CPU runs compile afresh instead.
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+def _version(text: str) -> tuple[int, ...]:
+  return tuple(int(p) for p in text.split(".")[:2])

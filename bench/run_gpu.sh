@@ -35,6 +35,7 @@
 #            and conditionals (on by default for experts, parallel/xla_flags.py)
 #   moe_bf16 one GPU: the `moe` step with bfloat16 weights and moments (the PyTorch peer's bf16
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
+#   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
 #            peer in bf16 weights with its learned and with forced routing (same call); on a GPU
 #            with room for them (H200), shardlab with float32 master weights too
@@ -146,6 +147,11 @@ case $set_name in
     moe_speed moe_bf16_scanned 120 $bf16 --set model.scan_unroll=1 --variants=learned
     timeout 200 python3 bench/profile_step.py --config=moe $bf16 --steps=2 --top=80 --out="$out/moe_step_bf16.json" \
       --hlo="$out/moe_step_bf16.hlo.gz" 2>&1 | quiet | tail -n 100
+    exit 0
+    ;;
+  moe_check)
+    # the `moe` step in bf16 weights (grouped_matmul auto: mgpu on Hopper), learned and forced
+    moe_speed moe_bf16 200 --set model.param_dtype=bfloat16
     exit 0
     ;;
   moe_peer)

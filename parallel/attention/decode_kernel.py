@@ -6,9 +6,9 @@ A batch-1 decode step of the `1b` preset is bound by kernel count as much as by 
 batched matmuls (scores, then probabilities x values), the new token's own score and value, the
 length mask, and a softmax split into reductions and elementwise passes, several kernels of 1 to 3
 us each per layer. Here it is one launch per layer: one program per (row, kv head) streams the
-row's valid cache positions in blocks of `block_s`, with a running maximum and sum (the online
-softmax of FlashAttention), the new token's key and value folded in first. Blocks past the row's
-length are not read at all.
+row's cache positions in blocks of `block_s`, with a running maximum and sum (the online softmax
+of FlashAttention), the new token's key and value folded in first. Positions past the row's length
+are masked off in the loads, so they are never read from memory.
 
   decode_attention(q [B, H, D], k_new [B, K, D], v_new [B, K, D], cache_k [B, K, S, D],
                    cache_v [B, K, S, D], cache_len [B]) -> [B, H, D]
@@ -52,6 +52,8 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 
 def _kernel(len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, *, block_s: int, scale: float):
+  from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - masked loads
+
   b, h = pl.program_id(0), pl.program_id(1)
   q = q_ref[...]  # [R, D]: this kv head's query heads, padded to R rows
   length = len_ref[pl.ds(b, 1)][0]
@@ -61,23 +63,28 @@ def _kernel(len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, *, block_s: int
   total = jnp.ones_like(m)
   acc = jnp.broadcast_to(v_new, (q.shape[0], v_new.shape[1]))
   nt = (((1,), (1,)), ((), ()))
+  d = q.shape[1]
 
   def block(i, state):
+    # A loop of static length (one Triton can pipeline) whose loads past the row's length are
+    # masked off: those positions are never read from memory.
     m, total, acc = state
     at = pl.ds(pl.multiple_of(i * block_s, block_s), block_s)
-    keys = k_ref[pl.ds(b, 1), pl.ds(h, 1), at, :][0, 0]  # [block_s, D]
+    position = i * block_s + jnp.arange(block_s, dtype=jnp.int32)
+    valid = position < length
+    mask = jnp.broadcast_to(valid[None, None, :, None], (1, 1, block_s, d))
+    load = lambda ref: plt.load(ref.at[pl.ds(b, 1), pl.ds(h, 1), at, :], mask=mask, other=0)[0, 0]
+    keys = load(k_ref)  # [block_s, D]
     s = jax.lax.dot_general(q, keys, nt, preferred_element_type=F32) * scale  # [R, block_s]
-    position = i * block_s + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    s = jnp.where(position < length, s, jnp.finfo(F32).min)
+    s = jnp.where(valid[None, :], s, jnp.finfo(F32).min)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
-    values = v_ref[pl.ds(b, 1), pl.ds(h, 1), at, :][0, 0]
+    values = load(v_ref)
     pv = jax.lax.dot_general(p.astype(values.dtype), values, (((1,), (0,)), ((), ())), preferred_element_type=F32)
     return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
-  blocks = (length + block_s - 1) // block_s
-  m, total, acc = jax.lax.fori_loop(0, blocks, block, (m, total, acc))
+  m, total, acc = jax.lax.fori_loop(0, k_ref.shape[2] // block_s, block, (m, total, acc))
   o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
 
 

@@ -193,8 +193,8 @@ case $set_name in
       --out="$out/flags_xla_attention.json" 2>&1 | quiet | tail -n 24
     timeout 90 python3 bench/serve_profile.py $base --label=kernel --hlo="$out/decode_b1.hlo.gz" \
       --out="$out/flags_kernel.json" 2>&1 | quiet | tail -n 24
-    for variant in "pdl:--xla_gpu_enable_pdl=true" "blocklevel:--xla_gpu_experimental_enable_fusion_block_level_rewriter=true" \
-        "cmdbuf:$cmd" "all:--xla_gpu_enable_pdl=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true $cmd"; do
+    for variant in "pdl:--xla_gpu_enable_pdl=true" \
+        "all:--xla_gpu_enable_pdl=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true $cmd"; do
       label=${variant%%:*}
       XLA_FLAGS="${variant#*:}" timeout 90 python3 bench/serve_profile.py $base --label=$label \
         --out="$out/flags_$label.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3

@@ -183,14 +183,15 @@ case $set_name in
     ;;
   decode_flags)
     # the one-kernel decode attention against XLA's, alone; then batch-1 decode with XLA's attention,
-    # with the kernel (the default), and with the kernel under XLA flags that cut kernels or their
+    # with the kernel (model.decode_attention=pallas), and with the kernel under XLA flags that cut kernels or their
     # start-up cost: PDL (programmatic dependent launch), Triton fusions of a reduction with its
     # elementwise consumers, command buffers for the decode loop itself
     timeout 120 python3 bench/decode_attention.py --out="$out/decode_attention.json" 2>&1 | quiet | tail -n 9
     base="--config=1b --batches=1 --max_len=1152 --span=512"
     cmd="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
-    timeout 90 python3 bench/serve_profile.py $base --set model.attention_impl=xla --label=xla_attention \
+    timeout 90 python3 bench/serve_profile.py $base --label=xla_attention \
       --out="$out/flags_xla_attention.json" 2>&1 | quiet | tail -n 24
+    base="$base --set model.decode_attention=pallas"
     timeout 90 python3 bench/serve_profile.py $base --label=kernel --hlo="$out/decode_b1.hlo.gz" \
       --out="$out/flags_kernel.json" 2>&1 | quiet | tail -n 24
     for variant in "pdl:--xla_gpu_enable_pdl=true" \

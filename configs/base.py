@@ -20,6 +20,7 @@ CROSS_HOST_AXES = ("replica", "data", "fsdp", "stage")
 DATA_SOURCES = ("builtin", "text", "tokens", "synthetic")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DECODE_ATTENTIONS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 
 # Named strategies of a `ShardingPlan` (parallel/plan.py), one tuple of choices per family.
@@ -68,6 +69,10 @@ class ModelConfig:
   compute_dtype: str = "float32"  # "bfloat16" for mixed precision
   # "auto": cuDNN flash attention on GPUs with bf16 compute, XLA otherwise; or force "xla" / "cudnn".
   attention_impl: str = "auto"
+  # A served decode step's attention (one new token per row over the KV cache): "xla", or "pallas",
+  # one Pallas (Triton) kernel per layer (parallel/attention/decode_kernel.py; one device only; on
+  # CPUs it runs in the Pallas interpreter, which is slow: for tests).
+  decode_attention: str = "xla"
   remat: str = "none"  # one of REMAT_POLICIES
   # Attention kind of each layer, "S" softmax or "L" decayed linear attention, repeated to
   # n_layers: "S" (the default) is a plain Llama, "L" all linear, "LLS" a hybrid.

@@ -142,15 +142,17 @@ class Attention(nnx.Module):
     output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache."""
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan)
     if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[2], plan):
-      out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B)[:, None]
+      out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B,
+                             interpret=jax.default_backend() == "cpu")[:, None]
     else:
       out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
     return self.project_out(out, plan), {"k": k, "v": v}
 
   def _decode_kernel(self, new_tokens: int, span: int, plan: ShardingPlan) -> bool:
-    """One new token per row on one GPU where cuDNN attention is the implementation (bf16): the
-    one-kernel decode attention (`parallel.attention.decode_kernel`) instead of XLA's. Not under a
-    mesh of several devices (the kernel is not partitioned), nor for spans or head dims it cannot tile."""
+    """With `model.decode_attention='pallas'`, one new token per row runs the one-kernel decode
+    attention (`parallel.attention.decode_kernel`) instead of XLA's; not for spans or head dims the
+    kernel cannot tile, nor on a mesh of several devices (the kernel is not partitioned; the
+    serving runner refuses that combination)."""
     hd = self.cfg.resolved_head_dim
-    return (new_tokens == 1 and resolve_implementation(self.cfg) == "cudnn" and jax.default_backend() == "gpu"
-            and plan.mesh.size == 1 and block_size(span) > 0 and hd & (hd - 1) == 0)
+    return (new_tokens == 1 and self.cfg.decode_attention == "pallas" and plan.mesh.size == 1
+            and block_size(span) > 0 and hd & (hd - 1) == 0)

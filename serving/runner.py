@@ -87,6 +87,9 @@ class ModelRunner:
                fused_projections: bool = True):
     """`params`: the model's (separate projections, as trained); `fused_projections`: serve them
     fused (`models.fused`; off only to measure the difference)."""
+    if cfg.decode_attention == "pallas" and plan.mesh.size > 1:
+      raise ValueError(f"model.decode_attention='pallas' runs on one device, but this engine's mesh has "
+                       f"{plan.mesh.size} ({dict(plan.mesh.shape)}): the kernel is not partitioned; use 'xla'")
     self.cfg, self.plan, self.max_len, self.slots = cfg, plan, max_len, slots
     slots = max(slots, MIN_DECODE_ROWS)
     model = lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from configs.base import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ROUTER_SCORES, ModelConfig
+from configs.base import ATTENTION_IMPLS, DECODE_ATTENTIONS, DTYPES, REMAT_POLICIES, ROUTER_SCORES, ModelConfig
 from configs.validate.require import require, require_choice
 
 
@@ -27,6 +27,7 @@ def check(m: ModelConfig, backend: str) -> None:
             f"cuDNN flash attention has no float32 kernels")
     require(backend == "gpu", f"model.attention_impl='cudnn' needs an NVIDIA GPU, but this run's devices are "
                               f"{backend!r}; use 'auto' or 'xla'")
+  require_choice(m.decode_attention, DECODE_ATTENTIONS, "model.decode_attention")
   require(1 <= m.scan_unroll <= m.n_layers and m.n_layers % m.scan_unroll == 0,
           f"model.scan_unroll={m.scan_unroll}: must divide model.n_layers={m.n_layers}")
   require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be positive")

@@ -170,6 +170,29 @@ def test_parallel_decode_equals_one_device(tp_case, sizes):
   assert_close({k: np.asarray(v[1]) for k, v in got.items()}, {k: np.asarray(v[1]) for k, v in want.items()})
 
 
+def test_pallas_decode_attention_equals_full_forward(monkeypatch):
+  """`model.decode_attention='pallas'`: every decode step's attention is the one-kernel version
+  (here in the Pallas interpreter), and greedy tokens and log-probabilities are the full forward
+  pass's, for caches read whole and through spans of 16 and 32 positions."""
+  import models.attention  # noqa: PLC0415
+
+  calls = []
+  kernel = models.attention.decode_attention
+  monkeypatch.setattr(models.attention, "decode_attention", lambda *a, **kw: calls.append(a[3].shape) or kernel(*a, **kw))
+  params = tiny.random_params()
+  engine = make_engine(params, cfg=dataclasses.replace(tiny.CFG, decode_attention="pallas"), decode_steps=4)
+  prompts = [tiny.PATTERN[:5], np.tile(tiny.PATTERN, 3)[2:52], np.tile(tiny.PATTERN, 2)[3:24]]
+  out = run(engine, [greedy(str(i), p, 9) for i, p in enumerate(prompts)])
+  for i, p in enumerate(prompts):
+    tokens, logprobs, logits = tiny.reference_decode(params, p, 9)
+    assert out[str(i)][0] == tokens, f"request {i}"
+    assert_logprobs_close(out[str(i)][1], logprobs, logits)
+  assert {shape[2] for shape in calls} >= {32, tiny.MAX_LEN}, f"the kernel read caches of spans {calls}"
+  with pytest.raises(ValueError, match="decode_attention='pallas' runs on one device"):
+    make_engine(params, cfg=dataclasses.replace(tiny.CFG, decode_attention="pallas"),
+                plan=make_plan(make_mesh({"tensor": 2}, jax.devices()[:2])))
+
+
 @pytest.mark.parametrize("field,value", [("layer_pattern", "LS"), ("n_experts", 4), ("max_seq_len", 32)])
 def test_unservable_models_are_refused(field, value):
   cfg = dataclasses.replace(tiny.CFG, **{field: value})

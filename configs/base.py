@@ -71,7 +71,8 @@ class ModelConfig:
   attention_impl: str = "auto"
   # A served decode step's attention (one new token per row over the KV cache): "xla", or "pallas",
   # one Pallas (Triton) kernel per layer (parallel/attention/decode_kernel.py; one device only; on
-  # CPUs it runs in the Pallas interpreter, which is slow: for tests).
+  # CPUs it runs in the Pallas interpreter, which is slow: for tests). Slower than XLA's at batch 1
+  # on one H100 so far (BENCHMARKS.md), hence not the default.
   decode_attention: str = "xla"
   remat: str = "none"  # one of REMAT_POLICIES
   # Attention kind of each layer, "S" softmax or "L" decayed linear attention, repeated to

@@ -32,9 +32,14 @@ all programs have arrived, and an atomic add of 0 acquires what they wrote.
 forever: the interpreter runs programs one after another).
 
 Status (BENCHMARKS.md, "The resident kernel, tried"): on an H100 a first version ran without any
-barrier (Pallas pruned its unused atomics and poll loop) and raced; with the barrier kept alive, as
-now, it hung even with one program over two layers. The cause of the hang is not found: do not
-build on this kernel before it is.
+barrier (Pallas pruned its unused atomics and poll loop) and raced; with the barrier kept alive it
+hung even with one program over two layers. The Triton IR it lowered to (read on a CPU machine
+by lowering for CUDA) showed why: the counter's atomic adds were `fadd`s. JAX 0.10's lowering
+picks an atomic add's kind from the value's MLIR type, and a tensor of int32 (the shape-(1,) add
+it was given) is not an integer type, so it added 1 as a float to the counter's bits, a denormal
+flushed to 0: the counter never moved. JAX 0.12.1's lowering looks at the element type. The
+barrier now adds scalars, which lower to integer adds on every version; this fix has not run on a
+GPU yet.
 """
 
 from __future__ import annotations
@@ -66,10 +71,13 @@ def _barrier(count_ref, seen_ref, pid, target, *, interpret: bool):
   one = pl.ds(0, 1)
   sync = (lambda: None) if interpret else plt.debug_barrier
   sync()  # every thread of this program has stored its outputs
-  before = plt.atomic_add(count_ref, one, jnp.ones((1,), jnp.int32))[0]
+  # Scalar index and value: JAX 0.10's Triton lowering picks the atomic's kind from the value's
+  # type, and for a tensor of int32 (shape (1,)) it emitted a *floating-point* add on the counter's
+  # bits, which never counts up (1 read as a float is a denormal, flushed to 0).
+  before = plt.atomic_add(count_ref, jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32))
   seen = lambda: plt.load(count_ref.at[one], volatile=True)[0]
   polled = jax.lax.while_loop(lambda c: c < target, lambda c: seen(), seen())
-  after = plt.atomic_add(count_ref, one, jnp.zeros((1,), jnp.int32))[0]  # acquire the others' stores
+  after = plt.atomic_add(count_ref, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))  # acquire the others' stores
   seen_ref[pl.ds(pid, 1)] = jnp.full((1,), jnp.maximum(jnp.maximum(before + 1, polled), after), jnp.int32)
   sync()
 

@@ -30,7 +30,7 @@
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
-#            (it hung at the last try: the first run alone has a 60 s limit so a hang shows early)
+#            (the first run alone has a 60 s limit, so that a hang shows early)
 #   cmdbuf   one GPU: the `moe` training step with and without XLA's command buffers for while loops
 #            and conditionals (on by default for experts, parallel/xla_flags.py)
 #   moe_bf16 one GPU: the `moe` step with bfloat16 weights and moments (the PyTorch peer's bf16

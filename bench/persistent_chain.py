@@ -63,10 +63,9 @@ def _barrier(count_ref, seen_ref, pid, target, *, interpret: bool):
   """Wait until the counter reaches `target` (= programs x barriers passed so far, this one included).
   (The interpreter has no threads to synchronise: no `debug_barrier` there.)
 
-  What the atomics return and what the poll saw are stored (`seen_ref`, one entry per program): a
-  Pallas kernel's jaxpr is pruned of work whose results are unused before it is lowered, and an
-  unused atomic add and poll loop were pruned so, leaving no barrier at all (measured on an H100:
-  the counter stayed 0 and the outputs raced)."""
+  What the atomics return and what the poll saw are stored (`seen_ref`, one entry per program), so
+  that no pruning of unused results can drop them. (A first diagnosis blamed such pruning for a
+  counter that stayed 0 on an H100; the float add described below explains that reading too.)"""
   plt = _triton()
   one = pl.ds(0, 1)
   sync = (lambda: None) if interpret else plt.debug_barrier

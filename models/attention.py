@@ -10,7 +10,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.cache import attend_with_cache
 from models.layers import apply_rope, param, rms_norm, rope_inv_freq
-from parallel.attention.decode_kernel import block_size, decode_attention
+from parallel.attention.decode_kernel import decode_attention, tiles
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
 from parallel.linear.linear_attention import decay_rates
@@ -153,6 +153,5 @@ class Attention(nnx.Module):
     attention (`parallel.attention.decode_kernel`) instead of XLA's; not for spans or head dims the
     kernel cannot tile, nor on a mesh of several devices (the kernel is not partitioned; the
     serving runner refuses that combination)."""
-    hd = self.cfg.resolved_head_dim
     return (new_tokens == 1 and self.cfg.decode_attention == "pallas" and plan.mesh.size == 1
-            and block_size(span) > 0 and hd & (hd - 1) == 0)
+            and tiles(span, self.cfg.resolved_head_dim))

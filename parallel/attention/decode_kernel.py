@@ -51,6 +51,11 @@ def block_size(span: int, largest: int = 128) -> int:
   return b if b >= MIN_ROWS else 0
 
 
+def tiles(span: int, head_dim: int) -> bool:
+  """Whether the kernel can run a cache of `span` positions and heads of `head_dim` (else XLA's)."""
+  return block_size(span) > 0 and head_dim & (head_dim - 1) == 0
+
+
 @functools.lru_cache(maxsize=None)
 def _compiler_params(num_warps: int, num_stages: int):
   from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - only where a kernel is built

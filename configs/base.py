@@ -74,6 +74,10 @@ class ModelConfig:
   # CPUs it runs in the Pallas interpreter, which is slow: for tests). Slower than XLA's at batch 1
   # on one H100 so far (BENCHMARKS.md), hence not the default.
   decode_attention: str = "xla"
+  # A decode step's q/k/v, output and down products with their contraction cut into this many parts
+  # that multiply as one batched product (models/layers.py, split_k_product): more blocks in flight
+  # for products of one or two rows. One device only; 1 is the plain product.
+  decode_split_k: int = 1
   remat: str = "none"  # one of REMAT_POLICIES
   # Attention kind of each layer, "S" softmax or "L" decayed linear attention, repeated to
   # n_layers: "S" (the default) is a plain Llama, "L" all linear, "LLS" a hybrid.

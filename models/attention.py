@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import attend_with_cache
-from models.layers import apply_rope, param, rms_norm, rope_inv_freq
+from models.layers import apply_rope, param, rms_norm, rope_inv_freq, split_k_product
 from parallel.attention.decode_kernel import decode_attention, tiles
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -98,18 +98,21 @@ class Attention(nnx.Module):
       out_BxLxHxD = jax.lax.cond(linear, decayed_linear, softmax)
     return self.project_out(out_BxLxHxD, plan)
 
-  def project_qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                  plan: ShardingPlan) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q [B, L, H, D], k and v [B, L, K, D], RoPE applied to q and k."""
+  def project_qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, plan: ShardingPlan,
+                  split_k: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, L, H, D], k and v [B, L, K, D], RoPE applied to q and k. `split_k`: the products'
+    contraction cut into parts (`models.layers.split_k_product`; decode only)."""
     x = x_BxLxD.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
+    product = lambda spec, weight: (jnp.einsum(spec, x, weight) if split_k == 1
+                                    else split_k_product(x, weight, 1, split_k))
 
     def project(p, bias, axes):
-      y = jnp.einsum("bld,dhk->blhk", x, w(p))
+      y = product("bld,dhk->blhk", w(p))
       return plan.constrain(y if bias is None else y + w(bias), ("batch", "length") + axes)
 
     if self.fused:
-      q, k, v = self._project_fused(x, w, plan)
+      q, k, v = self._project_fused(product("bld,dkgh->blkgh", w(self.wqkv)), w, plan)
     else:
       biases = (self.bq, self.bk, self.bv) if self.cfg.qkv_bias else (None, None, None)
       q = project(self.wq, biases[0], ("heads", "head_dim"))
@@ -120,10 +123,9 @@ class Attention(nnx.Module):
     inv_freq = rope_inv_freq(self.cfg)
     return apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq), v
 
-  def _project_fused(self, x_BxLxD, w, plan):
-    """q, k, v from one product with `wqkv` [D, K, H/K + 2, hd]: each kv head's query heads, then
-    its key and its value."""
-    y = jnp.einsum("bld,dkgh->blkgh", x_BxLxD, w(self.wqkv))
+  def _project_fused(self, y, w, plan):
+    """q, k, v from the product `y` [B, L, K, H/K + 2, hd] of x with `wqkv` [D, K, H/K + 2, hd]:
+    each kv head's query heads, then its key and its value."""
     if self.cfg.qkv_bias:
       y = y + w(self.bqkv)
     y = plan.constrain(y, ("batch", "length") + QKV_AXES[1:])
@@ -131,22 +133,33 @@ class Attention(nnx.Module):
     q = plan.constrain(y[:, :, :, :n - 2].reshape(b, l, k * (n - 2), hd), ("batch", "length", "heads", "head_dim"))
     return q, y[:, :, :, n - 2], y[:, :, :, n - 1]
 
-  def project_out(self, out_BxLxHxD: jax.Array, plan: ShardingPlan) -> jax.Array:
+  def project_out(self, out_BxLxHxD: jax.Array, plan: ShardingPlan, split_k: int = 1) -> jax.Array:
     out_BxLxHxD = plan.constrain(out_BxLxHxD, ("batch", "length", "heads", "head_dim"))
+    if split_k > 1:
+      return split_k_product(out_BxLxHxD, self.wo[...].astype(self.dtype), 2, split_k)
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, self.wo[...].astype(self.dtype))
 
   def with_cache(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: dict, cache_len_B: jax.Array,
                  plan: ShardingPlan) -> tuple[jax.Array, dict]:
     """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
     [B, S, K, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
-    output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache."""
-    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan)
+    output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache.
+
+    A decode step (T == 1) on one device cuts its products' contractions into
+    `model.decode_split_k` parts (`models.layers.split_k_product`)."""
+    split_k = self.decode_split_k(x_BxTxD.shape[1], plan)
+    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan, split_k)
     if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[2], plan):
       out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B,
                              interpret=jax.default_backend() == "cpu")[:, None]
     else:
       out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
-    return self.project_out(out, plan), {"k": k, "v": v}
+    return self.project_out(out, plan, split_k), {"k": k, "v": v}
+
+  def decode_split_k(self, new_tokens: int, plan: ShardingPlan) -> int:
+    """`model.decode_split_k` for a decode step (one new token per row) on one device, else 1 (the
+    split would cut sharded contractions; the serving runner refuses that combination)."""
+    return self.cfg.decode_split_k if new_tokens == 1 and plan.mesh.size == 1 else 1
 
   def _decode_kernel(self, new_tokens: int, span: int, plan: ShardingPlan) -> bool:
     """With `model.decode_attention='pallas'`, one new token per row runs the one-kernel decode

@@ -48,7 +48,8 @@ class Block(nnx.Module):
       attn, new_kv = self.attn.with_cache(self.attn_norm(x), carry["positions"], layer_inputs,
                                           carry["cache_lengths"], plan)
       h = plan.constrain(x + attn.astype(x.dtype), RESIDUAL_AXES)
-      out = h + self.mlp(self.mlp_norm(h), plan).astype(h.dtype)
+      y = self.mlp(self.mlp_norm(h), plan, self.attn.decode_split_k(x.shape[1], plan))  # dense only (engine)
+      out = h + y.astype(h.dtype)
       return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, new_kv
     linear = self.linear if self.linear is not None else layer_inputs == 1
     h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan, linear).astype(x.dtype)

@@ -30,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from models.layers import einsum_f32
+
 CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
 
 
@@ -110,7 +112,7 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
   scale = d ** -0.5
   f32 = jnp.float32
-  s_cache = _einsum_f32("btkgd,bksd->bkgts", q, cache_k_BxKxSxD.astype(q.dtype)) * scale
+  s_cache = einsum_f32("btkgd,bksd->bkgts", q, cache_k_BxKxSxD.astype(q.dtype)) * scale
   s_new = jnp.einsum("btkgd,bukd->bkgtu", q, k_BxTxKxD, preferred_element_type=f32) * scale
   cached = jnp.arange(cache_k_BxKxSxD.shape[2])[None, :] < cache_len_B[:, None]  # [B, S]
   causal = jnp.tril(jnp.ones((t, t), bool))
@@ -123,16 +125,6 @@ def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax
   e_cache, e_new = jnp.exp(s_cache - top), jnp.exp(s_new - top)
   total = e_cache.sum(-1, keepdims=True) + e_new.sum(-1, keepdims=True)
   p_cache, p_new = (e_cache / total).astype(q.dtype), (e_new / total).astype(q.dtype)
-  from_cache = _einsum_f32("bkgts,bksd->btkgd", p_cache, cache_v_BxKxSxD.astype(q.dtype))
+  from_cache = einsum_f32("bkgts,bksd->btkgd", p_cache, cache_v_BxKxSxD.astype(q.dtype))
   out = from_cache + jnp.einsum("bkgtu,bukd->btkgd", p_new, v_BxTxKxD, preferred_element_type=f32)
   return out.reshape(b, t, h, d).astype(q.dtype)
-
-
-def _einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """einsum of compute-dtype operands summed in float32. XLA:CPU has no bf16 x bf16 -> f32 kernel
-  for a batched matrix-vector product (a decode step's), so on CPUs the operands are upcast first:
-  the same sums (bf16 values multiply exactly in float32); GPUs read the cache in its own dtype."""
-  f32 = jnp.float32
-  return jax.lax.platform_dependent(
-      a, b, cpu=lambda a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32), precision="highest"),
-      default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))

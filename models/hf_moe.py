@@ -206,7 +206,8 @@ def load_hf(path: str | Path, **overrides: Any) -> tuple[ModelConfig, dict]:
 
 
 # What a run keeps of its own model section when a HF directory gives the architecture.
-KEPT_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "decode_attention", "scan_unroll", "remat")
+KEPT_FIELDS = ("param_dtype", "compute_dtype", "attention_impl", "decode_attention", "decode_split_k", "scan_unroll",
+               "remat")
 
 
 def config_with_hf(config: Config, path: str | Path) -> Config:

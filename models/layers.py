@@ -23,6 +23,36 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, cfg: ModelC
   return nnx.Param(value, logical_axes=axes)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum of compute-dtype operands summed in float32. XLA:CPU has no bf16 x bf16 -> f32 kernel
+  for a batched matrix-vector product (a decode step's), so on CPUs the operands are upcast first:
+  the same sums (bf16 values multiply exactly in float32); GPUs read the operands in their dtype."""
+  f32 = jnp.float32
+  return jax.lax.platform_dependent(
+      a, b, cpu=lambda a, b: jnp.einsum(spec, a.astype(f32), b.astype(f32), precision="highest"),
+      default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
+
+
+def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int) -> jax.Array:
+  """x's last `n_contract` axes contracted with w's first ones, the contraction cut into `splits`
+  parts that multiply as one batched product (float32 partial sums, added in float32, returned in
+  x's dtype). A decode step multiplies one or two rows by each weight; cuBLAS tiles such a product
+  over its output columns only, so a 2048-wide output runs on a quarter of an H100's SMs. The
+  split multiplies the blocks in flight by `splits`, and the partial sums' addition fuses into the
+  consumer (the residual add, RoPE). `splits=1` is the plain product."""
+  lead, out = x.shape[:-n_contract], w.shape[n_contract:]
+  k = math.prod(x.shape[-n_contract:])
+  if w.shape[:n_contract] != x.shape[-n_contract:] or k % splits:
+    raise ValueError(f"split_k_product: x {x.shape} and w {w.shape} must share {n_contract} contracted axes "
+                     f"whose size divides into splits={splits}")
+  if splits == 1:
+    return jnp.tensordot(x, w, n_contract)
+  xs = x.reshape(*lead, splits, k // splits)
+  ws = w.reshape(splits, k // splits, math.prod(out))
+  partial = einsum_f32("...sk,skn->s...n", xs, ws)
+  return partial.sum(0).reshape(*lead, *out).astype(x.dtype)
+
+
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   """x / rms(x) * scale, computed in float32, returned in x's dtype (Zhang & Sennrich 2019)."""
   x = x_BxLxD.astype(jnp.float32)
@@ -117,7 +147,8 @@ class MLP(nnx.Module):
       self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan, split_k: int = 1) -> jax.Array:
+    """`split_k`: the down product's contraction cut into parts (`split_k_product`; decode only)."""
     x = x_BxLxD.astype(self.dtype)
     if self.fused:
       y = jnp.einsum("bld,dtf->bltf", x, self.w_gate_up[...].astype(self.dtype))
@@ -126,4 +157,6 @@ class MLP(nnx.Module):
       gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))
       up = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(self.dtype))
     h_BxLxF = plan.constrain(swiglu(gate, up), ("batch", "length", "mlp"))
+    if split_k > 1:
+      return split_k_product(h_BxLxF, self.w_down[...].astype(self.dtype), 1, split_k)
     return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(self.dtype))

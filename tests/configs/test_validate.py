@@ -70,6 +70,7 @@ def test_fill_axis():
     (["model.remat=sometimes"], 8, r"model.remat='sometimes': choose one of"),
     (["model.attention_impl=flash3"], 8, r"model.attention_impl='flash3': choose one of"),
     (["model.decode_attention=flash"], 8, r"model.decode_attention='flash': choose one of"),
+    (["model.decode_split_k=3"], 8, r"model.decode_split_k=3: must be >= 1 and divide model.d_model"),
     (["model.attention_impl=cudnn"], 8, r"model.attention_impl='cudnn' needs model.compute_dtype='bfloat16'"),
     (["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"], 8,
      r"model.attention_impl='cudnn' needs an NVIDIA GPU, but this run's devices are 'cpu'"),

@@ -1,5 +1,5 @@
 """Layers against references written out independently: SwiGLU's hand-written backward against
-autodiff, RMSNorm and RoPE against numpy."""
+autodiff, RMSNorm, RoPE and the split-contraction product against numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import ModelConfig
-from models.layers import RMSNorm, apply_rope, rope_inv_freq, swiglu
+from models.layers import RMSNorm, apply_rope, rope_inv_freq, split_k_product, swiglu
 
 CFG = ModelConfig(d_model=32, n_heads=4, n_kv_heads=2)
 
@@ -46,3 +46,26 @@ def test_rope_rotates_pairs_of_halves_by_position_times_frequency():
   x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
   want = np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
   np.testing.assert_allclose(apply_rope(jnp.asarray(x), jnp.asarray(pos), rope_inv_freq(CFG)), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("x_shape,w_shape,n_contract,splits", [
+    ((2, 1, 32), (32, 4, 3, 8), 1, 4),   # fused q/k/v: [B, T, D] x [D, K, H/K + 2, hd]
+    ((2, 1, 4, 8), (4, 8, 32), 2, 2),    # output: [B, T, H, hd] x [H, hd, D], two contracted axes
+    ((3, 1, 64), (64, 32), 1, 8),        # down: [B, T, F] x [F, D]
+    ((2, 1, 64), (64, 32), 1, 1)])       # no split: the plain product
+def test_split_k_product_matches_numpy(dtype, tol, x_shape, w_shape, n_contract, splits):
+  rng = np.random.default_rng(1)
+  x, w = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
+  x, w = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w))  # the values the product sees
+  want = np.tensordot(x, w, n_contract)
+  got = split_k_product(jnp.asarray(x, dtype), jnp.asarray(w, dtype), n_contract, splits)
+  assert got.shape == want.shape and got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_split_k_product_refuses_splits_that_do_not_divide():
+  with pytest.raises(ValueError, match="splits=3"):
+    split_k_product(jnp.ones((2, 1, 32)), jnp.ones((32, 8)), 1, 3)
+  with pytest.raises(ValueError, match="share 1 contracted"):
+    split_k_product(jnp.ones((2, 1, 32)), jnp.ones((16, 8)), 1, 2)

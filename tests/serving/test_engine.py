@@ -193,6 +193,32 @@ def test_pallas_decode_attention_equals_full_forward(monkeypatch):
                 plan=make_plan(make_mesh({"tensor": 2}, jax.devices()[:2])))
 
 
+def test_split_k_decode_equals_full_forward(monkeypatch):
+  """`model.decode_split_k`: a decode step's products with their contractions cut in four give the
+  full forward pass's greedy tokens and log-probabilities; refused on a mesh of several devices."""
+  import models.attention  # noqa: PLC0415
+  import models.layers  # noqa: PLC0415
+
+  calls = []
+  for module in (models.attention, models.layers):
+    product = module.split_k_product
+    monkeypatch.setattr(module, "split_k_product",
+                        lambda x, w, n, k, product=product: calls.append((x.shape[1], w.shape, k)) or product(x, w, n, k))
+  params = tiny.random_params()
+  cfg = dataclasses.replace(tiny.CFG, decode_split_k=4)
+  prompts = [tiny.PATTERN[:5], np.tile(tiny.PATTERN, 2)[3:24]]
+  out = run(make_engine(params, cfg=cfg, decode_steps=4), [greedy(str(i), p, 9) for i, p in enumerate(prompts)])
+  for i, p in enumerate(prompts):
+    tokens, logprobs, logits = tiny.reference_decode(params, p, 9)
+    assert out[str(i)][0] == tokens, f"request {i}"
+    assert_logprobs_close(out[str(i)][1], logprobs, logits)
+  d, h, hd = tiny.CFG.d_model, tiny.CFG.n_heads, tiny.CFG.resolved_head_dim
+  assert {(t, k) for t, _, k in calls} == {(1, 4)}, "only decode steps split, in four"
+  assert {w[:2] for _, w, _ in calls} == {(d, tiny.CFG.n_kv_heads), (h, hd), (tiny.CFG.d_ff, d)}, "q/k/v, output, down"
+  with pytest.raises(ValueError, match="decode_split_k=4 runs on one device"):
+    make_engine(params, cfg=cfg, plan=make_plan(make_mesh({"tensor": 2}, jax.devices()[:2])))
+
+
 @pytest.mark.parametrize("field,value", [("layer_pattern", "LS"), ("n_experts", 4), ("max_seq_len", 32)])
 def test_unservable_models_are_refused(field, value):
   cfg = dataclasses.replace(tiny.CFG, **{field: value})

@@ -142,18 +142,21 @@ class Attention(nnx.Module):
   def with_cache(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: dict, cache_len_B: jax.Array,
                  plan: ShardingPlan) -> tuple[jax.Array, dict]:
     """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
-    [B, S, K, D]}, `cache_len_B` positions valid) and themselves (`models.cache`). Returns the
+    [B, K, S, D]}, or every layer's [L, B, K, S, D] and this one's index {"layer"}; `cache_len_B`
+    positions valid) and themselves (`models.cache`). Returns the
     output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache.
 
     A decode step (T == 1) on one device cuts its products' contractions into
     `model.decode_split_k` parts (`models.layers.split_k_product`)."""
     split_k = self.decode_split_k(x_BxTxD.shape[1], plan)
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan, split_k)
-    if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[2], plan):
-      out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B,
+    layer = cache.get("layer")  # set: cache["k"], cache["v"] are every layer's (`reads_cache_in_place`)
+    if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[-2], plan):
+      out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B, layer=layer,
                              interpret=jax.default_backend() == "cpu")[:, None]
     else:
-      out = attend_with_cache(q, k, v, cache["k"], cache["v"], cache_len_B)
+      own = (lambda a: a) if layer is None else (lambda a: a[layer])
+      out = attend_with_cache(q, k, v, own(cache["k"]), own(cache["v"]), cache_len_B)
     return self.project_out(out, plan, split_k), {"k": k, "v": v}
 
   def decode_split_k(self, new_tokens: int, plan: ShardingPlan) -> int:
@@ -168,3 +171,9 @@ class Attention(nnx.Module):
     serving runner refuses that combination)."""
     return (new_tokens == 1 and self.cfg.decode_attention == "pallas" and plan.mesh.size == 1
             and tiles(span, self.cfg.resolved_head_dim))
+
+
+def reads_cache_in_place(cfg: ModelConfig, plan: ShardingPlan) -> bool:
+  """Whether a decoder's layers read the stacked KV cache in place (`model.decode_attention='pallas'`
+  on one device: the kernel indexes the layer itself) rather than each its own slice."""
+  return cfg.decode_attention == "pallas" and plan.mesh.size == 1

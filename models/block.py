@@ -40,13 +40,14 @@ class Block(nnx.Module):
     router losses, tokens per expert and dropped pairs for an MoE block (`models.moe.MOE_OUTPUTS`).
 
     `layer_inputs`: None, or in a hybrid stack this layer's kind (1 linear attention, 0 softmax),
-    or for a decoder this layer's KV-cache slice {"k", "v"} (`models.cache`): then the carry also
-    holds "cache_lengths" [B], and the outputs are the new tokens' {"k", "v"}.
+    or for a decoder this layer's KV-cache slice {"k", "v"} (`models.cache`), or its index {"layer"}
+    into the whole cache the carry holds as "cache_stack" (`Transformer.forward_layers_cached`):
+    then the carry also holds "cache_lengths" [B], and the outputs are the new tokens' {"k", "v"}.
     """
     x = carry["x"]
     if isinstance(layer_inputs, dict):
-      attn, new_kv = self.attn.with_cache(self.attn_norm(x), carry["positions"], layer_inputs,
-                                          carry["cache_lengths"], plan)
+      cache = layer_inputs if "layer" not in layer_inputs else {**carry["cache_stack"], **layer_inputs}
+      attn, new_kv = self.attn.with_cache(self.attn_norm(x), carry["positions"], cache, carry["cache_lengths"], plan)
       h = plan.constrain(x + attn.astype(x.dtype), RESIDUAL_AXES)
       y = self.mlp(self.mlp_norm(h), plan, self.attn.decode_split_k(x.shape[1], plan))  # dense only (engine)
       out = h + y.astype(h.dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import ModelConfig
-from models.attention import layer_kinds
+from models.attention import layer_kinds, reads_cache_in_place
 from models.block import RESIDUAL_AXES, Block
 from models.layers import RMSNorm, param, rms_norm
 from models.moe import RouterBias, expert_width, is_sparse, stack_layout
@@ -161,11 +161,19 @@ class Transformer(nnx.Module):
     """The second piece for a decoder: each layer gets its KV-cache slice (`models.cache.KVCache.rows`)
     as its layer input; the carry holds "cache_lengths" [B]. Returns the last carry and the new
     tokens' keys and values, {"k", "v"} [layers, B, T, K, D]. `unroll`: layers per scan
-    iteration (default `model.scan_unroll`)."""
+    iteration (default `model.scan_unroll`). With the decode kernel (`reads_cache_in_place`) the
+    whole cache rides in the carry ("cache_stack") and each layer gets its index ({"layer"})."""
     if set(layer_kinds(self.cfg)) != {"S"}:
       raise ValueError(f"layer_pattern={self.cfg.layer_pattern!r}: the KV cache decodes softmax layers only")
     fn, stacked = self.layer_fn(plan)
-    return run_layers(fn, stacked, carry, cache_rows, unroll=self.cfg.scan_unroll if unroll is None else unroll)
+    unroll = self.cfg.scan_unroll if unroll is None else unroll
+    if not reads_cache_in_place(self.cfg, plan):
+      return run_layers(fn, stacked, carry, cache_rows, unroll=unroll)
+    # The decode kernel reads each layer's keys and values from the stacked cache in place: the
+    # cache rides in the carry, unchanged, and each layer gets its index instead of its slice.
+    layers = {"layer": jnp.arange(self.cfg.n_layers, dtype=jnp.int32)}
+    carry, new_kv = run_layers(fn, stacked, {**carry, "cache_stack": cache_rows}, layers, unroll=unroll)
+    return {k: v for k, v in carry.items() if k != "cache_stack"}, new_kv
 
   def head(self, x_BxLxD: jax.Array, *, plan: ShardingPlan) -> jax.Array:
     """The last piece: final norm and output projection. Logits in the compute dtype; the loss

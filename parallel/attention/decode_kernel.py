@@ -63,53 +63,82 @@ def _compiler_params(num_warps: int, num_stages: int):
   return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _kernel(len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, *, block_s: int, scale: float):
+def default_splits(rows: int, kv_heads: int, span: int, programs: int = 256) -> int:
+  """Parts of the positions axis for `decode_attention`: enough that rows x kv heads x parts reach
+  about `programs` (every SM busy, and then some), each part a whole number of blocks of at least
+  `MIN_ROWS` positions (so `tiles(span, ...)` implies a valid split)."""
+  p = 1
+  while rows * kv_heads * p * 2 <= programs and span % (p * 2) == 0 and block_size(span // (p * 2)) > 0:
+    p *= 2
+  return p
+
+
+def _kernel(layer_ref, len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *, block_s: int,
+            chunk: int, scale: float):
+  """One program: row b, kv head h, positions [p * chunk, (p + 1) * chunk) of layer `layer_ref[0]`
+  of the stacked cache. Writes the part's unnormalised output, running maximum and sum; part 0 also
+  folds in the new token."""
   from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - masked loads
 
-  b, h = pl.program_id(0), pl.program_id(1)
+  b, h, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   q = q_ref[...]  # [R, D]: this kv head's query heads, padded to R rows
   length = len_ref[pl.ds(b, 1)][0]
+  layer = layer_ref[pl.ds(0, 1)][0]
   k_new = kn_ref[pl.ds(b, 1), pl.ds(h, 1), :][0].astype(F32)  # [1, D]
   v_new = vn_ref[pl.ds(b, 1), pl.ds(h, 1), :][0].astype(F32)
-  m = jnp.sum(q.astype(F32) * k_new, axis=1) * scale  # [R]: the new token's score opens the softmax
-  total = jnp.ones_like(m)
-  acc = jnp.broadcast_to(v_new, (q.shape[0], v_new.shape[1]))
+  first = part == 0
+  # Part 0 opens with the new token's score; the others start empty (their maximum at float32's
+  # lowest, so a part with no valid position weighs exp(lowest - real maximum) = 0 in the combine).
+  m = jnp.where(first, jnp.sum(q.astype(F32) * k_new, axis=1) * scale, jnp.finfo(F32).min)  # [R]
+  total = jnp.where(first, 1.0, 0.0) * jnp.ones_like(m)
+  acc = jnp.where(first, 1.0, 0.0) * jnp.broadcast_to(v_new, (q.shape[0], v_new.shape[1]))
   nt = (((1,), (1,)), ((), ()))
   d = q.shape[1]
+  start = part * chunk
 
   def block(i, state):
     # A loop of static length (one Triton can pipeline) whose loads past the row's length are
     # masked off: those positions are never read from memory.
     m, total, acc = state
-    at = pl.ds(pl.multiple_of(i * block_s, block_s), block_s)
-    position = i * block_s + jnp.arange(block_s, dtype=jnp.int32)
+    at = pl.ds(pl.multiple_of(start + i * block_s, block_s), block_s)
+    position = start + i * block_s + jnp.arange(block_s, dtype=jnp.int32)
     valid = position < length
-    mask = jnp.broadcast_to(valid[None, None, :, None], (1, 1, block_s, d))
-    load = lambda ref: plt.load(ref.at[pl.ds(b, 1), pl.ds(h, 1), at, :], mask=mask, other=0)[0, 0]
+    mask = jnp.broadcast_to(valid[None, None, None, :, None], (1, 1, 1, block_s, d))
+    load = lambda ref: plt.load(ref.at[pl.ds(layer, 1), pl.ds(b, 1), pl.ds(h, 1), at, :], mask=mask, other=0)[0, 0, 0]
     keys = load(k_ref)  # [block_s, D]
     s = jax.lax.dot_general(q, keys, nt, preferred_element_type=F32) * scale  # [R, block_s]
     s = jnp.where(valid[None, :], s, jnp.finfo(F32).min)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
+    p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
     values = load(v_ref)
     pv = jax.lax.dot_general(p.astype(values.dtype), values, (((1,), (0,)), ((), ())), preferred_element_type=F32)
     return m_new, total * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
-  m, total, acc = jax.lax.fori_loop(0, k_ref.shape[2] // block_s, block, (m, total, acc))
-  o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+  m, total, acc = jax.lax.fori_loop(0, chunk // block_s, block, (m, total, acc))
+  acc_ref[...], m_ref[...], sum_ref[...] = acc, m, total
 
 
 def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array, cache_k_BxKxSxD: jax.Array,
-                     cache_v_BxKxSxD: jax.Array, cache_len_B: jax.Array, *, block_s: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                     cache_v_BxKxSxD: jax.Array, cache_len_B: jax.Array, *, layer: jax.Array | None = None,
+                     splits: int | None = None, block_s: int | None = None, num_warps: int = 4,
+                     num_stages: int = 2, interpret: bool = False) -> jax.Array:
   """Softmax attention of one new token per row over cached positions [0, cache_len) and itself
-  (module docstring). `block_s` (default: `block_size(S)`) must be a power of two >= 16 dividing S."""
+  (module docstring). The positions split into `splits` parts (default `default_splits`), each a
+  program per row and kv head, whose partial softmaxes combine afterwards (flash-decoding);
+  `block_s` (default: `block_size` of a part) must be a power of two >= 16 dividing a part.
+
+  `layer` (an int32 scalar): the caches are every layer's, stacked [L, B, K, S, D], and the kernel
+  reads this layer's in place (a slice handed to a custom call would be copied out first)."""
   b, h, d = q_BxHxD.shape
-  _, kv, s, _ = cache_k_BxKxSxD.shape
-  if cache_k_BxKxSxD.shape != (b, kv, s, d) or cache_v_BxKxSxD.shape != (b, kv, s, d):
-    raise ValueError(f"decode_attention: cache k and v must be [B={b}, K, S, D={d}], got "
-                     f"{cache_k_BxKxSxD.shape} and {cache_v_BxKxSxD.shape}")
+  stacked = cache_k_BxKxSxD.shape if layer is not None else (1, *cache_k_BxKxSxD.shape)
+  if len(stacked) != 5:
+    raise ValueError(f"decode_attention: cache k must be [B, K, S, D], or [L, B, K, S, D] with `layer`, got "
+                     f"{cache_k_BxKxSxD.shape} (layer {'given' if layer is not None else 'not given'})")
+  n_layers, _, kv, s, _ = stacked
+  if stacked != (n_layers, b, kv, s, d) or cache_v_BxKxSxD.shape != cache_k_BxKxSxD.shape:
+    raise ValueError(f"decode_attention: cache k and v must be [B={b}, K, S, D={d}] (after a leading layers axis "
+                     f"with `layer`), got {cache_k_BxKxSxD.shape} and {cache_v_BxKxSxD.shape}")
   if k_new_BxKxD.shape != (b, kv, d) or v_new_BxKxD.shape != (b, kv, d):
     raise ValueError(f"decode_attention: new k and v must be [B={b}, K={kv}, D={d}], got "
                      f"{k_new_BxKxD.shape} and {v_new_BxKxD.shape}")
@@ -117,23 +146,36 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
     raise ValueError(f"decode_attention: {h} query heads do not group over {kv} key/value heads")
   if cache_len_B.shape != (b,):
     raise ValueError(f"decode_attention: cache_len must be [B={b}], got {cache_len_B.shape}")
-  block_s = block_size(s) if block_s is None else block_s
-  if block_s < MIN_ROWS or block_s & (block_s - 1) or s % block_s:
+  splits = default_splits(b, kv, s) if splits is None else splits
+  if splits < 1 or s % splits:
+    raise ValueError(f"decode_attention: splits={splits} must be >= 1 and divide the cache's {s} positions")
+  chunk = s // splits
+  block_s = block_size(chunk) if block_s is None else block_s
+  if block_s < MIN_ROWS or block_s & (block_s - 1) or chunk % block_s:
     raise ValueError(f"decode_attention: block_s={block_s} must be a power of two >= {MIN_ROWS} dividing "
-                     f"the cache's {s} positions")
+                     f"a part of {chunk} positions (the cache's {s} over splits={splits})")
   if d & (d - 1):
     raise ValueError(f"decode_attention: head dim {d} must be a power of two (a Triton block)")
   g = h // kv
   rows = max(MIN_ROWS, pl.next_power_of_2(g))
   q = jnp.pad(q_BxHxD.reshape(b, kv, g, d), ((0, 0), (0, 0), (0, rows - g), (0, 0))).astype(cache_k_BxKxSxD.dtype)
-  whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
-  per_head = pl.BlockSpec((None, None, rows, d), lambda i, j: (i, j, 0, 0))
-  kernel = functools.partial(_kernel, block_s=block_s, scale=d ** -0.5)
-  out = pl.pallas_call(
-      kernel, grid=(b, kv), out_shape=jax.ShapeDtypeStruct((b, kv, rows, d), q_BxHxD.dtype),
-      in_specs=[whole((b,)), per_head, whole((b, kv, d)), whole((b, kv, d)), whole((b, kv, s, d)),
-                whole((b, kv, s, d))],
-      out_specs=per_head, interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages))(
-          cache_len_B.astype(jnp.int32), q, k_new_BxKxD, v_new_BxKxD, cache_k_BxKxSxD, cache_v_BxKxSxD)
-  return out[:, :, :g].reshape(b, h, d)
+  whole = lambda shape: pl.BlockSpec(shape, lambda i, j, p: (0,) * len(shape))
+  kernel = functools.partial(_kernel, block_s=block_s, chunk=chunk, scale=d ** -0.5)
+  layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
+  acc, m, total = pl.pallas_call(
+      kernel, grid=(b, kv, splits),
+      out_shape=(jax.ShapeDtypeStruct((b, kv, splits, rows, d), F32), jax.ShapeDtypeStruct((b, kv, splits, rows), F32),
+                 jax.ShapeDtypeStruct((b, kv, splits, rows), F32)),
+      in_specs=[whole((1,)), whole((b,)), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
+                whole((b, kv, d)), whole((b, kv, d)), whole(stacked), whole(stacked)],
+      out_specs=(pl.BlockSpec((None, None, None, rows, d), lambda i, j, p: (i, j, p, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0))),
+      interpret=interpret, compiler_params=None if interpret else _compiler_params(num_warps, num_stages))(
+          layer, cache_len_B.astype(jnp.int32), q, k_new_BxKxD, v_new_BxKxD, cache_k_BxKxSxD.reshape(stacked),
+          cache_v_BxKxSxD.reshape(stacked))
+  # The parts' softmaxes combined: each rescaled to the overall maximum (parts with no valid
+  # position have weight 0), then one division by the overall sum.
+  weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, K, P, R]
+  out = (acc * weight[..., None]).sum(2) / (total * weight).sum(2)[..., None]  # [B, K, R, D]
+  return out[:, :, :g].reshape(b, h, d).astype(q_BxHxD.dtype)

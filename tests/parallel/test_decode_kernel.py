@@ -10,7 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from parallel.attention.decode_kernel import block_size, decode_attention
+from parallel.attention.decode_kernel import block_size, decode_attention, default_splits
 
 
 def _numpy_reference(q, k_new, v_new, cache_k, cache_v, lengths):
@@ -36,15 +36,16 @@ def _inputs(b, h, kv, s, d, lengths, dtype, seed=0):
   return arrays, np.asarray(lengths, np.int32)
 
 
-@pytest.mark.parametrize("h,kv,lengths,block_s", [
-    (4, 2, [0, 5, 16, 64], 16),      # an empty cache, a partial block, a full block, the whole span
-    (2, 2, [37, 1, 63, 20], 32),     # one query head per kv head; lengths off the block grid
-    (8, 1, [50, 64, 3, 33], None),   # multi-query (8 heads on one kv head); the default block
+@pytest.mark.parametrize("h,kv,lengths,block_s,splits", [
+    (4, 2, [0, 5, 16, 64], 16, None),   # an empty cache, a partial block, a full block, the whole span
+    (2, 2, [37, 1, 63, 20], 32, 2),     # one query head per kv head; lengths off the block grid
+    (8, 1, [50, 64, 3, 33], None, 1),   # multi-query (8 heads on one kv head); one part, the default block
+    (4, 2, [0, 17, 40, 64], 16, 4),     # parts with no valid position, partly valid, all valid
 ])
-def test_decode_attention_matches_numpy_float32(h, kv, lengths, block_s):
+def test_decode_attention_matches_numpy_float32(h, kv, lengths, block_s, splits):
   (q, kn, vn, ck, cv), lens = _inputs(4, h, kv, 64, 16, lengths, jnp.float32)
   got = decode_attention(*(jnp.asarray(a) for a in (q, kn, vn, ck, cv)), jnp.asarray(lens), block_s=block_s,
-                         interpret=True)
+                         splits=splits, interpret=True)
   np.testing.assert_allclose(np.asarray(got), _numpy_reference(q, kn, vn, ck, cv, lens), rtol=1e-5, atol=1e-5)
 
 
@@ -61,6 +62,16 @@ def test_decode_attention_bf16_and_stale_positions_ignored():
   np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
 
 
+def test_decode_attention_reads_one_layer_of_a_stacked_cache():
+  """With `layer` (traced, as in a scan over layers) the kernel reads that layer of [L, B, K, S, D]."""
+  (q, kn, vn, ck, cv), lens = _inputs(2, 4, 2, 64, 16, [9, 50], jnp.float32, seed=2)
+  rng = np.random.default_rng(3)
+  stack = lambda a: np.stack([rng.standard_normal(a.shape).astype(np.float32), a, -a])  # layer 1 is `a`
+  run = jax.jit(lambda layer, *args: decode_attention(*args, layer=layer, splits=2, interpret=True))
+  got = run(jnp.int32(1), *(jnp.asarray(a) for a in (q, kn, vn, stack(ck), stack(cv), lens)))
+  np.testing.assert_allclose(np.asarray(got), _numpy_reference(q, kn, vn, ck, cv, lens), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_attention_rejects_bad_shapes():
   q = jnp.zeros((2, 4, 16))
   kv = jnp.zeros((2, 2, 16))
@@ -70,6 +81,13 @@ def test_decode_attention_rejects_bad_shapes():
     decode_attention(jnp.zeros((2, 3, 16)), kv, kv, cache, cache, lens, interpret=True)
   with pytest.raises(ValueError, match="block_s=24"):
     decode_attention(q, kv, kv, cache, cache, lens, block_s=24, interpret=True)
+  with pytest.raises(ValueError, match=r"or \[L, B, K, S, D\] with `layer`"):
+    decode_attention(q, kv, kv, cache, cache, lens, layer=jnp.int32(0), interpret=True)
+  with pytest.raises(ValueError, match="splits=3"):
+    decode_attention(q, kv, kv, cache, cache, lens, splits=3, interpret=True)
+  with pytest.raises(ValueError, match="block_s=32 must be .* a part of 16"):
+    decode_attention(q, kv, kv, cache, cache, lens, splits=4, block_s=32, interpret=True)
   with pytest.raises(ValueError, match="cache_len"):
     decode_attention(q, kv, kv, cache, cache, jnp.zeros((3,), jnp.int32), interpret=True)
   assert block_size(1152) == 128 and block_size(48) == 16 and block_size(40) == 0
+  assert default_splits(2, 8, 512) == 16 and default_splits(32, 8, 512) == 1 and default_splits(2, 8, 64) == 4 and default_splits(1, 1, 48) == 1

@@ -187,7 +187,8 @@ def test_pallas_decode_attention_equals_full_forward(monkeypatch):
     tokens, logprobs, logits = tiny.reference_decode(params, p, 9)
     assert out[str(i)][0] == tokens, f"request {i}"
     assert_logprobs_close(out[str(i)][1], logprobs, logits)
-  assert {shape[2] for shape in calls} >= {32, tiny.MAX_LEN}, f"the kernel read caches of spans {calls}"
+  assert {shape[-2] for shape in calls} >= {32, tiny.MAX_LEN}, f"the kernel read caches of spans {calls}"
+  assert {shape[0] for shape in calls} == {tiny.CFG.n_layers}, "the kernel reads every layer's cache in place"
   with pytest.raises(ValueError, match="decode_attention='pallas' runs on one device"):
     make_engine(params, cfg=dataclasses.replace(tiny.CFG, decode_attention="pallas"),
                 plan=make_plan(make_mesh({"tensor": 2}, jax.devices()[:2])))

@@ -173,7 +173,8 @@ def test_parallel_decode_equals_one_device(tp_case, sizes):
 def test_pallas_decode_attention_equals_full_forward(monkeypatch):
   """`model.decode_attention='pallas'`: every decode step's attention is the one-kernel version
   (here in the Pallas interpreter), and greedy tokens and log-probabilities are the full forward
-  pass's, for caches read whole and through spans of 16 and 32 positions."""
+  pass's, for caches read whole and through spans of 16 and 32 positions; the kernel is handed the
+  stacked cache of every layer (read in place), not a layer's slice."""
   import models.attention  # noqa: PLC0415
 
   calls = []

@@ -5,13 +5,19 @@ A batch-1 decode step of the `1b` preset is bound by kernel count as much as by 
 (BENCHMARKS.md, "Decode, profiled"): in XLA one token's attention over its cache is two skinny
 batched matmuls (scores, then probabilities x values), the new token's own score and value, the
 length mask, and a softmax split into reductions and elementwise passes, several kernels of 1 to 3
-us each per layer. Here it is one launch per layer: one program per (row, kv head) streams the
-row's cache positions in blocks of `block_s`, with a running maximum and sum (the online softmax
-of FlashAttention), the new token's key and value folded in first. Positions past the row's length
-are masked off in the loads, so they are never read from memory.
+us each per layer. Here it is one launch per layer: one program per (row, kv head, part of the
+positions) streams its positions in blocks of `block_s`, with a running maximum and sum (the online
+softmax of FlashAttention); part 0 folds the new token's key and value in first. Positions past the
+row's length are masked off in the loads, so they are never read from memory. The parts' partial
+softmaxes then combine in one small XLA fusion (flash-decoding): a batch-1 step has only rows x kv
+heads = 16 (row, head) pairs, and one program streaming a head's whole span runs at a fraction of
+an SM's share of the bandwidth.
 
   decode_attention(q [B, H, D], k_new [B, K, D], v_new [B, K, D], cache_k [B, K, S, D],
                    cache_v [B, K, S, D], cache_len [B]) -> [B, H, D]
+
+or, with `layer=`, caches of every layer [L, B, K, S, D], read in place: XLA copies a slice handed
+to a custom call into a buffer of its own first (a layer's span of keys and of values, every step).
 
 Query heads group over kv heads (GQA, H = K x G): head h reads kv head h // G, as
 `models.cache.attend_with_cache` reads them. Products run on tensor cores with float32 sums; the
@@ -22,12 +28,11 @@ and agree to float32 rounding in float32.
 
 `interpret=True` runs the kernel anywhere (the CPU tests).
 
-Status (BENCHMARKS.md, "One kernel for a decode step's attention"): on one H100 it made a batch-1
-`1b` decode step slower, 1.34 against XLA's 1.19 ms. A batch-1 step gives it 16 programs (rows x kv
-heads) for 132 SMs, each streaming its positions block after block (17 us per layer), and XLA
-copies each layer's cache slice into a buffer of its own before the call. Positions split over
-more programs (flash-decoding, with a combine of the partial softmaxes) and the stacked cache read
-in place are the next steps; until then `model.decode_attention` defaults to XLA's.
+Status (BENCHMARKS.md, "One kernel for a decode step's attention"): the first version (one program
+per row and kv head, each layer's slice copied) made a batch-1 `1b` decode step slower on one
+H100, 1.34 against XLA's 1.19 ms: 16 programs for 132 SMs, 17 us per layer, plus the copies. The
+parts and the in-place read answer both; `model.decode_attention` stays `xla` by default until a
+GPU measurement says otherwise.
 """
 
 from __future__ import annotations

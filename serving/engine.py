@@ -36,6 +36,7 @@ from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan
 from serving.runner import ModelRunner, buckets
 from serving.scheduler import Scheduler, Sequence
+from serving.speculative import SpeculativeRunner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +83,40 @@ def replica_plans(plan: ShardingPlan) -> list[ShardingPlan]:
           for i in range(mesh.shape["data"])]
 
 
+@dataclasses.dataclass(frozen=True)
+class Draft:
+  """A draft model for speculative decoding: its config and parameters (same vocabulary as the
+  target's), and how many tokens it proposes per round."""
+
+  config: ModelConfig
+  params: Any
+  tokens: int = 4
+
+
+def _check_servable(cfg: ModelConfig, max_len: int, what: str) -> None:
+  if set(cfg.layer_pattern) != {"S"}:
+    raise ValueError(f"{what}.layer_pattern={cfg.layer_pattern!r}: the engine's KV cache serves softmax "
+                     "attention layers only")
+  if cfg.n_experts:
+    raise ValueError(f"{what}.n_experts={cfg.n_experts}: the engine serves dense models only")
+  if max_len > cfg.max_seq_len:
+    raise ValueError(f"max_len={max_len} exceeds {what}.max_seq_len={cfg.max_seq_len}")
+
+
 class _Replica:
   """One data-parallel replica: its scheduler, its model runner (weights and KV cache) and the
   last token of each of its slots."""
 
   def __init__(self, model_config: ModelConfig, params: Any, plan: ShardingPlan, slots: int, token_budget: int,
-               max_len: int, decode_steps: int):
+               max_len: int, decode_steps: int, draft: Draft | None = None):
     self.slots, self.decode_steps = slots, decode_steps
     self.buckets = buckets(token_budget)
     self.scheduler = Scheduler(slots, token_budget, max_chunk=self.buckets[-1])
     self.runner = ModelRunner(model_config, params, plan=plan, slots=slots, max_len=max_len)
+    self.speculative = None
+    if draft is not None:
+      draft_runner = ModelRunner(draft.config, draft.params, plan=plan, slots=slots, max_len=max_len)
+      self.speculative = SpeculativeRunner(self.runner, draft_runner, draft.tokens)
     self.last_token = np.zeros(slots, np.int32)
 
   @property
@@ -108,7 +133,10 @@ class _Replica:
       bucket = next(b for b in self.buckets if b >= max(n for _, _, n in plan.chunks))
       chunks = [(np.asarray(seq.request.prompt_ids[start:start + n]), seq.slot, start)
                 for seq, start, n in plan.chunks]
-      out = self.runner.prefill(chunks, bucket, self._sampling_rows([seq for seq, _, _ in plan.chunks]))
+      sampling = self._sampling_rows([seq for seq, _, _ in plan.chunks])
+      out = self.runner.prefill(chunks, bucket, sampling)
+      if self.speculative is not None:  # the draft reads the prompt too (its sampled token is not used)
+        self.speculative.draft.prefill(chunks, bucket, sampling)
       done = []
       for i, (seq, _, n) in enumerate(plan.chunks):
         seq.prefilled += n
@@ -121,8 +149,12 @@ class _Replica:
       active[[s.slot for s in plan.decode]] = True
       # The cache holds prompt + output - 1 positions (the last token is written by its own step).
       longest = max(s.prompt_len + len(s.output) - 1 for s in plan.decode)
-      decoded = self.runner.decode(self.last_token, active, self._sampling_rows(plan.decode, per_slot=True),
-                                   self.decode_steps, span=longest + self.decode_steps - 1)
+      sampling = self._sampling_rows(plan.decode, per_slot=True)
+      if self.speculative is not None:
+        decoded = self.speculative.round(self.last_token, active, sampling)
+      else:
+        decoded = (*self.runner.decode(self.last_token, active, sampling, self.decode_steps,
+                                       span=longest + self.decode_steps - 1), None)
     return plan, firsts, decoded
 
   def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
@@ -141,33 +173,34 @@ class Engine:
   split evenly over the data-parallel replicas; `token_budget` per replica and step)."""
 
   def __init__(self, model_config: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, token_budget: int,
-               max_len: int, eos_id: int | None, decode_steps: int = 1):
+               max_len: int, eos_id: int | None, decode_steps: int = 1, draft: Draft | None = None):
+    """`draft`: decode speculatively with this draft model (`serving.speculative`)."""
     for name, value in (("slots", slots), ("token_budget", token_budget), ("max_len", max_len),
                         ("decode_steps", decode_steps)):
       if value < 1:
         raise ValueError(f"{name}={value} must be >= 1")
-    if set(model_config.layer_pattern) != {"S"}:
-      raise ValueError(f"model.layer_pattern={model_config.layer_pattern!r}: the engine's KV cache serves softmax "
-                       "attention layers only")
-    if model_config.n_experts:
-      raise ValueError(f"model.n_experts={model_config.n_experts}: the engine serves dense models only")
-    if max_len > model_config.max_seq_len:
-      raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={model_config.max_seq_len}")
+    _check_servable(model_config, max_len, "model")
+    if draft is not None:
+      _check_servable(draft.config, max_len, "the draft's model")
+      if decode_steps != 1:
+        raise ValueError(f"decode_steps={decode_steps}: a speculative round is one engine step (use 1)")
     plans = replica_plans(plan)
     if slots % len(plans):
       raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots
     self.eos_id, self.decode_steps = eos_id, decode_steps
-    self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps)
+    self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps, draft)
                       for p in plans]
+    self.speculation = {"rounds": 0, "proposed": 0, "accepted": 0}  # per active slot and round
     self._where: dict[str, _Replica] = {}  # request id -> its replica
     self._aborts: list[str] = []
     self._seeds = np.random.default_rng()
 
   def warm_up_decode(self) -> int:
-    """Compiles every decode program a request can need (each span, greedy and sampled) on every
-    replica, writing nothing; returns how many (`ModelRunner.warm_up`)."""
-    return sum(r.runner.warm_up(self.decode_steps) for r in self._replicas)
+    """Compiles every decode program a request can need (each span, greedy and sampled; or the
+    speculative round) on every replica, writing nothing; returns how many (`ModelRunner.warm_up`)."""
+    return sum(r.speculative.warm_up() if r.speculative else r.runner.warm_up(self.decode_steps)
+               for r in self._replicas)
 
   def warm_up_prefill(self) -> int:
     """Compiles the prefill of every (rows, chunk length) that fits the token budget, greedy and
@@ -230,10 +263,19 @@ class Engine:
       for seq, row in zip(seqs, rows):
         events.append(self._emit(replica, seq, [int(out[0][row])], [float(out[1][row])]))
       if decoded is not None:
-        tokens, logprobs = decoded
+        tokens, logprobs, counts = decoded
         for seq in plan.decode:
-          events.append(self._emit(replica, seq, tokens[:, seq.slot].tolist(), logprobs[:, seq.slot].tolist()))
+          n = len(tokens) if counts is None else int(counts[seq.slot])
+          events.append(self._emit(replica, seq, tokens[:n, seq.slot].tolist(), logprobs[:n, seq.slot].tolist()))
+        if counts is not None:
+          self._count_speculation(replica, [int(counts[seq.slot]) for seq in plan.decode])
     return events
+
+  def _count_speculation(self, replica: _Replica, emitted: list[int]) -> None:
+    k = replica.speculative.k
+    self.speculation["rounds"] += len(emitted)
+    self.speculation["proposed"] += k * len(emitted)
+    self.speculation["accepted"] += sum(emitted) - len(emitted)
 
   def _emit(self, replica: _Replica, seq: Sequence, tokens: list[int], logprobs: list[float]) -> TokenEvent:
     """Appends tokens up to the request's end; frees its slot when it ends."""

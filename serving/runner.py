@@ -105,7 +105,7 @@ class ModelRunner:
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("greedy",))
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps", "span", "greedy"))
 
-  def _forward(self, params, cache: KVCache, tokens_BxT, positions_BxT, slot_ids_B, cache_len_B, write_pos_BxT,
+  def forward(self, params, cache: KVCache, tokens_BxT, positions_BxT, slot_ids_B, cache_len_B, write_pos_BxT,
                new_len_B, window: KVCache | None = None, unroll: int | None = None):
     """The model over new tokens with the cache, or with `window` (`KVCache.window`) read in its
     place and written as well; returns the updated cache and window and the last hidden states [B, T, D].
@@ -125,7 +125,7 @@ class ModelRunner:
     r, c = tokens_RxC.shape
     positions = starts_R[:, None] + jnp.arange(c)[None]
     write_pos = jnp.where(jnp.arange(c)[None] < n_valid_R[:, None], positions, self.max_len)
-    cache, _, x, model = self._forward(params, cache, tokens_RxC, positions, slots_R, starts_R, write_pos,
+    cache, _, x, model = self.forward(params, cache, tokens_RxC, positions, slots_R, starts_R, write_pos,
                                        starts_R + n_valid_R, unroll=PREFILL_UNROLL)
     last = jnp.take_along_axis(x, jnp.maximum(n_valid_R - 1, 0)[:, None, None], axis=1)  # [R, 1, D]
     logits = model.head(last, plan=self.plan)[:, 0]
@@ -140,7 +140,7 @@ class ModelRunner:
       lengths = cache.lengths
       write_pos = jnp.where(active_S, lengths, self.max_len)[:, None]
       new_len = jnp.where(active_S, jnp.minimum(lengths + 1, self.max_len), lengths)
-      cache, window, x, model = self._forward(params, cache, tokens[:, None], lengths[:, None], None, lengths,
+      cache, window, x, model = self.forward(params, cache, tokens[:, None], lengths[:, None], None, lengths,
                                               write_pos, new_len, window)
       logits = model.head(x, plan=self.plan)[:, 0]
       tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, indices + i, greedy=greedy)
@@ -177,7 +177,7 @@ class ModelRunner:
     device arrays. `sampling`: (temperature, top_k, top_p, seed, index of the first new token), [slots] each.
     `span`: the caller's bound on the cache positions the loop reads (every active slot's length
     + steps - 1 must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
-    args, static = self._decode_args(tokens_S, active_S, sampling, steps, span)
+    args, static = self.decode_args(tokens_S, active_S, sampling, steps, span)
     self.cache, tokens, logprobs = self._decode(self.params, self.cache, *args, **static)
     return tokens[:, :self.slots], logprobs[:, :self.slots]
 
@@ -190,7 +190,7 @@ class ModelRunner:
     spans = sorted({span_bucket(1 << i, self.max_len) for i in range(self.max_len.bit_length() + 1)})
     for span in spans:
       for greedy in (True, False):
-        args, static = self._decode_args(tokens, inactive, rows, steps, span)
+        args, static = self.decode_args(tokens, inactive, rows, steps, span)
         self.cache, _, _ = self._decode(self.params, self.cache, *args, **{**static, "greedy": greedy})
     return 2 * len(spans)
 
@@ -216,10 +216,11 @@ class ModelRunner:
   def compiled_decode(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, steps: int,
                       span: int | None = None):
     """The compiled program `decode` would run for these arguments (for reading its HLO)."""
-    args, static = self._decode_args(tokens_S, active_S, sampling, steps, span)
+    args, static = self.decode_args(tokens_S, active_S, sampling, steps, span)
     return self._decode.lower(self.params, self.cache, *args, **static).compile()
 
-  def _decode_args(self, tokens_S, active_S, sampling, steps, span) -> tuple[tuple, dict]:
+  def decode_args(self, tokens_S, active_S, sampling, steps, span) -> tuple[tuple, dict]:
+    """The device arguments of a decode call (padded to the cache's slots) and its static ones."""
     span = self.max_len if span is None else span_bucket(span, self.max_len)
     sampling = _row_arrays(sampling)
     greedy = not np.any(sampling[0][active_S] > 0)

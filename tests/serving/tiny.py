@@ -33,10 +33,10 @@ def random_params(seed: int = 0):
 
 
 @functools.cache
-def trained_params(steps: int = 60):
+def trained_params(steps: int = 60, cfg: ModelConfig = CFG):
   """The random model after `steps` Adam steps on a repeating cycle, so its predictions are peaked
   like a trained model's (greedy decode then follows the cycle)."""
-  graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(1)))
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(1)))
   params = nnx.to_pure_dict(params)
   tx = optax.adam(1e-2)
   seq = np.tile(PATTERN, 4)[:33]

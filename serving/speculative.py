@@ -1,0 +1,161 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one
+forward pass, and the standard rejection rule keeps the output distributed exactly as the target's
+(Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al.
+2023, "Accelerating Large Language Model Decoding with Speculative Sampling").
+
+One round, for every active slot at once, in one compiled call (`SpeculativeRunner.round`):
+
+  1. the draft decodes k + 1 steps from the slot's last token: step i reads position L + i and
+     proposes d_{i+1} from its filtered distribution q_{i+1} (the request's temperature, top-k and
+     top-p; the argmax at temperature 0). The last step only writes d_k's keys and values, so the
+     draft's cache holds every position the target may accept.
+  2. the target runs [last token, d_1 .. d_k] at positions L .. L + k as one chunk over its cache
+     (as a prompt chunk is) and gives k + 1 filtered distributions p_1 .. p_{k+1}.
+  3. proposal i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), in order, until the
+     first rejection; at the first rejected position n + 1 one token is drawn from the residual
+     max(0, p - q) renormalised, or from p_{k+1} when all k were accepted. A round emits n + 1
+     tokens (1 to k + 1), and both caches keep L + n + 1 positions: what was written past them is
+     ignored (the lengths say which positions hold keys) and overwritten by the next round.
+
+At temperature 0 both distributions are one-hot, the rule accepts exactly the proposals that equal
+the target's argmax and the residual is the target's argmax: greedy output is plain greedy decoding's.
+With sampling the output follows the target's distribution, but it is not the token-for-token
+text plain decoding draws for the same seed (other draws are made). The draws of a request come from
+its seed and the index of the output token (`serving.sampling.row_keys`), folded with one number
+per purpose (draft draw, acceptance, residual), so a seeded request repeats its text.
+
+Log-probabilities are the target's (log_softmax of its raw logits) at the emitted tokens, as in
+plain decoding. The round reads the whole cache (no span window, which pays off over several
+steps per call only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serving.runner import ModelRunner
+from serving.sampling import filter_logits, row_keys
+
+DRAFT, ACCEPT, RESIDUAL = 1, 2, 3  # what a random key is for, folded into the token's key
+
+
+def filtered_probs(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
+                   *, greedy: bool) -> jax.Array:
+  """Each row's sampling distribution float32 [B, V]: softmax of the filtered logits
+  (`serving.sampling.filter_logits`), one-hot at the argmax where the temperature is 0."""
+  logits = logits_BxV.astype(jnp.float32)
+  onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  if greedy:
+    return onehot
+  probs = jax.nn.softmax(jax.vmap(filter_logits)(logits, temperature_B, top_k_B, top_p_B), axis=-1)
+  return jnp.where((temperature_B > 0)[:, None], probs, onehot)
+
+
+def accept(p_BxK1xV: jax.Array, q_BxKxV: jax.Array, proposals_BxK: jax.Array, uniforms_BxK: jax.Array,
+           residual_keys_BxK1: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The rejection rule. p: the target's distributions at the k + 1 positions, q: the draft's at
+  the k proposals, `uniforms` in [0, 1), `residual_keys` one key per position (the residual is
+  drawn at the first rejected one). Returns (accepted proposals n in [0, k] [B], the token drawn
+  after them [B])."""
+  b, k = proposals_BxK.shape
+  take = lambda dist, idx: jnp.take_along_axis(dist, idx[..., None], axis=-1)[..., 0]
+  p_x, q_x = take(p_BxK1xV[:, :k], proposals_BxK), take(q_BxKxV, proposals_BxK)
+  ok = uniforms_BxK * q_x < p_x  # u < p / q, with q > 0 for a token the draft drew
+  n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+  rows = jnp.arange(b)
+  q_pad = jnp.concatenate([q_BxKxV, jnp.zeros_like(q_BxKxV[:, :1])], axis=1)  # at n = k: p_{k+1} itself
+  residual = jnp.maximum(p_BxK1xV[rows, n] - q_pad[rows, n], 0.0)
+  residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, p_BxK1xV[rows, n])  # rounding guard
+  token = jax.vmap(jax.random.categorical)(residual_keys_BxK1[rows, n], jnp.log(residual)).astype(jnp.int32)
+  return n, token
+
+
+def _keys(seeds_B: jax.Array, indices_BxN: jax.Array, purpose: int) -> jax.Array:
+  """Keys [B, N]: the key of output token `indices` of each row (`row_keys`), folded with `purpose`."""
+  b, n = indices_BxN.shape
+  keys = row_keys(jnp.repeat(seeds_B, n), indices_BxN.reshape(-1))
+  return jax.vmap(lambda key: jax.random.fold_in(key, purpose))(keys).reshape(b, n)
+
+
+class SpeculativeRunner:
+  """A target and a draft `ModelRunner` over the same slots; `round` runs one speculative round."""
+
+  def __init__(self, target: ModelRunner, draft: ModelRunner, tokens: int):
+    if tokens < 1:
+      raise ValueError(f"speculative_tokens={tokens} must be >= 1")
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+      raise ValueError(f"the draft model's vocab_size={draft.cfg.vocab_size} differs from the target's "
+                       f"{target.cfg.vocab_size}: both must share one tokenizer")
+    if (draft.slots, draft.max_len) != (target.slots, target.max_len):
+      raise ValueError(f"the draft's slots and max_len {(draft.slots, draft.max_len)} must be the target's "
+                       f"{(target.slots, target.max_len)}")
+    self.target, self.draft, self.k = target, draft, tokens
+    self._round = jax.jit(self._round_fn, donate_argnums=(1, 3), static_argnames=("greedy",))
+
+  def round(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, greedy: bool | None = None) -> tuple:
+    """One round for every slot: (tokens [k + 1, slots], log-probabilities [k + 1, slots], tokens
+    emitted per slot [slots]: 1 + accepted proposals), device arrays. `sampling` as for
+    `ModelRunner.decode` (the index is that of the slot's next output token); `greedy` (default:
+    whether every active slot is) picks the compiled program."""
+    t, d = self.target, self.draft
+    args, static = t.decode_args(tokens_S, active_S, sampling, 1, None)
+    greedy = static["greedy"] if greedy is None else greedy
+    t.cache, d.cache, out = self._round(t.params, t.cache, d.params, d.cache, *args, greedy=greedy)
+    tokens, logprobs, counts = out
+    return tokens[:, :t.slots], logprobs[:, :t.slots], counts[:t.slots]
+
+  def _round_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, *, greedy):
+    temperature, top_k, top_p, seeds, indices = sampling
+    t, d, k = self.target, self.draft, self.k
+    max_len = t.max_len
+    lengths = tcache.lengths
+    probs = lambda logits: filtered_probs(logits, temperature, top_k, top_p, greedy=greedy)
+
+    def draft_step(i, state):
+      dcache, token, proposals, q = state
+      pos = lengths + i
+      write = jnp.where(active_S, pos, max_len)[:, None]
+      dcache, _, x, model = d.forward(dparams, dcache, token[:, None], pos[:, None], None, pos, write,
+                                      jnp.where(active_S, jnp.minimum(pos + 1, max_len), lengths))
+      dist = probs(model.head(x, plan=d.plan)[:, 0])
+      drawn = jnp.argmax(dist, axis=-1).astype(jnp.int32)
+      if not greedy:
+        keys = _keys(seeds, (indices + i)[:, None], DRAFT)[:, 0]
+        drawn = jax.vmap(jax.random.categorical)(keys, jnp.log(dist)).astype(jnp.int32)
+      return dcache, drawn, proposals.at[i].set(drawn), q.at[i].set(dist)
+
+    slots, vocab = tokens_S.shape[0], t.cfg.vocab_size
+    init = (dcache, tokens_S, jnp.zeros((k + 1, slots), jnp.int32), jnp.zeros((k + 1, slots, vocab), jnp.float32))
+    dcache, _, proposals, q = jax.lax.fori_loop(0, k + 1, draft_step, init)
+    proposals, q = proposals[:k].T, q[:k].transpose(1, 0, 2)  # [S, k], [S, k, V]
+
+    seq = jnp.concatenate([tokens_S[:, None], proposals], axis=1)  # [S, k + 1]
+    pos = lengths[:, None] + jnp.arange(k + 1)[None]
+    write = jnp.where(active_S[:, None], pos, max_len)
+    tcache, _, x, model = t.forward(tparams, tcache, seq, pos, None, lengths, write,
+                                    jnp.where(active_S, jnp.minimum(lengths + k + 1, max_len), lengths))
+    logits = model.head(x, plan=t.plan).astype(jnp.float32)  # [S, k + 1, V]
+    p = jax.vmap(probs, in_axes=1, out_axes=1)(logits)
+
+    out_idx = indices[:, None] + jnp.arange(k + 1)[None]  # output index of each position's token
+    uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key)))(_keys(seeds, out_idx[:, :k], ACCEPT))
+    n, last = accept(p, q, proposals, uniforms, _keys(seeds, out_idx, RESIDUAL))
+
+    j = jnp.arange(k + 1)[None]
+    emitted = jnp.where(j < n[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), jnp.where(j == n[:, None], last[:, None], 0))
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), emitted[..., None], axis=-1)[..., 0]
+    kept = jnp.where(active_S, jnp.minimum(lengths + n + 1, max_len), lengths)
+    tcache, dcache = dataclasses.replace(tcache, lengths=kept), dataclasses.replace(dcache, lengths=kept)
+    return tcache, dcache, (emitted.T, logprobs.T, n + 1)
+
+  def warm_up(self) -> int:
+    """Compiles the round, greedy and sampled, running each with no active slot; returns 2."""
+    slots = self.target.slots
+    rows = (np.zeros(slots), np.zeros(slots), np.ones(slots), np.zeros(slots), np.zeros(slots))
+    for greedy in (True, False):
+      self.round(np.zeros(slots, np.int32), np.zeros(slots, bool), rows, greedy=greedy)
+    return 2

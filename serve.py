@@ -51,6 +51,15 @@ flags.DEFINE_bool("warmup_rows", False, "With --warmup, also compile the prefill
                   "per step (rows, a power of two) and chunk length a step can ask for, so a burst of requests "
                   "meets no compilation either (112 programs at 64 slots and a budget of 2048).")
 
+flags.DEFINE_string("draft_checkpoint", None, "Decode speculatively with this draft model (a shardlab run directory, "
+                    "e.g. a 2-layer model trained with train.py on the same data): it proposes "
+                    "--speculative_tokens tokens per round, the served model checks them in one pass.")
+flags.DEFINE_string("draft_hf", None, "As --draft_checkpoint, from a Hugging Face directory.")
+flags.DEFINE_string("draft_config", None, "Preset of the draft model (default: --config); the mesh, sharding "
+                    "and data sections (so the tokenizer) are the served model's.")
+flags.DEFINE_multi_string("draft_set", [], "Override one field of the draft's config, as --set does.")
+flags.DEFINE_integer("speculative_tokens", 4, "With a draft: tokens it proposes per round.")
+
 flags.DEFINE_string("compilation_cache", os.path.join("~", ".cache", "shardlab", "jax"),
                     "Directory of JAX's persistent compilation cache: a restarted server loads the programs an "
                     "earlier one compiled (its warm-up, and the shapes its traffic met) instead of compiling them "
@@ -93,6 +102,25 @@ def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
   return time.perf_counter() - start
 
 
+def _load_draft(config, plan):
+  """The draft model of --draft_checkpoint / --draft_hf (None without one), on the served model's mesh."""
+  if not (FLAGS.draft_checkpoint or FLAGS.draft_hf):
+    return None
+  import dataclasses
+
+  from serving.engine import Draft
+  from serving.loading import load
+
+  draft_config = configs.get_config(FLAGS.draft_config or FLAGS.config, FLAGS.draft_set)
+  draft_config = dataclasses.replace(draft_config, mesh=config.mesh, sharding=config.sharding, data=config.data)
+  loaded = load(draft_config, checkpoint=FLAGS.draft_checkpoint, hf=FLAGS.draft_hf,
+                devices=list(plan.mesh.devices.flat))
+  m = loaded.config.model
+  log.info("draft model %s: %d layers, d_model=%d, vocab=%d; %d tokens per round",
+           FLAGS.draft_hf or FLAGS.draft_checkpoint, m.n_layers, m.d_model, m.vocab_size, FLAGS.speculative_tokens)
+  return Draft(m, loaded.params, FLAGS.speculative_tokens)
+
+
 def _check_flags(config) -> None:
   """Flag errors before anything loads or compiles, each naming the flag, its value and the rule."""
   if FLAGS.checkpoint and FLAGS.hf:
@@ -105,6 +133,13 @@ def _check_flags(config) -> None:
       raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
   if FLAGS.graceful_s < 0:
     raise configs.ConfigError(f"--graceful_s={FLAGS.graceful_s}: must be >= 0")
+  if FLAGS.draft_checkpoint and FLAGS.draft_hf:
+    raise configs.ConfigError("--draft_checkpoint and --draft_hf: give one of them, not both")
+  if FLAGS.speculative_tokens < 1:
+    raise configs.ConfigError(f"--speculative_tokens={FLAGS.speculative_tokens}: must be >= 1")
+  if (FLAGS.draft_checkpoint or FLAGS.draft_hf) and FLAGS.decode_steps != 1:
+    raise configs.ConfigError(f"--decode_steps={FLAGS.decode_steps}: speculative decoding runs one round per "
+                              "engine step; use 1 with a draft")
   if not FLAGS.hf and FLAGS.max_len > config.model.max_seq_len:  # with --hf the checkpoint's config decides
     raise configs.ConfigError(f"--max_len={FLAGS.max_len}: must be <= model.max_seq_len={config.model.max_seq_len}")
 
@@ -130,9 +165,10 @@ def _run() -> None:
   model = loaded.config.model
   max_len = FLAGS.max_len or model.max_seq_len
   tokenizer = loaded.tokenizer
+  draft = _load_draft(loaded.config, loaded.plan)
   try:
     engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
-                    max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps)
+                    max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps, draft=draft)
   except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
     raise configs.ConfigError(f"engine flags: {err}") from None
   source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
@@ -156,6 +192,10 @@ def _run() -> None:
   print(f"serving model {name!r} ({source}); listening on http://{host}:{port}", flush=True)
   server.run(sockets=[sock])
   log.info("stopped: %d requests were still in flight", async_engine.num_outstanding)
+  if engine.speculation is not None and engine.speculation["rounds"]:
+    s = engine.speculation
+    log.info("speculative decoding: %d of %d proposals accepted (%.1f%%), %.2f tokens per round", s["accepted"],
+             s["proposed"], 100 * s["accepted"] / s["proposed"], 1 + s["accepted"] / s["rounds"])
 
 
 def main(argv):

@@ -258,6 +258,7 @@ class AsyncEngine:
             if event.finished:
               self._live.pop(event.request_id, None)
         self.metrics.set_queue(self.engine.num_waiting, self.engine.num_running)
+        self.metrics.set_speculation(getattr(self.engine, "speculation", None))
     except Exception as err:  # noqa: BLE001 -- reported to every waiting request, then the thread ends
       log.exception("engine step failed")
       self.error = f"{type(err).__name__}: {err}"

@@ -191,7 +191,8 @@ class Engine:
     self.eos_id, self.decode_steps = eos_id, decode_steps
     self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps, draft)
                       for p in plans]
-    self.speculation = {"rounds": 0, "proposed": 0, "accepted": 0}  # per active slot and round
+    # Speculative decoding's counts (None without a draft): rounds of one slot, proposals, accepted ones.
+    self.speculation = None if draft is None else {"rounds": 0, "proposed": 0, "accepted": 0}
     self._where: dict[str, _Replica] = {}  # request id -> its replica
     self._aborts: list[str] = []
     self._seeds = np.random.default_rng()

@@ -10,6 +10,10 @@ What /metrics shows (names as vLLM's, with a `shardlab_` prefix):
   shardlab_time_to_first_token_seconds     histogram: arrival -> first token
   shardlab_time_per_output_token_seconds   histogram: (end - first token) / (tokens - 1), per request
   shardlab_e2e_request_latency_seconds     histogram: arrival -> last token
+With a draft model (speculative decoding):
+  shardlab_spec_decode_num_draft_tokens_total, shardlab_spec_decode_num_accepted_tokens_total  counters
+  shardlab_spec_decode_draft_acceptance_rate   gauge: accepted / proposed so far
+  shardlab_spec_decode_tokens_per_round        gauge: tokens a slot gets per round (1 + accepted)
 
 Every method is thread-safe: the engine thread and the event loop both record.
 """
@@ -71,6 +75,11 @@ class Metrics:
     self.tpot = Histogram(TPOT_BUCKETS)
     self.e2e = Histogram(E2E_BUCKETS)
     self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+    self.speculation: dict | None = None  # `Engine.speculation`, copied
+
+  def set_speculation(self, counts: dict | None) -> None:
+    with self._lock:
+      self.speculation = None if counts is None else dict(counts)
 
   def set_queue(self, waiting: int, running: int) -> None:
     with self._lock:
@@ -138,4 +147,14 @@ class Metrics:
              self.tpot.lines("shardlab_time_per_output_token_seconds"))
       metric("shardlab_e2e_request_latency_seconds", "histogram", "Arrival to last token.",
              self.e2e.lines("shardlab_e2e_request_latency_seconds"))
+      if self.speculation is not None:
+        s = self.speculation
+        metric("shardlab_spec_decode_num_draft_tokens_total", "counter", "Tokens the draft model proposed.",
+               [f"shardlab_spec_decode_num_draft_tokens_total {s['proposed']}"])
+        metric("shardlab_spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens the model accepted.",
+               [f"shardlab_spec_decode_num_accepted_tokens_total {s['accepted']}"])
+        metric("shardlab_spec_decode_draft_acceptance_rate", "gauge", "Accepted over proposed tokens so far.",
+               [f"shardlab_spec_decode_draft_acceptance_rate {s['accepted'] / max(s['proposed'], 1)!r}"])
+        metric("shardlab_spec_decode_tokens_per_round", "gauge", "Tokens a request gets per speculative round.",
+               [f"shardlab_spec_decode_tokens_per_round {1 + s['accepted'] / max(s['rounds'], 1)!r}"])
       return "\n".join(lines) + "\n"

@@ -65,3 +65,15 @@ def test_tokens_per_second_counts_the_last_window_only():
   clock.now += 5  # the first 500 fall out of the window
   assert rate() == 10.0
   assert _families(m)["shardlab_generation_tokens"].samples[0].value == 600
+
+
+def test_speculative_decoding_metrics_appear_with_a_draft_only():
+  m = Metrics()
+  assert not any(name.startswith("shardlab_spec_decode") for name in _families(m))
+  m.set_speculation({"rounds": 10, "proposed": 40, "accepted": 26})
+  fams = _families(m)
+  value = lambda name: fams[name].samples[0].value
+  assert value("shardlab_spec_decode_num_draft_tokens") == 40
+  assert value("shardlab_spec_decode_num_accepted_tokens") == 26
+  assert np.isclose(value("shardlab_spec_decode_draft_acceptance_rate"), 26 / 40)
+  assert np.isclose(value("shardlab_spec_decode_tokens_per_round"), 1 + 26 / 10)

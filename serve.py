@@ -97,6 +97,8 @@ def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
       while engine.has_work():
         engine.step()
   engine.warm_up_decode()
+  if engine.speculation is not None:  # count the traffic's proposals, not the warm-up's
+    engine.speculation.update(rounds=0, proposed=0, accepted=0)
   if FLAGS.warmup_rows:
     log.info("compiled %d prefill programs", engine.warm_up_prefill())
   return time.perf_counter() - start

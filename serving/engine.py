@@ -35,6 +35,7 @@ from configs import ModelConfig
 from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan
 from serving.runner import ModelRunner, buckets
+from serving.pages import PageManager
 from serving.scheduler import Scheduler, Sequence
 from serving.speculative import SpeculativeRunner
 
@@ -84,6 +85,17 @@ def replica_plans(plan: ShardingPlan) -> list[ShardingPlan]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Paging:
+  """A paged KV cache (`models.paged_cache`, `serving.pages`): `pages` pages of `page_size`
+  positions per data-parallel replica, with prompt prefixes shared through a prefix tree when
+  `prefix_caching` is on."""
+
+  page_size: int
+  pages: int
+  prefix_caching: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Draft:
   """A draft model for speculative decoding: its config and parameters (same vocabulary as the
   target's), and how many tokens it proposes per round."""
@@ -108,14 +120,16 @@ class _Replica:
   last token of each of its slots."""
 
   def __init__(self, model_config: ModelConfig, params: Any, plan: ShardingPlan, slots: int, token_budget: int,
-               max_len: int, decode_steps: int, draft: Draft | None = None):
+               max_len: int, decode_steps: int, draft: Draft | None = None, paging: Paging | None = None):
     self.slots, self.decode_steps = slots, decode_steps
     self.buckets = buckets(token_budget)
-    self.scheduler = Scheduler(slots, token_budget, max_chunk=self.buckets[-1])
-    self.runner = ModelRunner(model_config, params, plan=plan, slots=slots, max_len=max_len)
+    self.pages = None if paging is None else PageManager(paging.pages, paging.page_size, paging.prefix_caching)
+    self.scheduler = Scheduler(slots, token_budget, max_chunk=self.buckets[-1], pages=self.pages)
+    paged = {} if paging is None else {"page_size": paging.page_size, "pages": paging.pages}
+    self.runner = ModelRunner(model_config, params, plan=plan, slots=slots, max_len=max_len, **paged)
     self.speculative = None
     if draft is not None:
-      draft_runner = ModelRunner(draft.config, draft.params, plan=plan, slots=slots, max_len=max_len)
+      draft_runner = ModelRunner(draft.config, draft.params, plan=plan, slots=slots, max_len=max_len, **paged)
       self.speculative = SpeculativeRunner(self.runner, draft_runner, draft.tokens)
     self.last_token = np.zeros(slots, np.int32)
 
@@ -128,6 +142,10 @@ class _Replica:
     tokens are (sequences whose prompt this step finished, their rows in the prefill's output, the
     prefill's (tokens, logprobs) device arrays), and decoded the decode loop's, or None."""
     plan = self.scheduler.schedule()
+    for seq in plan.admitted if self.pages is not None else ():
+      for runner in (self.runner, self.speculative and self.speculative.draft):
+        if runner:
+          runner.assign_pages(seq.slot, self.pages.pages_of(seq.request.id))
     firsts = ([], [], None)
     if plan.chunks:
       bucket = next(b for b in self.buckets if b >= max(n for _, _, n in plan.chunks))
@@ -142,6 +160,8 @@ class _Replica:
         seq.prefilled += n
         if not seq.in_prompt:
           done.append(i)
+          if self.pages is not None:  # its prompt's blocks can serve later requests
+            self.pages.register(seq.request.id, seq.request.prompt_ids)
       firsts = ([plan.chunks[i][0] for i in done], done, out)
     decoded = None
     if plan.decode:
@@ -173,8 +193,10 @@ class Engine:
   split evenly over the data-parallel replicas; `token_budget` per replica and step)."""
 
   def __init__(self, model_config: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, token_budget: int,
-               max_len: int, eos_id: int | None, decode_steps: int = 1, draft: Draft | None = None):
-    """`draft`: decode speculatively with this draft model (`serving.speculative`)."""
+               max_len: int, eos_id: int | None, decode_steps: int = 1, draft: Draft | None = None,
+               paging: Paging | None = None):
+    """`draft`: decode speculatively with this draft model (`serving.speculative`). `paging`: a
+    paged cache with prefix sharing (`serving.pages`) instead of a contiguous one per slot."""
     for name, value in (("slots", slots), ("token_budget", token_budget), ("max_len", max_len),
                         ("decode_steps", decode_steps)):
       if value < 1:
@@ -184,13 +206,19 @@ class Engine:
       _check_servable(draft.config, max_len, "the draft's model")
       if decode_steps != 1:
         raise ValueError(f"decode_steps={decode_steps}: a speculative round is one engine step (use 1)")
+    if paging is not None:
+      if paging.page_size < 1 or max_len % paging.page_size:
+        raise ValueError(f"page_size={paging.page_size} must be >= 1 and divide max_len={max_len}")
+      if paging.pages * paging.page_size < max_len:
+        raise ValueError(f"pages={paging.pages} of {paging.page_size} positions cannot hold one request of "
+                         f"max_len={max_len}")
     plans = replica_plans(plan)
     if slots % len(plans):
       raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots
     self.eos_id, self.decode_steps = eos_id, decode_steps
-    self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps, draft)
-                      for p in plans]
+    self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps, draft,
+                               paging) for p in plans]
     # Speculative decoding's counts (None without a draft): rounds of one slot, proposals, accepted ones.
     self.speculation = None if draft is None else {"rounds": 0, "proposed": 0, "accepted": 0}
     self._where: dict[str, _Replica] = {}  # request id -> its replica
@@ -271,6 +299,18 @@ class Engine:
         if counts is not None:
           self._count_speculation(replica, [int(counts[seq.slot]) for seq in plan.decode])
     return events
+
+  @property
+  def prefix_cache(self) -> dict | None:
+    """The paged cache's counts over every replica (None without paging): prompt tokens admitted and
+    of those found in the prefix tree, and pages free, cached (evictable), evicted so far and in all."""
+    managers = [r.pages for r in self._replicas if r.pages is not None]
+    if not managers:
+      return None
+    return {"queried_tokens": sum(m.queried_tokens for m in managers),
+            "matched_tokens": sum(m.matched_tokens for m in managers),
+            "pages_free": sum(m.num_free for m in managers), "pages_cached": sum(m.num_cached for m in managers),
+            "pages_evicted": sum(m.evicted for m in managers), "pages": sum(m.pages for m in managers)}
 
   def _count_speculation(self, replica: _Replica, emitted: list[int]) -> None:
     k = replica.speculative.k

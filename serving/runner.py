@@ -40,6 +40,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import CACHE_AXES, KVCache
+from models.paged_cache import PAGE_AXES, PagedKVCache
 from models.fused import fuse_projections
 from models.transformer import Transformer, abstract_params
 from parallel.plan import ShardingPlan
@@ -84,9 +85,10 @@ class ModelRunner:
   """Holds the graph of the model, its parameters and the cache; runs prefill chunks and decode loops."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, max_len: int,
-               fused_projections: bool = True):
+               fused_projections: bool = True, page_size: int = 0, pages: int = 0):
     """`params`: the model's (separate projections, as trained); `fused_projections`: serve them
-    fused (`models.fused`; off only to measure the difference)."""
+    fused (`models.fused`; off only to measure the difference). `page_size` > 0: a paged cache
+    (`models.paged_cache`) of `pages` pages, whose tables `assign_pages` fills."""
     if cfg.decode_attention == "pallas" and plan.mesh.size > 1:
       raise ValueError(f"model.decode_attention='pallas' runs on one device, but this engine's mesh has "
                        f"{plan.mesh.size} ({dict(plan.mesh.shape)}): the kernel is not partitioned; use 'xla'")
@@ -98,10 +100,15 @@ class ModelRunner:
     model = lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections)
     self.graphdef, _ = nnx.split(nnx.eval_shape(model))
     self.params = serving_params(cfg, params, plan, fused_projections)
-    shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
-    self.cache = KVCache.zeros(cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.resolved_head_dim,
-                               dtype=jnp.dtype(cfg.compute_dtype),
-                               sharding=plan.sharding(CACHE_AXES, plan.activations, shape))
+    dims = (cfg.n_layers, slots, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    if page_size:
+      shape = (cfg.n_layers, pages, cfg.n_kv_heads, page_size, cfg.resolved_head_dim)
+      self.cache = PagedKVCache.zeros(*dims, dtype=jnp.dtype(cfg.compute_dtype), page_size=page_size, pages=pages,
+                                      sharding=plan.sharding(PAGE_AXES, plan.activations, shape))
+    else:
+      shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
+      self.cache = KVCache.zeros(*dims, dtype=jnp.dtype(cfg.compute_dtype),
+                                 sharding=plan.sharding(CACHE_AXES, plan.activations, shape))
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("greedy",))
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps", "span", "greedy"))
 
@@ -151,6 +158,10 @@ class ModelRunner:
     init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
     cache, _, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
     return cache, out_tokens, out_logprobs
+
+  def assign_pages(self, slot: int, pages: list[int]) -> None:
+    """The paged cache's table of `slot`: its pages in position order."""
+    self.cache = self.cache.with_pages(slot, pages)
 
   def prefill(self, chunks: list[tuple[np.ndarray, int, int]], bucket: int, sampling: tuple) -> tuple:
     """Writes prompt chunks, (tokens, slot, first position) each, one per slot, into the cache in one

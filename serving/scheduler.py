@@ -44,12 +44,15 @@ class Sequence:
 class StepPlan:
   chunks: list[tuple[Sequence, int, int]]  # (sequence, first prompt position, number of tokens)
   decode: list[Sequence]  # one token each
+  admitted: list[Sequence] = dataclasses.field(default_factory=list)  # took a slot (and pages) this step
 
 
 class Scheduler:
   """Slots, the waiting queue and the token budget."""
 
-  def __init__(self, slots: int, token_budget: int, max_chunk: int):
+  def __init__(self, slots: int, token_budget: int, max_chunk: int, pages: Any = None):
+    """`pages`: a `serving.pages.PageManager` (paged cache): a request also needs its pages to be
+    admitted, and starts its prompt after the prefix the cache already holds."""
     if token_budget < slots:
       raise ValueError(f"token_budget={token_budget} must be >= slots={slots}: a step decodes one token "
                        "for every running request and must leave room for a prompt chunk")
@@ -57,6 +60,7 @@ class Scheduler:
     self.waiting: collections.deque[Sequence] = collections.deque()
     self.running: dict[str, Sequence] = {}  # in order of admission
     self._free = list(range(slots))
+    self.pages = pages
 
   def add(self, seq: Sequence) -> None:
     self.waiting.append(seq)
@@ -65,6 +69,8 @@ class Scheduler:
     """Takes a request out (abort or finish), freeing its slot; None if it is not here."""
     seq = self.running.pop(request_id, None)
     if seq is not None:
+      if self.pages is not None:
+        self.pages.release(request_id)
       self._free.append(seq.slot)
       self._free.sort()
       return seq
@@ -76,11 +82,21 @@ class Scheduler:
 
   def schedule(self) -> StepPlan:
     """Admits waiting requests into free slots, then splits the budget: decode tokens first, then
-    prompt chunks in order of admission."""
+    prompt chunks in order of admission. With pages, the head of the queue waits (and the rest
+    behind it, first come first served) until its pages are there."""
+    admitted = []
     while self.waiting and self._free:
-      seq = self.waiting.popleft()
+      seq = self.waiting[0]
+      if self.pages is not None:
+        cached = self.pages.admit(seq.request.id, seq.request.prompt_ids,
+                                  seq.prompt_len + seq.request.sampling.max_tokens)
+        if cached is None:
+          break
+        seq.prefilled = cached
+      self.waiting.popleft()
       seq.slot = self._free.pop(0)
       self.running[seq.request.id] = seq
+      admitted.append(seq)
     decode = [s for s in self.running.values() if not s.in_prompt]
     budget = self.token_budget - len(decode)
     chunks = []
@@ -91,4 +107,4 @@ class Scheduler:
         n = min(seq.prompt_len - seq.prefilled, budget, self.max_chunk)
         chunks.append((seq, seq.prefilled, n))
         budget -= n
-    return StepPlan(chunks, decode)
+    return StepPlan(chunks, decode, admitted)

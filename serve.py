@@ -51,6 +51,12 @@ flags.DEFINE_bool("warmup_rows", False, "With --warmup, also compile the prefill
                   "per step (rows, a power of two) and chunk length a step can ask for, so a burst of requests "
                   "meets no compilation either (112 programs at 64 slots and a budget of 2048).")
 
+flags.DEFINE_integer("page_size", 0, "Positions per page of a paged KV cache (0: one contiguous cache of --max_len "
+                     "positions per slot). Must divide the context length.")
+flags.DEFINE_integer("num_pages", 0, "Pages of the paged cache per engine replica (0: as many as --slots "
+                     "contiguous caches would hold). More pages keep more shared prefixes cached.")
+flags.DEFINE_bool("prefix_caching", True, "With --page_size: prompts that start with the same blocks of tokens share "
+                  "their pages (a prefix tree, least recently used blocks evicted first).")
 flags.DEFINE_string("draft_checkpoint", None, "Decode speculatively with this draft model (a shardlab run directory, "
                     "e.g. a 2-layer model trained with train.py on the same data): it proposes "
                     "--speculative_tokens tokens per round, the served model checks them in one pass.")
@@ -97,8 +103,7 @@ def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
       while engine.has_work():
         engine.step()
   engine.warm_up_decode()
-  if engine.speculation is not None:  # count the traffic's proposals, not the warm-up's
-    engine.speculation.update(rounds=0, proposed=0, accepted=0)
+  engine.reset_counters()  # /metrics counts the traffic's proposals and prefix hits, not the warm-up's
   if FLAGS.warmup_rows:
     log.info("compiled %d prefill programs", engine.warm_up_prefill())
   return time.perf_counter() - start
@@ -135,6 +140,11 @@ def _check_flags(config) -> None:
       raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
   if FLAGS.graceful_s < 0:
     raise configs.ConfigError(f"--graceful_s={FLAGS.graceful_s}: must be >= 0")
+  for name in ("page_size", "num_pages"):
+    if getattr(FLAGS, name) < 0:
+      raise configs.ConfigError(f"--{name}={getattr(FLAGS, name)}: must be >= 0")
+  if FLAGS.num_pages and not FLAGS.page_size:
+    raise configs.ConfigError(f"--num_pages={FLAGS.num_pages} needs --page_size (a paged cache)")
   if FLAGS.draft_checkpoint and FLAGS.draft_hf:
     raise configs.ConfigError("--draft_checkpoint and --draft_hf: give one of them, not both")
   if FLAGS.speculative_tokens < 1:
@@ -168,9 +178,16 @@ def _run() -> None:
   max_len = FLAGS.max_len or model.max_seq_len
   tokenizer = loaded.tokenizer
   draft = _load_draft(loaded.config, loaded.plan)
+  paging = None
+  if FLAGS.page_size:
+    from serving.engine import Paging
+    replica_slots = FLAGS.slots // loaded.plan.mesh.shape["data"]
+    pages = FLAGS.num_pages or max(replica_slots, 1) * (max_len // FLAGS.page_size)
+    paging = Paging(FLAGS.page_size, pages, FLAGS.prefix_caching)
   try:
     engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
-                    max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps, draft=draft)
+                    max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps, draft=draft,
+                    paging=paging)
   except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
     raise configs.ConfigError(f"engine flags: {err}") from None
   source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
@@ -180,6 +197,9 @@ def _run() -> None:
   template = load_chat_template(_template_dirs(loaded.config), FLAGS.chat_template)
   log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
            FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)
+  if paging is not None:
+    log.info("paged KV cache: %d pages of %d positions per replica, prefix caching %s", paging.pages,
+             paging.page_size, "on" if paging.prefix_caching else "off")
   if FLAGS.warmup:
     seconds = _warm_up(engine, FLAGS.token_budget, max_len, loaded.plan.mesh.shape["data"])
     log.info("warm-up requests done in %.1f s", seconds)
@@ -194,6 +214,10 @@ def _run() -> None:
   print(f"serving model {name!r} ({source}); listening on http://{host}:{port}", flush=True)
   server.run(sockets=[sock])
   log.info("stopped: %d requests were still in flight", async_engine.num_outstanding)
+  if engine.prefix_cache is not None and engine.prefix_cache["queried_tokens"]:
+    c = engine.prefix_cache
+    log.info("prefix cache: %d of %d prompt tokens found cached (%.1f%%), %d pages evicted", c["matched_tokens"],
+             c["queried_tokens"], 100 * c["matched_tokens"] / c["queried_tokens"], c["pages_evicted"])
   if engine.speculation is not None and engine.speculation["rounds"]:
     s = engine.speculation
     log.info("speculative decoding: %d of %d proposals accepted (%.1f%%), %.2f tokens per round", s["accepted"],

@@ -97,8 +97,7 @@ def main():
   for k in [None] + [int(k) for k in args.tokens.split(",")]:
     e = engine(k)
     decode(e, prompts[:1], args.new)  # compiles
-    if e.speculation is not None:
-      e.speculation.update(rounds=0, proposed=0, accepted=0)
+    e.reset_counters()
     outputs, rates = decode(e, prompts, args.new)
     row = {"draft_tokens": k or 0, "tokens_per_s": statistics.median(rates), "rates": rates}
     if k is None:

@@ -300,6 +300,14 @@ class Engine:
           self._count_speculation(replica, [int(counts[seq.slot]) for seq in plan.decode])
     return events
 
+  def reset_counters(self) -> None:
+    """Zeroes the speculation and prefix-cache counts (after a warm-up, so they describe traffic)."""
+    if self.speculation is not None:
+      self.speculation.update(rounds=0, proposed=0, accepted=0)
+    for r in self._replicas:
+      if r.pages is not None:
+        r.pages.queried_tokens = r.pages.matched_tokens = r.pages.evicted = 0
+
   @property
   def prefix_cache(self) -> dict | None:
     """The paged cache's counts over every replica (None without paging): prompt tokens admitted and

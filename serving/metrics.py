@@ -10,6 +10,11 @@ What /metrics shows (names as vLLM's, with a `shardlab_` prefix):
   shardlab_time_to_first_token_seconds     histogram: arrival -> first token
   shardlab_time_per_output_token_seconds   histogram: (end - first token) / (tokens - 1), per request
   shardlab_e2e_request_latency_seconds     histogram: arrival -> last token
+With a paged cache (prefix sharing):
+  shardlab_prefix_cache_queries_total, shardlab_prefix_cache_hits_total  counters: prompt tokens
+      admitted, and of those found in the prefix tree (not computed again)
+  shardlab_prefix_cache_hit_rate           gauge: hits / queries so far
+  shardlab_kv_cache_pages{state="free"|"cached"|"used"}, shardlab_kv_cache_pages_evicted_total
 With a draft model (speculative decoding):
   shardlab_spec_decode_num_draft_tokens_total, shardlab_spec_decode_num_accepted_tokens_total  counters
   shardlab_spec_decode_draft_acceptance_rate   gauge: accepted / proposed so far
@@ -76,6 +81,11 @@ class Metrics:
     self.e2e = Histogram(E2E_BUCKETS)
     self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
     self.speculation: dict | None = None  # `Engine.speculation`, copied
+    self.prefix_cache: dict | None = None  # `Engine.prefix_cache`, copied
+
+  def set_prefix_cache(self, counts: dict | None) -> None:
+    with self._lock:
+      self.prefix_cache = None if counts is None else dict(counts)
 
   def set_speculation(self, counts: dict | None) -> None:
     with self._lock:
@@ -147,6 +157,20 @@ class Metrics:
              self.tpot.lines("shardlab_time_per_output_token_seconds"))
       metric("shardlab_e2e_request_latency_seconds", "histogram", "Arrival to last token.",
              self.e2e.lines("shardlab_e2e_request_latency_seconds"))
+      if self.prefix_cache is not None:
+        c = self.prefix_cache
+        metric("shardlab_prefix_cache_queries_total", "counter", "Prompt tokens of admitted requests.",
+               [f"shardlab_prefix_cache_queries_total {c['queried_tokens']}"])
+        metric("shardlab_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+               [f"shardlab_prefix_cache_hits_total {c['matched_tokens']}"])
+        metric("shardlab_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache, of all so far.",
+               [f"shardlab_prefix_cache_hit_rate {c['matched_tokens'] / max(c['queried_tokens'], 1)!r}"])
+        used = c["pages"] - c["pages_free"] - c["pages_cached"]
+        metric("shardlab_kv_cache_pages", "gauge", "KV-cache pages: free, cached (evictable), used by requests.",
+               [f'shardlab_kv_cache_pages{{state="{k}"}} {v}'
+                for k, v in (("free", c["pages_free"]), ("cached", c["pages_cached"]), ("used", used))])
+        metric("shardlab_kv_cache_pages_evicted_total", "counter", "Pages taken back from the prefix cache.",
+               [f"shardlab_kv_cache_pages_evicted_total {c['pages_evicted']}"])
       if self.speculation is not None:
         s = self.speculation
         metric("shardlab_spec_decode_num_draft_tokens_total", "counter", "Tokens the draft model proposed.",

@@ -490,9 +490,11 @@ def test_64_concurrent_streams(served):
   assert 'shardlab_request_success_total{finished_reason="abort"} 0' in text
 
 
-def test_serve_py_decodes_speculatively_with_a_draft(tmp_path):
-  """serve.py with --draft_hf: the served model itself exported as the draft, so every proposal is
-  accepted; a greedy completion equals the full forward pass's, and /metrics counts the proposals."""
+def test_serve_py_decodes_speculatively_over_a_paged_cache(tmp_path):
+  """serve.py with --draft_hf (the served model itself exported as the draft, so every proposal is
+  accepted) and a paged cache with prefix caching: a greedy completion equals the full forward
+  pass's, twice (the second time its prompt's first block comes from the prefix cache), and
+  /metrics counts the proposals and the prefix hits."""
   import subprocess
   import sys
 
@@ -510,7 +512,7 @@ def test_serve_py_decodes_speculatively_with_a_draft(tmp_path):
   save_hf_checkpoint(tmp_path / "draft", loaded.config.model, jax.device_get(loaded.params))
   log = tmp_path / "serve.log"
   cmd = [sys.executable, str(runs.REPO / "serve.py"), "--config=tiny", "--port=0", "--slots=2", "--token_budget=16",
-         f"--draft_hf={tmp_path / 'draft'}", "--speculative_tokens=3", "--warmup=false",
+         f"--draft_hf={tmp_path / 'draft'}", "--speculative_tokens=3", "--page_size=8", "--warmup=false",
          *[f"--set={o}" for o in SERVED]]
   with open(log, "w") as err:
     proc = subprocess.Popen(cmd, cwd=runs.REPO, env=runs.env(devices=1), stdout=subprocess.PIPE, stderr=err, text=True)
@@ -527,14 +529,17 @@ def test_serve_py_decodes_speculatively_with_a_draft(tmp_path):
     line = proc.stdout.readline()
     assert "listening on http://127.0.0.1:" in line, log.read_text()[-3000:]
     url = line.rsplit("listening on ", 1)[1].strip()
-    got = _served_client(url).completions.create(model="tiny", prompt="Speculate", max_tokens=12, temperature=0,
-                                                 logprobs=0, extra_body={"return_tokens_as_token_ids": True})
-    assert _ids(got.choices[0].logprobs.tokens) == ids[len(b"Speculate"):]
+    for _ in range(2):
+      got = _served_client(url).completions.create(model="tiny", prompt="Speculate", max_tokens=12, temperature=0,
+                                                   logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+      assert _ids(got.choices[0].logprobs.tokens) == ids[len(b"Speculate"):]
     metrics = httpx.get(url + "/metrics", timeout=TIMEOUT).text
-    values = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln.startswith("shardlab_spec")}
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln.startswith("shardlab_")}
     assert values["shardlab_spec_decode_num_draft_tokens_total"] > 0
     assert values["shardlab_spec_decode_draft_acceptance_rate"] == 1.0, values
-    assert "draft model" in log.read_text()
+    assert values["shardlab_prefix_cache_queries_total"] == 2 * len(b"Speculate")
+    assert values["shardlab_prefix_cache_hits_total"] == 8, values  # one block of 8, the second time
+    assert "draft model" in log.read_text() and "paged KV cache" in log.read_text()
   finally:
     proc.terminate()
     proc.wait(timeout=60)
@@ -542,7 +547,8 @@ def test_serve_py_decodes_speculatively_with_a_draft(tmp_path):
 
 @pytest.mark.parametrize("flag,message", [("--slots=0", "--slots=0: must be >= 1"),
                                           ("--max_len=4096", "--max_len=4096: must be <= model.max_seq_len=128"),
-                                          ("--speculative_tokens=0", "--speculative_tokens=0: must be >= 1")])
+                                          ("--speculative_tokens=0", "--speculative_tokens=0: must be >= 1"),
+                                          ("--num_pages=64", "--num_pages=64 needs --page_size")])
 def test_serve_py_refuses_bad_flags_before_loading(flag, message):
   import subprocess
   import sys

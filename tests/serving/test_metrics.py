@@ -77,3 +77,17 @@ def test_speculative_decoding_metrics_appear_with_a_draft_only():
   assert value("shardlab_spec_decode_num_accepted_tokens") == 26
   assert np.isclose(value("shardlab_spec_decode_draft_acceptance_rate"), 26 / 40)
   assert np.isclose(value("shardlab_spec_decode_tokens_per_round"), 1 + 26 / 10)
+
+
+def test_prefix_cache_metrics_appear_with_paging_only():
+  m = Metrics()
+  assert not any(name.startswith(("shardlab_prefix_cache", "shardlab_kv_cache")) for name in _families(m))
+  m.set_prefix_cache({"queried_tokens": 200, "matched_tokens": 120, "pages_free": 10, "pages_cached": 6,
+                      "pages_evicted": 3, "pages": 32})
+  fams = _families(m)
+  assert fams["shardlab_prefix_cache_queries"].samples[0].value == 200
+  assert fams["shardlab_prefix_cache_hits"].samples[0].value == 120
+  assert np.isclose(fams["shardlab_prefix_cache_hit_rate"].samples[0].value, 0.6)
+  pages = {s.labels["state"]: s.value for s in fams["shardlab_kv_cache_pages"].samples}
+  assert pages == {"free": 10, "cached": 6, "used": 16}
+  assert fams["shardlab_kv_cache_pages_evicted"].samples[0].value == 3

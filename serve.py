@@ -57,6 +57,9 @@ flags.DEFINE_integer("num_pages", 0, "Pages of the paged cache per engine replic
                      "contiguous caches would hold). More pages keep more shared prefixes cached.")
 flags.DEFINE_bool("prefix_caching", True, "With --page_size: prompts that start with the same blocks of tokens share "
                   "their pages (a prefix tree, least recently used blocks evicted first).")
+flags.DEFINE_bool("disaggregate", False, "Prefill/decode disaggregation: prompts on the first half of the devices, "
+                  "decoding on the second (set mesh.data=2; mesh.tensor splits each half), each request's keys and "
+                  "values moved across when its prompt is done.")
 flags.DEFINE_string("draft_checkpoint", None, "Decode speculatively with this draft model (a shardlab run directory, "
                     "e.g. a 2-layer model trained with train.py on the same data): it proposes "
                     "--speculative_tokens tokens per round, the served model checks them in one pass.")
@@ -181,13 +184,13 @@ def _run() -> None:
   paging = None
   if FLAGS.page_size:
     from serving.engine import Paging
-    replica_slots = FLAGS.slots // loaded.plan.mesh.shape["data"]
+    replica_slots = FLAGS.slots // (1 if FLAGS.disaggregate else loaded.plan.mesh.shape["data"])
     pages = FLAGS.num_pages or max(replica_slots, 1) * (max_len // FLAGS.page_size)
     paging = Paging(FLAGS.page_size, pages, FLAGS.prefix_caching)
   try:
     engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
                     max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps, draft=draft,
-                    paging=paging)
+                    paging=paging, disaggregate=FLAGS.disaggregate)
   except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
     raise configs.ConfigError(f"engine flags: {err}") from None
   source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
@@ -197,11 +200,14 @@ def _run() -> None:
   template = load_chat_template(_template_dirs(loaded.config), FLAGS.chat_template)
   log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
            FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)
+  if FLAGS.disaggregate:
+    half = loaded.plan.mesh.size // 2
+    log.info("disaggregated: prompts on %d device(s), decoding on the other %d", half, half)
   if paging is not None:
     log.info("paged KV cache: %d pages of %d positions per replica, prefix caching %s", paging.pages,
              paging.page_size, "on" if paging.prefix_caching else "off")
   if FLAGS.warmup:
-    seconds = _warm_up(engine, FLAGS.token_budget, max_len, loaded.plan.mesh.shape["data"])
+    seconds = _warm_up(engine, FLAGS.token_budget, max_len, 1 if FLAGS.disaggregate else loaded.plan.mesh.shape["data"])
     log.info("warm-up requests done in %.1f s", seconds)
 
   async_engine = AsyncEngine(engine, tokenizer, max_waiting=FLAGS.max_waiting)
@@ -218,6 +224,9 @@ def _run() -> None:
     c = engine.prefix_cache
     log.info("prefix cache: %d of %d prompt tokens found cached (%.1f%%), %d pages evicted", c["matched_tokens"],
              c["queried_tokens"], 100 * c["matched_tokens"] / c["queried_tokens"], c["pages_evicted"])
+  if engine.transfers is not None and engine.transfers["count"]:
+    t = engine.transfers
+    log.info("disaggregation: %d prompts moved, %.1f MB in %.3f s", t["count"], t["bytes"] / 1e6, t["seconds"])
   if engine.speculation is not None and engine.speculation["rounds"]:
     s = engine.speculation
     log.info("speculative decoding: %d of %d proposals accepted (%.1f%%), %.2f tokens per round", s["accepted"],

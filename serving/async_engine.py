@@ -260,6 +260,7 @@ class AsyncEngine:
         self.metrics.set_queue(self.engine.num_waiting, self.engine.num_running)
         self.metrics.set_speculation(getattr(self.engine, "speculation", None))
         self.metrics.set_prefix_cache(getattr(self.engine, "prefix_cache", None))
+        self.metrics.set_transfers(getattr(self.engine, "transfers", None))
     except Exception as err:  # noqa: BLE001 -- reported to every waiting request, then the thread ends
       log.exception("engine step failed")
       self.error = f"{type(err).__name__}: {err}"

@@ -35,6 +35,7 @@ from configs import ModelConfig
 from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan
 from serving.runner import ModelRunner, buckets
+from serving.disaggregation import KVTransfer
 from serving.pages import PageManager
 from serving.scheduler import Scheduler, Sequence
 from serving.speculative import SpeculativeRunner
@@ -120,7 +121,9 @@ class _Replica:
   last token of each of its slots."""
 
   def __init__(self, model_config: ModelConfig, params: Any, plan: ShardingPlan, slots: int, token_budget: int,
-               max_len: int, decode_steps: int, draft: Draft | None = None, paging: Paging | None = None):
+               max_len: int, decode_steps: int, draft: Draft | None = None, paging: Paging | None = None,
+               prefill_plan: ShardingPlan | None = None):
+    """`prefill_plan`: prompts run on this (other) sub-mesh and move to `plan`'s for decoding."""
     self.slots, self.decode_steps = slots, decode_steps
     self.buckets = buckets(token_budget)
     self.pages = None if paging is None else PageManager(paging.pages, paging.page_size, paging.prefix_caching)
@@ -131,6 +134,11 @@ class _Replica:
     if draft is not None:
       draft_runner = ModelRunner(draft.config, draft.params, plan=plan, slots=slots, max_len=max_len, **paged)
       self.speculative = SpeculativeRunner(self.runner, draft_runner, draft.tokens)
+    self.prefill_runner, self.transfer = self.runner, None
+    if prefill_plan is not None:
+      self.prefill_runner = ModelRunner(model_config, params, plan=prefill_plan, slots=slots, max_len=max_len)
+      self.transfer = KVTransfer(self.prefill_runner, self.runner)
+    self._to_move: list[Sequence] = []  # prompts done on the prefill sub-mesh, moved at the next step
     self.last_token = np.zeros(slots, np.int32)
 
   @property
@@ -141,6 +149,10 @@ class _Replica:
     """Schedules a step and starts its work on the device: (plan, first tokens, decoded) where first
     tokens are (sequences whose prompt this step finished, their rows in the prefill's output, the
     prefill's (tokens, logprobs) device arrays), and decoded the decode loop's, or None."""
+    for seq in self._to_move:  # the last step's work is done: both caches are idle
+      if seq.request.id in self.scheduler.running:
+        self.transfer.move(seq.slot, seq.prompt_len)
+    self._to_move = []
     plan = self.scheduler.schedule()
     for seq in plan.admitted if self.pages is not None else ():
       for runner in (self.runner, self.speculative and self.speculative.draft):
@@ -152,7 +164,7 @@ class _Replica:
       chunks = [(np.asarray(seq.request.prompt_ids[start:start + n]), seq.slot, start)
                 for seq, start, n in plan.chunks]
       sampling = self._sampling_rows([seq for seq, _, _ in plan.chunks])
-      out = self.runner.prefill(chunks, bucket, sampling)
+      out = self.prefill_runner.prefill(chunks, bucket, sampling)
       if self.speculative is not None:  # the draft reads the prompt too (its sampled token is not used)
         self.speculative.draft.prefill(chunks, bucket, sampling)
       done = []
@@ -162,6 +174,8 @@ class _Replica:
           done.append(i)
           if self.pages is not None:  # its prompt's blocks can serve later requests
             self.pages.register(seq.request.id, seq.request.prompt_ids)
+          if self.transfer is not None:
+            self._to_move.append(seq)
       firsts = ([plan.chunks[i][0] for i in done], done, out)
     decoded = None
     if plan.decode:
@@ -194,9 +208,11 @@ class Engine:
 
   def __init__(self, model_config: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, token_budget: int,
                max_len: int, eos_id: int | None, decode_steps: int = 1, draft: Draft | None = None,
-               paging: Paging | None = None):
+               paging: Paging | None = None, disaggregate: bool = False):
     """`draft`: decode speculatively with this draft model (`serving.speculative`). `paging`: a
-    paged cache with prefix sharing (`serving.pages`) instead of a contiguous one per slot."""
+    paged cache with prefix sharing (`serving.pages`) instead of a contiguous one per slot.
+    `disaggregate`: prompts on the first half of the mesh's `data` axis (which must be 2), decoding
+    on the second (`serving.disaggregation`)."""
     for name, value in (("slots", slots), ("token_budget", token_budget), ("max_len", max_len),
                         ("decode_steps", decode_steps)):
       if value < 1:
@@ -213,12 +229,20 @@ class Engine:
         raise ValueError(f"pages={paging.pages} of {paging.page_size} positions cannot hold one request of "
                          f"max_len={max_len}")
     plans = replica_plans(plan)
+    prefill_plan = None
+    if disaggregate:
+      if len(plans) != 2:
+        raise ValueError(f"disaggregate: mesh.data={len(plans)}, must be 2 (prompts on the first half of the "
+                         "devices, decoding on the second)")
+      if paging is not None or draft is not None:
+        raise ValueError("disaggregate: not combined with a paged cache or a draft model yet")
+      prefill_plan, plans = plans[0], plans[1:]
     if slots % len(plans):
       raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots
     self.eos_id, self.decode_steps = eos_id, decode_steps
     self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps, draft,
-                               paging) for p in plans]
+                               paging, prefill_plan) for p in plans]
     # Speculative decoding's counts (None without a draft): rounds of one slot, proposals, accepted ones.
     self.speculation = None if draft is None else {"rounds": 0, "proposed": 0, "accepted": 0}
     self._where: dict[str, _Replica] = {}  # request id -> its replica
@@ -234,7 +258,7 @@ class Engine:
   def warm_up_prefill(self) -> int:
     """Compiles the prefill of every (rows, chunk length) that fits the token budget, greedy and
     sampled, on every replica, writing nothing; returns how many (`ModelRunner.warm_up_prefill`)."""
-    return sum(r.runner.warm_up_prefill(r.buckets, r.scheduler.token_budget) for r in self._replicas)
+    return sum(r.prefill_runner.warm_up_prefill(r.buckets, r.scheduler.token_budget) for r in self._replicas)
 
   @property
   def num_waiting(self) -> int:
@@ -300,13 +324,25 @@ class Engine:
           self._count_speculation(replica, [int(counts[seq.slot]) for seq in plan.decode])
     return events
 
+  @property
+  def transfers(self) -> dict | None:
+    """Disaggregation's prompt moves (None when colocated): how many, bytes, seconds."""
+    moves = [r.transfer for r in self._replicas if r.transfer is not None]
+    if not moves:
+      return None
+    return {"count": sum(m.count for m in moves), "bytes": sum(m.bytes for m in moves),
+            "seconds": sum(m.seconds for m in moves)}
+
   def reset_counters(self) -> None:
-    """Zeroes the speculation and prefix-cache counts (after a warm-up, so they describe traffic)."""
+    """Zeroes the speculation, prefix-cache and transfer counts (after a warm-up, so they describe traffic)."""
     if self.speculation is not None:
       self.speculation.update(rounds=0, proposed=0, accepted=0)
     for r in self._replicas:
       if r.pages is not None:
         r.pages.queried_tokens = r.pages.matched_tokens = r.pages.evicted = 0
+      if r.transfer is not None:
+        r.transfer.count = r.transfer.bytes = 0
+        r.transfer.seconds = 0.0
 
   @property
   def prefix_cache(self) -> dict | None:

@@ -15,6 +15,8 @@ With a paged cache (prefix sharing):
       admitted, and of those found in the prefix tree (not computed again)
   shardlab_prefix_cache_hit_rate           gauge: hits / queries so far
   shardlab_kv_cache_pages{state="free"|"cached"|"used"}, shardlab_kv_cache_pages_evicted_total
+With prefill/decode disaggregation:
+  shardlab_kv_transfers_total, shardlab_kv_transfer_bytes_total, shardlab_kv_transfer_seconds_total  counters
 With a draft model (speculative decoding):
   shardlab_spec_decode_num_draft_tokens_total, shardlab_spec_decode_num_accepted_tokens_total  counters
   shardlab_spec_decode_draft_acceptance_rate   gauge: accepted / proposed so far
@@ -82,6 +84,11 @@ class Metrics:
     self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
     self.speculation: dict | None = None  # `Engine.speculation`, copied
     self.prefix_cache: dict | None = None  # `Engine.prefix_cache`, copied
+    self.transfers: dict | None = None  # `Engine.transfers`, copied
+
+  def set_transfers(self, counts: dict | None) -> None:
+    with self._lock:
+      self.transfers = None if counts is None else dict(counts)
 
   def set_prefix_cache(self, counts: dict | None) -> None:
     with self._lock:
@@ -171,6 +178,12 @@ class Metrics:
                 for k, v in (("free", c["pages_free"]), ("cached", c["pages_cached"]), ("used", used))])
         metric("shardlab_kv_cache_pages_evicted_total", "counter", "Pages taken back from the prefix cache.",
                [f"shardlab_kv_cache_pages_evicted_total {c['pages_evicted']}"])
+      if self.transfers is not None:
+        t = self.transfers
+        for key, name, help_ in (("count", "transfers", "Prompts whose keys and values moved to the decode devices."),
+                                 ("bytes", "transfer_bytes", "Bytes of keys and values moved to the decode devices."),
+                                 ("seconds", "transfer_seconds", "Seconds spent moving keys and values.")):
+          metric(f"shardlab_kv_{name}_total", "counter", help_, [f"shardlab_kv_{name}_total {t[key]!r}"])
       if self.speculation is not None:
         s = self.speculation
         metric("shardlab_spec_decode_num_draft_tokens_total", "counter", "Tokens the draft model proposed.",

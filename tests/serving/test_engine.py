@@ -170,6 +170,27 @@ def test_parallel_decode_equals_one_device(tp_case, sizes):
   assert_close({k: np.asarray(v[1]) for k, v in got.items()}, {k: np.asarray(v[1]) for k, v in want.items()})
 
 
+@pytest.mark.parametrize("sizes", [{"data": 2, "tensor": 4}, {"data": 2}])
+def test_disaggregated_prefill_and_decode_equal_one_device(tp_case, sizes):
+  """Prompts on the first half of the devices (tensor-parallel over 4, or one device), decoding on
+  the other half, each request's keys and values moved across when its prompt is done: the same
+  tokens and log-probabilities as one device, one move per request that decodes."""
+  params, requests, want = tp_case
+  n = int(np.prod(list(sizes.values())))
+  plan = make_plan(make_mesh(sizes, jax.devices()[:n]))
+  engine = make_engine(params, cfg=TP_CFG, slots=4, plan=plan, disaggregate=True)
+  got = run(engine, requests)
+  assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
+  assert_close({k: np.asarray(v[1]) for k, v in got.items()}, {k: np.asarray(v[1]) for k, v in want.items()})
+  moved = engine.transfers
+  per_position = 2 * TP_CFG.n_layers * TP_CFG.n_kv_heads * TP_CFG.resolved_head_dim * 4  # k and v, float32
+  assert moved["count"] == len(requests) and moved["seconds"] > 0
+  spans = [max(16, 1 << (len(r.prompt_ids) - 1).bit_length()) for r in requests]  # runner.span_bucket
+  assert moved["bytes"] == per_position * sum(spans)
+  with pytest.raises(ValueError, match="disaggregate: mesh.data=1, must be 2"):
+    make_engine(params, cfg=TP_CFG, slots=4, disaggregate=True)
+
+
 def test_pallas_decode_attention_equals_full_forward(monkeypatch):
   """`model.decode_attention='pallas'`: every decode step's attention is the one-kernel version
   (here in the Pallas interpreter), and greedy tokens and log-probabilities are the full forward

@@ -91,3 +91,13 @@ def test_prefix_cache_metrics_appear_with_paging_only():
   pages = {s.labels["state"]: s.value for s in fams["shardlab_kv_cache_pages"].samples}
   assert pages == {"free": 10, "cached": 6, "used": 16}
   assert fams["shardlab_kv_cache_pages_evicted"].samples[0].value == 3
+
+
+def test_transfer_metrics_appear_when_disaggregated_only():
+  m = Metrics()
+  assert "shardlab_kv_transfers" not in _families(m)
+  m.set_transfers({"count": 3, "bytes": 4096, "seconds": 0.25})
+  fams = _families(m)
+  assert fams["shardlab_kv_transfers"].samples[0].value == 3
+  assert fams["shardlab_kv_transfer_bytes"].samples[0].value == 4096
+  assert fams["shardlab_kv_transfer_seconds"].samples[0].value == 0.25

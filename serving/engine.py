@@ -19,6 +19,11 @@ copy of the (tensor-split) weights on its slice of the mesh, `slots / data` of t
 scheduler; a new request goes to the replica with the least outstanding work. Other mesh axes
 (replica, stage, fsdp, seq, expert) must be 1 for serving.
 
+Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are
+shared through a prefix tree, `serving.pages`), `draft` (speculative decoding,
+`serving.speculative`) and `disaggregate` (prompts and decoding on the two halves of `data`,
+`serving.disaggregation`). Pages and a draft combine; disaggregation takes neither yet.
+
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
 A step dispatches the work of every replica, then waits for the device once.
 """
@@ -34,9 +39,9 @@ import numpy as np
 from configs import ModelConfig
 from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan
-from serving.runner import ModelRunner, buckets
 from serving.disaggregation import KVTransfer
 from serving.pages import PageManager
+from serving.runner import ModelRunner, buckets
 from serving.scheduler import Scheduler, Sequence
 from serving.speculative import SpeculativeRunner
 

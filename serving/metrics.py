@@ -140,6 +140,9 @@ class Metrics:
       def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
         lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
 
+      def one(name: str, kind: str, help_: str, value: float) -> None:
+        metric(name, kind, help_, [f"{name} {value!r}"])
+
       metric("shardlab_num_requests_waiting", "gauge", "Requests accepted and waiting for a decode slot.",
              [f"shardlab_num_requests_waiting {self.waiting}"])
       metric("shardlab_num_requests_running", "gauge", "Requests holding a decode slot.",
@@ -166,32 +169,33 @@ class Metrics:
              self.e2e.lines("shardlab_e2e_request_latency_seconds"))
       if self.prefix_cache is not None:
         c = self.prefix_cache
-        metric("shardlab_prefix_cache_queries_total", "counter", "Prompt tokens of admitted requests.",
-               [f"shardlab_prefix_cache_queries_total {c['queried_tokens']}"])
-        metric("shardlab_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
-               [f"shardlab_prefix_cache_hits_total {c['matched_tokens']}"])
-        metric("shardlab_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache, of all so far.",
-               [f"shardlab_prefix_cache_hit_rate {c['matched_tokens'] / max(c['queried_tokens'], 1)!r}"])
+        one("shardlab_prefix_cache_queries_total", "counter", "Prompt tokens of admitted requests.",
+            c["queried_tokens"])
+        one("shardlab_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+            c["matched_tokens"])
+        one("shardlab_prefix_cache_hit_rate", "gauge", "Prompt tokens found in the prefix cache, of all so far.",
+            c["matched_tokens"] / max(c["queried_tokens"], 1))
         used = c["pages"] - c["pages_free"] - c["pages_cached"]
         metric("shardlab_kv_cache_pages", "gauge", "KV-cache pages: free, cached (evictable), used by requests.",
                [f'shardlab_kv_cache_pages{{state="{k}"}} {v}'
                 for k, v in (("free", c["pages_free"]), ("cached", c["pages_cached"]), ("used", used))])
-        metric("shardlab_kv_cache_pages_evicted_total", "counter", "Pages taken back from the prefix cache.",
-               [f"shardlab_kv_cache_pages_evicted_total {c['pages_evicted']}"])
+        one("shardlab_kv_cache_pages_evicted_total", "counter", "Pages taken back from the prefix cache.",
+            c["pages_evicted"])
       if self.transfers is not None:
         t = self.transfers
-        for key, name, help_ in (("count", "transfers", "Prompts whose keys and values moved to the decode devices."),
-                                 ("bytes", "transfer_bytes", "Bytes of keys and values moved to the decode devices."),
-                                 ("seconds", "transfer_seconds", "Seconds spent moving keys and values.")):
-          metric(f"shardlab_kv_{name}_total", "counter", help_, [f"shardlab_kv_{name}_total {t[key]!r}"])
+        one("shardlab_kv_transfers_total", "counter", "Prompts whose keys and values moved to the decode devices.",
+            t["count"])
+        one("shardlab_kv_transfer_bytes_total", "counter", "Bytes of keys and values moved to the decode devices.",
+            t["bytes"])
+        one("shardlab_kv_transfer_seconds_total", "counter", "Seconds spent moving keys and values.", t["seconds"])
       if self.speculation is not None:
         s = self.speculation
-        metric("shardlab_spec_decode_num_draft_tokens_total", "counter", "Tokens the draft model proposed.",
-               [f"shardlab_spec_decode_num_draft_tokens_total {s['proposed']}"])
-        metric("shardlab_spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens the model accepted.",
-               [f"shardlab_spec_decode_num_accepted_tokens_total {s['accepted']}"])
-        metric("shardlab_spec_decode_draft_acceptance_rate", "gauge", "Accepted over proposed tokens so far.",
-               [f"shardlab_spec_decode_draft_acceptance_rate {s['accepted'] / max(s['proposed'], 1)!r}"])
-        metric("shardlab_spec_decode_tokens_per_round", "gauge", "Tokens a request gets per speculative round.",
-               [f"shardlab_spec_decode_tokens_per_round {1 + s['accepted'] / max(s['rounds'], 1)!r}"])
+        one("shardlab_spec_decode_num_draft_tokens_total", "counter", "Tokens the draft model proposed.",
+            s["proposed"])
+        one("shardlab_spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens the model accepted.",
+            s["accepted"])
+        one("shardlab_spec_decode_draft_acceptance_rate", "gauge", "Accepted over proposed tokens so far.",
+            s["accepted"] / max(s["proposed"], 1))
+        one("shardlab_spec_decode_tokens_per_round", "gauge", "Tokens a request gets per speculative round.",
+            1 + s["accepted"] / max(s["rounds"], 1))
       return "\n".join(lines) + "\n"

@@ -60,6 +60,9 @@ flags.DEFINE_bool("prefix_caching", True, "With --page_size: prompts that start 
 flags.DEFINE_bool("disaggregate", False, "Prefill/decode disaggregation: prompts on the first half of the devices, "
                   "decoding on the second (set mesh.data=2; mesh.tensor splits each half), each request's keys and "
                   "values moved across when its prompt is done.")
+flags.DEFINE_string("prefill_worker", None, "host:port of a prefill worker process (python -m serving.prefill_worker, "
+                    "started with this server's model, --slots and context): prompts are computed there and their "
+                    "keys and values sent here over TCP, this server only decodes.")
 flags.DEFINE_string("draft_checkpoint", None, "Decode speculatively with this draft model (a shardlab run directory, "
                     "e.g. a 2-layer model trained with train.py on the same data): it proposes "
                     "--speculative_tokens tokens per round, the served model checks them in one pass.")
@@ -190,7 +193,7 @@ def _run() -> None:
   try:
     engine = Engine(model, loaded.params, plan=loaded.plan, slots=FLAGS.slots, token_budget=FLAGS.token_budget,
                     max_len=max_len, eos_id=tokenizer.eos_id, decode_steps=FLAGS.decode_steps, draft=draft,
-                    paging=paging, disaggregate=FLAGS.disaggregate)
+                    paging=paging, disaggregate=FLAGS.disaggregate, prefill_worker=FLAGS.prefill_worker)
   except ValueError as err:  # the engine names the flag's field (slots, token_budget, max_len, ...)
     raise configs.ConfigError(f"engine flags: {err}") from None
   source = FLAGS.hf or FLAGS.checkpoint or "random initialisation"
@@ -200,6 +203,8 @@ def _run() -> None:
   template = load_chat_template(_template_dirs(loaded.config), FLAGS.chat_template)
   log.info("engine: slots=%d token_budget=%d max_len=%d decode_steps=%d; chat template: %s", FLAGS.slots,
            FLAGS.token_budget, max_len, FLAGS.decode_steps, template.origin)
+  if FLAGS.prefill_worker:
+    log.info("disaggregated: prompts computed by the prefill worker at %s, decoding here", FLAGS.prefill_worker)
   if FLAGS.disaggregate:
     half = loaded.plan.mesh.size // 2
     log.info("disaggregated: prompts on %d device(s), decoding on the other %d", half, half)

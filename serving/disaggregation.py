@@ -7,12 +7,15 @@ devices: a step's prompt chunks and its decode tokens run at the same time, each
 number of compilations stays logarithmic in max_len) from the prefill runner's cache to the same
 slot of the decode runner's cache: a slice on the prefill devices, a `jax.device_put` onto the
 decode devices' layout of it (the cross-sub-mesh copy), and an in-place update of the decode
-cache (donated). Both runners hold contiguous caches of the same slots and max_len.
+cache (donated). Both runners hold contiguous caches of the same slots and max_len. Across
+processes the prefill side is a worker (`serving.prefill_worker`) and the slice comes over TCP.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,28 +27,31 @@ ROW_AXES = CACHE_AXES[:1] + CACHE_AXES[2:]  # one slot's [layers, kv_heads, posi
 
 
 class KVTransfer:
-  """Moves prompts' keys and values from `prefill`'s cache to `decode`'s; counts bytes and time."""
+  """Moves prompts' keys and values from `prefill`'s cache to `decode`'s; counts bytes and time.
+  `prefill` is a `ModelRunner` on other devices of this process, or a
+  `serving.prefill_worker.RemotePrefill` (another process: its `take` sends the arrays over TCP)."""
 
-  def __init__(self, prefill: ModelRunner, decode: ModelRunner):
+  def __init__(self, prefill: Any, decode: ModelRunner):
     if (prefill.slots, prefill.max_len) != (decode.slots, decode.max_len):
       raise ValueError(f"prefill and decode caches differ: slots and max_len {(prefill.slots, prefill.max_len)} "
                        f"against {(decode.slots, decode.max_len)}")
-    if set(prefill.plan.mesh.devices.flat) & set(decode.plan.mesh.devices.flat):
+    self.local = isinstance(prefill, ModelRunner)
+    if self.local and set(prefill.plan.mesh.devices.flat) & set(decode.plan.mesh.devices.flat):
       raise ValueError("prefill and decode sub-meshes must not share devices")
     self.prefill, self.decode = prefill, decode
     self.count = self.bytes = 0
     self.seconds = 0.0
-    self._take = jax.jit(lambda k, v, slot, *, span: (k[:, slot, :, :span], v[:, slot, :, :span]),
-                         static_argnames=("span",))
     self._put = jax.jit(_put, donate_argnums=(0,))
 
   def move(self, slot: int, length: int) -> None:
     """Slot `slot`'s positions [0, length) and its length, prefill cache -> decode cache; waits for
     the copy (the decode cache is idle between engine steps), so `seconds` is the transfer's time."""
     span = span_bucket(length, self.prefill.max_len)
-    src = self.prefill.cache
     start = time.perf_counter()
-    k, v = self._take(src.k, src.v, slot, span=span)
+    if self.local:
+      k, v = take_slot(self.prefill.cache, slot, span=span)
+    else:
+      k, v = self.prefill.take(slot, span)
     dst = self.decode.plan
     layout = dst.sharding(ROW_AXES, dst.activations, k.shape)
     k, v = jax.device_put((k, v), layout)
@@ -54,6 +60,12 @@ class KVTransfer:
     self.seconds += time.perf_counter() - start
     self.count += 1
     self.bytes += 2 * k.size * k.dtype.itemsize
+
+
+@functools.partial(jax.jit, static_argnames=("span",))
+def take_slot(cache, slot, *, span: int):
+  """Slot `slot`'s keys and values over positions [0, span): [layers, kv heads, span, head dim] each."""
+  return cache.k[:, slot, :, :span], cache.v[:, slot, :, :span]
 
 
 def _put(cache, k_LxKxSxD, v_LxKxSxD, slot, length):

@@ -41,6 +41,7 @@ from parallel.mesh import make_mesh
 from parallel.plan import ShardingPlan
 from serving.disaggregation import KVTransfer
 from serving.pages import PageManager
+from serving.prefill_worker import RemotePrefill
 from serving.runner import ModelRunner, buckets
 from serving.scheduler import Scheduler, Sequence
 from serving.speculative import SpeculativeRunner
@@ -127,8 +128,9 @@ class _Replica:
 
   def __init__(self, model_config: ModelConfig, params: Any, plan: ShardingPlan, slots: int, token_budget: int,
                max_len: int, decode_steps: int, draft: Draft | None = None, paging: Paging | None = None,
-               prefill_plan: ShardingPlan | None = None):
-    """`prefill_plan`: prompts run on this (other) sub-mesh and move to `plan`'s for decoding."""
+               prefill_plan: ShardingPlan | None = None, prefill_worker: str | None = None):
+    """`prefill_plan`: prompts run on this (other) sub-mesh and move to `plan`'s for decoding;
+    `prefill_worker`: they run in that worker process ("host:port", `serving.prefill_worker`)."""
     self.slots, self.decode_steps = slots, decode_steps
     self.buckets = buckets(token_budget)
     self.pages = None if paging is None else PageManager(paging.pages, paging.page_size, paging.prefix_caching)
@@ -142,6 +144,10 @@ class _Replica:
     self.prefill_runner, self.transfer = self.runner, None
     if prefill_plan is not None:
       self.prefill_runner = ModelRunner(model_config, params, plan=prefill_plan, slots=slots, max_len=max_len)
+    elif prefill_worker is not None:
+      self.prefill_runner = RemotePrefill(prefill_worker, slots=slots, max_len=max_len,
+                                          vocab_size=model_config.vocab_size)
+    if self.prefill_runner is not self.runner:
       self.transfer = KVTransfer(self.prefill_runner, self.runner)
     self._to_move: list[Sequence] = []  # prompts done on the prefill sub-mesh, moved at the next step
     self.last_token = np.zeros(slots, np.int32)
@@ -163,6 +169,20 @@ class _Replica:
       for runner in (self.runner, self.speculative and self.speculative.draft):
         if runner:
           runner.assign_pages(seq.slot, self.pages.pages_of(seq.request.id))
+    # Decoding first: with a prefill worker the prompt chunks are a blocking call, which the
+    # decode loop, already dispatched, runs beside.
+    decoded = None
+    if plan.decode:
+      active = np.zeros(self.slots, bool)
+      active[[s.slot for s in plan.decode]] = True
+      # The cache holds prompt + output - 1 positions (the last token is written by its own step).
+      longest = max(s.prompt_len + len(s.output) - 1 for s in plan.decode)
+      sampling = self._sampling_rows(plan.decode, per_slot=True)
+      if self.speculative is not None:
+        decoded = self.speculative.round(self.last_token, active, sampling)
+      else:
+        decoded = (*self.runner.decode(self.last_token, active, sampling, self.decode_steps,
+                                       span=longest + self.decode_steps - 1), None)
     firsts = ([], [], None)
     if plan.chunks:
       bucket = next(b for b in self.buckets if b >= max(n for _, _, n in plan.chunks))
@@ -182,18 +202,6 @@ class _Replica:
           if self.transfer is not None:
             self._to_move.append(seq)
       firsts = ([plan.chunks[i][0] for i in done], done, out)
-    decoded = None
-    if plan.decode:
-      active = np.zeros(self.slots, bool)
-      active[[s.slot for s in plan.decode]] = True
-      # The cache holds prompt + output - 1 positions (the last token is written by its own step).
-      longest = max(s.prompt_len + len(s.output) - 1 for s in plan.decode)
-      sampling = self._sampling_rows(plan.decode, per_slot=True)
-      if self.speculative is not None:
-        decoded = self.speculative.round(self.last_token, active, sampling)
-      else:
-        decoded = (*self.runner.decode(self.last_token, active, sampling, self.decode_steps,
-                                       span=longest + self.decode_steps - 1), None)
     return plan, firsts, decoded
 
   def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
@@ -213,11 +221,12 @@ class Engine:
 
   def __init__(self, model_config: ModelConfig, params: Any, *, plan: ShardingPlan, slots: int, token_budget: int,
                max_len: int, eos_id: int | None, decode_steps: int = 1, draft: Draft | None = None,
-               paging: Paging | None = None, disaggregate: bool = False):
+               paging: Paging | None = None, disaggregate: bool = False, prefill_worker: str | None = None):
     """`draft`: decode speculatively with this draft model (`serving.speculative`). `paging`: a
     paged cache with prefix sharing (`serving.pages`) instead of a contiguous one per slot.
     `disaggregate`: prompts on the first half of the mesh's `data` axis (which must be 2), decoding
-    on the second (`serving.disaggregation`)."""
+    on the second (`serving.disaggregation`); `prefill_worker` ("host:port"): prompts in that
+    worker process (`serving.prefill_worker`), decoding here."""
     for name, value in (("slots", slots), ("token_budget", token_budget), ("max_len", max_len),
                         ("decode_steps", decode_steps)):
       if value < 1:
@@ -242,12 +251,16 @@ class Engine:
       if paging is not None or draft is not None:
         raise ValueError("disaggregate: not combined with a paged cache or a draft model yet")
       prefill_plan, plans = plans[0], plans[1:]
+    if prefill_worker is not None:
+      if disaggregate or len(plans) != 1 or paging is not None or draft is not None:
+        raise ValueError("prefill_worker: one engine replica (mesh.data=1), not combined with disaggregate, a paged "
+                         "cache or a draft model yet")
     if slots % len(plans):
       raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots
     self.eos_id, self.decode_steps = eos_id, decode_steps
     self._replicas = [_Replica(model_config, params, p, slots // len(plans), token_budget, max_len, decode_steps, draft,
-                               paging, prefill_plan) for p in plans]
+                               paging, prefill_plan, prefill_worker) for p in plans]
     # Speculative decoding's counts (None without a draft): rounds of one slot, proposals, accepted ones.
     self.speculation = None if draft is None else {"rounds": 0, "proposed": 0, "accepted": 0}
     self._where: dict[str, _Replica] = {}  # request id -> its replica

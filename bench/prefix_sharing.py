@@ -45,7 +45,7 @@ def main():
   from serving.loading import load
 
   config = configs.get_config(args.config, args.set)
-  if jax.default_backend() == "gpu":
+  if jax.default_backend() == "gpu" and not any(o.startswith("model.compute_dtype=") for o in args.set):
     config = configs.get_config(args.config, [*args.set, "model.compute_dtype=bfloat16"])
   loaded = load(config, devices=jax.devices()[:1])
   model = loaded.config.model

@@ -71,8 +71,9 @@ class ModelConfig:
   attention_impl: str = "auto"
   # A served decode step's attention (one new token per row over the KV cache): "xla", or "pallas",
   # one Pallas (Triton) kernel per layer (parallel/attention/decode_kernel.py; one device only; on
-  # CPUs it runs in the Pallas interpreter, which is slow: for tests). Slower than XLA's at batch 1
-  # on one H100 so far (BENCHMARKS.md), hence not the default.
+  # CPUs it runs in the Pallas interpreter, which is slow: for tests). With decode_split_k=4 it took
+  # a batch-1 `1b` step on one H100 from 1.18 to 1.08 ms (BENCHMARKS.md); not the default because
+  # it refuses meshes of several devices.
   decode_attention: str = "xla"
   # A decode step's q/k/v, output and down products with their contraction cut into this many parts
   # that multiply as one batched product (models/layers.py, split_k_product): more blocks in flight

@@ -151,9 +151,13 @@ class Attention(nnx.Module):
     split_k = self.decode_split_k(x_BxTxD.shape[1], plan)
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan, split_k)
     layer = cache.get("layer")  # set: cache["k"], cache["v"] are every layer's (`reads_cache_in_place`)
+    page_table = cache.get("page_table")  # set: they are pages, read in place (`reads_pages_in_place`)
     if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[-2], plan):
       out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B, layer=layer,
-                             interpret=jax.default_backend() == "cpu")[:, None]
+                             page_table=page_table, interpret=jax.default_backend() == "cpu")[:, None]
+    elif page_table is not None:
+      raise ValueError("a paged cache read in place needs the decode kernel: one new token per row, "
+                       "model.decode_attention='pallas' on one device, pages a multiple of 16 positions")
     else:
       own = (lambda a: a) if layer is None else (lambda a: a[layer])
       out = attend_with_cache(q, k, v, own(cache["k"]), own(cache["v"]), cache_len_B)
@@ -177,3 +181,9 @@ def reads_cache_in_place(cfg: ModelConfig, plan: ShardingPlan) -> bool:
   """Whether a decoder's layers read the stacked KV cache in place (`model.decode_attention='pallas'`
   on one device: the kernel indexes the layer itself) rather than each its own slice."""
   return cfg.decode_attention == "pallas" and plan.mesh.size == 1
+
+
+def reads_pages_in_place(cfg: ModelConfig, plan: ShardingPlan, page_size: int) -> bool:
+  """Whether a decode step reads a paged cache's pages in place (the decode kernel with a page
+  table, `reads_cache_in_place` and pages it can tile) rather than gathered into contiguous rows."""
+  return reads_cache_in_place(cfg, plan) and tiles(page_size, cfg.resolved_head_dim)

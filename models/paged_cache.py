@@ -13,9 +13,11 @@ A page may sit in several slots' tables: prompts that share a prefix share its p
 (`serving.pages`), which hold whole blocks of page_size tokens and are never written again.
 
 Attention reads a row's pages gathered into the contiguous [kv_heads, positions, head_dim] view
-that `models.cache.attend_with_cache` takes (XLA; a paged-attention kernel would read the pages in
-place). `window(span)` gathers the first span positions once for a decode loop, as the contiguous
-cache's window copies them.
+that `models.cache.attend_with_cache` takes (XLA), and `window(span)` gathers the first span
+positions once for a decode loop, as the contiguous cache's window copies them. With the decode
+kernel (`model.decode_attention='pallas'`, one device, pages of a multiple of 16 positions) a
+decode step reads the pages in place instead (`pages_in_place`; vLLM's PagedAttention): nothing is
+gathered.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ class PagedKVCache:
     """As `KVCache.rows`: {"k", "v": [layers, B, K, max_len, D]} of the rows' slots (gathered)."""
     table = self.page_table if slot_ids_B is None else jnp.take(self.page_table, slot_ids_B, axis=0, mode="clip")
     return self._gather(table)
+
+  def pages_in_place(self) -> dict:
+    """Every slot's view for the decode kernel, which reads the pages in place
+    (`models.attention.reads_pages_in_place`): {"k", "v": [layers, pages, K, page_size, D],
+    "page_table": [slots, P]}."""
+    return {"k": self.k, "v": self.v, "page_table": self.page_table}
 
   def window(self, span: int) -> KVCache:
     """A contiguous cache of every slot's positions [0, span) (`KVCache.window`)."""

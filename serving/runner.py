@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from configs import ModelConfig
+from models.attention import reads_pages_in_place
 from models.cache import CACHE_AXES, KVCache
 from models.paged_cache import PAGE_AXES, PagedKVCache
 from models.fused import fuse_projections
@@ -120,8 +121,11 @@ class ModelRunner:
     model = nnx.merge(self.graphdef, params)
     carry = model.embed_tokens(tokens_BxT, positions_BxT, plan=self.plan)
     carry["cache_lengths"] = cache_len_B
-    carry, new_kv = model.forward_layers_cached(carry, (cache if window is None else window).rows(slot_ids_B),
-                                                plan=self.plan, unroll=unroll)
+    if self._pages_in_place(cache, tokens_BxT, slot_ids_B, window):
+      rows = cache.pages_in_place()
+    else:
+      rows = (cache if window is None else window).rows(slot_ids_B)
+    carry, new_kv = model.forward_layers_cached(carry, rows, plan=self.plan, unroll=unroll)
     new_kv = _after(new_kv, carry["x"])
     cache = cache.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
     if window is not None:
@@ -153,11 +157,19 @@ class ModelRunner:
       tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, indices + i, greedy=greedy)
       return cache, window, tokens, out_tokens.at[i].set(tokens), out_logprobs.at[i].set(logprobs)
 
-    # Positions [0, span) copied once for the whole loop (see KVCache.window); all of them: none.
-    window = cache.window(span) if span < self.max_len else None
+    # Positions [0, span) copied once for the whole loop (see KVCache.window); all of them, or pages
+    # the decode kernel reads in place: none.
+    paged_kernel = isinstance(cache, PagedKVCache) and reads_pages_in_place(self.cfg, self.plan, cache.page_size)
+    window = cache.window(span) if span < self.max_len and not paged_kernel else None
     init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
     cache, _, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
     return cache, out_tokens, out_logprobs
+
+  def _pages_in_place(self, cache, tokens_BxT, slot_ids_B, window) -> bool:
+    """Whether this pass reads a paged cache's pages in place: a decode step of every slot (no
+    window) with the decode kernel (`models.attention.reads_pages_in_place`)."""
+    return (isinstance(cache, PagedKVCache) and window is None and slot_ids_B is None and tokens_BxT.shape[1] == 1
+            and reads_pages_in_place(self.cfg, self.plan, cache.page_size))
 
   def assign_pages(self, slot: int, pages: list[int]) -> None:
     """The paged cache's table of `slot`: its pages in position order."""

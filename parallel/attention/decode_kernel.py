@@ -18,6 +18,11 @@ an SM's share of the bandwidth.
 
 or, with `layer=`, caches of every layer [L, B, K, S, D], read in place: XLA copies a slice handed
 to a custom call into a buffer of its own first (a layer's span of keys and of values, every step).
+With `page_table=` [B, P] the caches are pages ([L,] pages, K, page_size, D; `models.paged_cache`):
+row b's position p lives in page page_table[b, p // page_size] at offset p % page_size, and the
+kernel reads each block of positions from its page in place (vLLM's PagedAttention), so a paged
+cache is never gathered into a contiguous copy. A block then lies inside one page (block_s divides
+page_size), and the span is P x page_size.
 
 Query heads group over kv heads (GQA, H = K x G): head h reads kv head h // G, as
 `models.cache.attend_with_cache` reads them. Products run on tensor cores with float32 sums; the
@@ -79,11 +84,11 @@ def default_splits(rows: int, kv_heads: int, span: int, programs: int = 256) -> 
   return p
 
 
-def _kernel(layer_ref, len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *, block_s: int,
-            chunk: int, scale: float):
+def _kernel(layer_ref, len_ref, table_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
+            block_s: int, chunk: int, page_size: int, pages: int, scale: float):
   """One program: row b, kv head h, positions [p * chunk, (p + 1) * chunk) of layer `layer_ref[0]`
   of the stacked cache. Writes the part's unnormalised output, running maximum and sum; part 0 also
-  folds in the new token."""
+  folds in the new token. `page_size` > 0: the cache is `pages` pages and `table_ref` row b's table."""
   from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - masked loads
 
   b, h, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -105,15 +110,25 @@ def _kernel(layer_ref, len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, acc_ref, m_
   d = q.shape[1]
   start = part * chunk
 
+  def locate(first_position):
+    """(index on the cache's second axis, offset on its positions axis) of a block's first position:
+    (row, position) in a contiguous cache, (page, offset in the page) in a paged one."""
+    if not page_size:
+      return b, pl.multiple_of(first_position, block_s)
+    entry = table_ref[pl.ds(b, 1), pl.ds(first_position // page_size, 1)][0, 0]
+    # Entries past a row's pages hold `pages` (unassigned): clipped, and their positions are masked.
+    return jnp.minimum(entry, pages - 1), pl.multiple_of(first_position % page_size, block_s)
+
   def block(i, state):
     # A loop of static length (one Triton can pipeline) whose loads past the row's length are
     # masked off: those positions are never read from memory.
     m, total, acc = state
-    at = pl.ds(pl.multiple_of(start + i * block_s, block_s), block_s)
     position = start + i * block_s + jnp.arange(block_s, dtype=jnp.int32)
     valid = position < length
     mask = jnp.broadcast_to(valid[None, None, None, :, None], (1, 1, 1, block_s, d))
-    load = lambda ref: plt.load(ref.at[pl.ds(layer, 1), pl.ds(b, 1), pl.ds(h, 1), at, :], mask=mask, other=0)[0, 0, 0]
+    where, offset = locate(start + i * block_s)
+    at = (pl.ds(layer, 1), pl.ds(where, 1), pl.ds(h, 1), pl.ds(offset, block_s), slice(None))
+    load = lambda ref: plt.load(ref.at[at], mask=mask, other=0)[0, 0, 0]
     keys = load(k_ref)  # [block_s, D]
     s = jax.lax.dot_general(q, keys, nt, preferred_element_type=F32) * scale  # [R, block_s]
     s = jnp.where(valid[None, :], s, jnp.finfo(F32).min)
@@ -130,24 +145,34 @@ def _kernel(layer_ref, len_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, acc_ref, m_
 
 def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array, cache_k_BxKxSxD: jax.Array,
                      cache_v_BxKxSxD: jax.Array, cache_len_B: jax.Array, *, layer: jax.Array | None = None,
-                     splits: int | None = None, block_s: int | None = None, num_warps: int = 4,
-                     num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                     page_table: jax.Array | None = None, splits: int | None = None, block_s: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
   """Softmax attention of one new token per row over cached positions [0, cache_len) and itself
   (module docstring). The positions split into `splits` parts (default `default_splits`), each a
   program per row and kv head, whose partial softmaxes combine afterwards (flash-decoding);
-  `block_s` (default: `block_size` of a part) must be a power of two >= 16 dividing a part.
+  `block_s` (default: `block_size` of a part, and of a page) must be a power of two >= 16 dividing a
+  part (and a page).
 
   `layer` (an int32 scalar): the caches are every layer's, stacked [L, B, K, S, D], and the kernel
-  reads this layer's in place (a slice handed to a custom call would be copied out first)."""
+  reads this layer's in place (a slice handed to a custom call would be copied out first).
+  `page_table` (int32 [B, P]): the caches are pages [pages, K, page_size, D] ([L, ...] with `layer`)
+  and row b's positions lie in the pages its table lists (module docstring)."""
   b, h, d = q_BxHxD.shape
   stacked = cache_k_BxKxSxD.shape if layer is not None else (1, *cache_k_BxKxSxD.shape)
+  what = "[pages, K, page_size, D]" if page_table is not None else "[B, K, S, D]"
   if len(stacked) != 5:
-    raise ValueError(f"decode_attention: cache k must be [B, K, S, D], or [L, B, K, S, D] with `layer`, got "
+    raise ValueError(f"decode_attention: cache k must be {what}, or [L, {what[1:]} with `layer`, got "
                      f"{cache_k_BxKxSxD.shape} (layer {'given' if layer is not None else 'not given'})")
-  n_layers, _, kv, s, _ = stacked
-  if stacked != (n_layers, b, kv, s, d) or cache_v_BxKxSxD.shape != cache_k_BxKxSxD.shape:
-    raise ValueError(f"decode_attention: cache k and v must be [B={b}, K, S, D={d}] (after a leading layers axis "
-                     f"with `layer`), got {cache_k_BxKxSxD.shape} and {cache_v_BxKxSxD.shape}")
+  _, lead, kv, s, _ = stacked
+  page_size = pages = 0
+  if page_table is not None:
+    if page_table.ndim != 2 or page_table.shape[0] != b:
+      raise ValueError(f"decode_attention: page_table must be [B={b}, pages per row], got {page_table.shape}")
+    pages, page_size, s = lead, s, page_table.shape[1] * s
+    lead = b
+  if lead != b or stacked[4] != d or cache_v_BxKxSxD.shape != cache_k_BxKxSxD.shape:
+    raise ValueError(f"decode_attention: cache k and v must be {what} with B={b}, D={d} (after a leading layers "
+                     f"axis with `layer`), got {cache_k_BxKxSxD.shape} and {cache_v_BxKxSxD.shape}")
   if k_new_BxKxD.shape != (b, kv, d) or v_new_BxKxD.shape != (b, kv, d):
     raise ValueError(f"decode_attention: new k and v must be [B={b}, K={kv}, D={d}], got "
                      f"{k_new_BxKxD.shape} and {v_new_BxKxD.shape}")
@@ -155,33 +180,40 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
     raise ValueError(f"decode_attention: {h} query heads do not group over {kv} key/value heads")
   if cache_len_B.shape != (b,):
     raise ValueError(f"decode_attention: cache_len must be [B={b}], got {cache_len_B.shape}")
+  if page_size and not block_size(page_size):
+    raise ValueError(f"decode_attention: page_size={page_size} must be a multiple of {MIN_ROWS} (a block of "
+                     f"positions lies inside one page)")
   splits = default_splits(b, kv, s) if splits is None else splits
   if splits < 1 or s % splits:
     raise ValueError(f"decode_attention: splits={splits} must be >= 1 and divide the cache's {s} positions")
   chunk = s // splits
-  block_s = block_size(chunk) if block_s is None else block_s
-  if block_s < MIN_ROWS or block_s & (block_s - 1) or chunk % block_s:
+  if block_s is None:
+    block_s = min(block_size(chunk), block_size(page_size)) if page_size else block_size(chunk)
+  if block_s < MIN_ROWS or block_s & (block_s - 1) or chunk % block_s or (page_size and page_size % block_s):
     raise ValueError(f"decode_attention: block_s={block_s} must be a power of two >= {MIN_ROWS} dividing "
-                     f"a part of {chunk} positions (the cache's {s} over splits={splits})")
+                     f"a part of {chunk} positions (the cache's {s} over splits={splits})"
+                     + (f" and a page of {page_size}" if page_size else ""))
   if d & (d - 1):
     raise ValueError(f"decode_attention: head dim {d} must be a power of two (a Triton block)")
   g = h // kv
   rows = max(MIN_ROWS, pl.next_power_of_2(g))
   q = jnp.pad(q_BxHxD.reshape(b, kv, g, d), ((0, 0), (0, 0), (0, rows - g), (0, 0))).astype(cache_k_BxKxSxD.dtype)
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j, p: (0,) * len(shape))
-  kernel = functools.partial(_kernel, block_s=block_s, chunk=chunk, scale=d ** -0.5)
+  kernel = functools.partial(_kernel, block_s=block_s, chunk=chunk, page_size=page_size, pages=pages,
+                             scale=d ** -0.5)
   layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
+  table = jnp.zeros((b, 1), jnp.int32) if page_table is None else page_table.astype(jnp.int32)
   acc, m, total = pl.pallas_call(
       kernel, grid=(b, kv, splits),
       out_shape=(jax.ShapeDtypeStruct((b, kv, splits, rows, d), F32), jax.ShapeDtypeStruct((b, kv, splits, rows), F32),
                  jax.ShapeDtypeStruct((b, kv, splits, rows), F32)),
-      in_specs=[whole((1,)), whole((b,)), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
+      in_specs=[whole((1,)), whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
                 whole((b, kv, d)), whole((b, kv, d)), whole(stacked), whole(stacked)],
       out_specs=(pl.BlockSpec((None, None, None, rows, d), lambda i, j, p: (i, j, p, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0))),
       interpret=interpret, compiler_params=None if interpret else _compiler_params(num_warps, num_stages))(
-          layer, cache_len_B.astype(jnp.int32), q, k_new_BxKxD, v_new_BxKxD, cache_k_BxKxSxD.reshape(stacked),
+          layer, cache_len_B.astype(jnp.int32), table, q, k_new_BxKxD, v_new_BxKxD, cache_k_BxKxSxD.reshape(stacked),
           cache_v_BxKxSxD.reshape(stacked))
   # The parts' softmaxes combined: each rescaled to the overall maximum (parts with no valid
   # position have weight 0), then one division by the overall sum.

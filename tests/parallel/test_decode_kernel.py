@@ -91,3 +91,41 @@ def test_decode_attention_rejects_bad_shapes():
     decode_attention(q, kv, kv, cache, cache, jnp.zeros((3,), jnp.int32), interpret=True)
   assert block_size(1152) == 128 and block_size(48) == 16 and block_size(40) == 0
   assert default_splits(2, 8, 512) == 16 and default_splits(32, 8, 512) == 1 and default_splits(2, 8, 64) == 4 and default_splits(1, 1, 48) == 1
+
+
+def test_decode_attention_reads_pages_in_place():
+  """With `page_table` each row's positions come from the pages its table lists, read in place: a
+  page shared by two rows, entries past a row's pages unassigned (the pool's size), an empty row, a
+  traced layer of the stacked pages. Against the numpy reference over each row's pages laid end to end."""
+  rng = np.random.default_rng(4)
+  b, h, kv, d, page, pool, layers = 3, 4, 2, 16, 16, 7, 3
+  lengths = np.asarray([37, 0, 64], np.int32)
+  table = np.asarray([[2, 5, 6, pool], [pool] * 4, [2, 0, 3, 1]], np.int32)  # page 2 in rows 0 and 2
+  q, kn, vn = (rng.standard_normal(shape).astype(np.float32) for shape in ((b, h, d), (b, kv, d), (b, kv, d)))
+  pages_k, pages_v = (rng.standard_normal((layers, pool, kv, page, d)).astype(np.float32) for _ in range(2))
+
+  def rows(pages):  # [B, K, S, D] of layer 1: row r's table entries' pages, in order (zeros where unassigned)
+    out = np.zeros((b, kv, table.shape[1] * page, d), np.float32)
+    for r in range(b):
+      for i, entry in enumerate(table[r]):
+        if entry < pool:
+          out[r, :, i * page:(i + 1) * page] = pages[1, entry]
+    return out
+
+  run = jax.jit(lambda layer, *args, splits: decode_attention(*args, layer=layer, page_table=jnp.asarray(table),
+                                                              splits=splits, interpret=True), static_argnames="splits")
+  want = _numpy_reference(q, kn, vn, rows(pages_k), rows(pages_v), lengths)
+  for splits in (1, 4):
+    got = run(jnp.int32(1), *(jnp.asarray(a) for a in (q, kn, vn, pages_k, pages_v, lengths)), splits=splits)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_rejects_bad_pages():
+  q, kv = jnp.zeros((2, 4, 16)), jnp.zeros((2, 2, 16))
+  lens = jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="page_size=8 must be a multiple of 16"):
+    pages = jnp.zeros((5, 2, 8, 16))
+    decode_attention(q, kv, kv, pages, pages, lens, page_table=jnp.zeros((2, 4), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match=r"page_table must be \[B=2"):
+    pages = jnp.zeros((5, 2, 16, 16))
+    decode_attention(q, kv, kv, pages, pages, lens, page_table=jnp.zeros((3, 4), jnp.int32), interpret=True)

@@ -1,8 +1,11 @@
 """The engine over a paged KV cache with prefix sharing: every answer equals the full forward pass
 computed from scratch, whether its prefix came from the tree or not, under a page budget that
-forces evictions, and with speculative decoding on top."""
+forces evictions, with speculative decoding on top, and with the decode kernel reading the pages in
+place."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -67,6 +70,28 @@ def test_speculative_decoding_over_shared_pages():
   out = run(engine, requests[:1], joins={3: requests[1:]})
   _check(out, params, prompts, 9)
   assert engine.prefix_cache["matched_tokens"] > 0
+
+
+def test_decode_kernel_reads_the_pages_in_place(monkeypatch):
+  """`model.decode_attention='pallas'` over a paged cache: each decode step's kernel is handed the
+  pool of pages and the page tables (nothing gathered), and every answer, shared prefix or not, is
+  the one computed from scratch."""
+  import models.attention  # noqa: PLC0415
+
+  calls = []
+  kernel = models.attention.decode_attention
+  spy = lambda *a, **kw: calls.append((a[3].shape, kw.get("page_table") is not None)) or kernel(*a, **kw)
+  monkeypatch.setattr(models.attention, "decode_attention", spy)
+  params = tiny.trained_params()
+  cfg = dataclasses.replace(tiny.CFG, decode_attention="pallas")
+  prompts = [SYSTEM + list(q) for q in QUESTIONS[:4]]
+  requests = [greedy(str(i), p, 8) for i, p in enumerate(prompts)]
+  engine = make_engine(params, cfg=cfg, paging=Paging(page_size=16, pages=20), decode_steps=4)
+  out = run(engine, requests[:2], joins={3: requests[2:]})
+  _check(out, params, prompts, 8)
+  assert engine.prefix_cache["matched_tokens"] >= 16 * 2, engine.prefix_cache  # the prompt's first page, shared
+  pool = (tiny.CFG.n_layers, 20, tiny.CFG.n_kv_heads, 16, tiny.CFG.resolved_head_dim)
+  assert calls and set(calls) == {(pool, True)}, f"the kernel read {set(calls)}"
 
 
 def test_paging_refusals():

@@ -37,7 +37,8 @@ flags.DEFINE_integer("slots", 8, "Decode slots: requests that generate at the sa
 flags.DEFINE_integer("token_budget", 256, "Tokens per engine step, prefill chunks and decode tokens together "
                      "(Dynamic SplitFuse).")
 flags.DEFINE_integer("max_len", 0, "Context length per request, prompt plus output (0: model.max_seq_len).")
-flags.DEFINE_integer("decode_steps", 1, "Decode steps the device runs per engine step before the host looks again.")
+flags.DEFINE_integer("decode_steps", 1, "Decode steps the device runs per engine step before the host looks again "
+                     "(with a draft model: speculative rounds).")
 flags.DEFINE_integer("max_waiting", 256, "Requests allowed to wait for a slot; one more is answered 429.")
 flags.DEFINE_string("served_model_name", None, "The model name clients send (default: the checkpoint's "
                     "folder name, or the config's name).")
@@ -155,9 +156,6 @@ def _check_flags(config) -> None:
     raise configs.ConfigError("--draft_checkpoint and --draft_hf: give one of them, not both")
   if FLAGS.speculative_tokens < 1:
     raise configs.ConfigError(f"--speculative_tokens={FLAGS.speculative_tokens}: must be >= 1")
-  if (FLAGS.draft_checkpoint or FLAGS.draft_hf) and FLAGS.decode_steps != 1:
-    raise configs.ConfigError(f"--decode_steps={FLAGS.decode_steps}: speculative decoding runs one round per "
-                              "engine step; use 1 with a draft")
   if not FLAGS.hf and FLAGS.max_len > config.model.max_seq_len:  # with --hf the checkpoint's config decides
     raise configs.ConfigError(f"--max_len={FLAGS.max_len}: must be <= model.max_seq_len={config.model.max_seq_len}")
 

@@ -3,8 +3,9 @@ held-out text of the run's corpus.
 
 Prompts are `--prompts` windows of `--prompt_len` tokens from the validation split of the config's
 data (the built-in corpus by default: documents the models were not trained on), each continued by
-`--new` greedy tokens (EOS off), one request at a time through an engine of one slot. For the plain
-engine and for each `--tokens` k: decode tokens per second (per request: (new - 1) / (last token -
+`--new` greedy tokens (EOS off), one request at a time through an engine of one slot: the plain
+engine runs `--decode_steps` steps per engine step, the speculative one `--rounds` rounds (each a
+dispatch and a wait of the host's saved). For the plain engine and for each `--tokens` k: decode tokens per second (per request: (new - 1) / (last token -
 first token), so prefill is left out; the median over prompts), the draft's acceptance rate, tokens
 per round, and whether the greedy text equals plain decoding's (it should, up to rounding of
 near-ties in bf16). One untimed request first compiles each engine. Prints a table last; writes JSON.
@@ -67,6 +68,8 @@ def main():
   ap.add_argument("--draft_checkpoint", default=None)
   ap.add_argument("--draft_hf", default=None)
   ap.add_argument("--tokens", default="2,4", help="draft tokens per round to try")
+  ap.add_argument("--decode_steps", type=int, default=32, help="plain decoding: steps per engine step")
+  ap.add_argument("--rounds", type=int, default=8, help="speculative decoding: rounds per engine step")
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--prompt_len", type=int, default=64)
   ap.add_argument("--new", type=int, default=48)
@@ -86,12 +89,15 @@ def main():
                                      data=loaded.config.data)
   drafted = load(draft_config, checkpoint=args.draft_checkpoint, hf=args.draft_hf, devices=jax.devices()[:1])
   prompts = held_out_prompts(loaded.config, loaded.tokenizer, args.prompts, args.prompt_len)
-  max_len = args.prompt_len + args.new + max(int(k) for k in args.tokens.split(","))
+  # Room for what a call may run past a request's end: steps, or rounds of k + 1 tokens.
+  k_max = max(int(k) for k in args.tokens.split(","))
+  max_len = args.prompt_len + args.new + max(args.decode_steps, args.rounds * (k_max + 1))
 
   def engine(k: int | None):
     draft = None if k is None else Draft(drafted.config.model, drafted.params, k)
     return Engine(loaded.config.model, loaded.params, plan=loaded.plan, slots=1, token_budget=args.prompt_len,
-                  max_len=min(max_len, loaded.config.model.max_seq_len), eos_id=None, draft=draft)
+                  max_len=min(max_len, loaded.config.model.max_seq_len), eos_id=None, draft=draft,
+                  decode_steps=args.decode_steps if k is None else args.rounds)
 
   rows, plain_tokens = [], None
   for k in [None] + [int(k) for k in args.tokens.split(",")]:
@@ -113,11 +119,12 @@ def main():
   result = {"config": args.config, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "target": args.checkpoint or args.hf, "draft": args.draft_checkpoint or args.draft_hf,
             "draft_layers": drafted.config.model.n_layers, "target_layers": loaded.config.model.n_layers,
-            "prompts": len(prompts), "prompt_len": args.prompt_len, "new": args.new, "rows": rows}
+            "prompts": len(prompts), "prompt_len": args.prompt_len, "new": args.new, "decode_steps": args.decode_steps,
+            "rounds": args.rounds, "rows": rows}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"\nspeculative decoding, batch 1, {args.config} on {result['device']} ({len(prompts)} held-out prompts "
-        f"of {args.prompt_len} tokens, {args.new} new)")
+        f"of {args.prompt_len} tokens, {args.new} new; {args.decode_steps} plain steps or {args.rounds} rounds per call)")
   print(f"{'draft tokens':>12} {'tokens/s':>9} {'speed-up':>8} {'acceptance':>10} {'tokens/round':>12} {'same text':>9}")
   for r in rows:
     spec = r["draft_tokens"] > 0

@@ -21,7 +21,7 @@ scheduler; a new request goes to the replica with the least outstanding work. Ot
 
 Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are
 shared through a prefix tree, `serving.pages`), `draft` (speculative decoding,
-`serving.speculative`) and `disaggregate` (prompts and decoding on the two halves of `data`,
+`serving.speculative`: `decode_steps` speculative rounds per step) and `disaggregate` (prompts and decoding on the two halves of `data`,
 `serving.disaggregation`). Pages and a draft combine; disaggregation takes neither yet.
 
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
@@ -179,7 +179,7 @@ class _Replica:
       longest = max(s.prompt_len + len(s.output) - 1 for s in plan.decode)
       sampling = self._sampling_rows(plan.decode, per_slot=True)
       if self.speculative is not None:
-        decoded = self.speculative.round(self.last_token, active, sampling)
+        decoded = self.speculative.rounds(self.last_token, active, sampling, self.decode_steps)
       else:
         decoded = (*self.runner.decode(self.last_token, active, sampling, self.decode_steps,
                                        span=longest + self.decode_steps - 1), None)
@@ -234,8 +234,6 @@ class Engine:
     _check_servable(model_config, max_len, "model")
     if draft is not None:
       _check_servable(draft.config, max_len, "the draft's model")
-      if decode_steps != 1:
-        raise ValueError(f"decode_steps={decode_steps}: a speculative round is one engine step (use 1)")
     if paging is not None:
       if paging.page_size < 1 or max_len % paging.page_size:
         raise ValueError(f"page_size={paging.page_size} must be >= 1 and divide max_len={max_len}")
@@ -270,7 +268,7 @@ class Engine:
   def warm_up_decode(self) -> int:
     """Compiles every decode program a request can need (each span, greedy and sampled; or the
     speculative round) on every replica, writing nothing; returns how many (`ModelRunner.warm_up`)."""
-    return sum(r.speculative.warm_up() if r.speculative else r.runner.warm_up(self.decode_steps)
+    return sum(r.speculative.warm_up(self.decode_steps) if r.speculative else r.runner.warm_up(self.decode_steps)
                for r in self._replicas)
 
   def warm_up_prefill(self) -> int:
@@ -336,10 +334,17 @@ class Engine:
       if decoded is not None:
         tokens, logprobs, counts = decoded
         for seq in plan.decode:
-          n = len(tokens) if counts is None else int(counts[seq.slot])
-          events.append(self._emit(replica, seq, tokens[:n, seq.slot].tolist(), logprobs[:n, seq.slot].tolist()))
-        if counts is not None:
-          self._count_speculation(replica, [int(counts[seq.slot]) for seq in plan.decode])
+          if counts is None:
+            events.append(self._emit(replica, seq, tokens[:, seq.slot].tolist(), logprobs[:, seq.slot].tolist()))
+            continue
+          # Speculative rounds [rounds, k + 1, slots]: each round's first counts[r] tokens, in order.
+          emitted = counts[:, seq.slot]
+          event = self._emit(replica, seq, [int(t) for r, c in enumerate(emitted) for t in tokens[r, :c, seq.slot]],
+                             [float(x) for r, c in enumerate(emitted) for x in logprobs[r, :c, seq.slot]])
+          events.append(event)
+          # The rounds the request used (those after its end ran for nothing and are not counted).
+          used = int(np.searchsorted(np.cumsum(emitted), len(event.token_ids))) + 1
+          self._count_speculation(replica, [int(c) for c in emitted[:used]])
     return events
 
   @property

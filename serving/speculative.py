@@ -3,7 +3,9 @@ forward pass, and the standard rejection rule keeps the output distributed exact
 (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al.
 2023, "Accelerating Large Language Model Decoding with Speculative Sampling").
 
-One round, for every active slot at once, in one compiled call (`SpeculativeRunner.round`):
+One round, for every active slot at once (`SpeculativeRunner.rounds` runs `rounds` of them in one
+compiled call, a `lax.fori_loop` on the device, so that the host pays one dispatch and one
+transfer per `rounds` rounds, as the plain decode loop does per `steps` tokens):
 
   1. the draft decodes k + 1 steps from the slot's last token: step i reads position L + i and
      proposes d_{i+1} from its filtered distribution q_{i+1} (the request's temperature, top-k and
@@ -25,8 +27,13 @@ its seed and the index of the output token (`serving.sampling.row_keys`), folded
 per purpose (draft draw, acceptance, residual), so a seeded request repeats its text.
 
 Log-probabilities are the target's (log_softmax of its raw logits) at the emitted tokens, as in
-plain decoding. The round reads the whole cache (no span window, which pays off over several
-steps per call only).
+plain decoding. The round reads the whole cache (no span window).
+
+Between the rounds of one call the device carries each slot's last token and the index of its next
+output token. A request may end inside a call (its length, a stop token): the rounds after its end
+still run for its slot, and the host drops what they emit, as it drops the plain loop's tokens past
+a request's end; their cache writes past max_len (or past a paged slot's pages) are dropped and the
+next request in the slot starts from its own prompt.
 """
 
 from __future__ import annotations
@@ -94,21 +101,43 @@ class SpeculativeRunner:
       raise ValueError(f"the draft's slots and max_len {(draft.slots, draft.max_len)} must be the target's "
                        f"{(target.slots, target.max_len)}")
     self.target, self.draft, self.k = target, draft, tokens
-    self._round = jax.jit(self._round_fn, donate_argnums=(1, 3), static_argnames=("greedy",))
+    self._rounds = jax.jit(self._rounds_fn, donate_argnums=(1, 3), static_argnames=("rounds", "greedy"))
 
-  def round(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, greedy: bool | None = None) -> tuple:
-    """One round for every slot: (tokens [k + 1, slots], log-probabilities [k + 1, slots], tokens
-    emitted per slot [slots]: 1 + accepted proposals), device arrays. `sampling` as for
-    `ModelRunner.decode` (the index is that of the slot's next output token); `greedy` (default:
-    whether every active slot is) picks the compiled program."""
+  def rounds(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, rounds: int = 1,
+             greedy: bool | None = None) -> tuple:
+    """`rounds` rounds for every slot: (tokens [rounds, k + 1, slots], log-probabilities [rounds, k + 1,
+    slots], tokens emitted per round and slot [rounds, slots]: 1 + accepted proposals), device
+    arrays. `sampling` as for `ModelRunner.decode` (the index is that of the slot's next output
+    token); `greedy` (default: whether every active slot is) picks the compiled program."""
     t, d = self.target, self.draft
     args, static = t.decode_args(tokens_S, active_S, sampling, 1, None)
     greedy = static["greedy"] if greedy is None else greedy
-    t.cache, d.cache, out = self._round(t.params, t.cache, d.params, d.cache, *args, greedy=greedy)
+    t.cache, d.cache, out = self._rounds(t.params, t.cache, d.params, d.cache, *args, rounds=rounds, greedy=greedy)
     tokens, logprobs, counts = out
-    return tokens[:, :t.slots], logprobs[:, :t.slots], counts[:t.slots]
+    return tokens[..., :t.slots], logprobs[..., :t.slots], counts[:, :t.slots]
+
+  def _rounds_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, *, rounds, greedy):
+    temperature, top_k, top_p, seeds, indices = sampling
+    k, slots = self.k, tokens_S.shape[0]
+
+    def body(r, state):
+      tcache, dcache, last, index, out_tokens, out_logprobs, out_counts = state
+      tcache, dcache, (emitted, logprobs, n1) = self._round_fn(
+          tparams, tcache, dparams, dcache, last, active_S, (temperature, top_k, top_p, seeds, index), greedy=greedy)
+      # Each active slot's last emitted token and next output index; inactive slots keep theirs.
+      last = jnp.where(active_S, jnp.take_along_axis(emitted, (n1 - 1)[None], axis=0)[0], last)
+      index = index + jnp.where(active_S, n1, 0)
+      return (tcache, dcache, last, index, out_tokens.at[r].set(emitted), out_logprobs.at[r].set(logprobs),
+              out_counts.at[r].set(n1))
+
+    init = (tcache, dcache, tokens_S, indices, jnp.zeros((rounds, k + 1, slots), jnp.int32),
+            jnp.zeros((rounds, k + 1, slots), jnp.float32), jnp.zeros((rounds, slots), jnp.int32))
+    tcache, dcache, _, _, out_tokens, out_logprobs, out_counts = jax.lax.fori_loop(0, rounds, body, init)
+    return tcache, dcache, (out_tokens, out_logprobs, out_counts)
 
   def _round_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, *, greedy):
+    """One round (module docstring): the caches and (tokens [k + 1, S], log-probabilities [k + 1, S],
+    tokens emitted [S])."""
     temperature, top_k, top_p, seeds, indices = sampling
     t, d, k = self.target, self.draft, self.k
     max_len = t.max_len
@@ -152,10 +181,11 @@ class SpeculativeRunner:
     tcache, dcache = dataclasses.replace(tcache, lengths=kept), dataclasses.replace(dcache, lengths=kept)
     return tcache, dcache, (emitted.T, logprobs.T, n + 1)
 
-  def warm_up(self) -> int:
-    """Compiles the round, greedy and sampled, running each with no active slot; returns 2."""
+  def warm_up(self, rounds: int = 1) -> int:
+    """Compiles the call of `rounds` rounds, greedy and sampled, running each with no active slot;
+    returns 2."""
     slots = self.target.slots
     rows = (np.zeros(slots), np.zeros(slots), np.ones(slots), np.zeros(slots), np.zeros(slots))
     for greedy in (True, False):
-      self.round(np.zeros(slots, np.int32), np.zeros(slots, bool), rows, greedy=greedy)
+      self.rounds(np.zeros(slots, np.int32), np.zeros(slots, bool), rows, rounds, greedy=greedy)
     return 2

@@ -22,7 +22,9 @@ scheduler; a new request goes to the replica with the least outstanding work. Ot
 Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are
 shared through a prefix tree, `serving.pages`), `draft` (speculative decoding,
 `serving.speculative`: `decode_steps` speculative rounds per step) and `disaggregate` (prompts and decoding on the two halves of `data`,
-`serving.disaggregation`). Pages and a draft combine; disaggregation takes neither yet.
+`serving.disaggregation`). Pages and a draft combine, and disaggregation takes a draft (its
+prompts run on the prefill half too, and its keys and values move with the served model's); a
+paged cache is not disaggregated yet.
 
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
 A step dispatches the work of every replica, then waits for the device once.
@@ -141,14 +143,19 @@ class _Replica:
     if draft is not None:
       draft_runner = ModelRunner(draft.config, draft.params, plan=plan, slots=slots, max_len=max_len, **paged)
       self.speculative = SpeculativeRunner(self.runner, draft_runner, draft.tokens)
-    self.prefill_runner, self.transfer = self.runner, None
+    self.prefill_runner, self.transfers = self.runner, []
+    self.draft_prefill = self.speculative and self.speculative.draft  # where the draft reads prompts
     if prefill_plan is not None:
       self.prefill_runner = ModelRunner(model_config, params, plan=prefill_plan, slots=slots, max_len=max_len)
+      if draft is not None:  # the draft's prompts on the prefill half too, and its keys and values moved
+        self.draft_prefill = ModelRunner(draft.config, draft.params, plan=prefill_plan, slots=slots, max_len=max_len)
     elif prefill_worker is not None:
       self.prefill_runner = RemotePrefill(prefill_worker, slots=slots, max_len=max_len,
                                           vocab_size=model_config.vocab_size)
     if self.prefill_runner is not self.runner:
-      self.transfer = KVTransfer(self.prefill_runner, self.runner)
+      self.transfers.append(KVTransfer(self.prefill_runner, self.runner))
+    if self.speculative and self.draft_prefill is not self.speculative.draft:
+      self.transfers.append(KVTransfer(self.draft_prefill, self.speculative.draft))
     self._to_move: list[Sequence] = []  # prompts done on the prefill sub-mesh, moved at the next step
     self.last_token = np.zeros(slots, np.int32)
 
@@ -162,7 +169,8 @@ class _Replica:
     prefill's (tokens, logprobs) device arrays), and decoded the decode loop's, or None."""
     for seq in self._to_move:  # the last step's work is done: both caches are idle
       if seq.request.id in self.scheduler.running:
-        self.transfer.move(seq.slot, seq.prompt_len)
+        for transfer in self.transfers:
+          transfer.move(seq.slot, seq.prompt_len)
     self._to_move = []
     plan = self.scheduler.schedule()
     for seq in plan.admitted if self.pages is not None else ():
@@ -191,7 +199,7 @@ class _Replica:
       sampling = self._sampling_rows([seq for seq, _, _ in plan.chunks])
       out = self.prefill_runner.prefill(chunks, bucket, sampling)
       if self.speculative is not None:  # the draft reads the prompt too (its sampled token is not used)
-        self.speculative.draft.prefill(chunks, bucket, sampling)
+        self.draft_prefill.prefill(chunks, bucket, sampling)
       done = []
       for i, (seq, _, n) in enumerate(plan.chunks):
         seq.prefilled += n
@@ -199,7 +207,7 @@ class _Replica:
           done.append(i)
           if self.pages is not None:  # its prompt's blocks can serve later requests
             self.pages.register(seq.request.id, seq.request.prompt_ids)
-          if self.transfer is not None:
+          if self.transfers:
             self._to_move.append(seq)
       firsts = ([plan.chunks[i][0] for i in done], done, out)
     return plan, firsts, decoded
@@ -246,13 +254,16 @@ class Engine:
       if len(plans) != 2:
         raise ValueError(f"disaggregate: mesh.data={len(plans)}, must be 2 (prompts on the first half of the "
                          "devices, decoding on the second)")
-      if paging is not None or draft is not None:
-        raise ValueError("disaggregate: not combined with a paged cache or a draft model yet")
+      if paging is not None:
+        raise ValueError("disaggregate: not combined with a paged cache (prompts would need the prefix tree's "
+                         "pages on the prefill half too, and moves page by page); use a contiguous cache")
       prefill_plan, plans = plans[0], plans[1:]
     if prefill_worker is not None:
-      if disaggregate or len(plans) != 1 or paging is not None or draft is not None:
-        raise ValueError("prefill_worker: one engine replica (mesh.data=1), not combined with disaggregate, a paged "
-                         "cache or a draft model yet")
+      if disaggregate or len(plans) != 1:
+        raise ValueError("prefill_worker: one engine replica (mesh.data=1), not combined with disaggregate")
+      if paging is not None or draft is not None:
+        raise ValueError("prefill_worker: not combined with a paged cache or a draft model (the worker computes the "
+                         "served model's prompts into contiguous slots only)")
     if slots % len(plans):
       raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots
@@ -350,7 +361,7 @@ class Engine:
   @property
   def transfers(self) -> dict | None:
     """Disaggregation's prompt moves (None when colocated): how many, bytes, seconds."""
-    moves = [r.transfer for r in self._replicas if r.transfer is not None]
+    moves = [t for r in self._replicas for t in r.transfers]
     if not moves:
       return None
     return {"count": sum(m.count for m in moves), "bytes": sum(m.bytes for m in moves),
@@ -363,9 +374,9 @@ class Engine:
     for r in self._replicas:
       if r.pages is not None:
         r.pages.queried_tokens = r.pages.matched_tokens = r.pages.evicted = 0
-      if r.transfer is not None:
-        r.transfer.count = r.transfer.bytes = 0
-        r.transfer.seconds = 0.0
+      for t in r.transfers:
+        t.count = t.bytes = 0
+        t.seconds = 0.0
 
   @property
   def prefix_cache(self) -> dict | None:

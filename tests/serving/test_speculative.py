@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 
 from models.transformer import Transformer
+from parallel.mesh import make_mesh
+from parallel.plan import make_plan, single_device_plan
 from serving.engine import Draft, Request, SamplingParams
 from serving.sampling import filter_logits
 from serving.speculative import accept, filtered_probs
@@ -105,15 +107,19 @@ PROMPTS = [tiny.PATTERN[:5], np.tile(tiny.PATTERN, 2)[3:24], tiny.PATTERN[9:11],
            tiny.PATTERN[2:14]]
 
 
-@pytest.mark.parametrize("which,rounds", [("trained", 3), ("random", 1)])
-def test_speculative_greedy_equals_plain_greedy(which, rounds):
+@pytest.mark.parametrize("which,rounds,disaggregate", [("trained", 1, True), ("random", 3, False)])
+def test_speculative_greedy_equals_plain_greedy(which, rounds, disaggregate):
   """Greedy speculative output is the full forward pass's argmax at every step, token for token,
   for five prompts through three slots (requests joining as others finish), whether the draft
-  agrees with the target often (both trained on the same cycle) or rarely (random); with one
-  round per engine step, and with three (requests end inside a call, and join after it)."""
+  agrees with the target often (both trained on the same cycle) or rarely (random). The trained
+  pair runs on two sub-meshes: prompts (the target's and the draft's) on one device, decoding on
+  another, both caches' prompts moved across (a draft without its prompt would lose its high
+  acceptance); the random pair runs three rounds per engine step (requests end inside a call, and
+  join after it)."""
   params = tiny.trained_params() if which == "trained" else tiny.random_params()
   draft = tiny.trained_params(cfg=DRAFT_CFG) if which == "trained" else _draft_params()
-  engine = make_engine(params, draft=_draft(draft), decode_steps=rounds)
+  plan = make_plan(make_mesh({"data": 2}, jax.devices()[:2])) if disaggregate else single_device_plan()
+  engine = make_engine(params, draft=_draft(draft), decode_steps=rounds, plan=plan, disaggregate=disaggregate)
   out = run(engine, [greedy(str(i), p, 11) for i, p in enumerate(PROMPTS)])
   for i, p in enumerate(PROMPTS):
     tokens, logprobs, _ = tiny.reference_decode(params, p, 11)
@@ -125,6 +131,8 @@ def test_speculative_greedy_equals_plain_greedy(which, rounds):
   if which == "trained":
     assert rate > 0.5, stats  # the draft learned the same cycle
   assert sum(len(out[str(i)][0]) for i in range(len(PROMPTS))) == len(PROMPTS) * 11
+  if disaggregate:  # each prompt moved twice: the target's keys and values, then the draft's
+    assert engine.transfers["count"] == 2 * len(PROMPTS), engine.transfers
 
 
 def test_speculative_with_the_target_as_draft_accepts_every_proposal():

@@ -35,6 +35,7 @@ def main():
   ap.add_argument("--slots", type=int, default=32)
   ap.add_argument("--token_budget", type=int, default=2048)
   ap.add_argument("--page_size", type=int, default=64)
+  ap.add_argument("--decode_steps", type=int, default=1, help="decode steps per engine step")
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
 
@@ -49,7 +50,7 @@ def main():
     config = configs.get_config(args.config, [*args.set, "model.compute_dtype=bfloat16"])
   loaded = load(config, devices=jax.devices()[:1])
   model = loaded.config.model
-  need = args.prefix + args.suffix + args.new
+  need = args.prefix + args.suffix + args.new + args.decode_steps - 1  # a loop may run past a request's end
   max_len = -(-need // args.page_size) * args.page_size
   if max_len > model.max_seq_len:
     raise SystemExit(f"prefix + suffix + new = {need} exceeds model.max_seq_len={model.max_seq_len}")
@@ -62,7 +63,8 @@ def main():
 
   def run(prefix_caching: bool) -> dict:
     engine = Engine(model, loaded.params, plan=loaded.plan, slots=args.slots, token_budget=args.token_budget,
-                    max_len=max_len, eos_id=None, paging=Paging(args.page_size, pages, prefix_caching))
+                    max_len=max_len, eos_id=None, paging=Paging(args.page_size, pages, prefix_caching),
+                    decode_steps=args.decode_steps)
 
     def drive(requests):
       first, tokens = {}, {r.id: [] for r in requests}
@@ -98,7 +100,8 @@ def main():
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"\nprefix sharing, {args.config} on {result['device']}: {args.requests} requests of a {args.prefix}-token "
-        f"prefix + {args.suffix}, {args.new} new, {args.slots} slots, pages of {args.page_size}")
+        f"prefix + {args.suffix}, {args.new} new, {args.slots} slots, pages of {args.page_size}, "
+        f"{args.decode_steps} decode steps per engine step, attention {model.decode_attention}")
   print(f"{'prefix cache':>12} {'tokens/s':>9} {'TTFT mean':>10} {'hit rate':>8} {'makespan':>9}")
   for r in (off, on):
     print(f"{'on' if r['prefix_caching'] else 'off':>12} {r['tokens_per_s']:>9.1f} {r['ttft_s_mean'] * 1e3:>8.1f}ms "

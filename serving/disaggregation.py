@@ -7,12 +7,19 @@ devices: a step's prompt chunks and its decode tokens run at the same time, each
 number of compilations stays logarithmic in max_len) from the prefill runner's cache to the same
 slot of the decode runner's cache: a slice on the prefill devices, a `jax.device_put` onto the
 decode devices' layout of it (the cross-sub-mesh copy), and an in-place update of the decode
-cache (donated). Both runners hold contiguous caches of the same slots and max_len. Across
-processes the prefill side is a worker (`serving.prefill_worker`) and the slice comes over TCP.
+cache (donated). Both runners hold caches of the same slots and max_len. Across processes the
+prefill side is a worker (`serving.prefill_worker`) and the slice comes over TCP.
+
+Paged caches (`models.paged_cache`) are paged on both sides with the same page tables (the engine
+assigns a request's pages to every runner), and a move copies pages instead: the pages a prompt
+computed itself (the blocks it found in the prefix tree were computed, and moved, by an earlier
+prompt), their count rounded up to a power of two with out-of-range padding that reads zeros and
+writes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -20,7 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from models.cache import CACHE_AXES
+from models.paged_cache import PAGE_AXES, PagedKVCache
 from serving.runner import ModelRunner, span_bucket
 
 ROW_AXES = CACHE_AXES[:1] + CACHE_AXES[2:]  # one slot's [layers, kv_heads, positions, head_dim]
@@ -36,16 +46,22 @@ class KVTransfer:
       raise ValueError(f"prefill and decode caches differ: slots and max_len {(prefill.slots, prefill.max_len)} "
                        f"against {(decode.slots, decode.max_len)}")
     self.local = isinstance(prefill, ModelRunner)
+    if self.local and isinstance(prefill.cache, PagedKVCache) != isinstance(decode.cache, PagedKVCache):
+      raise ValueError("prefill and decode caches must both be paged or both contiguous")
     if self.local and set(prefill.plan.mesh.devices.flat) & set(decode.plan.mesh.devices.flat):
       raise ValueError("prefill and decode sub-meshes must not share devices")
     self.prefill, self.decode = prefill, decode
     self.count = self.bytes = 0
     self.seconds = 0.0
     self._put = jax.jit(_put, donate_argnums=(0,))
+    self._put_pages = jax.jit(_put_pages, donate_argnums=(0,))
 
-  def move(self, slot: int, length: int) -> None:
-    """Slot `slot`'s positions [0, length) and its length, prefill cache -> decode cache; waits for
-    the copy (the decode cache is idle between engine steps), so `seconds` is the transfer's time."""
+  def move(self, slot: int, length: int, pages: list[int] | None = None) -> None:
+    """Slot `slot`'s positions [0, length) and its length, prefill cache -> decode cache (paged: the
+    pages `pages` of the slot's table); waits for the copy (the decode cache is idle between engine
+    steps), so `seconds` is the transfer's time."""
+    if pages is not None:
+      return self._move_pages(slot, length, pages)
     span = span_bucket(length, self.prefill.max_len)
     start = time.perf_counter()
     if self.local:
@@ -60,6 +76,33 @@ class KVTransfer:
     self.seconds += time.perf_counter() - start
     self.count += 1
     self.bytes += 2 * k.size * k.dtype.itemsize
+
+  def _move_pages(self, slot: int, length: int, pages: list[int]) -> None:
+    start = time.perf_counter()
+    pool = self.prefill.cache.pages
+    index = np.full(1 << max(len(pages) - 1, 0).bit_length(), pool, np.int32)  # padding: out of range
+    index[:len(pages)] = pages
+    k, v = take_pages(self.prefill.cache, jnp.asarray(index))
+    dst = self.decode.plan
+    k, v = jax.device_put((k, v), dst.sharding(PAGE_AXES, dst.activations, k.shape))
+    self.decode.cache = self._put_pages(self.decode.cache, k, v, jnp.asarray(index), jnp.int32(slot),
+                                        jnp.int32(length))
+    jax.block_until_ready(self.decode.cache.k)
+    self.seconds += time.perf_counter() - start
+    self.count += 1
+    self.bytes += 2 * len(pages) * (k.size // len(index)) * k.dtype.itemsize
+
+
+@jax.jit
+def take_pages(cache, index_N):
+  """Pages `index` of a paged cache ([layers, N, kv heads, page size, head dim] each; zeros where out of range)."""
+  take = lambda a: jnp.take(a, index_N, axis=1, mode="fill", fill_value=0)
+  return take(cache.k), take(cache.v)
+
+
+def _put_pages(cache, k, v, index_N, slot, length):
+  return dataclasses.replace(cache, k=cache.k.at[:, index_N].set(k, mode="drop"),
+                             v=cache.v.at[:, index_N].set(v, mode="drop"), lengths=cache.lengths.at[slot].set(length))
 
 
 @functools.partial(jax.jit, static_argnames=("span",))

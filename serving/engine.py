@@ -22,9 +22,9 @@ scheduler; a new request goes to the replica with the least outstanding work. Ot
 Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are
 shared through a prefix tree, `serving.pages`), `draft` (speculative decoding,
 `serving.speculative`: `decode_steps` speculative rounds per step) and `disaggregate` (prompts and decoding on the two halves of `data`,
-`serving.disaggregation`). Pages and a draft combine, and disaggregation takes a draft (its
-prompts run on the prefill half too, and its keys and values move with the served model's); a
-paged cache is not disaggregated yet.
+`serving.disaggregation`). All three combine: with disaggregation a draft's prompts run on the
+prefill half too and its keys and values move with the served model's, and a paged cache is paged
+on both halves with the same tables and moves page by page (the pages a prompt computed).
 
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
 A step dispatches the work of every replica, then waits for the device once.
@@ -146,9 +146,11 @@ class _Replica:
     self.prefill_runner, self.transfers = self.runner, []
     self.draft_prefill = self.speculative and self.speculative.draft  # where the draft reads prompts
     if prefill_plan is not None:
-      self.prefill_runner = ModelRunner(model_config, params, plan=prefill_plan, slots=slots, max_len=max_len)
+      # Paged: the prefill half's caches are paged too, with the same page tables.
+      self.prefill_runner = ModelRunner(model_config, params, plan=prefill_plan, slots=slots, max_len=max_len, **paged)
       if draft is not None:  # the draft's prompts on the prefill half too, and its keys and values moved
-        self.draft_prefill = ModelRunner(draft.config, draft.params, plan=prefill_plan, slots=slots, max_len=max_len)
+        self.draft_prefill = ModelRunner(draft.config, draft.params, plan=prefill_plan, slots=slots, max_len=max_len,
+                                         **paged)
     elif prefill_worker is not None:
       self.prefill_runner = RemotePrefill(prefill_worker, slots=slots, max_len=max_len,
                                           vocab_size=model_config.vocab_size)
@@ -156,7 +158,9 @@ class _Replica:
       self.transfers.append(KVTransfer(self.prefill_runner, self.runner))
     if self.speculative and self.draft_prefill is not self.speculative.draft:
       self.transfers.append(KVTransfer(self.draft_prefill, self.speculative.draft))
-    self._to_move: list[Sequence] = []  # prompts done on the prefill sub-mesh, moved at the next step
+    # Prompts done on the prefill sub-mesh, moved at the next step: (sequence, the pages it computed
+    # or None for a contiguous cache).
+    self._to_move: list[tuple[Sequence, list[int] | None]] = []
     self.last_token = np.zeros(slots, np.int32)
 
   @property
@@ -167,16 +171,17 @@ class _Replica:
     """Schedules a step and starts its work on the device: (plan, first tokens, decoded) where first
     tokens are (sequences whose prompt this step finished, their rows in the prefill's output, the
     prefill's (tokens, logprobs) device arrays), and decoded the decode loop's, or None."""
-    for seq in self._to_move:  # the last step's work is done: both caches are idle
-      if seq.request.id in self.scheduler.running:
+    for seq, pages in self._to_move:  # the last step's work is done: both caches are idle
+      # Pages move even for a request that has ended: its prompt's blocks are in the prefix tree,
+      # and a later prompt that shares them reads them on the decode half.
+      if pages is not None or seq.request.id in self.scheduler.running:
         for transfer in self.transfers:
-          transfer.move(seq.slot, seq.prompt_len)
+          transfer.move(seq.slot, seq.prompt_len, pages)
     self._to_move = []
     plan = self.scheduler.schedule()
     for seq in plan.admitted if self.pages is not None else ():
-      for runner in (self.runner, self.speculative and self.speculative.draft):
-        if runner:
-          runner.assign_pages(seq.slot, self.pages.pages_of(seq.request.id))
+      for runner in self._paged_runners():
+        runner.assign_pages(seq.slot, self.pages.pages_of(seq.request.id))
     # Decoding first: with a prefill worker the prompt chunks are a blocking call, which the
     # decode loop, already dispatched, runs beside.
     decoded = None
@@ -208,9 +213,22 @@ class _Replica:
           if self.pages is not None:  # its prompt's blocks can serve later requests
             self.pages.register(seq.request.id, seq.request.prompt_ids)
           if self.transfers:
-            self._to_move.append(seq)
+            self._to_move.append((seq, self._computed_pages(seq)))
       firsts = ([plan.chunks[i][0] for i in done], done, out)
     return plan, firsts, decoded
+
+  def _paged_runners(self) -> list[ModelRunner]:
+    """Every runner of this replica whose cache is paged (each holds the same page tables)."""
+    runners = [self.runner, self.prefill_runner, self.speculative and self.speculative.draft, self.draft_prefill]
+    return [r for i, r in enumerate(runners) if r and all(r is not other for other in runners[:i])]
+
+  def _computed_pages(self, seq: Sequence) -> list[int] | None:
+    """The pages of `seq`'s prompt that it computed itself (past the blocks it found in the prefix
+    tree, which an earlier prompt computed and moved), or None for a contiguous cache."""
+    if self.pages is None:
+      return None
+    size = self.pages.page_size
+    return self.pages.pages_of(seq.request.id)[seq.cached // size:-(-seq.prompt_len // size)]
 
   def _sampling_rows(self, seqs: list[Sequence], per_slot: bool = False) -> tuple:
     """(temperature, top_k, top_p, seed, index of the next output token): one row per sequence,
@@ -254,9 +272,6 @@ class Engine:
       if len(plans) != 2:
         raise ValueError(f"disaggregate: mesh.data={len(plans)}, must be 2 (prompts on the first half of the "
                          "devices, decoding on the second)")
-      if paging is not None:
-        raise ValueError("disaggregate: not combined with a paged cache (prompts would need the prefix tree's "
-                         "pages on the prefill half too, and moves page by page); use a contiguous cache")
       prefill_plan, plans = plans[0], plans[1:]
     if prefill_worker is not None:
       if disaggregate or len(plans) != 1:

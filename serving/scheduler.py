@@ -29,6 +29,7 @@ class Sequence:
   seed: int
   slot: int = -1
   prefilled: int = 0
+  cached: int = 0  # prompt tokens whose pages came from the prefix tree
   output: list[int] = dataclasses.field(default_factory=list)
 
   @property
@@ -92,7 +93,7 @@ class Scheduler:
                                   seq.prompt_len + seq.request.sampling.max_tokens)
         if cached is None:
           break
-        seq.prefilled = cached
+        seq.prefilled = seq.cached = cached
       self.waiting.popleft()
       seq.slot = self._free.pop(0)
       self.running[seq.request.id] = seq

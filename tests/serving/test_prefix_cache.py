@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
+
+from parallel.mesh import make_mesh
+from parallel.plan import make_plan
 
 from serving.engine import Draft, Paging
 from tests.serving import tiny
@@ -70,6 +74,25 @@ def test_speculative_decoding_over_shared_pages():
   out = run(engine, requests[:1], joins={3: requests[1:]})
   _check(out, params, prompts, 9)
   assert engine.prefix_cache["matched_tokens"] > 0
+
+
+def test_disaggregated_pages_move_once_and_answers_stay_right():
+  """Prompts on one device, decoding on another, both caches paged with the same tables: the four
+  late requests find the system prompt's blocks in the tree and compute (and move) only their own
+  pages, and every answer is the one computed from scratch."""
+  params = tiny.trained_params()
+  prompts = [SYSTEM + list(q) for q in QUESTIONS]
+  requests = [greedy(str(i), p, 8) for i, p in enumerate(prompts)]
+  plan = make_plan(make_mesh({"data": 2}, jax.devices()[:2]))
+  engine = make_engine(params, plan=plan, disaggregate=True, paging=Paging(page_size=4, pages=48))
+  out = run(engine, requests[:2], joins={3: requests[2:4], 6: requests[4:]})
+  _check(out, params, prompts, 8)
+  cached = engine.prefix_cache["matched_tokens"]
+  assert cached >= 4 * 20, engine.prefix_cache
+  moved = engine.transfers
+  page_bytes = 2 * tiny.CFG.n_layers * tiny.CFG.n_kv_heads * 4 * tiny.CFG.resolved_head_dim * 4  # k and v, f32
+  computed_pages = sum(-(-len(p) // 4) for p in prompts) - cached // 4
+  assert moved["count"] == len(prompts) and moved["bytes"] == page_bytes * computed_pages, moved
 
 
 def test_decode_kernel_reads_the_pages_in_place(monkeypatch):

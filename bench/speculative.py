@@ -76,6 +76,8 @@ def main():
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
 
+  from parallel.xla_flags import apply_default_flags
+  apply_default_flags(serving=True)  # as serve.py does, before JAX starts
   import jax
 
   import configs

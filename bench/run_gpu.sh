@@ -36,6 +36,11 @@
 #   moe_bf16 one GPU: the `moe` step with bfloat16 weights and moments (the PyTorch peer's bf16
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
+#   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
+#            2-layer draft of width 1,024 (1,200 steps), then bench/speculative.py at k = 3 and 5 on
+#            held-out text, batch 1 (about 6 minutes)
+#   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
+#            engine step with XLA's attention over gathered pages and with the decode kernel over pages
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
 #            peer in bf16 weights with its learned and with forced routing (same call); on a GPU
 #            with room for them (H200), shardlab with float32 master weights too
@@ -147,6 +152,28 @@ case $set_name in
     moe_speed moe_bf16_scanned 120 $bf16 --set model.scan_unroll=1 --variants=learned
     timeout 200 python3 bench/profile_step.py --config=moe $bf16 --steps=2 --top=80 --out="$out/moe_step_bf16.json" \
       --hlo="$out/moe_step_bf16.hlo.gz" 2>&1 | quiet | tail -n 100
+    exit 0
+    ;;
+  speculative)
+    corpus="--set data.max_corpus_bytes=12000000"
+    draft="--set model.n_layers=2 --set model.d_model=1024 --set model.n_heads=8 --set model.n_kv_heads=4 --set model.d_ff=2816 --set model.scan_unroll=2"
+    timeout 280 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=700 \
+      --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
+      --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
+    timeout 120 python3 train.py --config=1b --workdir=/tmp/draft $corpus $draft --set data.global_batch=8 \
+      --set train.steps=1200 --set optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=60 \
+      --set train.eval_every=400 --set checkpoint.every=400 --set train.log_every=400 2>&1 | grep -E "eval loss|Error" | tail -n 3
+    cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
+    timeout 240 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
+      ${draft//--set/--draft_set} --tokens=3,5 --prompts=8 --prompt_len=128 --new=128 --out="$out/speculative_1b.json" \
+      2>&1 | quiet | tail -n 6
+    exit 0
+    ;;
+  paged)
+    for attn in xla pallas; do
+      timeout 200 python3 bench/prefix_sharing.py --config=1b --prefix=2048 --suffix=64 --new=64 --requests=16 --slots=16 \
+        --decode_steps=8 --set model.decode_attention=$attn --out="$out/prefix_sharing_${attn}_steps8.json" 2>&1 | quiet | tail -n 5
+    done
     exit 0
     ;;
   moe_check)

@@ -33,3 +33,58 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_unconfigure(config):
   if _OWNS_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# --- sharing expensive runs ------------------------------------------------------------------------
+
+import fcntl  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_once(tmp_path_factory):
+  """once(name, build) -> a directory that `build(directory)` filled, at most once per session.
+
+  pytest-xdist hands out a module's tests to whichever worker is free, so a module-scoped
+  fixture is often built once per worker; a run built through `once` is built by the first
+  worker that asks for it (the others wait for it on a file lock) and read by all. A build that
+  raises leaves nothing behind, so the next test to ask builds it again.
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, shared by its workers
+
+  def once(name: str, build) -> Path:
+    path, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        if not done.exists():
+          shutil.rmtree(path, ignore_errors=True)
+          path.mkdir()
+          try:
+            build(path)
+          except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+          done.touch()
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+  return once
+
+
+@pytest.fixture(scope="module")
+def subprocesses_match_this_process():
+  """`train.py` subprocesses started meanwhile use this process's matmul precision (set above).
+
+  The precision is part of every compiled program, so with it the subprocesses and the runs in
+  this process compile the same programs and load each other's from the compilation cache. (On
+  the CPU backend it does not change the values: a `train.py` run's losses and gradient norms are
+  bitwise the same under either.)
+  """
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAX_DEFAULT_MATMUL_PRECISION", str(jax.config.jax_default_matmul_precision))
+    yield

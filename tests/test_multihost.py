@@ -3,13 +3,15 @@
 Each run starts `train.py` exactly as on two hosts (`--coordinator`, `--num_processes`,
 `--process_id`); cross-process collectives of the CPU backend go through gloo. Every process loads
 only its own rows of each global batch, so a 2-process run must reproduce, step by step, the losses
-of the same command run as one process with 8 devices (losses and gradient norms within 1e-5).
+of the same configuration trained as one process with 8 devices (this test process's own, at its
+matmul precision, which the 2-process runs are given too; losses and gradient norms within 1e-5).
 Layouts: pure data parallel, and a hybrid mesh with `data` across the two hosts and ZeRO-3 `fsdp`
 inside each (`tests/multihost_worker.py` checks that placement). The hybrid run also saves Orbax
 checkpoints from both processes, and a second 2-process run resumes from one of them.
 
 A failed or hung process gets the others killed (no test waits on a dead peer), and the output of
-every process is shown.
+every process is shown. Each run is made once per session and read by every test (and xdist
+worker) that compares with it.
 """
 
 import json
@@ -20,10 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+import configs
 from tests import runs
+from training.loop import train
 
 STEPS = 5
 RTOL = 1e-5
@@ -32,6 +37,8 @@ NO_CKPT = ["checkpoint.enabled=false"]
 DATA_PARALLEL = ["mesh.data=-1"]
 HYBRID = ["mesh.data=2", "mesh.fsdp=4", "sharding.zero_stage=3"]
 CKPT_EVERY = 3  # saves at steps 3 and 5 (the last step is always saved)
+
+pytestmark = pytest.mark.usefixtures("subprocesses_match_this_process")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -118,18 +125,28 @@ def _check_mesh(output: str, mesh: str) -> None:
   assert f"mesh: {mesh} (8 devices, 2 processes)" in output, "the run did not span 2 processes:\n" + output[-3000:]
 
 
-# --- runs (each once per module) -------------------------------------------------------------------
+# --- runs (each once per session) ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run_once(tmp_path_factory):
-  """Lazily runs, and caches, train.py by (name, layout overrides, processes, devices per process)."""
-  root, done = tmp_path_factory.mktemp("multihost"), {}
+def run_once(shared_once):
+  """Lazily runs, and caches for the session, a run by (name, layout overrides, processes,
+  devices per process): train.py as `n_proc` processes, or (n_proc=1) `train` in this process
+  on its 8 devices. Returns (workdir, each process's output)."""
+  done = {}
+
+  def build(path: Path, overrides: list[str], n_proc: int, devices: int) -> None:
+    if n_proc == 1:
+      assert devices == len(jax.devices()), (devices, jax.devices())
+      train(configs.get_config("tiny", SMALL + overrides), str(path / "run"))
+    else:
+      _run(path / "run", overrides, n_proc, devices)
 
   def get(name: str, overrides: list[str], n_proc: int, devices: int) -> tuple[Path, list[str]]:
     if name not in done:
-      workdir = root / name
       try:
-        done[name] = workdir, _run(workdir, overrides, n_proc, devices)
+        path = shared_once(f"multihost-{name}", lambda path: build(path, overrides, n_proc, devices))
+        outputs = [(path / f"run.proc{i}.log").read_text(errors="replace") for i in range(n_proc)] if n_proc > 1 else []
+        done[name] = path / "run", outputs
       except BaseException as err:  # pytest.fail: a failed run is reported once, not rerun
         done[name] = err
         raise
@@ -141,7 +158,7 @@ def run_once(tmp_path_factory):
 
 
 def _reference(run_once, name: str, layout: list[str]) -> list[dict]:
-  """The same command as one process with 8 devices."""
+  """The same configuration as one process with 8 devices (this one)."""
   workdir, _ = run_once(f"{name}_1proc", layout + NO_CKPT, 1, 8)
   records = runs.records(workdir)
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, STEPS + 1))

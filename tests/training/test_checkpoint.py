@@ -2,8 +2,10 @@
 onto other meshes, params-only restore (evaluation, fine-tuning, Hugging Face export), a changed
 model refused without touching anything, corrupt and unfinished saves.
 
-One uninterrupted `train.py` run is the reference for all of them. Subprocess runs go through
-`train.py` as a user would start them (tests/runs.py). On CPU a run is bitwise reproducible, in a
+One uninterrupted run (in this process, once per session: every xdist worker reads the same) is
+the reference for all of them. Killed and stopped runs go through `train.py` as a user would start
+them (tests/runs.py), at this process's matmul precision, so they load the reference's compiled
+programs from the session's compilation cache. On CPU a run is bitwise reproducible, in a
 subprocess or in this process.
 """
 
@@ -88,11 +90,13 @@ def _eval_loss(setup, params, cfg) -> float:
   return evaluate(setup, make_eval_step(setup), params, val, cfg.train.eval_batches)
 
 
+pytestmark = pytest.mark.usefixtures("subprocesses_match_this_process")
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-  """The workdir of one uninterrupted run, with checkpoints at every EVERY steps."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir)
+def reference(shared_once) -> Path:
+  """The workdir of one uninterrupted run, with checkpoints at every EVERY steps (read only)."""
+  workdir = shared_once("checkpoint-reference", lambda workdir: train(_config(), str(workdir)))
   _assert_one_record_per_step(workdir)
   assert runs.complete_checkpoints(workdir) == list(range(EVERY, STEPS + 1, EVERY))
   return workdir
@@ -109,29 +113,16 @@ def trained_eval(reference) -> float:
 
 # --- killed and stopped runs -----------------------------------------------------------------------
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(reference, tmp_path):
-  workdir, log = tmp_path / "run", tmp_path / "killed.log"
-  proc = runs.start(workdir, RUN, log)
-  _wait_for(proc, lambda: any(s >= 8 for s in runs.complete_checkpoints(workdir)), "a checkpoint at step >= 8", log)
-  assert proc.poll() is None, "training finished before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait(timeout=60) == -signal.SIGKILL
+def test_sigterm_then_sigkill_then_resume_reproduce_the_uninterrupted_losses(reference, tmp_path):
+  """One workdir, three `train.py` runs: SIGTERM stops the first, which saves where it stopped and
+  exits cleanly; the second resumes from there and is killed with SIGKILL after a later
+  checkpoint; the third resumes from that one and finishes. Every step's loss equals the
+  uninterrupted run's (the second run's steps up to its checkpoint included), with one metrics
+  record per step: the steps the killed run logged past its checkpoint were recomputed."""
+  workdir = tmp_path / "run"
 
-  resume_from = runs.complete_checkpoints(workdir)[-1]
-  killed_at = max(_losses(workdir))
-  assert 8 <= resume_from < STEPS and killed_at < STEPS, (resume_from, killed_at)
-
-  out = _run(workdir)
-  assert f"resumed from the checkpoint at step {resume_from}" in out, out[-4000:]
-  # The steps the killed run logged past its checkpoint were recomputed: one record each.
-  _assert_one_record_per_step(workdir)
-  _assert_same_losses(_losses(workdir), _losses(reference), range(1, STEPS + 1))
-  assert runs.complete_checkpoints(workdir)[-1] == STEPS
-  assert "Traceback" not in out, out[-4000:]
-
-
-def test_sigterm_saves_where_it_stopped_and_resumes(reference, tmp_path):
-  workdir, log = tmp_path / "run", tmp_path / "stopped.log"
+  # SIGTERM: a checkpoint at the step it stopped at, and exit status 0.
+  log = tmp_path / "stopped.log"
   proc = runs.start(workdir, RUN, log)
   # Step 6 is logged inside the loop, so the SIGTERM handler is installed by then.
   _wait_for(proc, lambda: any(r["step"] >= 6 for r in runs.records(workdir)), "step 6", log)
@@ -147,11 +138,27 @@ def test_sigterm_saves_where_it_stopped_and_resumes(reference, tmp_path):
   assert steps[-1] == stopped, steps
   assert stopped // EVERY * EVERY in steps
 
+  # Resumed from there; SIGKILL once it has saved a checkpoint (at step 8 or later) of its own.
+  log = tmp_path / "killed.log"
+  proc = runs.start(workdir, RUN, log)
+  _wait_for(proc, lambda: any(s >= 8 and s > stopped for s in runs.complete_checkpoints(workdir)),
+            "a checkpoint at step >= 8 after the stopped step", log)
+  assert proc.poll() is None, "training finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+  assert f"resumed from the checkpoint at step {stopped}" in log.read_text(), log.read_text()[-4000:]
+
+  resume_from = runs.complete_checkpoints(workdir)[-1]
+  killed_at = max(_losses(workdir))
+  assert stopped < resume_from and 8 <= resume_from < STEPS and killed_at < STEPS, (stopped, resume_from, killed_at)
+
   out = _run(workdir)
-  assert f"resumed from the checkpoint at step {stopped}" in out, out[-4000:]
+  assert f"resumed from the checkpoint at step {resume_from}" in out, out[-4000:]
+  # The steps the killed run logged past its checkpoint were recomputed: one record each.
   _assert_one_record_per_step(workdir)
   _assert_same_losses(_losses(workdir), _losses(reference), range(1, STEPS + 1))
   assert runs.complete_checkpoints(workdir)[-1] == STEPS
+  assert "Traceback" not in out, out[-4000:]
 
 
 def test_finished_run_is_resumed_and_stops_at_once(reference, tmp_path):

@@ -51,6 +51,10 @@ def test_bias_balancing_lowers_load_imbalance():
   assert bias[:2].max() < bias[2:].min(), bias  # the favoured experts were pushed down
 
 
+# The killed and resumed train.py runs compile what the reference in this process compiled: they
+# load it from the session's compilation cache.
+pytestmark = pytest.mark.usefixtures("subprocesses_match_this_process")
+
 STEPS, EVERY = 24, 4
 RUN = runs.SMALL + ["model.n_experts=4", "model.experts_top_k=2", "model.expert_d_ff=32", "model.moe_first_dense=1",
                     "model.aux_loss_weight=0.01", "model.bias_update_rate=0.01", f"train.steps={STEPS}",

@@ -21,8 +21,8 @@ scheduler; a new request goes to the replica with the least outstanding work. Ot
 
 Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are
 shared through a prefix tree, `serving.pages`), `draft` (speculative decoding,
-`serving.speculative`: `decode_steps` speculative rounds per step) and `disaggregate` (prompts and decoding on the two halves of `data`,
-`serving.disaggregation`). All three combine: with disaggregation a draft's prompts run on the
+`serving.speculative`: `decode_steps` speculative rounds per step) and `disaggregate` (prompts
+and decoding on the two halves of `data`, `serving.disaggregation`). All three combine: with disaggregation a draft's prompts run on the
 prefill half too and its keys and values move with the served model's, and a paged cache is paged
 on both halves with the same tables and moves page by page (the pages a prompt computed).
 

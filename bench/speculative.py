@@ -4,11 +4,12 @@ held-out text of the run's corpus.
 Prompts are `--prompts` windows of `--prompt_len` tokens from the validation split of the config's
 data (the built-in corpus by default: documents the models were not trained on), each continued by
 `--new` greedy tokens (EOS off), one request at a time through an engine of one slot: the plain
-engine runs `--decode_steps` steps per engine step, the speculative one `--rounds` rounds (each a
-dispatch and a wait of the host's saved). For the plain engine and for each `--tokens` k: decode tokens per second (per request: (new - 1) / (last token -
-first token), so prefill is left out; the median over prompts), the draft's acceptance rate, tokens
-per round, and whether the greedy text equals plain decoding's (it should, up to rounding of
-near-ties in bf16). One untimed request first compiles each engine. Prints a table last; writes JSON.
+engine runs `--decode_steps` steps per engine step, the speculative one `--rounds` rounds (so the
+host dispatches and waits once per call, not per token or round). For the plain engine and for each `--tokens` k: decode
+tokens per second (per request: (new - 1) / (last token - first token), so prefill is left out; the
+median over prompts), the draft's acceptance rate, tokens per round, and whether the greedy text
+equals plain decoding's (it should, up to rounding of near-ties in bf16). One untimed request first
+compiles each engine. Prints a table last; writes JSON.
 
   python bench/speculative.py --config=tiny --checkpoint=runs/tiny --draft_checkpoint=runs/draft \\
       --draft_set model.n_layers=1 --tokens=2,4 --out=speculative.json

@@ -9,9 +9,10 @@ A step (`serving.scheduler`): requests waiting for a slot take free ones (the in
 writes its keys and values straight into the request's slot, no separate copy); requests still in
 their prompt get prompt chunks (prefill into their slot of the KV cache, all chunks of a step in one
 forward pass, bucketed lengths) and requests past it get one decode token each (or `decode_steps`
-tokens in one on-device loop), within a per-step token budget. The prompt's last chunk yields the first output token. A request finishes on
-its EOS or a stop token id ("stop", the token included) or at `max_tokens` ("length"); `abort`
-ends it at the next step ("abort"), and its slot is free for the next request at once.
+tokens in one on-device loop), within a per-step token budget. The prompt's last chunk yields the
+first output token. A request finishes on its EOS or a stop token id ("stop", the token included) or
+at `max_tokens` ("length"); `abort` ends it at the next step ("abort"), and its slot is free for the
+next request at once.
 
 Parallelism comes from the plan, as in training: `tensor` splits every replica's heads and MLP
 units (Megatron, the same rule tables), and `data` makes data-parallel replicas: each holds a full
@@ -19,12 +20,13 @@ copy of the (tensor-split) weights on its slice of the mesh, `slots / data` of t
 scheduler; a new request goes to the replica with the least outstanding work. Other mesh axes
 (replica, stage, fsdp, seq, expert) must be 1 for serving.
 
-Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are
-shared through a prefix tree, `serving.pages`), `draft` (speculative decoding,
-`serving.speculative`: `decode_steps` speculative rounds per step) and `disaggregate` (prompts
-and decoding on the two halves of `data`, `serving.disaggregation`). All three combine: with disaggregation a draft's prompts run on the
-prefill half too and its keys and values move with the served model's, and a paged cache is paged
-on both halves with the same tables and moves page by page (the pages a prompt computed).
+Options beyond one engine, off by default: `paging` (a paged cache whose prompt prefixes are shared
+through a prefix tree, `serving.pages`), `draft` (speculative decoding, `serving.speculative`:
+`decode_steps` speculative rounds per step) and `disaggregate` (prompts and decoding on the two
+halves of `data`, `serving.disaggregation`). All three combine: with disaggregation a draft's
+prompts run on the prefill half too and its keys and values move with the served model's, and a
+paged cache is paged on both halves with the same tables and moves page by page (the pages a prompt
+computed).
 
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
 A step dispatches the work of every replica, then waits for the device once.

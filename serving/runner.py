@@ -110,6 +110,8 @@ class ModelRunner:
       shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
       self.cache = KVCache.zeros(*dims, dtype=jnp.dtype(cfg.compute_dtype),
                                  sharding=plan.sharding(CACHE_AXES, plan.activations, shape))
+    # Decode steps read the paged cache's pages in place (the decode kernel), not gathered rows.
+    self.reads_pages_in_place = bool(page_size) and reads_pages_in_place(cfg, plan, page_size)
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("greedy",))
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps", "span", "greedy"))
 
@@ -121,7 +123,8 @@ class ModelRunner:
     model = nnx.merge(self.graphdef, params)
     carry = model.embed_tokens(tokens_BxT, positions_BxT, plan=self.plan)
     carry["cache_lengths"] = cache_len_B
-    if self._pages_in_place(cache, tokens_BxT, slot_ids_B, window):
+    # A decode step of every slot (no window) reads the pages in place.
+    if self.reads_pages_in_place and window is None and slot_ids_B is None and tokens_BxT.shape[1] == 1:
       rows = cache.pages_in_place()
     else:
       rows = (cache if window is None else window).rows(slot_ids_B)
@@ -159,17 +162,10 @@ class ModelRunner:
 
     # Positions [0, span) copied once for the whole loop (see KVCache.window); all of them, or pages
     # the decode kernel reads in place: none.
-    paged_kernel = isinstance(cache, PagedKVCache) and reads_pages_in_place(self.cfg, self.plan, cache.page_size)
-    window = cache.window(span) if span < self.max_len and not paged_kernel else None
+    window = cache.window(span) if span < self.max_len and not self.reads_pages_in_place else None
     init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
     cache, _, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
     return cache, out_tokens, out_logprobs
-
-  def _pages_in_place(self, cache, tokens_BxT, slot_ids_B, window) -> bool:
-    """Whether this pass reads a paged cache's pages in place: a decode step of every slot (no
-    window) with the decode kernel (`models.attention.reads_pages_in_place`)."""
-    return (isinstance(cache, PagedKVCache) and window is None and slot_ids_B is None and tokens_BxT.shape[1] == 1
-            and reads_pages_in_place(self.cfg, self.plan, cache.page_size))
 
   def assign_pages(self, slot: int, pages: list[int]) -> None:
     """The paged cache's table of `slot`: its pages in position order."""

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from models.cache import CACHE_AXES
@@ -60,37 +59,35 @@ class KVTransfer:
     """Slot `slot`'s positions [0, length) and its length, prefill cache -> decode cache (paged: the
     pages `pages` of the slot's table); waits for the copy (the decode cache is idle between engine
     steps), so `seconds` is the transfer's time."""
-    if pages is not None:
-      return self._move_pages(slot, length, pages)
-    span = span_bucket(length, self.prefill.max_len)
     start = time.perf_counter()
+    moved = self._move_positions(slot, length) if pages is None else self._move_pages(slot, length, pages)
+    jax.block_until_ready(self.decode.cache.k)
+    self.seconds += time.perf_counter() - start
+    self.count += 1
+    self.bytes += moved
+
+  def _move_positions(self, slot: int, length: int) -> int:
+    """The contiguous move; returns the bytes moved."""
+    span = span_bucket(length, self.prefill.max_len)
     if self.local:
       k, v = take_slot(self.prefill.cache, slot, span=span)
     else:
       k, v = self.prefill.take(slot, span)
     dst = self.decode.plan
-    layout = dst.sharding(ROW_AXES, dst.activations, k.shape)
-    k, v = jax.device_put((k, v), layout)
+    k, v = jax.device_put((k, v), dst.sharding(ROW_AXES, dst.activations, k.shape))
     self.decode.cache = self._put(self.decode.cache, k, v, jnp.int32(slot), jnp.int32(length))
-    jax.block_until_ready(self.decode.cache.k)
-    self.seconds += time.perf_counter() - start
-    self.count += 1
-    self.bytes += 2 * k.size * k.dtype.itemsize
+    return 2 * k.size * k.dtype.itemsize
 
-  def _move_pages(self, slot: int, length: int, pages: list[int]) -> None:
-    start = time.perf_counter()
-    pool = self.prefill.cache.pages
-    index = np.full(1 << max(len(pages) - 1, 0).bit_length(), pool, np.int32)  # padding: out of range
+  def _move_pages(self, slot: int, length: int, pages: list[int]) -> int:
+    """The paged move; returns the bytes of the real pages moved (not the padding)."""
+    index = np.full(1 << max(len(pages) - 1, 0).bit_length(), self.prefill.cache.pages, np.int32)  # pad: out of range
     index[:len(pages)] = pages
     k, v = take_pages(self.prefill.cache, jnp.asarray(index))
     dst = self.decode.plan
     k, v = jax.device_put((k, v), dst.sharding(PAGE_AXES, dst.activations, k.shape))
     self.decode.cache = self._put_pages(self.decode.cache, k, v, jnp.asarray(index), jnp.int32(slot),
                                         jnp.int32(length))
-    jax.block_until_ready(self.decode.cache.k)
-    self.seconds += time.perf_counter() - start
-    self.count += 1
-    self.bytes += 2 * len(pages) * (k.size // len(index)) * k.dtype.itemsize
+    return 2 * len(pages) * (k.size // len(index)) * k.dtype.itemsize
 
 
 @jax.jit

@@ -80,10 +80,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-  """A bound TCP socket (port 0: any free one) for `DrainingServer.run(sockets=[...])`."""
+  """A bound, listening TCP socket (port 0: any free one) for `DrainingServer.run(sockets=[...])`.
+  It listens from here on, so a client that connects before the server starts accepting waits in
+  the backlog instead of being refused."""
   sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   sock.bind((host, port))
+  sock.listen(2048)
   return sock
 
 

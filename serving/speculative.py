@@ -7,10 +7,15 @@ One round, for every active slot at once (`SpeculativeRunner.rounds` runs `round
 compiled call, a `lax.fori_loop` on the device, so that the host pays one dispatch and one
 transfer per `rounds` rounds, as the plain decode loop does per `steps` tokens):
 
-  1. the draft decodes k + 1 steps from the slot's last token: step i reads position L + i and
+  1. the draft decodes k steps from the slot's last token: step i reads position L + i and
      proposes d_{i+1} from its filtered distribution q_{i+1} (the request's temperature, top-k and
-     top-p; the argmax at temperature 0). The last step only writes d_k's keys and values, so the
-     draft's cache holds every position the target may accept.
+     top-p; the argmax at temperature 0). Its steps are unrolled (k is small and static).
+     d_k's keys and values are not computed: where the round accepts all k, the next round's
+     first step runs [d_k, its last token] as one two-token chunk and writes both (a round trip
+     through the draft costs about the same for two tokens as for one), and a call's last round
+     is followed by one draft step that writes the missing position alone, so that between calls
+     the draft's cache holds every position the target's holds. (A draft that decoded k + 1 steps
+     per round, the last only to write d_k, spent a whole draft step per round on it.)
   2. the target runs [last token, d_1 .. d_k] at positions L .. L + k as one chunk over its cache
      (as a prompt chunk is) and gives k + 1 filtered distributions p_1 .. p_{k+1}.
   3. proposal i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), in order, until the
@@ -121,46 +126,83 @@ class SpeculativeRunner:
     k, slots = self.k, tokens_S.shape[0]
 
     def body(r, state):
-      tcache, dcache, last, index, out_tokens, out_logprobs, out_counts = state
-      tcache, dcache, (emitted, logprobs, n1) = self._round_fn(
-          tparams, tcache, dparams, dcache, last, active_S, (temperature, top_k, top_p, seeds, index), greedy=greedy)
+      tcache, dcache, last, lacks, index, out_tokens, out_logprobs, out_counts = state
+      tcache, dcache, lacks, (emitted, logprobs, n1) = self._round_fn(
+          tparams, tcache, dparams, dcache, last, lacks, active_S, (temperature, top_k, top_p, seeds, index),
+          greedy=greedy)
       # Each active slot's last emitted token and next output index; inactive slots keep theirs.
       last = jnp.where(active_S, jnp.take_along_axis(emitted, (n1 - 1)[None], axis=0)[0], last)
       index = index + jnp.where(active_S, n1, 0)
-      return (tcache, dcache, last, index, out_tokens.at[r].set(emitted), out_logprobs.at[r].set(logprobs),
+      return (tcache, dcache, last, lacks, index, out_tokens.at[r].set(emitted), out_logprobs.at[r].set(logprobs),
               out_counts.at[r].set(n1))
 
-    init = (tcache, dcache, tokens_S, indices, jnp.zeros((rounds, k + 1, slots), jnp.int32),
+    no_lack = (jnp.zeros(slots, bool), jnp.zeros(slots, jnp.int32))
+    init = (tcache, dcache, tokens_S, no_lack, indices, jnp.zeros((rounds, k + 1, slots), jnp.int32),
             jnp.zeros((rounds, k + 1, slots), jnp.float32), jnp.zeros((rounds, slots), jnp.int32))
-    tcache, dcache, _, _, out_tokens, out_logprobs, out_counts = jax.lax.fori_loop(0, rounds, body, init)
-    return tcache, dcache, (out_tokens, out_logprobs, out_counts)
+    tcache, dcache, _, lacks, _, out_tokens, out_logprobs, out_counts = jax.lax.fori_loop(0, rounds, body, init)
+    return tcache, self._catch_up(dparams, dcache, lacks), (out_tokens, out_logprobs, out_counts)
 
-  def _round_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, *, greedy):
-    """One round (module docstring): the caches and (tokens [k + 1, S], log-probabilities [k + 1, S],
-    tokens emitted [S])."""
+  def _catch_up(self, dparams, dcache, lacks):
+    """The draft's keys and values of the slots' second-to-last position, where a round accepted every
+    proposal (`lacks`: (which slots, the token there)): one draft step that writes that position
+    alone, so that a call leaves the draft's cache holding every position the target's holds."""
+    lack, token = lacks
+    lengths = dcache.lengths
+    pos = jnp.maximum(lengths - 1, 0)
+    write = jnp.where(lack, pos, self.draft.max_len)[:, None]
+    dcache, _, _, _ = self.draft.forward(dparams, dcache, token[:, None], pos[:, None], None, pos, write, lengths)
+    return dcache
+
+  def _draft_fn(self, dparams, dcache, tokens_S, lacks, active_S, sampling, *, greedy):
+    """The draft's k proposals [S, k] and their distributions [S, k, V] (module docstring, step 1).
+
+    Its first step also writes the position before the slot's last token where the previous round
+    accepted every proposal (`lacks`): the k-th proposal's keys were never computed (that round's
+    draft stopped at it). That step runs two tokens per row: [the k-th proposal, the last token] at
+    the two positions where the draft lacks one, else [the last token, a copy of it] with the copy
+    written nowhere and read by nothing (a chunk's causal mask goes by the order of its tokens)."""
     temperature, top_k, top_p, seeds, indices = sampling
-    t, d, k = self.target, self.draft, self.k
-    max_len = t.max_len
-    lengths = tcache.lengths
-    probs = lambda logits: filtered_probs(logits, temperature, top_k, top_p, greedy=greedy)
+    d, k, max_len = self.draft, self.k, self.draft.max_len
+    lengths = dcache.lengths
+    lack, before = lacks
+    drop = jnp.full_like(lengths, max_len)
 
-    def draft_step(i, state):
-      dcache, token, proposals, q = state
+    def step(dcache, i, token):
       pos = lengths + i
-      write = jnp.where(active_S, pos, max_len)[:, None]
-      dcache, _, x, model = d.forward(dparams, dcache, token[:, None], pos[:, None], None, pos, write,
-                                      jnp.where(active_S, jnp.minimum(pos + 1, max_len), lengths))
-      dist = probs(model.head(x, plan=d.plan)[:, 0])
+      new_len = jnp.where(active_S, jnp.minimum(pos + 1, max_len), lengths)
+      if i == 0:
+        chunk = jnp.stack([jnp.where(lack, before, token), token], axis=1)
+        positions = jnp.stack([jnp.where(lack, pos - 1, pos), jnp.where(lack, pos, pos + 1)], axis=1)
+        write = jnp.stack([jnp.where(active_S & lack, pos - 1, jnp.where(active_S, pos, max_len)),
+                           jnp.where(active_S & lack, pos, drop)], axis=1)
+        dcache, _, x, model = d.forward(dparams, dcache, chunk, positions, None, jnp.where(lack, pos - 1, pos),
+                                        write, new_len)
+        x = jnp.take_along_axis(x, lack.astype(jnp.int32)[:, None, None], axis=1)  # the last token's state
+      else:
+        write = jnp.where(active_S, pos, max_len)[:, None]
+        dcache, _, x, model = d.forward(dparams, dcache, token[:, None], pos[:, None], None, pos, write, new_len)
+      dist = filtered_probs(model.head(x, plan=d.plan)[:, 0], temperature, top_k, top_p, greedy=greedy)
       drawn = jnp.argmax(dist, axis=-1).astype(jnp.int32)
       if not greedy:
         keys = _keys(seeds, (indices + i)[:, None], DRAFT)[:, 0]
         drawn = jax.vmap(jax.random.categorical)(keys, jnp.log(dist)).astype(jnp.int32)
-      return dcache, drawn, proposals.at[i].set(drawn), q.at[i].set(dist)
+      return dcache, drawn, dist
 
-    slots, vocab = tokens_S.shape[0], t.cfg.vocab_size
-    init = (dcache, tokens_S, jnp.zeros((k + 1, slots), jnp.int32), jnp.zeros((k + 1, slots, vocab), jnp.float32))
-    dcache, _, proposals, q = jax.lax.fori_loop(0, k + 1, draft_step, init)
-    proposals, q = proposals[:k].T, q[:k].transpose(1, 0, 2)  # [S, k], [S, k, V]
+    proposals, q, token = [], [], tokens_S
+    for i in range(k):  # k is small and static: unrolled, the first step has its own shape
+      dcache, token, dist = step(dcache, i, token)
+      proposals.append(token)
+      q.append(dist)
+    return dcache, jnp.stack(proposals, axis=1), jnp.stack(q, axis=1)
+
+  def _round_fn(self, tparams, tcache, dparams, dcache, tokens_S, lacks, active_S, sampling, *, greedy):
+    """One round (module docstring): the caches, which slots' draft lacks its second-to-last position
+    (and the token there), and (tokens [k + 1, S], log-probabilities [k + 1, S], tokens emitted [S])."""
+    temperature, top_k, top_p, seeds, indices = sampling
+    t, k = self.target, self.k
+    max_len = t.max_len
+    lengths = tcache.lengths
+    dcache, proposals, q = self._draft_fn(dparams, dcache, tokens_S, lacks, active_S, sampling, greedy=greedy)
 
     seq = jnp.concatenate([tokens_S[:, None], proposals], axis=1)  # [S, k + 1]
     pos = lengths[:, None] + jnp.arange(k + 1)[None]
@@ -168,7 +210,7 @@ class SpeculativeRunner:
     tcache, _, x, model = t.forward(tparams, tcache, seq, pos, None, lengths, write,
                                     jnp.where(active_S, jnp.minimum(lengths + k + 1, max_len), lengths))
     logits = model.head(x, plan=t.plan).astype(jnp.float32)  # [S, k + 1, V]
-    p = jax.vmap(probs, in_axes=1, out_axes=1)(logits)
+    p = jax.vmap(lambda l: filtered_probs(l, temperature, top_k, top_p, greedy=greedy), in_axes=1, out_axes=1)(logits)
 
     out_idx = indices[:, None] + jnp.arange(k + 1)[None]  # output index of each position's token
     uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key)))(_keys(seeds, out_idx[:, :k], ACCEPT))
@@ -179,7 +221,9 @@ class SpeculativeRunner:
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), emitted[..., None], axis=-1)[..., 0]
     kept = jnp.where(active_S, jnp.minimum(lengths + n + 1, max_len), lengths)
     tcache, dcache = dataclasses.replace(tcache, lengths=kept), dataclasses.replace(dcache, lengths=kept)
-    return tcache, dcache, (emitted.T, logprobs.T, n + 1)
+    # All k accepted: the draft never wrote the k-th proposal, at the new second-to-last position.
+    lacks = (active_S & (n == k), proposals[:, k - 1])
+    return tcache, dcache, lacks, (emitted.T, logprobs.T, n + 1)
 
   def warm_up(self, rounds: int = 1) -> int:
     """Compiles the call of `rounds` rounds, greedy and sampled, running each with no active slot;

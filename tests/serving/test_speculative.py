@@ -137,12 +137,16 @@ def test_speculative_greedy_equals_plain_greedy(which, rounds, disaggregate):
 
 def test_speculative_with_the_target_as_draft_accepts_every_proposal():
   """The target drafting for itself: every proposal is its own argmax, so every round emits k + 1
-  tokens (barring float rounding between a one-token step and a chunk, which this model does not meet)."""
+  tokens (barring float rounding between a one-token step and a chunk, which this model does not meet).
+  Every round then leaves the draft without its last proposal's keys: the next round's first step
+  must write them, and so must the step after a call's last round (two rounds per call here); a
+  draft that missed either would read a hole in its cache, propose other tokens and be rejected."""
   params = tiny.random_params()
-  engine = make_engine(params, draft=Draft(tiny.CFG, params, 4))
-  out = run(engine, [greedy("a", PROMPTS[1], 15)])
-  assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], 15)[0]
-  assert engine.speculation["accepted"] == engine.speculation["proposed"] > 0
+  for rounds in (1, 2):
+    engine = make_engine(params, draft=Draft(tiny.CFG, params, 4), decode_steps=rounds)
+    out = run(engine, [greedy("a", PROMPTS[1], 26)])
+    assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], 26)[0]
+    assert engine.speculation["accepted"] == engine.speculation["proposed"] >= 20, (rounds, engine.speculation)
 
 
 def test_speculative_sampling_is_seeded_and_scored_by_the_target():

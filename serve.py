@@ -62,14 +62,15 @@ flags.DEFINE_bool("disaggregate", False, "Prefill/decode disaggregation: prompts
                   "decoding on the second (set mesh.data=2; mesh.tensor splits each half), each request's keys and "
                   "values moved across when its prompt is done.")
 flags.DEFINE_string("prefill_worker", None, "host:port of a prefill worker process (python -m serving.prefill_worker, "
-                    "started with this server's model, --slots and context): prompts are computed there and their "
-                    "keys and values sent here over TCP, this server only decodes.")
+                    "started with this server's model, --slots, context, pages and draft model): prompts are "
+                    "computed there and their keys and values sent here over TCP, this server only decodes.")
 flags.DEFINE_string("draft_checkpoint", None, "Decode speculatively with this draft model (a shardlab run directory, "
                     "e.g. a 2-layer model trained with train.py on the same data): it proposes "
                     "--speculative_tokens tokens per round, the served model checks them in one pass.")
 flags.DEFINE_string("draft_hf", None, "As --draft_checkpoint, from a Hugging Face directory.")
 flags.DEFINE_string("draft_config", None, "Preset of the draft model (default: --config); the mesh, sharding "
-                    "and data sections (so the tokenizer) are the served model's.")
+                    "and data sections (so the tokenizer) are the served model's. Given without --draft_checkpoint "
+                    "or --draft_hf: a randomly initialised draft (for trying speculative decoding out).")
 flags.DEFINE_multi_string("draft_set", [], "Override one field of the draft's config, as --set does.")
 flags.DEFINE_integer("speculative_tokens", 4, "With a draft: tokens it proposes per round.")
 
@@ -117,21 +118,19 @@ def _warm_up(engine, token_budget: int, max_len: int, replicas: int) -> float:
 
 
 def _load_draft(config, plan):
-  """The draft model of --draft_checkpoint / --draft_hf (None without one), on the served model's mesh."""
-  if not (FLAGS.draft_checkpoint or FLAGS.draft_hf):
+  """The draft model of --draft_checkpoint / --draft_hf / --draft_config (None without any; with
+  --draft_config alone a random initialisation, for trying it out), on the served model's mesh."""
+  if not (FLAGS.draft_checkpoint or FLAGS.draft_hf or FLAGS.draft_config):
     return None
-  import dataclasses
-
   from serving.engine import Draft
-  from serving.loading import load
+  from serving.loading import load_draft
 
-  draft_config = configs.get_config(FLAGS.draft_config or FLAGS.config, FLAGS.draft_set)
-  draft_config = dataclasses.replace(draft_config, mesh=config.mesh, sharding=config.sharding, data=config.data)
-  loaded = load(draft_config, checkpoint=FLAGS.draft_checkpoint, hf=FLAGS.draft_hf,
-                devices=list(plan.mesh.devices.flat))
+  loaded = load_draft(config, plan, preset=FLAGS.draft_config or FLAGS.config, overrides=FLAGS.draft_set,
+                      checkpoint=FLAGS.draft_checkpoint, hf=FLAGS.draft_hf)
   m = loaded.config.model
   log.info("draft model %s: %d layers, d_model=%d, vocab=%d; %d tokens per round",
-           FLAGS.draft_hf or FLAGS.draft_checkpoint, m.n_layers, m.d_model, m.vocab_size, FLAGS.speculative_tokens)
+           FLAGS.draft_hf or FLAGS.draft_checkpoint or "random initialisation", m.n_layers, m.d_model, m.vocab_size,
+           FLAGS.speculative_tokens)
   return Draft(m, loaded.params, FLAGS.speculative_tokens)
 
 

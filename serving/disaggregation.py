@@ -38,14 +38,16 @@ ROW_AXES = CACHE_AXES[:1] + CACHE_AXES[2:]  # one slot's [layers, kv_heads, posi
 class KVTransfer:
   """Moves prompts' keys and values from `prefill`'s cache to `decode`'s; counts bytes and time.
   `prefill` is a `ModelRunner` on other devices of this process, or a
-  `serving.prefill_worker.RemotePrefill` (another process: its `take` sends the arrays over TCP)."""
+  `serving.prefill_worker.RemotePrefill` (another process: its `take` and `take_pages` send the
+  arrays over TCP)."""
 
   def __init__(self, prefill: Any, decode: ModelRunner):
     if (prefill.slots, prefill.max_len) != (decode.slots, decode.max_len):
       raise ValueError(f"prefill and decode caches differ: slots and max_len {(prefill.slots, prefill.max_len)} "
                        f"against {(decode.slots, decode.max_len)}")
     self.local = isinstance(prefill, ModelRunner)
-    if self.local and isinstance(prefill.cache, PagedKVCache) != isinstance(decode.cache, PagedKVCache):
+    paged = isinstance(prefill.cache, PagedKVCache) if self.local else prefill.pages > 0
+    if paged != isinstance(decode.cache, PagedKVCache):
       raise ValueError("prefill and decode caches must both be paged or both contiguous")
     if self.local and set(prefill.plan.mesh.devices.flat) & set(decode.plan.mesh.devices.flat):
       raise ValueError("prefill and decode sub-meshes must not share devices")
@@ -80,9 +82,9 @@ class KVTransfer:
 
   def _move_pages(self, slot: int, length: int, pages: list[int]) -> int:
     """The paged move; returns the bytes of the real pages moved (not the padding)."""
-    index = np.full(1 << max(len(pages) - 1, 0).bit_length(), self.prefill.cache.pages, np.int32)  # pad: out of range
+    index = np.full(1 << max(len(pages) - 1, 0).bit_length(), self.decode.cache.pages, np.int32)  # pad: out of range
     index[:len(pages)] = pages
-    k, v = take_pages(self.prefill.cache, jnp.asarray(index))
+    k, v = take_pages(self.prefill.cache, jnp.asarray(index)) if self.local else self.prefill.take_pages(index)
     dst = self.decode.plan
     k, v = jax.device_put((k, v), dst.sharding(PAGE_AXES, dst.activations, k.shape))
     self.decode.cache = self._put_pages(self.decode.cache, k, v, jnp.asarray(index), jnp.int32(slot),

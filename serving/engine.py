@@ -26,7 +26,7 @@ through a prefix tree, `serving.pages`), `draft` (speculative decoding, `serving
 halves of `data`, `serving.disaggregation`). All three combine: with disaggregation a draft's
 prompts run on the prefill half too and its keys and values move with the served model's, and a
 paged cache is paged on both halves with the same tables and moves page by page (the pages a prompt
-computed).
+computed). A prefill worker process (`prefill_worker`) takes both as well.
 
 Single-threaded: call from one thread only (`serving.async_engine` runs it in its own thread).
 A step dispatches the work of every replica (`serving.replica`), then waits for the device once.
@@ -157,9 +157,6 @@ class Engine:
     if prefill_worker is not None:
       if disaggregate or len(plans) != 1:
         raise ValueError("prefill_worker: one engine replica (mesh.data=1), not combined with disaggregate")
-      if paging is not None or draft is not None:
-        raise ValueError("prefill_worker: not combined with a paged cache or a draft model (the worker computes the "
-                         "served model's prompts into contiguous slots only)")
     if slots % len(plans):
       raise ValueError(f"slots={slots} must divide over the {len(plans)} data-parallel replicas")
     self.model_config, self.max_len, self.slots = model_config, max_len, slots

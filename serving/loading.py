@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from configs import Config, ConfigError
+from configs import Config, ConfigError, get_config
 from configs.validate import validate
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.hf_moe import config_with_hf, params_from_dir
@@ -69,3 +69,14 @@ def load(config: Config, *, checkpoint: str | None = None, hf: str | None = None
     raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} tokens, more than "
                       f"model.vocab_size={config.model.vocab_size}")
   return Loaded(config, params, plan, tokenizer)
+
+
+def load_draft(config: Config, plan: ShardingPlan, *, preset: str, overrides: list[str] = (),
+               checkpoint: str | None = None, hf: str | None = None) -> Loaded:
+  """A draft model for speculative decoding on the served model's devices: the config of `preset`
+  with `overrides` (as `--set` gives them) and the served model's mesh, sharding and data sections
+  (so its tokenizer); parameters as `load` finds them (a random initialisation without a checkpoint)."""
+  draft = get_config(preset, list(overrides))
+  draft = dataclasses.replace(draft, mesh=config.mesh, sharding=config.sharding, data=config.data)
+  return load(draft, checkpoint=checkpoint, hf=hf, devices=list(plan.mesh.devices.flat))
+

@@ -14,7 +14,7 @@ from configs import ModelConfig
 from parallel.plan import ShardingPlan
 from serving.disaggregation import KVTransfer
 from serving.pages import PageManager
-from serving.prefill_worker import RemotePrefill
+from serving.prefill_worker import connect
 from serving.runner import ModelRunner, buckets
 from serving.scheduler import Scheduler, Sequence
 from serving.speculative import SpeculativeRunner
@@ -50,9 +50,13 @@ class Replica:
       if draft is not None:  # the draft's prompts on the prefill half too, and its keys and values moved
         self.draft_prefill = ModelRunner(draft.config, draft.params, plan=prefill_plan, slots=slots, max_len=max_len,
                                          **paged)
-    elif prefill_worker is not None:
-      self.prefill_runner = RemotePrefill(prefill_worker, slots=slots, max_len=max_len,
-                                          vocab_size=model_config.vocab_size)
+    elif prefill_worker is not None:  # the worker's caches are paged as these are, with the same tables
+      self.prefill_runner, remote_draft = connect(
+          prefill_worker, slots=slots, max_len=max_len, vocab_size=model_config.vocab_size,
+          **({} if paging is None else {"page_size": paging.page_size, "pages": paging.pages}),
+          draft_vocab_size=None if draft is None else draft.config.vocab_size)
+      if draft is not None:
+        self.draft_prefill = remote_draft
     if self.prefill_runner is not self.runner:
       self.transfers.append(KVTransfer(self.prefill_runner, self.runner))
     if self.speculative and self.draft_prefill is not self.speculative.draft:
@@ -116,8 +120,9 @@ class Replica:
       firsts = ([plan.chunks[i][0] for i in done], done, out)
     return plan, firsts, decoded
 
-  def _paged_runners(self) -> list[ModelRunner]:
-    """Every runner of this replica whose cache is paged (each holds the same page tables), once each."""
+  def _paged_runners(self) -> list:
+    """Every runner of this replica whose cache is paged (each holds the same page tables), once each:
+    `ModelRunner`s, and a prefill worker's `RemotePrefill`s."""
     runners = [self.runner, self.prefill_runner, self.speculative and self.speculative.draft, self.draft_prefill]
     return list({id(r): r for r in runners if r}.values())
 

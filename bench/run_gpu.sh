@@ -37,7 +37,7 @@
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
-#            2-layer draft of width 1,024 (2,500 steps), then bench/speculative.py at k = 3, 4 and 5 on
+#            2-layer draft of width 1,024 (2,000 steps), then bench/speculative.py at k = 3, 4 and 5 on
 #            held-out text, batch 1 (about 7 minutes)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
 #            engine step with XLA's attention over gathered pages and with the decode kernel over pages
@@ -160,8 +160,8 @@ case $set_name in
     timeout 280 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=700 \
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
       --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
-    timeout 150 python3 train.py --config=1b --workdir=/tmp/draft $corpus $draft --set data.global_batch=8 \
-      --set train.steps=2500 --set optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=60 \
+    timeout 130 python3 train.py --config=1b --workdir=/tmp/draft $corpus $draft --set data.global_batch=8 \
+      --set train.steps=2000 --set optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=60 \
       --set train.eval_every=500 --set checkpoint.every=500 --set train.log_every=500 2>&1 | grep -E "eval loss|Error" | tail -n 3
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
     timeout 240 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \

@@ -37,8 +37,9 @@
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
-#            2-layer draft of width 1,024 (2,000 steps), then bench/speculative.py at k = 3, 4 and 5 on
-#            held-out text, batch 1 (about 7 minutes)
+#            2-layer draft of width 1,024 (2,000 steps), then bench/speculative.py at k = 3 and 4 on
+#            held-out text, batch 1, with XLA's default flags and with command buffers for loops
+#            (about 8 minutes)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
 #            engine step with XLA's attention over gathered pages and with the decode kernel over pages
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
@@ -164,9 +165,12 @@ case $set_name in
       --set train.steps=2000 --set optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=60 \
       --set train.eval_every=500 --set checkpoint.every=500 --set train.log_every=500 2>&1 | grep -E "eval loss|Error" | tail -n 3
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
-    timeout 240 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
-      ${draft//--set/--draft_set} --tokens=3,4,5 --prompts=8 --prompt_len=128 --new=128 --out="$out/speculative_1b.json" \
-      2>&1 | quiet | tail -n 6
+    spec="bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft
+      ${draft//--set/--draft_set} --tokens=3,4 --prompts=8 --prompt_len=128 --new=128"
+    timeout 150 python3 $spec --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
+    # the same with XLA's command buffers for loops: each call's rounds (or steps) one CUDA graph
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
+      timeout 150 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
     exit 0
     ;;
   paged)

@@ -26,6 +26,9 @@ transfer per `rounds` rounds, as the plain decode loop does per `steps` tokens):
 
 At temperature 0 both distributions are one-hot, the rule accepts exactly the proposals that equal
 the target's argmax and the residual is the target's argmax: greedy output is plain greedy decoding's.
+The program compiled for calls where every slot is greedy computes exactly that and nothing else
+(argmaxes, no distributions and no random draws: fewer kernels per round, which at batch 1 are
+what a round's time is mostly made of).
 With sampling the output follows the target's distribution, but it is not the token-for-token
 text plain decoding draws for the same seed (other draws are made). The draws of a request come from
 its seed and the index of the output token (`serving.sampling.row_keys`), folded with one number
@@ -55,14 +58,12 @@ from serving.sampling import filter_logits, row_keys
 DRAFT, ACCEPT, RESIDUAL = 1, 2, 3  # what a random key is for, folded into the token's key
 
 
-def filtered_probs(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
-                   *, greedy: bool) -> jax.Array:
+def filtered_probs(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                   top_p_B: jax.Array) -> jax.Array:
   """Each row's sampling distribution float32 [B, V]: softmax of the filtered logits
   (`serving.sampling.filter_logits`), one-hot at the argmax where the temperature is 0."""
   logits = logits_BxV.astype(jnp.float32)
   onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-  if greedy:
-    return onehot
   probs = jax.nn.softmax(jax.vmap(filter_logits)(logits, temperature_B, top_k_B, top_p_B), axis=-1)
   return jnp.where((temperature_B > 0)[:, None], probs, onehot)
 
@@ -181,19 +182,19 @@ class SpeculativeRunner:
       else:
         write = jnp.where(active_S, pos, max_len)[:, None]
         dcache, _, x, model = d.forward(dparams, dcache, token[:, None], pos[:, None], None, pos, write, new_len)
-      dist = filtered_probs(model.head(x, plan=d.plan)[:, 0], temperature, top_k, top_p, greedy=greedy)
-      drawn = jnp.argmax(dist, axis=-1).astype(jnp.int32)
-      if not greedy:
-        keys = _keys(seeds, (indices + i)[:, None], DRAFT)[:, 0]
-        drawn = jax.vmap(jax.random.categorical)(keys, jnp.log(dist)).astype(jnp.int32)
-      return dcache, drawn, dist
+      logits = model.head(x, plan=d.plan)[:, 0]
+      if greedy:  # every row's distribution is one-hot at its argmax: no distribution is kept
+        return dcache, jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+      dist = filtered_probs(logits, temperature, top_k, top_p)
+      keys = _keys(seeds, (indices + i)[:, None], DRAFT)[:, 0]
+      return dcache, jax.vmap(jax.random.categorical)(keys, jnp.log(dist)).astype(jnp.int32), dist
 
     proposals, q, token = [], [], tokens_S
     for i in range(k):  # k is small and static: unrolled, the first step has its own shape
       dcache, token, dist = step(dcache, i, token)
       proposals.append(token)
       q.append(dist)
-    return dcache, jnp.stack(proposals, axis=1), jnp.stack(q, axis=1)
+    return dcache, jnp.stack(proposals, axis=1), None if greedy else jnp.stack(q, axis=1)
 
   def _round_fn(self, tparams, tcache, dparams, dcache, tokens_S, lacks, active_S, sampling, *, greedy):
     """One round (module docstring): the caches, which slots' draft lacks its second-to-last position
@@ -210,11 +211,15 @@ class SpeculativeRunner:
     tcache, _, x, model = t.forward(tparams, tcache, seq, pos, None, lengths, write,
                                     jnp.where(active_S, jnp.minimum(lengths + k + 1, max_len), lengths))
     logits = model.head(x, plan=t.plan).astype(jnp.float32)  # [S, k + 1, V]
-    p = jax.vmap(lambda l: filtered_probs(l, temperature, top_k, top_p, greedy=greedy), in_axes=1, out_axes=1)(logits)
-
-    out_idx = indices[:, None] + jnp.arange(k + 1)[None]  # output index of each position's token
-    uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key)))(_keys(seeds, out_idx[:, :k], ACCEPT))
-    n, last = accept(p, q, proposals, uniforms, _keys(seeds, out_idx, RESIDUAL))
+    if greedy:  # the rule with one-hot p and q: the proposals that equal the target's argmax, then its argmax
+      best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S, k + 1]
+      n = jnp.sum(jnp.cumprod(proposals == best[:, :k], axis=1), axis=1).astype(jnp.int32)
+      last = jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+    else:
+      p = jax.vmap(lambda l: filtered_probs(l, temperature, top_k, top_p), in_axes=1, out_axes=1)(logits)
+      out_idx = indices[:, None] + jnp.arange(k + 1)[None]  # output index of each position's token
+      uniforms = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key)))(_keys(seeds, out_idx[:, :k], ACCEPT))
+      n, last = accept(p, q, proposals, uniforms, _keys(seeds, out_idx, RESIDUAL))
 
     j = jnp.arange(k + 1)[None]
     emitted = jnp.where(j < n[:, None], jnp.pad(proposals, ((0, 0), (0, 1))), jnp.where(j == n[:, None], last[:, None], 0))

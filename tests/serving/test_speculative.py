@@ -87,7 +87,7 @@ def test_filtered_probs_are_the_sampler_distribution():
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.standard_normal((3, 11)) * 3, jnp.float32)
   temperature, top_k, top_p = jnp.asarray([0.0, 0.7, 1.3]), jnp.asarray([0, 3, 0]), jnp.asarray([1.0, 1.0, 0.6])
-  got = np.asarray(filtered_probs(logits, temperature, top_k, top_p, greedy=False))
+  got = np.asarray(filtered_probs(logits, temperature, top_k, top_p))
   np.testing.assert_array_equal(got[0], np.eye(11)[int(np.argmax(logits[0]))])
   for r in (1, 2):
     want = np.asarray(jax.nn.softmax(filter_logits(logits[r], temperature[r], top_k[r], top_p[r])))

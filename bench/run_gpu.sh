@@ -37,9 +37,9 @@
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
-#            2-layer draft of width 1,024 (2,000 steps), then bench/speculative.py at k = 3 and 4 on
-#            held-out text, batch 1, with XLA's default flags and with command buffers for loops
-#            (about 8 minutes)
+#            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,500 steps of 16K tokens),
+#            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, with XLA's default
+#            flags and with command buffers for loops (about 8 minutes)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
 #            engine step with XLA's attention over gathered pages and with the decode kernel over pages
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
@@ -158,19 +158,20 @@ case $set_name in
   speculative)
     corpus="--set data.max_corpus_bytes=12000000"
     draft="--set model.n_layers=2 --set model.d_model=1024 --set model.n_heads=8 --set model.n_kv_heads=4 --set model.d_ff=2816 --set model.scan_unroll=2"
-    timeout 280 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=700 \
+    timeout 240 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=700 \
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
       --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
-    timeout 130 python3 train.py --config=1b --workdir=/tmp/draft $corpus $draft --set data.global_batch=8 \
-      --set train.steps=2000 --set optimizer.learning_rate=1e-3 --set optimizer.warmup_steps=60 \
-      --set train.eval_every=500 --set checkpoint.every=500 --set train.log_every=500 2>&1 | grep -E "eval loss|Error" | tail -n 3
+    timeout 200 python3 train.py --config=1b --workdir=/tmp/draft $corpus $draft --set data.global_batch=4 \
+      --set distill.teacher=/tmp/target --set train.steps=1500 --set optimizer.learning_rate=1e-3 \
+      --set optimizer.warmup_steps=60 --set train.eval_every=500 --set checkpoint.every=500 --set train.log_every=500 \
+      2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
     spec="bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft
       ${draft//--set/--draft_set} --tokens=3,4 --prompts=8 --prompt_len=128 --new=128"
-    timeout 150 python3 $spec --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
+    timeout 120 python3 $spec --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
     # the same with XLA's command buffers for loops: each call's rounds (or steps) one CUDA graph
     XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
-      timeout 150 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
+      timeout 120 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
     exit 0
     ;;
   paged)

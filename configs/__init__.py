@@ -1,7 +1,7 @@
 """Typed configuration for shardlab: dataclass sections, presets, overrides and validation."""
 
-from configs.base import (CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimizerConfig,
-                          ShardingConfig, TrainConfig)
+from configs.base import (CheckpointConfig, Config, DataConfig, DistillConfig, MeshConfig, ModelConfig,
+                          OptimizerConfig, ShardingConfig, TrainConfig)
 from configs.errors import ConfigError, MissingFileError
 from configs.overrides import apply_overrides
 from configs.presets import PRESETS
@@ -15,6 +15,6 @@ def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Conf
   return apply_overrides(PRESETS[preset](), overrides)
 
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig",
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "MeshConfig", "ModelConfig",
            "MissingFileError", "OptimizerConfig", "PRESETS", "ShardingConfig", "TrainConfig", "apply_overrides", "get_config",
            "resolve_mesh_sizes", "validate"]

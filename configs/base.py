@@ -241,6 +241,16 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+  """Knowledge distillation (training/distill.py): a trained teacher's token distributions as soft
+  targets, e.g. for a speculative-decoding draft trained to agree with the model it drafts for."""
+
+  teacher: str = ""  # a shardlab run (its workdir or its checkpoints/ folder); "" trains without one
+  weight: float = 1.0  # objective: (1 - weight) x cross-entropy + weight x temperature^2 x KL(teacher || student)
+  temperature: float = 1.0  # both distributions are softmax(logits / temperature) in the KL term
+
+
+@dataclass(frozen=True)
 class Config:
   name: str = "tiny"
   model: ModelConfig = field(default_factory=ModelConfig)
@@ -251,6 +261,7 @@ class Config:
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  distill: DistillConfig = field(default_factory=DistillConfig)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -170,6 +170,33 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+def _finished(path: str, state_handler=None) -> tuple[str, ocp.CheckpointManager, list[int]]:
+  """(checkpoints folder, its manager (the caller closes it), finished steps, at least one) of a run's
+  workdir or checkpoints/ folder."""
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise ConfigError(f"no checkpoints at {path}: expected a run's workdir or its checkpoints folder")
+  manager = _manager(directory, state_handler=state_handler)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    manager.close()
+    raise ConfigError(f"no finished checkpoint in {directory}")
+  return directory, manager, steps
+
+
+def saved_run_config(path: str) -> dict:
+  """The config (as `Config.to_dict` wrote it) saved with the newest checkpoint of a run (its workdir
+  or its checkpoints/ folder)."""
+  directory, manager, steps = _finished(path)
+  try:
+    try:
+      return dict(manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    except Exception as err:  # noqa: BLE001 - older checkpoints have no config item
+      raise ConfigError(f"the checkpoint at step {steps[-1]} in {directory} holds no config") from err
+  finally:
+    manager.close()
+
+
 def restore_params(path: str, abstract_params: Any, config: Config, step: int | None = None) -> tuple[int, Any]:
   """Just the parameters of a checkpoint, laid out as `abstract_params` (any mesh); no optimizer state.
 
@@ -181,14 +208,8 @@ def restore_params(path: str, abstract_params: Any, config: Config, step: int | 
   Returns (step, params). For evaluation, fine-tuning (`checkpoint.init_params_from`), serving and
   Hugging Face export (`models.hf_llama.save_hf_checkpoint(dir, config.model, params)`).
   """
-  directory = checkpoint_dir(path)
-  if not os.path.isdir(directory):
-    raise ConfigError(f"no checkpoints at {path}: expected a run's workdir or its checkpoints folder")
-  manager = _manager(directory, state_handler=ocp.PyTreeCheckpointHandler())
+  directory, manager, steps = _finished(path, ocp.PyTreeCheckpointHandler())
   try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise ConfigError(f"no finished checkpoint in {directory}")
     if step is None:
       step = steps[-1]
     elif step not in steps:

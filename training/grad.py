@@ -60,13 +60,15 @@ def make_grad_fn(setup: TrainSetup) -> GradFn:
   cross-entropy, token count, expert statistics: `models.moe.MOE_OUTPUTS` stacked per MoE layer, {}
   for dense models).
 
-  The objective differentiated is the cross-entropy plus the weighted router losses."""
+  The objective differentiated is the cross-entropy plus the weighted router losses (and, where the
+  batch holds a teacher's logits, mixed with the distillation KL: `training.loss.loss_terms`, whose
+  "distill_kl" sum joins the statistics)."""
   plan, graphdef = setup.plan, setup.graphdef
   n_micro = setup.config.data.microbatches
   masked, to_compute = uses_segments(setup.config), make_compute_params(setup)
   model_cfg = setup.config.model
   vg = jax.value_and_grad(lambda p, bias, b: loss_terms(graphdef, with_router_bias(p, bias), b, plan, masked,
-                                                        model_cfg), has_aux=True)
+                                                        model_cfg, setup.config.distill), has_aux=True)
   reduce = lambda g: jax.lax.with_sharding_constraint(g, setup.grad_shardings)
 
   def plain(compute, bias, batch):

@@ -17,6 +17,7 @@ from data import make_dataset
 from models.hf_moe import config_with_hf, params_from_dir
 from models.transformer import flops_per_token
 from training.checkpoint import Checkpointer, restore_params
+from training.distill import Teacher
 from training.lowcomm import LowCommRunner
 from training.metrics import MetricsWriter, Throughput, format_duration
 from training.state import (TrainSetup, bytes_per_device, has_router_bias, init_state, setup_from_config,
@@ -142,6 +143,8 @@ def train(config: Config, workdir: str) -> dict[str, Any]:
 def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, writer, stop, runner=None) -> dict[str, Any]:
   config = setup.config
   train_step = runner.step_fn(start) if runner else make_train_step(setup)
+  teacher = Teacher.from_run(setup) if config.distill.teacher else None
+  with_teacher = teacher.add_logits if teacher else lambda batch: batch
   eval_step = make_eval_step(setup)
   eval_params = runner.eval_params if runner else lambda state: state["params"]
   tokens_per_step = config.data.global_batch * config.data.seq_len
@@ -172,12 +175,13 @@ def _run(setup: TrainSetup, state, start: int, train_data, val_data, ckpt, write
       rate = (f" | experts: imbalance {last['load_imbalance']:.2f} (worst layer {last['load_imbalance_max']:.2f})"
               f"{losses}{rate}")
     sent = f" | sent {last['bytes_sent']:.3g} B/replica" if "bytes_sent" in last else ""
-    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e%s%s", logged_step, total, last["loss"],
+    kl = f" distill_kl {last['distill_kl']:.4f}" if "distill_kl" in last else ""
+    log.info("step %d/%d loss %.4f%s grad_norm %.3f lr %.2e%s%s", logged_step, total, last["loss"], kl,
              last["grad_norm"], last["lr"], sent, rate)
 
   t_start = time.perf_counter()
   while step < total and stop.received is None:
-    state, metrics = train_step(state, to_global_batch(setup, next(train_data)))
+    state, metrics = train_step(state, with_teacher(to_global_batch(setup, next(train_data))))
     step += 1
     if step == start + 1:
       jax.block_until_ready(metrics)

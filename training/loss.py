@@ -8,6 +8,10 @@ With mixture-of-experts layers the training objective adds the router losses (`l
 model.aux_loss_weight x the Switch loss, model.seq_aux_loss_weight x DeepSeek's sequence-wise loss
 and model.z_loss_weight x the router z-loss, each summed over the MoE layers, per counted token
 (so that after the normalisation by the token count they add to the mean cross-entropy as is).
+
+With a distillation teacher (`training.distill`) the batch also holds `teacher_logits` [B, L, V],
+already in the plan's token order, and the objective mixes the cross-entropy with the KL
+divergence from the teacher's tempered distribution (`distillation_losses`, Hinton et al. 2015).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs import Config, ModelConfig
+from configs import Config, DistillConfig, ModelConfig
 from parallel.attention.dispatch import order_batch
 from parallel.plan import ShardingPlan
 from parallel.vocab.dispatch import token_cross_entropy
@@ -31,14 +35,28 @@ def uses_segments(config: Config) -> bool:
   return config.data.mask_documents and config.data.source != "synthetic"
 
 
-def token_losses(model: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool = True) -> tuple[jax.Array, dict]:
-  """(float32 per-token cross-entropy [B, L], per-layer outputs) of the model's three pieces, for
-  a batch already in the plan's token order (`order_batch`)."""
+def model_logits(model: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool = True) -> tuple[jax.Array, dict]:
+  """(logits [B, L, V], per-layer outputs) of the model's three pieces, for a batch already in the
+  plan's token order (`order_batch`)."""
   segments = batch["segment_ids"] if mask_documents else None
   carry = model.embed_tokens(batch["inputs"], batch["positions"], segments, plan=plan)
   carry, layer_outputs = model.forward_layers(carry, plan=plan)
-  logits = model.head(carry["x"], plan=plan)
+  return model.head(carry["x"], plan=plan), layer_outputs
+
+
+def token_losses(model: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool = True) -> tuple[jax.Array, dict]:
+  """(float32 per-token cross-entropy [B, L], per-layer outputs) of the model's three pieces, for
+  a batch already in the plan's token order (`order_batch`)."""
+  logits, layer_outputs = model_logits(model, batch, plan, mask_documents)
   return token_cross_entropy(logits, batch["targets"], plan), layer_outputs
+
+
+def distillation_losses(student_BxLxV: jax.Array, teacher_BxLxV: jax.Array, temperature: float) -> jax.Array:
+  """Float32 per-token KL(softmax(teacher / T) || softmax(student / T)) [B, L]: the teacher's
+  distribution as the target, so the student is pulled towards every token the teacher finds likely."""
+  log_p = jax.nn.log_softmax(teacher_BxLxV.astype(jnp.float32) / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(student_BxLxV.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def loss_sum_and_count(graphdef: nnx.GraphDef, params: Any, batch: Batch, plan: ShardingPlan,
@@ -55,8 +73,9 @@ def loss_sum_and_count(graphdef: nnx.GraphDef, params: Any, batch: Batch, plan: 
 
 
 def merge_expert_stats(stats_per_microbatch: dict) -> dict:
-  """Statistics stacked over microbatches -> the step's: counts summed, losses averaged."""
-  return {k: (jnp.sum(v, axis=0) if k in ("tokens_per_expert", "dropped") else jnp.mean(v, axis=0))
+  """Statistics stacked over microbatches -> the step's: counts and the distillation KL sum summed,
+  router losses averaged."""
+  return {k: (jnp.sum(v, axis=0) if k in ("tokens_per_expert", "dropped", "distill_kl") else jnp.mean(v, axis=0))
           for k, v in stats_per_microbatch.items()}
 
 
@@ -69,16 +88,26 @@ def router_loss(cfg: ModelConfig, stats: dict) -> jax.Array:
 
 
 def loss_terms(graphdef: nnx.GraphDef, variables: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool,
-               cfg: ModelConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
-  """(objective sum, (cross-entropy sum, counted tokens, expert statistics)): the objective is the
+               cfg: ModelConfig, distill: DistillConfig | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+  """(objective sum, (cross-entropy sum, counted tokens, statistics)): the objective is the
   cross-entropy sum plus counted tokens x `router_loss`. `variables`: the model's whole variable
-  tree (parameters and router biases, `training.state.with_router_bias`)."""
-  batch = order_batch(batch, plan)
-  losses, layer_outputs = token_losses(nnx.merge(graphdef, variables), batch, plan, mask_documents)
+  tree (parameters and router biases, `training.state.with_router_bias`). Statistics: the expert
+  ones (`models.moe.MOE_OUTPUTS` per MoE layer; none for a dense model) and, where the batch holds
+  `teacher_logits`, "distill_kl": the KL sum over counted tokens; the objective's cross-entropy is
+  then weighted by 1 - distill.weight and the KL sum, times temperature^2 (which keeps its
+  gradient's scale independent of the temperature), by distill.weight."""
+  teacher = batch.get("teacher_logits")
+  batch = order_batch({k: v for k, v in batch.items() if k != "teacher_logits"}, plan)
+  logits, layer_outputs = model_logits(nnx.merge(graphdef, variables), batch, plan, mask_documents)
   mask = batch["loss_mask"]
-  loss_sum, count = jnp.sum(losses * mask), jnp.sum(mask)
-  stats = dict(layer_outputs)  # per MoE layer (`models.moe.MOE_OUTPUTS`); {} for a dense model
-  return loss_sum + count * router_loss(cfg, stats), (loss_sum, count, stats)
+  loss_sum, count = jnp.sum(token_cross_entropy(logits, batch["targets"], plan) * mask), jnp.sum(mask)
+  stats = dict(layer_outputs)
+  objective = loss_sum + count * router_loss(cfg, stats)
+  if teacher is not None:
+    kl_sum = jnp.sum(distillation_losses(logits, teacher, distill.temperature) * mask)
+    objective += distill.weight * (distill.temperature ** 2 * kl_sum - loss_sum)
+    stats["distill_kl"] = kl_sum
+  return objective, (loss_sum, count, stats)
 
 
 @jax.custom_vjp

@@ -28,7 +28,8 @@ def make_train_step_fn(setup: TrainSetup) -> StepFn:
 
   Metrics: `loss` (mean cross-entropy over counted tokens), `grad_norm` (before clipping), `lr`
   (the rate this update used) and `tokens` (counted tokens), all float32 scalars; with experts
-  also `moe_metrics`'s.
+  also `moe_metrics`'s; with a batch that holds a teacher's logits (`training.distill`) also
+  `distill_kl` (mean KL from the teacher per counted token).
 
   With experts the state's router biases are updated after the step from its observed load
   (DeepSeek-V3's auxiliary-loss-free balancing, model.bias_update_rate), outside the optimizer.
@@ -40,6 +41,7 @@ def make_train_step_fn(setup: TrainSetup) -> StepFn:
 
   def step(state, batch):
     grads, loss, count, stats = grad_fn(state["params"], batch, state.get("router_bias"))
+    kl_sum = stats.pop("distill_kl", None)
     # ZeRO-1/2: each device updates only its slice of parameters and moments, then the new
     # parameters are all-gathered into their own layout by the output sharding.
     params, grads = to_opt(state["params"]), to_opt(grads)
@@ -50,6 +52,8 @@ def make_train_step_fn(setup: TrainSetup) -> StepFn:
     # XLA can turn ZeRO-1's all-reduce + slice into a reduce-scatter.
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": count}
+    if kl_sum is not None:
+      metrics["distill_kl"] = kl_sum / count
     if "router_bias" in state:
       new_state["router_bias"] = updated_router_bias(state["router_bias"], stats, model_cfg.bias_update_rate)
     if stats:

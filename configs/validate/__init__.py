@@ -2,14 +2,15 @@
 
 One file per family: `mesh`, `model`, `sharding` (tensor, ZeRO, the plan's strategies),
 `context` (the attention method over `seq`), `experts` (expert dispatch and folding), `pipeline`
-(the schedule over `stage`), `data`, `optimizer`, `loop` (train and checkpoint sections) and
-`lowcomm` (the algorithm over `replica`). Each failure raises `ConfigError` naming the field(s),
-the value(s) and the rule that was broken."""
+(the schedule over `stage`), `data`, `optimizer`, `loop` (train and checkpoint sections),
+`lowcomm` (the algorithm over `replica`) and `distill` (a teacher's soft targets). Each failure
+raises `ConfigError` naming the field(s), the value(s) and the rule that was broken."""
 
 from __future__ import annotations
 
 from configs.base import Config
-from configs.validate import context, data, experts, loop, lowcomm, mesh, model, optimizer, pipeline, sharding
+from configs.validate import (context, data, distill, experts, loop, lowcomm, mesh, model, optimizer, pipeline,
+                              sharding)
 from configs.validate.mesh import resolve_mesh_sizes
 
 
@@ -32,6 +33,7 @@ def validate(config: Config, n_devices: int, backend: str | None = None) -> dict
   optimizer.check(config.optimizer)
   loop.check(config)
   lowcomm.check(config, sizes)
+  distill.check(config, sizes)
   return sizes
 
 

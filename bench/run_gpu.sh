@@ -37,7 +37,7 @@
 #            regime), layers unrolled (the preset) and scanned, then its profile and compiled HLO
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
-#            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,500 steps of 16K tokens),
+#            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,200 steps of 16K tokens),
 #            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, with XLA's default
 #            flags and with command buffers for loops (about 8 minutes)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
@@ -162,8 +162,8 @@ case $set_name in
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
       --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     timeout 200 python3 train.py --config=1b --workdir=/tmp/draft $corpus $draft --set data.global_batch=4 \
-      --set distill.teacher=/tmp/target --set train.steps=1500 --set optimizer.learning_rate=1e-3 \
-      --set optimizer.warmup_steps=60 --set train.eval_every=500 --set checkpoint.every=500 --set train.log_every=500 \
+      --set distill.teacher=/tmp/target --set train.steps=1200 --set optimizer.learning_rate=1e-3 \
+      --set optimizer.warmup_steps=60 --set train.eval_every=400 --set checkpoint.every=400 --set train.log_every=400 \
       2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
     spec="bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft

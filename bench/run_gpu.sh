@@ -158,7 +158,7 @@ case $set_name in
   speculative)
     corpus="--set data.max_corpus_bytes=12000000"
     draft="--set model.n_layers=2 --set model.d_model=1024 --set model.n_heads=8 --set model.n_kv_heads=4 --set model.d_ff=2816 --set model.scan_unroll=2"
-    # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, GRAPHS=0 (no second bench)
+    # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, TOKENS, GRAPHS=0 (no second bench)
     timeout 240 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=${TARGET_STEPS:-700} \
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
       --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
@@ -168,7 +168,7 @@ case $set_name in
       2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
     spec="bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft
-      ${draft//--set/--draft_set} --tokens=3,4 --prompts=8 --prompt_len=128 --new=128"
+      ${draft//--set/--draft_set} --tokens=${TOKENS:-3,4} --prompts=8 --prompt_len=128 --new=128"
     timeout 120 python3 $spec --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
     [ "${GRAPHS:-1}" = 0 ] && exit 0
     # the same with XLA's command buffers for loops: each call's rounds (or steps) one CUDA graph

@@ -40,6 +40,8 @@
 #            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,200 steps of 16K tokens),
 #            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, with XLA's default
 #            flags and with command buffers for loops (about 8 minutes)
+#   speculative_rounds  one GPU: the time of a speculative round at k = 3 with random weights, with
+#            XLA's default flags and with command buffers for loops (about 2 minutes)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
 #            engine step with XLA's attention over gathered pages and with the decode kernel over pages
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
@@ -174,6 +176,17 @@ case $set_name in
     # the same with XLA's command buffers for loops: each call's rounds (or steps) one CUDA graph
     XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
       timeout 120 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
+    exit 0
+    ;;
+  speculative_rounds)
+    # the time of a round alone: both models random (nothing is accepted: one token a round), k = 3,
+    # with XLA's default flags and with command buffers for loops (about 2 minutes)
+    spec="bench/speculative.py --config=1b --draft_set model.n_layers=2 --draft_set model.d_model=1024
+      --draft_set model.n_heads=8 --draft_set model.n_kv_heads=4 --draft_set model.d_ff=2816 --draft_set model.scan_unroll=2
+      --tokens=3 --prompts=4 --prompt_len=128 --new=128"
+    timeout 80 python3 $spec --out="$out/speculative_1b_rounds.json" 2>&1 | quiet | tail -n 3
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
+      timeout 80 python3 $spec --out="$out/speculative_1b_rounds_graphs.json" 2>&1 | quiet | tail -n 3
     exit 0
     ;;
   paged)

@@ -115,10 +115,14 @@ def test_distilled_objective_and_its_gradient_match_a_reference_written_here():
   assert kl / mask.sum() > 0.1  # the teacher is far from the student: the check has something to see
 
 
-def test_distillation_on_a_mesh_matches_one_device(one_device):
-  """ZeRO-3 over data x fsdp x tensor (the vocabulary split over tensor) with two microbatches."""
-  config = _config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.zero_stage=3", "data.microbatches=2")
-  got = _distilled_steps(config, jax.devices())
+@pytest.mark.parametrize("layout", [
+    # ZeRO-3 over data x fsdp x tensor (the vocabulary split over tensor) with two microbatches
+    ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sharding.zero_stage=3", "data.microbatches=2"),
+    # ring attention over seq in the zigzag order: the teacher's logits come in the plan's token order
+    ("mesh.data=2", "mesh.seq=2", "mesh.tensor=2", "sharding.attention=ring", "sharding.context_layout=zigzag"),
+], ids=["zero3_data_fsdp_tensor_micro2", "ring_zigzag_data_seq_tensor"])
+def test_distillation_on_a_mesh_matches_one_device(layout, one_device):
+  got = _distilled_steps(_config(*layout), jax.devices())
   assert one_device[-1]["distill_kl"] < one_device[0]["distill_kl"]  # the steps pull the student in
   for g, w in zip(got, one_device):
     np.testing.assert_allclose([g[k] for k in w], list(w.values()), rtol=1e-5)

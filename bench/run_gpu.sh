@@ -63,6 +63,10 @@ export PYTHONUNBUFFERED=1
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 quiet() { grep -vE "^(W|I)[0-9]{4}|TF_CPP|oneDNN"; }
+# XLA's command buffers for loops and conditionals (as parallel/xla_flags.py's DEVICE_LOOP_FLAGS)
+loop_graphs="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+# the speculative draft: 2 layers of width 1,024 with the `1b` preset's vocabulary
+draft="--set model.n_layers=2 --set model.d_model=1024 --set model.n_heads=8 --set model.n_kv_heads=4 --set model.d_ff=2816 --set model.scan_unroll=2"
 
 moe_speed() {  # output name, timeout, then moe_train_speed flags (the `moe` preset, 2 windows of 8 steps)
   local name=$1 limit=$2; shift 2
@@ -159,7 +163,6 @@ case $set_name in
     ;;
   speculative)
     corpus="--set data.max_corpus_bytes=12000000"
-    draft="--set model.n_layers=2 --set model.d_model=1024 --set model.n_heads=8 --set model.n_kv_heads=4 --set model.d_ff=2816 --set model.scan_unroll=2"
     # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, TOKENS, GRAPHS=0 (no second bench)
     timeout 240 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=${TARGET_STEPS:-700} \
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
@@ -174,19 +177,15 @@ case $set_name in
     timeout 120 python3 $spec --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
     [ "${GRAPHS:-1}" = 0 ] && exit 0
     # the same with XLA's command buffers for loops: each call's rounds (or steps) one CUDA graph
-    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
-      timeout 120 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
+    XLA_FLAGS=$loop_graphs timeout 120 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
     exit 0
     ;;
   speculative_rounds)
     # the time of a round alone: both models random (nothing is accepted: one token a round), k = 3,
     # with XLA's default flags and with command buffers for loops (about 2 minutes)
-    spec="bench/speculative.py --config=1b --draft_set model.n_layers=2 --draft_set model.d_model=1024
-      --draft_set model.n_heads=8 --draft_set model.n_kv_heads=4 --draft_set model.d_ff=2816 --draft_set model.scan_unroll=2
-      --tokens=3 --prompts=4 --prompt_len=128 --new=128"
+    spec="bench/speculative.py --config=1b ${draft//--set/--draft_set} --tokens=3 --prompts=4 --prompt_len=128 --new=128"
     timeout 80 python3 $spec --out="$out/speculative_1b_rounds.json" 2>&1 | quiet | tail -n 3
-    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
-      timeout 80 python3 $spec --out="$out/speculative_1b_rounds_graphs.json" 2>&1 | quiet | tail -n 3
+    XLA_FLAGS=$loop_graphs timeout 80 python3 $spec --out="$out/speculative_1b_rounds_graphs.json" 2>&1 | quiet | tail -n 3
     exit 0
     ;;
   paged)
@@ -235,14 +234,13 @@ case $set_name in
     # elementwise consumers, command buffers for the decode loop itself
     timeout 120 python3 bench/decode_attention.py --out="$out/decode_attention.json" 2>&1 | quiet | tail -n 9
     base="--config=1b --batches=1 --max_len=1152 --span=512"
-    cmd="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
     timeout 90 python3 bench/serve_profile.py $base --label=xla_attention \
       --out="$out/flags_xla_attention.json" 2>&1 | quiet | tail -n 24
     base="$base --set model.decode_attention=pallas"
     timeout 90 python3 bench/serve_profile.py $base --label=kernel --hlo="$out/decode_b1.hlo.gz" \
       --out="$out/flags_kernel.json" 2>&1 | quiet | tail -n 24
     for variant in "pdl:--xla_gpu_enable_pdl=true" \
-        "all:--xla_gpu_enable_pdl=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true $cmd"; do
+        "all:--xla_gpu_enable_pdl=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true $loop_graphs"; do
       label=${variant%%:*}
       XLA_FLAGS="${variant#*:}" timeout 90 python3 bench/serve_profile.py $base --label=$label \
         --out="$out/flags_$label.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3

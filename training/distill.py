@@ -69,12 +69,13 @@ class Teacher:
       raise ConfigError(f"distill.teacher={student.distill.teacher!r} does not fit the student's mesh: {err}") from err
     plan = plan_from_config(config, mesh)
     abstract = abstract_params(model, plan)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
     if params is None:
       step, params = restore_params(student.distill.teacher, abstract, config)
       log.info("distillation teacher: step %d of %s (d_model %d, %d layers)", step, student.distill.teacher,
                model.d_model, model.n_layers)
     else:
-      params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
+      params = jax.device_put(params, shardings)
     self.config, self.params = config, params
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0))))
     masked = uses_segments(config)
@@ -83,8 +84,7 @@ class Teacher:
       # In the plan's token order, as the loss reads the student's own logits.
       return model_logits(nnx.merge(graphdef, params), order_batch(batch, plan), plan, masked)[0]
 
-    self._logits = jax.jit(logits, in_shardings=(jax.tree.map(lambda a: a.sharding, abstract), setup.batch_sharding),
-                           out_shardings=setup.batch_sharding)
+    self._logits = jax.jit(logits, in_shardings=(shardings, setup.batch_sharding), out_shardings=setup.batch_sharding)
 
   @classmethod
   def from_run(cls, setup: TrainSetup) -> Teacher:

@@ -88,7 +88,7 @@ def router_loss(cfg: ModelConfig, stats: dict) -> jax.Array:
 
 
 def loss_terms(graphdef: nnx.GraphDef, variables: Any, batch: Batch, plan: ShardingPlan, mask_documents: bool,
-               cfg: ModelConfig, distill: DistillConfig | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+               cfg: ModelConfig, distill: DistillConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
   """(objective sum, (cross-entropy sum, counted tokens, statistics)): the objective is the
   cross-entropy sum plus counted tokens x `router_loss`. `variables`: the model's whole variable
   tree (parameters and router biases, `training.state.with_router_bias`). Statistics: the expert

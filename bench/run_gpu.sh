@@ -38,10 +38,11 @@
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
 #            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,200 steps of 16K tokens),
-#            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, with XLA's default
-#            flags and with command buffers for loops (about 8 minutes)
-#   speculative_rounds  one GPU: the time of a speculative round at k = 3 with random weights, with
-#            XLA's default flags and with command buffers for loops (about 2 minutes)
+#            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1 (about 7 minutes)
+#   speculative_rounds  one GPU: the time of a speculative round with random weights (nothing is
+#            accepted: one token a round) at k = 1, 3 and 5 with the 2-layer draft and at k = 3 with a
+#            1-layer one, so a round's time splits into the target's check and the draft's steps
+#            (about 3 minutes)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
 #            engine step with XLA's attention over gathered pages and with the decode kernel over pages
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
@@ -163,7 +164,7 @@ case $set_name in
     ;;
   speculative)
     corpus="--set data.max_corpus_bytes=12000000"
-    # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, TOKENS, GRAPHS=0 (no second bench)
+    # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, TOKENS
     timeout 240 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=${TARGET_STEPS:-700} \
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
       --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
@@ -172,20 +173,17 @@ case $set_name in
       --set optimizer.warmup_steps=60 --set train.eval_every=400 --set checkpoint.every=400 --set train.log_every=400 \
       2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
-    spec="bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft
-      ${draft//--set/--draft_set} --tokens=${TOKENS:-3,4} --prompts=8 --prompt_len=128 --new=128"
-    timeout 120 python3 $spec --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
-    [ "${GRAPHS:-1}" = 0 ] && exit 0
-    # the same with XLA's command buffers for loops: each call's rounds (or steps) one CUDA graph
-    XLA_FLAGS=$loop_graphs timeout 120 python3 $spec --out="$out/speculative_1b_graphs.json" 2>&1 | quiet | tail -n 5
+    timeout 120 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
+      ${draft//--set/--draft_set} --tokens=${TOKENS:-3,4} --prompts=8 --prompt_len=128 --new=128 \
+      --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
     exit 0
     ;;
   speculative_rounds)
-    # the time of a round alone: both models random (nothing is accepted: one token a round), k = 3,
-    # with XLA's default flags and with command buffers for loops (about 2 minutes)
-    spec="bench/speculative.py --config=1b ${draft//--set/--draft_set} --tokens=3 --prompts=4 --prompt_len=128 --new=128"
-    timeout 80 python3 $spec --out="$out/speculative_1b_rounds.json" 2>&1 | quiet | tail -n 3
-    XLA_FLAGS=$loop_graphs timeout 80 python3 $spec --out="$out/speculative_1b_rounds_graphs.json" 2>&1 | quiet | tail -n 3
+    spec="bench/speculative.py --config=1b --prompts=4 --prompt_len=128 --new=128"
+    timeout 120 python3 $spec ${draft//--set/--draft_set} --tokens=1,3,5 --out="$out/speculative_1b_rounds.json" \
+      2>&1 | quiet | tail -n 5
+    timeout 80 python3 $spec ${draft//--set/--draft_set} --draft_set model.n_layers=1 --draft_set model.scan_unroll=1 --tokens=3 \
+      --out="$out/speculative_1b_rounds_1layer.json" 2>&1 | quiet | tail -n 3
     exit 0
     ;;
   paged)

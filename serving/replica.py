@@ -95,7 +95,10 @@ class Replica:
       longest = max(s.prompt_len + len(s.output) - 1 for s in plan.decode)
       sampling = self._sampling_rows(plan.decode, per_slot=True)
       if self.speculative is not None:
-        decoded = self.speculative.rounds(self.last_token, active, sampling, self.decode_steps)
+        remaining = np.zeros(self.slots, np.int32)  # the tokens each request may still emit
+        for s in plan.decode:
+          remaining[s.slot] = s.request.sampling.max_tokens - len(s.output)
+        decoded = self.speculative.rounds(self.last_token, active, sampling, self.decode_steps, remaining_S=remaining)
       else:
         decoded = (*self.runner.decode(self.last_token, active, sampling, self.decode_steps,
                                        span=longest + self.decode_steps - 1), None)

@@ -3,9 +3,10 @@ forward pass, and the standard rejection rule keeps the output distributed exact
 (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al.
 2023, "Accelerating Large Language Model Decoding with Speculative Sampling").
 
-One round, for every active slot at once (`SpeculativeRunner.rounds` runs `rounds` of them in one
-compiled call, a `lax.fori_loop` on the device, so that the host pays one dispatch and one
-transfer per `rounds` rounds, as the plain decode loop does per `steps` tokens):
+One round, for every active slot at once (`SpeculativeRunner.rounds` runs up to `rounds` of them
+in one compiled call, a `lax.while_loop` on the device, so that the host pays one dispatch and one
+transfer per call, as the plain decode loop does per `steps` tokens; the loop stops early once
+every active slot has emitted the tokens it had left, see the end of this docstring):
 
   1. the draft decodes k steps from the slot's last token: step i reads position L + i and
      proposes d_{i+1} from its filtered distribution q_{i+1} (the request's temperature, top-k and
@@ -37,11 +38,17 @@ per purpose (draft draw, acceptance, residual), so a seeded request repeats its 
 Log-probabilities are the target's (log_softmax of its raw logits) at the emitted tokens, as in
 plain decoding. The round reads the whole cache (no span window).
 
-Between the rounds of one call the device carries each slot's last token and the index of its next
-output token. A request may end inside a call (its length, a stop token): the rounds after its end
-still run for its slot, and the host drops what they emit, as it drops the plain loop's tokens past
-a request's end; their cache writes past max_len (or past a paged slot's pages) are dropped and the
-next request in the slot starts from its own prompt.
+Between the rounds of one call the device carries each slot's last token, the index of its next
+output token and how many tokens it may still emit (`remaining`: its max_tokens left). A round
+emits 1 to k + 1 tokens, so how many rounds a request needs is not known when the call starts: the
+loop runs until every active slot's `remaining` is spent or `rounds` rounds have run, and the rounds
+it did not run emit nothing (their counts are 0). Without that, a call's rounds past the last
+request's end would run for nothing, up to `rounds` - 1 of them: at batch 1, 8 rounds per call and
+about 2.5 tokens a round, a 128-token request ran 56 rounds for the 50 it needed. A request may also
+end on a stop token, which the device does not look for: the rounds after it still run for its slot
+and the host drops what they emit, as it drops the plain loop's tokens past a request's end; their
+cache writes past max_len (or past a paged slot's pages) are dropped and the next request in the
+slot starts from its own prompt.
 """
 
 from __future__ import annotations
@@ -110,37 +117,49 @@ class SpeculativeRunner:
     self._rounds = jax.jit(self._rounds_fn, donate_argnums=(1, 3), static_argnames=("rounds", "greedy"))
 
   def rounds(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, rounds: int = 1,
-             greedy: bool | None = None) -> tuple:
-    """`rounds` rounds for every slot: (tokens [rounds, k + 1, slots], log-probabilities [rounds, k + 1,
-    slots], tokens emitted per round and slot [rounds, slots]: 1 + accepted proposals), device
-    arrays. `sampling` as for `ModelRunner.decode` (the index is that of the slot's next output
-    token); `greedy` (default: whether every active slot is) picks the compiled program."""
+             greedy: bool | None = None, remaining_S: np.ndarray | None = None) -> tuple:
+    """Up to `rounds` rounds for every slot: (tokens [rounds, k + 1, slots], log-probabilities
+    [rounds, k + 1, slots], tokens emitted per round and slot [rounds, slots]: 1 + accepted
+    proposals, 0 for a round that did not run), device arrays. `sampling` as for
+    `ModelRunner.decode` (the index is that of the slot's next output token); `greedy` (default:
+    whether every active slot is) picks the compiled program; `remaining_S`: how many tokens each
+    slot may still emit (default: no limit, every round runs); the call stops once no active slot
+    has any left."""
     t, d = self.target, self.draft
     args, static = t.decode_args(tokens_S, active_S, sampling, 1, None)
     greedy = static["greedy"] if greedy is None else greedy
-    t.cache, d.cache, out = self._rounds(t.params, t.cache, d.params, d.cache, *args, rounds=rounds, greedy=greedy)
+    remaining = np.zeros(len(args[0]), np.int32)  # padded as decode_args pads (spare rows are inactive)
+    remaining[:len(tokens_S)] = np.iinfo(np.int32).max if remaining_S is None else remaining_S
+    t.cache, d.cache, out = self._rounds(t.params, t.cache, d.params, d.cache, *args, remaining, rounds=rounds,
+                                         greedy=greedy)
     tokens, logprobs, counts = out
     return tokens[..., :t.slots], logprobs[..., :t.slots], counts[:, :t.slots]
 
-  def _rounds_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, *, rounds, greedy):
+  def _rounds_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, remaining_S, *, rounds, greedy):
     temperature, top_k, top_p, seeds, indices = sampling
     k, slots = self.k, tokens_S.shape[0]
 
-    def body(r, state):
-      tcache, dcache, last, lacks, index, out_tokens, out_logprobs, out_counts = state
+    def more(state):  # a round left to run, and an active slot with tokens left to emit
+      r, remaining = state[0], state[6]
+      return (r < rounds) & jnp.any(active_S & (remaining > 0))
+
+    def body(state):
+      r, tcache, dcache, last, lacks, index, remaining, out_tokens, out_logprobs, out_counts = state
       tcache, dcache, lacks, (emitted, logprobs, n1) = self._round_fn(
           tparams, tcache, dparams, dcache, last, lacks, active_S, (temperature, top_k, top_p, seeds, index),
           greedy=greedy)
-      # Each active slot's last emitted token and next output index; inactive slots keep theirs.
+      # Each active slot's last emitted token, next output index and tokens left; inactive slots keep theirs.
       last = jnp.where(active_S, jnp.take_along_axis(emitted, (n1 - 1)[None], axis=0)[0], last)
       index = index + jnp.where(active_S, n1, 0)
-      return (tcache, dcache, last, lacks, index, out_tokens.at[r].set(emitted), out_logprobs.at[r].set(logprobs),
-              out_counts.at[r].set(n1))
+      remaining = remaining - jnp.where(active_S, n1, 0)
+      return (r + 1, tcache, dcache, last, lacks, index, remaining, out_tokens.at[r].set(emitted),
+              out_logprobs.at[r].set(logprobs), out_counts.at[r].set(n1))
 
     no_lack = (jnp.zeros(slots, bool), jnp.zeros(slots, jnp.int32))
-    init = (tcache, dcache, tokens_S, no_lack, indices, jnp.zeros((rounds, k + 1, slots), jnp.int32),
-            jnp.zeros((rounds, k + 1, slots), jnp.float32), jnp.zeros((rounds, slots), jnp.int32))
-    tcache, dcache, _, lacks, _, out_tokens, out_logprobs, out_counts = jax.lax.fori_loop(0, rounds, body, init)
+    init = (jnp.int32(0), tcache, dcache, tokens_S, no_lack, indices, remaining_S,
+            jnp.zeros((rounds, k + 1, slots), jnp.int32), jnp.zeros((rounds, k + 1, slots), jnp.float32),
+            jnp.zeros((rounds, slots), jnp.int32))
+    _, tcache, dcache, _, lacks, _, _, out_tokens, out_logprobs, out_counts = jax.lax.while_loop(more, body, init)
     return tcache, self._catch_up(dparams, dcache, lacks), (out_tokens, out_logprobs, out_counts)
 
   def _catch_up(self, dparams, dcache, lacks):

@@ -149,6 +149,27 @@ def test_speculative_with_the_target_as_draft_accepts_every_proposal():
     assert engine.speculation["accepted"] == engine.speculation["proposed"] >= 20, (rounds, engine.speculation)
 
 
+def test_speculative_call_stops_once_every_request_is_done():
+  """A call runs rounds until no active slot has tokens left to emit, not always all of them: with
+  the target drafting for itself every round emits k + 1 = 5 tokens, so a request of 7 tokens (the
+  first from its prompt) needs 2 of a call's 4 rounds, and the 2 after them do not run (count 0);
+  its text is still the reference's."""
+  params = tiny.random_params()
+  engine = make_engine(params, draft=Draft(tiny.CFG, params, 4), decode_steps=4)
+  speculative, calls = engine._replicas[0].speculative, []
+  rounds = speculative.rounds
+
+  def recording(*args, **kwargs):
+    out = rounds(*args, **kwargs)
+    calls.append(np.asarray(out[2]))
+    return out
+
+  speculative.rounds = recording
+  out = run(engine, [greedy("a", PROMPTS[1], 7)])
+  assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], 7)[0]
+  assert len(calls) == 1 and calls[0][:, 0].tolist() == [5, 5, 0, 0], calls
+
+
 def test_speculative_sampling_is_seeded_and_scored_by_the_target():
   """Sampled speculative requests: the same seed gives the same text (alone, or beside another
   request with three rounds per engine step: the draws follow the output index, which the device

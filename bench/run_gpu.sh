@@ -38,7 +38,8 @@
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
 #            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,200 steps of 16K tokens),
-#            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1 (about 7 minutes)
+#            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, and the kernels of a
+#            round at k = 3 and of a plain step (about 7 minutes)
 #   speculative_rounds  one GPU: the time of a speculative round with random weights (nothing is
 #            accepted: one token a round) at k = 1, 3 and 5 with the 2-layer draft and at k = 3 with a
 #            1-layer one, so a round's time splits into the target's check and the draft's steps
@@ -173,9 +174,9 @@ case $set_name in
       --set optimizer.warmup_steps=60 --set train.eval_every=400 --set checkpoint.every=400 --set train.log_every=400 \
       2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
-    timeout 120 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
-      ${draft//--set/--draft_set} --tokens=${TOKENS:-3,4} --prompts=8 --prompt_len=128 --new=128 \
-      --out="$out/speculative_1b.json" 2>&1 | quiet | tail -n 5
+    timeout 150 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
+      ${draft//--set/--draft_set} --tokens=${TOKENS:-3,4} --prompts=8 --prompt_len=128 --new=128 --profile=3 \
+      --out="$out/speculative_1b.json" 2>&1 | quiet | grep -vE "^ +[0-9.]+ ms +[0-9.]+x" | tail -n 30
     exit 0
     ;;
   speculative_rounds)

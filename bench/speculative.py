@@ -9,7 +9,9 @@ host dispatches and waits once per call, not per token or round). For the plain 
 tokens per second (per request: (new - 1) / (last token - first token), so prefill is left out; the
 median over prompts), the draft's acceptance rate, tokens per round, and whether the greedy text
 equals plain decoding's (it should, up to rounding of near-ties in bf16). One untimed request first
-compiles each engine. Prints a table last; writes JSON.
+compiles each engine. With `--profile` k on a GPU it also profiles one call of `--rounds` rounds at
+that k and one of `--decode_steps` plain steps (`bench/serve_profile.profile`): kernel time by kind,
+kernels launched and idle time, per round and per plain step. Prints a table last; writes JSON.
 
   python bench/speculative.py --config=tiny --checkpoint=runs/tiny --draft_checkpoint=runs/draft \\
       --draft_set model.n_layers=1 --tokens=2,4 --out=speculative.json
@@ -22,6 +24,8 @@ import dataclasses
 import json
 import statistics
 import time
+
+import numpy as np
 
 
 def held_out_prompts(config, tokenizer, n: int, length: int) -> list[tuple[int, ...]]:
@@ -58,6 +62,36 @@ def decode(engine, prompts, new: int) -> tuple[list[list[int]], list[float]]:
   return outputs, rates
 
 
+def profile_calls(engine, prompt, args) -> dict:
+  """Kernels of one call of `--rounds` speculative rounds and of one of `--decode_steps` plain steps,
+  per round and per step, on the slot a request of `prompt` left (greedy; every round runs)."""
+  import jax
+
+  from bench.serve_profile import profile
+
+  decode(engine, [prompt], args.new)  # the slot now holds a prompt and its output
+  spec = engine._replicas[0].speculative
+  rows = (np.zeros(1), np.zeros(1), np.ones(1), np.zeros(1), np.zeros(1))
+  token, active = np.zeros(1, np.int32), np.ones(1, bool)
+  calls = {"round": (lambda: spec.rounds(token, active, rows, args.rounds)[0], args.rounds),
+           "plain step": (lambda: spec.target.decode(token, active, rows, args.decode_steps)[0], args.decode_steps)}
+  out = {}
+  for name, (call, n) in calls.items():
+    jax.block_until_ready(call())  # compiles
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    out[name] = {"wall_ms": 1e3 * (time.perf_counter() - t0) / n, **profile(call, n, 0)}
+    p = out[name]
+    print(f"per {name} (k = {args.profile}): wall {p['wall_ms']:.3f} ms, kernels {p['kernel_ms_per_step']:.3f} ms, "
+          f"{p['kernels_per_step']:.0f} kernels, idle " + ", ".join(f"{g} {v:.3f}" for g, v in
+                                                                   p["idle_ms_per_step_by_gap"].items()), flush=True)
+    for kind, t in sorted(p["by_kind_ms"].items(), key=lambda kv: -kv[1]):
+      print(f"  {kind:<20} {t:8.3f} ms", flush=True)
+    for kernel in p["kernels"][:12]:
+      print(f"  {kernel['ms_per_step']:8.4f} ms {kernel['calls_per_step']:6.1f}x  {kernel['name'][:90]}", flush=True)
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="tiny")
@@ -74,6 +108,7 @@ def main():
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--prompt_len", type=int, default=64)
   ap.add_argument("--new", type=int, default=48)
+  ap.add_argument("--profile", type=int, default=0, help="on a GPU, profile a call of rounds at this k (0: none)")
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
 
@@ -118,12 +153,13 @@ def main():
     rows.append(row)
     print(json.dumps({key: v for key, v in row.items() if key != "rates"}), flush=True)
 
+  profiles = profile_calls(engine(args.profile), prompts[0], args) if args.profile and jax.default_backend() == "gpu" else {}
   base = rows[0]["tokens_per_s"]
   result = {"config": args.config, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "target": args.checkpoint or args.hf, "draft": args.draft_checkpoint or args.draft_hf,
             "draft_layers": drafted.config.model.n_layers, "target_layers": loaded.config.model.n_layers,
             "prompts": len(prompts), "prompt_len": args.prompt_len, "new": args.new, "decode_steps": args.decode_steps,
-            "rounds": args.rounds, "rows": rows}
+            "rounds": args.rounds, "rows": rows, "profiles": profiles}
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"\nspeculative decoding, batch 1, {args.config} on {result['device']} ({len(prompts)} held-out prompts "

@@ -40,10 +40,9 @@
 #            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,200 steps of 16K tokens),
 #            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, and the kernels of a
 #            round at k = 3 and of a plain step (about 7 minutes)
-#   speculative_rounds  one GPU: the time of a speculative round with random weights (nothing is
-#            accepted: one token a round) at k = 1, 3 and 5 with the 2-layer draft and at k = 3 with a
-#            1-layer one, so a round's time splits into the target's check and the draft's steps
-#            (about 3 minutes)
+#   speculative_rounds  one GPU: a speculative round with random weights (nothing is accepted: one
+#            token a round) at k = 3 with the 2-layer draft, and the kernels of a round with each of
+#            the two loops and of a plain step (about 1 minute)
 #   paged    one GPU: bench/prefix_sharing.py (16 requests, a 2,048-token prefix) at 8 decode steps per
 #            engine step with XLA's attention over gathered pages and with the decode kernel over pages
 #   moe_peer one GPU: the `moe` step in bf16 weights, learned and forced routing, then the PyTorch
@@ -180,11 +179,9 @@ case $set_name in
     exit 0
     ;;
   speculative_rounds)
-    spec="bench/speculative.py --config=1b --prompts=4 --prompt_len=128 --new=128"
-    timeout 120 python3 $spec ${draft//--set/--draft_set} --tokens=1,3,5 --out="$out/speculative_1b_rounds.json" \
-      2>&1 | quiet | tail -n 5
-    timeout 80 python3 $spec ${draft//--set/--draft_set} --draft_set model.n_layers=1 --draft_set model.scan_unroll=1 --tokens=3 \
-      --out="$out/speculative_1b_rounds_1layer.json" 2>&1 | quiet | tail -n 3
+    timeout 150 python3 bench/speculative.py --config=1b ${draft//--set/--draft_set} --tokens=3 --prompts=2 \
+      --prompt_len=128 --new=64 --profile=3 --out="$out/speculative_1b_rounds.json" 2>&1 | quiet \
+      | grep -vE "^ +[0-9.]+ ms +[0-9.]+x" | tail -n 30
     exit 0
     ;;
   paged)

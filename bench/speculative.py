@@ -10,7 +10,8 @@ tokens per second (per request: (new - 1) / (last token - first token), so prefi
 median over prompts), the draft's acceptance rate, tokens per round, and whether the greedy text
 equals plain decoding's (it should, up to rounding of near-ties in bf16). One untimed request first
 compiles each engine. With `--profile` k on a GPU it also profiles one call of `--rounds` rounds at
-that k and one of `--decode_steps` plain steps (`bench/serve_profile.profile`): kernel time by kind,
+that k (with each of the two loops, `serving/speculative.py`) and one of `--decode_steps` plain steps
+(`bench/serve_profile.profile`): kernel time by kind,
 kernels launched and idle time, per round and per plain step. Prints a table last; writes JSON.
 
   python bench/speculative.py --config=tiny --checkpoint=runs/tiny --draft_checkpoint=runs/draft \\
@@ -63,8 +64,10 @@ def decode(engine, prompts, new: int) -> tuple[list[list[int]], list[float]]:
 
 
 def profile_calls(engine, prompt, args) -> dict:
-  """Kernels of one call of `--rounds` speculative rounds and of one of `--decode_steps` plain steps,
-  per round and per step, on the slot a request of `prompt` left (greedy; every round runs)."""
+  """Kernels of one call of `--rounds` speculative rounds (with each loop: the static trip count, and
+  the early-stop loop whose predicate the host reads every round) and of one of `--decode_steps`
+  plain steps, per round and per step, on the slot a request of `prompt` left (greedy; every round
+  runs)."""
   import jax
 
   from bench.serve_profile import profile
@@ -73,7 +76,9 @@ def profile_calls(engine, prompt, args) -> dict:
   spec = engine._replicas[0].speculative
   rows = (np.zeros(1), np.zeros(1), np.ones(1), np.zeros(1), np.zeros(1))
   token, active = np.zeros(1, np.int32), np.ones(1, bool)
-  calls = {"round": (lambda: spec.rounds(token, active, rows, args.rounds)[0], args.rounds),
+  round_call = lambda stop_early: spec.rounds(token, active, rows, args.rounds, stop_early=stop_early)[0]
+  calls = {"round": (lambda: round_call(False), args.rounds),
+           "round, early-stop loop": (lambda: round_call(True), args.rounds),
            "plain step": (lambda: spec.target.decode(token, active, rows, args.decode_steps)[0], args.decode_steps)}
   out = {}
   for name, (call, n) in calls.items():

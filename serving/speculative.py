@@ -4,9 +4,9 @@ forward pass, and the standard rejection rule keeps the output distributed exact
 2023, "Accelerating Large Language Model Decoding with Speculative Sampling").
 
 One round, for every active slot at once (`SpeculativeRunner.rounds` runs up to `rounds` of them
-in one compiled call, a `lax.while_loop` on the device, so that the host pays one dispatch and one
-transfer per call, as the plain decode loop does per `steps` tokens; the loop stops early once
-every active slot has emitted the tokens it had left, see the end of this docstring):
+in one compiled call, a loop on the device, so that the host pays one dispatch and one transfer
+per call, as the plain decode loop does per `steps` tokens; a call that may finish every request
+stops once it has, see the end of this docstring):
 
   1. the draft decodes k steps from the slot's last token: step i reads position L + i and
      proposes d_{i+1} from its filtered distribution q_{i+1} (the request's temperature, top-k and
@@ -40,15 +40,23 @@ plain decoding. The round reads the whole cache (no span window).
 
 Between the rounds of one call the device carries each slot's last token, the index of its next
 output token and how many tokens it may still emit (`remaining`: its max_tokens left). A round
-emits 1 to k + 1 tokens, so how many rounds a request needs is not known when the call starts: the
-loop runs until every active slot's `remaining` is spent or `rounds` rounds have run, and the rounds
-it did not run emit nothing (their counts are 0). Without that, a call's rounds past the last
-request's end would run for nothing, up to `rounds` - 1 of them: at batch 1, 8 rounds per call and
-about 2.5 tokens a round, a 128-token request ran 56 rounds for the 50 it needed. A request may also
-end on a stop token, which the device does not look for: the rounds after it still run for its slot
-and the host drops what they emit, as it drops the plain loop's tokens past a request's end; their
-cache writes past max_len (or past a paged slot's pages) are dropped and the next request in the
-slot starts from its own prompt.
+emits 1 to k + 1 tokens, so how many rounds a request needs is not known when the call starts.
+Two loops, compiled apart (static `stop_early`), picked per call by the host:
+  - when some active slot has more tokens left than the call's rounds can emit (`rounds` x (k + 1)),
+    no request can end by its length in this call: a `lax.fori_loop` runs every round. Its trip
+    count is static, so the GPU runtime runs it without reading anything back to the host.
+  - otherwise a `lax.while_loop` runs until every active slot's `remaining` is spent (or `rounds`
+    rounds have run); the rounds it did not run emit nothing (their counts are 0). Its predicate
+    is a device value that the GPU runtime reads back to the host once per round (one H100, `1b`
+    with a 2-layer draft at k = 3: 1.88 ms per round, 1.57 ms of them kernels; BENCHMARKS.md), a
+    cost worth paying only where rounds would otherwise run for nothing after the last request's
+    end: up to `rounds` - 1 of them, so at batch 1, 8 rounds per call and about 2.5 tokens a round,
+    a 128-token request ran 56 rounds for the 50 it needed (1.36x plain decoding against 1.57x
+    with the early stop, the same bench).
+A request may also end on a stop token, which the device does not look for: the rounds after it
+still run for its slot and the host drops what they emit, as it drops the plain loop's tokens past
+a request's end; their cache writes past max_len (or past a paged slot's pages) are dropped and the
+next request in the slot starts from its own prompt.
 """
 
 from __future__ import annotations
@@ -114,28 +122,33 @@ class SpeculativeRunner:
       raise ValueError(f"the draft's slots and max_len {(draft.slots, draft.max_len)} must be the target's "
                        f"{(target.slots, target.max_len)}")
     self.target, self.draft, self.k = target, draft, tokens
-    self._rounds = jax.jit(self._rounds_fn, donate_argnums=(1, 3), static_argnames=("rounds", "greedy"))
+    self._rounds = jax.jit(self._rounds_fn, donate_argnums=(1, 3), static_argnames=("rounds", "greedy", "stop_early"))
 
   def rounds(self, tokens_S: np.ndarray, active_S: np.ndarray, sampling: tuple, rounds: int = 1,
-             greedy: bool | None = None, remaining_S: np.ndarray | None = None) -> tuple:
+             greedy: bool | None = None, remaining_S: np.ndarray | None = None,
+             stop_early: bool | None = None) -> tuple:
     """Up to `rounds` rounds for every slot: (tokens [rounds, k + 1, slots], log-probabilities
     [rounds, k + 1, slots], tokens emitted per round and slot [rounds, slots]: 1 + accepted
     proposals, 0 for a round that did not run), device arrays. `sampling` as for
     `ModelRunner.decode` (the index is that of the slot's next output token); `greedy` (default:
     whether every active slot is) picks the compiled program; `remaining_S`: how many tokens each
-    slot may still emit (default: no limit, every round runs); the call stops once no active slot
-    has any left."""
+    slot may still emit (default: no limit, every round runs); where every active slot's fits in
+    the call's rounds, the call stops once none has any left (module docstring; `stop_early`
+    picks that program whatever the slots need)."""
     t, d = self.target, self.draft
     args, static = t.decode_args(tokens_S, active_S, sampling, 1, None)
     greedy = static["greedy"] if greedy is None else greedy
     remaining = np.zeros(len(args[0]), np.int32)  # padded as decode_args pads (spare rows are inactive)
     remaining[:len(tokens_S)] = np.iinfo(np.int32).max if remaining_S is None else remaining_S
+    if stop_early is None:
+      stop_early = bool(np.all(remaining[args[1]] <= rounds * (self.k + 1)))
     t.cache, d.cache, out = self._rounds(t.params, t.cache, d.params, d.cache, *args, remaining, rounds=rounds,
-                                         greedy=greedy)
+                                         greedy=greedy, stop_early=stop_early)
     tokens, logprobs, counts = out
     return tokens[..., :t.slots], logprobs[..., :t.slots], counts[:, :t.slots]
 
-  def _rounds_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, remaining_S, *, rounds, greedy):
+  def _rounds_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, remaining_S, *, rounds, greedy,
+                 stop_early):
     temperature, top_k, top_p, seeds, indices = sampling
     k, slots = self.k, tokens_S.shape[0]
 
@@ -159,7 +172,11 @@ class SpeculativeRunner:
     init = (jnp.int32(0), tcache, dcache, tokens_S, no_lack, indices, remaining_S,
             jnp.zeros((rounds, k + 1, slots), jnp.int32), jnp.zeros((rounds, k + 1, slots), jnp.float32),
             jnp.zeros((rounds, slots), jnp.int32))
-    _, tcache, dcache, _, lacks, _, _, out_tokens, out_logprobs, out_counts = jax.lax.while_loop(more, body, init)
+    if stop_early:
+      state = jax.lax.while_loop(more, body, init)
+    else:
+      state = jax.lax.fori_loop(0, rounds, lambda r, state: body(state), init)
+    _, tcache, dcache, _, lacks, _, _, out_tokens, out_logprobs, out_counts = state
     return tcache, self._catch_up(dparams, dcache, lacks), (out_tokens, out_logprobs, out_counts)
 
   def _catch_up(self, dparams, dcache, lacks):
@@ -250,10 +267,12 @@ class SpeculativeRunner:
     return tcache, dcache, lacks, (emitted.T, logprobs.T, n + 1)
 
   def warm_up(self, rounds: int = 1) -> int:
-    """Compiles the call of `rounds` rounds, greedy and sampled, running each with no active slot;
-    returns 2."""
+    """Compiles the call of `rounds` rounds, greedy and sampled, each with both loops, running each
+    with no active slot; returns 4."""
     slots = self.target.slots
     rows = (np.zeros(slots), np.zeros(slots), np.ones(slots), np.zeros(slots), np.zeros(slots))
     for greedy in (True, False):
-      self.rounds(np.zeros(slots, np.int32), np.zeros(slots, bool), rows, rounds, greedy=greedy)
-    return 2
+      for stop_early in (True, False):
+        self.rounds(np.zeros(slots, np.int32), np.zeros(slots, bool), rows, rounds, greedy=greedy,
+                    stop_early=stop_early)
+    return 4

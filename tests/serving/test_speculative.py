@@ -150,10 +150,12 @@ def test_speculative_with_the_target_as_draft_accepts_every_proposal():
 
 
 def test_speculative_call_stops_once_every_request_is_done():
-  """A call runs rounds until no active slot has tokens left to emit, not always all of them: with
-  the target drafting for itself every round emits k + 1 = 5 tokens, so a request of 7 tokens (the
-  first from its prompt) needs 2 of a call's 4 rounds, and the 2 after them do not run (count 0);
-  its text is still the reference's."""
+  """A call that may finish every request runs rounds until none has tokens left to emit, not all
+  of them. With the target drafting for itself every round emits k + 1 = 5 tokens, and a call has 4
+  rounds (up to 20 tokens): a request of 30 tokens (the first from its prompt, 29 left) cannot end
+  in its first call, which runs every round; its second (9 left) needs 2 rounds, and the 2 after
+  them do not run (count 0). A request of 7 tokens needs 2 rounds of its only call. The texts are
+  still the reference's; a warm-up compiles both loops, greedy and sampled."""
   params = tiny.random_params()
   engine = make_engine(params, draft=Draft(tiny.CFG, params, 4), decode_steps=4)
   speculative, calls = engine._replicas[0].speculative, []
@@ -161,13 +163,16 @@ def test_speculative_call_stops_once_every_request_is_done():
 
   def recording(*args, **kwargs):
     out = rounds(*args, **kwargs)
-    calls.append(np.asarray(out[2]))
+    calls.append(np.asarray(out[2])[:, 0].tolist())
     return out
 
   speculative.rounds = recording
-  out = run(engine, [greedy("a", PROMPTS[1], 7)])
-  assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], 7)[0]
-  assert len(calls) == 1 and calls[0][:, 0].tolist() == [5, 5, 0, 0], calls
+  for n, want in ((30, [[5, 5, 5, 5], [5, 5, 0, 0]]), (7, [[5, 5, 0, 0]])):
+    calls.clear()
+    out = run(engine, [greedy("a", PROMPTS[1], n)])
+    assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], n)[0]
+    assert calls == want, (n, calls)
+  assert speculative.warm_up(4) == 4
 
 
 def test_speculative_sampling_is_seeded_and_scored_by_the_target():

@@ -47,10 +47,14 @@ class KVCache:
   @classmethod
   def zeros(cls, n_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any,
             sharding: Any = None) -> KVCache:
-    """An empty cache; `sharding` (a NamedSharding for k and v) lays it out on a mesh."""
+    """An empty cache; `sharding` (a NamedSharding for k and v) lays it out on a mesh, with the
+    lengths replicated over it (as the compiled calls that update the cache return them, so the
+    first call compiles what the later ones run)."""
     shape = (n_layers, slots, kv_heads, max_len, head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return cls(make(), make(), jnp.zeros((slots,), jnp.int32))
+    replicated = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    lengths = jax.jit(lambda: jnp.zeros((slots,), jnp.int32), out_shardings=replicated)()
+    return cls(make(), make(), lengths)
 
   @property
   def max_len(self) -> int:

@@ -17,7 +17,7 @@ from parallel.mesh import make_mesh
 from parallel.plan import make_plan, single_device_plan
 from serving.engine import Draft, Request, SamplingParams
 from serving.sampling import filter_logits
-from serving.speculative import accept, filtered_probs
+from serving.speculative import SpeculativeRunner, accept, filtered_probs
 from tests.serving import tiny
 from tests.serving.tiny import greedy, make_engine, run
 
@@ -149,16 +149,25 @@ def test_speculative_with_the_target_as_draft_accepts_every_proposal():
     assert engine.speculation["accepted"] == engine.speculation["proposed"] >= 20, (rounds, engine.speculation)
 
 
-def test_speculative_call_stops_once_every_request_is_done():
+def test_speculative_call_stops_once_every_request_is_done(monkeypatch):
   """A call that may finish every request runs rounds until none has tokens left to emit, not all
   of them. With the target drafting for itself every round emits k + 1 = 5 tokens, and a call has 4
   rounds (up to 20 tokens): a request of 30 tokens (the first from its prompt, 29 left) cannot end
   in its first call, which runs every round; its second (9 left) needs 2 rounds, and the 2 after
   them do not run (count 0). A request of 7 tokens needs 2 rounds of its only call. The texts are
-  still the reference's; a warm-up compiles both loops, greedy and sampled."""
+  still the reference's; the warm-up traced both loops (greedy and sampled) for the caches' layouts
+  that the requests meet: nothing more is traced, so nothing more is compiled."""
+  traced, trace = [], SpeculativeRunner._rounds_fn
+
+  def counting(self, *args, **kwargs):
+    traced.append(kwargs)
+    return trace(self, *args, **kwargs)
+
+  monkeypatch.setattr(SpeculativeRunner, "_rounds_fn", counting)
   params = tiny.random_params()
   engine = make_engine(params, draft=Draft(tiny.CFG, params, 4), decode_steps=4)
   speculative, calls = engine._replicas[0].speculative, []
+  assert engine.warm_up_decode() == len(traced) == 4
   rounds = speculative.rounds
 
   def recording(*args, **kwargs):
@@ -172,7 +181,7 @@ def test_speculative_call_stops_once_every_request_is_done():
     out = run(engine, [greedy("a", PROMPTS[1], n)])
     assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], n)[0]
     assert calls == want, (n, calls)
-  assert speculative.warm_up(4) == 4
+  assert len(traced) == 4, traced
 
 
 def test_speculative_sampling_is_seeded_and_scored_by_the_target():

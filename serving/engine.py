@@ -177,8 +177,10 @@ class Engine:
 
   def warm_up_prefill(self) -> int:
     """Compiles the prefill of every (rows, chunk length) that fits the token budget, greedy and
-    sampled, on every replica, writing nothing; returns how many (`ModelRunner.warm_up_prefill`)."""
-    return sum(r.prefill_runner.warm_up_prefill(r.buckets, r.scheduler.token_budget) for r in self._replicas)
+    sampled, on every replica, the draft's too (it reads every prompt), writing nothing; returns
+    how many (`ModelRunner.warm_up_prefill`)."""
+    runners = [(r, runner) for r in self._replicas for runner in (r.prefill_runner, r.draft_prefill) if runner]
+    return sum(runner.warm_up_prefill(r.buckets, r.scheduler.token_budget) for r, runner in runners)
 
   @property
   def num_waiting(self) -> int:

@@ -17,6 +17,7 @@ from parallel.mesh import make_mesh
 from parallel.plan import make_plan, single_device_plan
 from serving.engine import Draft, Request, SamplingParams
 from serving.sampling import filter_logits
+from serving.runner import ModelRunner
 from serving.speculative import SpeculativeRunner, accept, filtered_probs
 from tests.serving import tiny
 from tests.serving.tiny import greedy, make_engine, run
@@ -155,19 +156,24 @@ def test_speculative_call_stops_once_every_request_is_done(monkeypatch):
   rounds (up to 20 tokens): a request of 30 tokens (the first from its prompt, 29 left) cannot end
   in its first call, which runs every round; its second (9 left) needs 2 rounds, and the 2 after
   them do not run (count 0). A request of 7 tokens needs 2 rounds of its only call. The texts are
-  still the reference's; the warm-up traced both loops (greedy and sampled) for the caches' layouts
-  that the requests meet: nothing more is traced, so nothing more is compiled."""
-  traced, trace = [], SpeculativeRunner._rounds_fn
+  still the reference's; the warm-ups traced both loops (greedy and sampled) and the prefill of
+  both models for the caches' layouts that the requests meet: nothing more is traced, so nothing
+  more is compiled."""
+  traced = []
 
-  def counting(self, *args, **kwargs):
-    traced.append(kwargs)
-    return trace(self, *args, **kwargs)
+  def counting(trace):
+    def traces(self, *args, **kwargs):
+      traced.append((trace.__name__, kwargs))
+      return trace(self, *args, **kwargs)
+    return traces
 
-  monkeypatch.setattr(SpeculativeRunner, "_rounds_fn", counting)
+  monkeypatch.setattr(SpeculativeRunner, "_rounds_fn", counting(SpeculativeRunner._rounds_fn))
+  monkeypatch.setattr(ModelRunner, "_prefill_fn", counting(ModelRunner._prefill_fn))
   params = tiny.random_params()
   engine = make_engine(params, draft=Draft(tiny.CFG, params, 4), decode_steps=4)
   speculative, calls = engine._replicas[0].speculative, []
-  assert engine.warm_up_decode() == len(traced) == 4
+  warmed = engine.warm_up_decode() + engine.warm_up_prefill()
+  assert warmed == len(traced) > 4, traced
   rounds = speculative.rounds
 
   def recording(*args, **kwargs):
@@ -181,7 +187,7 @@ def test_speculative_call_stops_once_every_request_is_done(monkeypatch):
     out = run(engine, [greedy("a", PROMPTS[1], n)])
     assert out["a"][0] == tiny.reference_decode(params, PROMPTS[1], n)[0]
     assert calls == want, (n, calls)
-  assert len(traced) == 4, traced
+  assert len(traced) == warmed, traced[warmed:]
 
 
 def test_speculative_sampling_is_seeded_and_scored_by_the_target():

@@ -11,8 +11,8 @@ median over prompts), the draft's acceptance rate, tokens per round, and whether
 equals plain decoding's (it should, up to rounding of near-ties in bf16). One untimed request first
 compiles each engine. With `--profile` k on a GPU it also profiles one call of `--rounds` rounds at
 that k (with each of the two loops, `serving/speculative.py`) and one of `--decode_steps` plain steps
-(`bench/serve_profile.profile`): kernel time by kind,
-kernels launched and idle time, per round and per plain step. Prints a table last; writes JSON.
+(`bench/serve_profile.profile`): kernel time by kind, kernels launched and idle time, per round and
+per plain step. Prints a table last; writes JSON.
 
   python bench/speculative.py --config=tiny --checkpoint=runs/tiny --draft_checkpoint=runs/draft \\
       --draft_set model.n_layers=1 --tokens=2,4 --out=speculative.json
@@ -158,7 +158,9 @@ def main():
     rows.append(row)
     print(json.dumps({key: v for key, v in row.items() if key != "rates"}), flush=True)
 
-  profiles = profile_calls(engine(args.profile), prompts[0], args) if args.profile and jax.default_backend() == "gpu" else {}
+  profiles = {}
+  if args.profile and jax.default_backend() == "gpu":
+    profiles = profile_calls(engine(args.profile), prompts[0], args)
   base = rows[0]["tokens_per_s"]
   result = {"config": args.config, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "target": args.checkpoint or args.hf, "draft": args.draft_checkpoint or args.draft_hf,

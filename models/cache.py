@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.layers import einsum_f32
 
@@ -53,8 +54,7 @@ class KVCache:
     shape = (n_layers, slots, kv_heads, max_len, head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     replicated = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    lengths = jax.jit(lambda: jnp.zeros((slots,), jnp.int32), out_shardings=replicated)()
-    return cls(make(), make(), lengths)
+    return cls(make(), make(), jax.device_put(np.zeros((slots,), np.int32), replicated))
 
   @property
   def max_len(self) -> int:

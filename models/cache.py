@@ -36,6 +36,15 @@ from models.layers import einsum_f32
 CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
 
 
+def replicated(host: np.ndarray, like: Any = None) -> jax.Array:
+  """`host` on the device, replicated over the mesh of `like` (a NamedSharding; None: the default
+  device). A cache's small arrays (lengths, page tables) are placed so, as the compiled calls that
+  update the cache return them: the first call compiles the program the later ones run."""
+  if like is None:
+    return jax.device_put(host)
+  return jax.device_put(host, jax.sharding.NamedSharding(like.mesh, jax.sharding.PartitionSpec()))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -49,12 +58,10 @@ class KVCache:
   def zeros(cls, n_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: Any,
             sharding: Any = None) -> KVCache:
     """An empty cache; `sharding` (a NamedSharding for k and v) lays it out on a mesh, with the
-    lengths replicated over it (as the compiled calls that update the cache return them, so the
-    first call compiles what the later ones run)."""
+    lengths replicated over it (`replicated`)."""
     shape = (n_layers, slots, kv_heads, max_len, head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    replicated = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return cls(make(), make(), jax.device_put(np.zeros((slots,), np.int32), replicated))
+    return cls(make(), make(), replicated(np.zeros((slots,), np.int32), sharding))
 
   @property
   def max_len(self) -> int:

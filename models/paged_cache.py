@@ -27,8 +27,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models.cache import KVCache
+from models.cache import KVCache, replicated
 
 PAGE_AXES = ("layers", None, "kv_heads", None, "head_dim")
 
@@ -51,8 +52,8 @@ class PagedKVCache:
       raise ValueError(f"pages={pages} must be >= 1")
     shape = (n_layers, pages, kv_heads, page_size, head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    table = jnp.full((slots, max_len // page_size), pages, jnp.int32)
-    return cls(make(), make(), table, jnp.zeros((slots,), jnp.int32))
+    table = replicated(np.full((slots, max_len // page_size), pages, np.int32), sharding)
+    return cls(make(), make(), table, replicated(np.zeros((slots,), np.int32), sharding))
 
   @property
   def page_size(self) -> int:
@@ -71,9 +72,13 @@ class PagedKVCache:
     return self.page_table.shape[0]
 
   def with_pages(self, slot: int, pages: list[int]) -> PagedKVCache:
-    """Slot `slot`'s table set to `pages` (in position order), the rest unassigned."""
-    row = jnp.full((self.page_table.shape[1],), self.pages, jnp.int32).at[:len(pages)].set(jnp.asarray(pages, jnp.int32))
-    return dataclasses.replace(self, page_table=self.page_table.at[slot].set(row))
+    """Slot `slot`'s table set to `pages` (in position order), the rest unassigned; the table keeps
+    its layout (an update outside a compiled call would change how its sharding is spelled, and
+    the next call would compile again)."""
+    row = np.full((self.page_table.shape[1],), self.pages, np.int32)
+    row[:len(pages)] = pages
+    table = jax.device_put(self.page_table.at[slot].set(row), self.page_table.sharding)
+    return dataclasses.replace(self, page_table=table)
 
   def _gather(self, table_BxP: jax.Array) -> dict:
     """The contiguous view [layers, B, K, P * page_size, D] of each row's pages."""

@@ -65,15 +65,20 @@ def test_eviction_under_a_small_page_budget_keeps_every_answer_right():
 
 
 def test_speculative_decoding_over_shared_pages():
-  """The draft's cache is paged with the same tables: its shared prefix is the one it computed."""
+  """The draft's cache is paged with the same tables: its shared prefix is the one it computed.
+  After the decode warm-up the requests compile no round: assigning pages keeps the tables' layout,
+  so the rounds compiled over empty tables are the ones the requests run."""
   params = tiny.trained_params()
   prompts = [SYSTEM + list(q) for q in QUESTIONS[:3]]
   requests = [greedy(str(i), p, 9) for i, p in enumerate(prompts)]
   draft = Draft(tiny.CFG, tiny.random_params(), 3)
   engine = make_engine(params, paging=Paging(page_size=4, pages=48), draft=draft)
-  out = run(engine, requests[:1], joins={3: requests[1:]})
+  engine.warm_up_decode()
+  with tiny.compiled_programs() as compiled:
+    out = run(engine, requests[:1], joins={3: requests[1:]})
   _check(out, params, prompts, 9)
   assert engine.prefix_cache["matched_tokens"] > 0
+  assert not [name for name in compiled if "_rounds_fn" in name], compiled
 
 
 def test_disaggregated_pages_move_once_and_answers_stay_right():

@@ -5,6 +5,7 @@ log_softmax taken in numpy."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -108,3 +109,20 @@ def run(engine, requests, joins=None):
 
 def greedy(rid, prompt, n, **kw):
   return Request(rid, tuple(int(t) for t in prompt), SamplingParams(max_tokens=n, temperature=0.0, logprobs=True, **kw))
+
+
+@contextlib.contextmanager
+def compiled_programs():
+  """Collects the name of every program XLA compiles inside the block (from JAX's compile events)."""
+  names = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      names.append(kwargs.get("fun_name", "?"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+

@@ -121,6 +121,12 @@ class RemotePrefill:
     """`ModelRunner.assign_pages` on the worker."""
     self._call({"op": "assign_pages", "slot": slot, "pages": [int(p) for p in pages]})
 
+  def warm_up_prefill(self, chunk_lengths: tuple[int, ...], token_budget: int) -> int:
+    """`ModelRunner.warm_up_prefill` on the worker: the number of programs it compiled."""
+    (count,) = self._call({"op": "warm_up_prefill", "chunk_lengths": [int(c) for c in chunk_lengths],
+                           "token_budget": int(token_budget)})
+    return int(count[0])
+
 
 def connect(address: str, *, slots: int, max_len: int, vocab_size: int, pages: int = 0, page_size: int = 0,
             draft_vocab_size: int | None = None, timeout_s: float = 600.0) -> tuple[RemotePrefill, RemotePrefill | None]:
@@ -184,6 +190,8 @@ def _answer(runners: dict, conn: socket.socket) -> None:
       elif op == "assign_pages":
         runner.assign_pages(header["slot"], header["pages"])
         out = ()
+      elif op == "warm_up_prefill":
+        out = (np.asarray([runner.warm_up_prefill(tuple(header["chunk_lengths"]), header["token_budget"])]),)
       else:
         raise ValueError(f"unknown op {op!r}")
       _send(conn, {}, [np.asarray(a) for a in jax.device_get(out)])

@@ -65,6 +65,9 @@ def test_prompts_from_a_worker_process_decode_as_colocated(worker):
     make_engine(params, cfg=model, slots=2, plan=plan, prefill_worker=worker)  # disconnects, refused
   want = run(make_engine(params, cfg=model, slots=4, plan=plan), requests)
   engine = make_engine(params, cfg=model, slots=4, plan=plan, prefill_worker=worker)
+  # The worker compiles its prefills: chunks of the one bucket (the budget, 16) in 1, 2 or 4 rows
+  # (4 slots), greedy and sampled.
+  assert engine.warm_up_prefill() == 6
   got = run(engine, requests, joins=None)
   assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}
   for k in want:

@@ -38,8 +38,8 @@
 #   moe_check one GPU: the `moe` step in bf16 weights (grouped_matmul auto), learned and forced routing
 #   speculative  one GPU: train.py trains the `1b` preset (700 steps on the whole built-in corpus) and a
 #            2-layer draft of width 1,024 distilled from it (distill.teacher: 1,200 steps of 16K tokens),
-#            then bench/speculative.py at k = 3 and 4 on held-out text, batch 1, and the kernels of a
-#            round at k = 3 and of a plain step (about 7 minutes)
+#            then bench/speculative.py at k = 3 on held-out text, batch 1, at 8 and at 16 rounds per call
+#            (ROUNDS), and the kernels of a round at k = 3 and of a plain step (about 7 minutes)
 #   speculative_rounds  one GPU: a speculative round with random weights (nothing is accepted: one
 #            token a round) at k = 3 with the 2-layer draft, and the kernels of a round with each of
 #            the two loops and of a plain step (about 1 minute)
@@ -164,7 +164,7 @@ case $set_name in
     ;;
   speculative)
     corpus="--set data.max_corpus_bytes=12000000"
-    # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, TOKENS
+    # shorter runs where device time is short: TARGET_STEPS, DRAFT_STEPS, TOKENS, ROUNDS
     timeout 240 python3 train.py --config=1b --workdir=/tmp/target $corpus --set train.steps=${TARGET_STEPS:-700} \
       --set optimizer.learning_rate=4e-4 --set optimizer.warmup_steps=80 --set train.eval_every=350 \
       --set checkpoint.every=350 --set train.log_every=100 2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
@@ -173,9 +173,12 @@ case $set_name in
       --set optimizer.warmup_steps=60 --set train.eval_every=400 --set checkpoint.every=400 --set train.log_every=400 \
       2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
-    timeout 150 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
-      ${draft//--set/--draft_set} --tokens=${TOKENS:-3,4} --prompts=8 --prompt_len=128 --new=128 --profile=3 \
-      --out="$out/speculative_1b.json" 2>&1 | quiet | grep -vE "^ +[0-9.]+ ms +[0-9.]+x" | tail -n 30
+    for rounds in ${ROUNDS:-8 16}; do  # rounds per call: the host's turn between calls is spread over them
+      profile=$([ "$rounds" = 8 ] && echo --profile=3)
+      timeout 150 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
+        ${draft//--set/--draft_set} --tokens=${TOKENS:-3} --rounds=$rounds --prompts=8 --prompt_len=128 --new=128 $profile \
+        --out="$out/speculative_1b_rounds$rounds.json" 2>&1 | quiet | grep -vE "^ +[0-9.]+ ms +[0-9.]+x" | tail -n 20
+    done
     exit 0
     ;;
   speculative_rounds)

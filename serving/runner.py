@@ -165,7 +165,7 @@ class ModelRunner:
     window = cache.window(span) if span < self.max_len and not self.reads_pages_in_place else None
     init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
     cache, _, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
-    return cache, out_tokens, out_logprobs
+    return cache, out_tokens[:, :self.slots], out_logprobs[:, :self.slots]  # the padding rows cut here, not by the host
 
   def assign_pages(self, slot: int, pages: list[int]) -> None:
     """The paged cache's table of `slot`: its pages in position order."""
@@ -198,7 +198,7 @@ class ModelRunner:
     + steps - 1 must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
     args, static = self.decode_args(tokens_S, active_S, sampling, steps, span)
     self.cache, tokens, logprobs = self._decode(self.params, self.cache, *args, **static)
-    return tokens[:, :self.slots], logprobs[:, :self.slots]
+    return tokens, logprobs
 
   def warm_up(self, steps: int) -> int:
     """Compiles the decode loop of `steps` steps for every span bucket, greedy and sampled, and runs

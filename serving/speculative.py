@@ -144,8 +144,7 @@ class SpeculativeRunner:
       stop_early = bool(np.all(remaining[args[1]] <= rounds * (self.k + 1)))
     t.cache, d.cache, out = self._rounds(t.params, t.cache, d.params, d.cache, *args, remaining, rounds=rounds,
                                          greedy=greedy, stop_early=stop_early)
-    tokens, logprobs, counts = out
-    return tokens[..., :t.slots], logprobs[..., :t.slots], counts[:, :t.slots]
+    return out
 
   def _rounds_fn(self, tparams, tcache, dparams, dcache, tokens_S, active_S, sampling, remaining_S, *, rounds, greedy,
                  stop_early):
@@ -177,7 +176,8 @@ class SpeculativeRunner:
     else:
       state = jax.lax.fori_loop(0, rounds, lambda r, state: body(state), init)
     _, tcache, dcache, _, lacks, _, _, out_tokens, out_logprobs, out_counts = state
-    return tcache, self._catch_up(dparams, dcache, lacks), (out_tokens, out_logprobs, out_counts)
+    n = self.target.slots  # the padding rows cut here, not by the host
+    return tcache, self._catch_up(dparams, dcache, lacks), (out_tokens[..., :n], out_logprobs[..., :n], out_counts[:, :n])
 
   def _catch_up(self, dparams, dcache, lacks):
     """The draft's keys and values of the slots' second-to-last position, where a round accepted every

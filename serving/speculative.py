@@ -47,12 +47,13 @@ Two loops, compiled apart (static `stop_early`), picked per call by the host:
     count is static, so the GPU runtime runs it without reading anything back to the host.
   - otherwise a `lax.while_loop` runs until every active slot's `remaining` is spent (or `rounds`
     rounds have run); the rounds it did not run emit nothing (their counts are 0). Its predicate
-    is a device value that the GPU runtime reads back to the host once per round (one H100, `1b`
-    with a 2-layer draft at k = 3: 1.88 ms per round, 1.57 ms of them kernels; BENCHMARKS.md), a
-    cost worth paying only where rounds would otherwise run for nothing after the last request's
-    end: up to `rounds` - 1 of them, so at batch 1, 8 rounds per call and about 2.5 tokens a round,
-    a 128-token request ran 56 rounds for the 50 it needed (1.36x plain decoding against 1.57x
-    with the early stop, the same bench).
+    is a device value that the GPU runtime reads back to the host once per round (one profile on
+    an H100, `1b` with a 2-layer draft at k = 3, showed 0.31 ms between rounds, a later one
+    0.09 ms; BENCHMARKS.md), a cost worth paying only where rounds would otherwise run for nothing
+    after the last request's end: up to `rounds` - 1 of them, so at batch 1, 8 rounds per call and
+    about 2.5 tokens a round, a 128-token request ran 56 rounds for the 50 it needed. On that
+    bench: 1.36x plain decoding with the static loop in every call, 1.57x with the stopping loop
+    in every call, 1.79x with the loop picked per call (1.83x at 16 rounds per call).
 A request may also end on a stop token, which the device does not look for: the rounds after it
 still run for its slot and the host drops what they emit, as it drops the plain loop's tokens past
 a request's end; their cache writes past max_len (or past a paged slot's pages) are dropped and the

@@ -173,11 +173,12 @@ case $set_name in
       --set optimizer.warmup_steps=60 --set train.eval_every=400 --set checkpoint.every=400 --set train.log_every=400 \
       2>&1 | grep -E "step [0-9]+/|eval loss|Error" | tail -n 4
     cp /tmp/target/metrics.jsonl "$out/speculative_target_metrics.jsonl"; cp /tmp/draft/metrics.jsonl "$out/speculative_draft_metrics.jsonl"
+    profile=--profile=3  # the first bench's calls profiled
     for rounds in ${ROUNDS:-8 16}; do  # rounds per call: the host's turn between calls is spread over them
-      profile=$([ "$rounds" = 8 ] && echo --profile=3)
       timeout 150 python3 bench/speculative.py --config=1b $corpus --checkpoint=/tmp/target --draft_checkpoint=/tmp/draft \
         ${draft//--set/--draft_set} --tokens=${TOKENS:-3} --rounds=$rounds --prompts=8 --prompt_len=128 --new=128 $profile \
         --out="$out/speculative_1b_rounds$rounds.json" 2>&1 | quiet | grep -vE "^ +[0-9.]+ ms +[0-9.]+x" | tail -n 20
+      profile=
     done
     exit 0
     ;;

@@ -27,6 +27,9 @@
 #            the batch-1 decode profile (bench/serve_profile.py) with XLA's attention, with the kernel, and
 #            with the kernel under XLA flags that cut kernels or their start-up cost (PDL, block-level
 #            fusions, command buffers for the decode loop)
+#   decode_hlo  one GPU: batch-1 decode profiled (every kernel) with its compiled HLO, with XLA's
+#            attention and with the decode kernel and decode_split_k=4, then bench/serve_decode.py at
+#            batch 1 both ways
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -244,6 +247,21 @@ case $set_name in
       label=${variant%%:*}
       XLA_FLAGS="${variant#*:}" timeout 90 python3 bench/serve_profile.py $base --label=$label \
         --out="$out/flags_$label.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    done
+    exit 0
+    ;;
+  decode_hlo)
+    # batch-1 decode profiled with every kernel listed and its compiled HLO kept: XLA's attention, then
+    # the decode kernel with decode_split_k=4; then the engine at batch 1 both ways (bandwidth measured in each)
+    base="--config=1b --batches=1 --max_len=1152 --span=512 --top=400"
+    kernel="--set model.decode_attention=pallas --set model.decode_split_k=4"
+    timeout 90 python3 bench/serve_profile.py $base --label=xla --hlo="$out/decode_b1_xla.hlo.gz" \
+      --out="$out/profile_xla.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    timeout 90 python3 bench/serve_profile.py $base $kernel --label=kernel_split4 --hlo="$out/decode_b1_split4.hlo.gz" \
+      --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    for variant in "xla:" "kernel_split4:$kernel"; do
+      timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer ${variant#*:} \
+        --out="$out/serve_decode_b1_${variant%%:*}.json" 2>&1 | quiet | tail -n 4
     done
     exit 0
     ;;

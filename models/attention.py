@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import attend_with_cache
-from models.layers import apply_rope, param, rms_norm, rope_inv_freq, split_k_product
+from models.layers import apply_rope, param, rms_norm, rope_inv_freq, scaled_rows, split_k_product
 from parallel.attention.decode_kernel import decode_attention, tiles
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -80,9 +80,10 @@ class Attention(nnx.Module):
       self.k_norm = param(rngs, (hd,), ("head_dim",), cfg, init="ones")
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
-               plan: ShardingPlan, linear: bool | jax.Array = False) -> jax.Array:
-    """`linear`: a Python bool, or a traced one (a hybrid stack's per-layer kind)."""
-    q, k, v = self.project_qkv(x_BxLxD, positions_BxL, plan)
+               plan: ShardingPlan, linear: bool | jax.Array = False, row_scale: jax.Array | None = None) -> jax.Array:
+    """`linear`: a Python bool, or a traced one (a hybrid stack's per-layer kind). `row_scale`: the
+    fused layout's RMSNorm factor (`project_qkv`)."""
+    q, k, v = self.project_qkv(x_BxLxD, positions_BxL, plan, row_scale=row_scale)
 
     def softmax():
       return attend(q, k, v, segment_ids_BxL, plan=plan, implementation=self.implementation)
@@ -99,13 +100,18 @@ class Attention(nnx.Module):
     return self.project_out(out_BxLxHxD, plan)
 
   def project_qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, plan: ShardingPlan,
-                  split_k: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  split_k: int = 1, row_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, L, H, D], k and v [B, L, K, D], RoPE applied to q and k. `split_k`: the products'
-    contraction cut into parts (`models.layers.split_k_product`; decode only)."""
+    contraction cut into parts (`models.layers.split_k_product`; decode only). `row_scale` [B, L, 1]:
+    the fused layout's RMSNorm factor (`models.layers.rms_factor`; the norm's scale is folded into
+    `wqkv`), multiplied into the product before the biases."""
     x = x_BxLxD.astype(self.dtype)
     w = lambda p: p[...].astype(self.dtype)
-    product = lambda spec, weight: (jnp.einsum(spec, x, weight) if split_k == 1
-                                    else split_k_product(x, weight, 1, split_k))
+
+    def product(spec, weight):
+      if split_k == 1 and row_scale is None:
+        return jnp.einsum(spec, x, weight)
+      return scaled_rows(split_k_product(x, weight, 1, split_k, jnp.float32), row_scale, self.dtype)
 
     def project(p, bias, axes):
       y = product("bld,dhk->blhk", w(p))
@@ -140,16 +146,16 @@ class Attention(nnx.Module):
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxD, self.wo[...].astype(self.dtype))
 
   def with_cache(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: dict, cache_len_B: jax.Array,
-                 plan: ShardingPlan) -> tuple[jax.Array, dict]:
+                 plan: ShardingPlan, row_scale: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
     [B, K, S, D]}, or every layer's [L, B, K, S, D] and this one's index {"layer"}; `cache_len_B`
     positions valid) and themselves (`models.cache`). Returns the
     output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache.
 
     A decode step (T == 1) on one device cuts its products' contractions into
-    `model.decode_split_k` parts (`models.layers.split_k_product`)."""
+    `model.decode_split_k` parts (`models.layers.split_k_product`). `row_scale`: as `project_qkv`."""
     split_k = self.decode_split_k(x_BxTxD.shape[1], plan)
-    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan, split_k)
+    q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan, split_k, row_scale)
     layer = cache.get("layer")  # set: cache["k"], cache["v"] are every layer's (`reads_cache_in_place`)
     page_table = cache.get("page_table")  # set: they are pages, read in place (`reads_pages_in_place`)
     if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[-2], plan):

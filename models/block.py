@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 from flax import nnx
 
 from configs import ModelConfig
 from models.attention import Attention, layer_kinds
-from models.layers import MLP, RMSNorm
+from models.layers import MLP, RMSNorm, rms_factor
 from models.moe import MoE
 from parallel.plan import ShardingPlan
 
@@ -26,12 +27,14 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, sparse: bool = False, fused: bool = False):
     """`sparse`: the MLP is a mixture of experts (`models.moe.MoE`) instead of a dense SwiGLU.
-    `fused`: q/k/v and gate/up as one weight each (`models.fused`)."""
+    `fused`: q/k/v and gate/up as one weight each, the RMSNorm scales before them folded in
+    (`models.fused`): those norms have no parameters, and the products scale their rows instead."""
     kinds = set(layer_kinds(cfg))
     self.linear = None if len(kinds) > 1 else kinds == {"L"}  # None: each layer's kind comes as its input
-    self.attn_norm = RMSNorm(cfg, rngs=rngs)
+    self.eps = cfg.norm_eps
+    self.attn_norm = None if fused else RMSNorm(cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs, fused=fused)
-    self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+    self.mlp_norm = None if fused and not sparse else RMSNorm(cfg, rngs=rngs)  # the router reads normed rows
     self.sparse = sparse
     self.mlp = MoE(cfg, rngs=rngs) if sparse else MLP(cfg, rngs=rngs, fused=fused)
 
@@ -47,18 +50,28 @@ class Block(nnx.Module):
     x = carry["x"]
     if isinstance(layer_inputs, dict):
       cache = layer_inputs if "layer" not in layer_inputs else {**carry["cache_stack"], **layer_inputs}
-      attn, new_kv = self.attn.with_cache(self.attn_norm(x), carry["positions"], cache, carry["cache_lengths"], plan)
+      attn, new_kv = self.attn.with_cache(*self._normed(self.attn_norm, x, carry["positions"], cache,
+                                                        carry["cache_lengths"], plan))
       h = plan.constrain(x + attn.astype(x.dtype), RESIDUAL_AXES)
-      y = self.mlp(self.mlp_norm(h), plan, self.attn.decode_split_k(x.shape[1], plan))  # dense only (engine)
+      split_k = self.attn.decode_split_k(x.shape[1], plan)
+      y = self.mlp(*self._normed(self.mlp_norm, h, plan, split_k))  # dense only (engine)
       out = h + y.astype(h.dtype)
       return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, new_kv
     linear = self.linear if self.linear is not None else layer_inputs == 1
-    h = x + self.attn(self.attn_norm(x), carry["positions"], carry["segment_ids"], plan, linear).astype(x.dtype)
+    h = x + self.attn(*self._normed(self.attn_norm, x, carry["positions"], carry["segment_ids"], plan,
+                                    linear)).astype(x.dtype)
     h = plan.constrain(h, RESIDUAL_AXES)
     outputs = {}
     if self.sparse:
       y, outputs = self.mlp(self.mlp_norm(h), plan)
     else:
-      y = self.mlp(self.mlp_norm(h), plan)
+      y = self.mlp(*self._normed(self.mlp_norm, h, plan, 1))
     out = h + y.astype(h.dtype)
     return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, outputs
+
+  def _normed(self, norm: RMSNorm | None, x: jax.Array, *args) -> tuple:
+    """The arguments of the product that follows a norm: (norm(x), *args), or in the fused layout
+    (no norm: its scale is in the weights) (x, *args, rms factor of x)."""
+    if norm is not None:
+      return (norm(x), *args)
+    return (x, *args, rms_factor(x, self.eps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,30 +34,46 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
       default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=f32))
 
 
-def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int) -> jax.Array:
+def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int, out_dtype: Any = None) -> jax.Array:
   """x's last `n_contract` axes contracted with w's first ones, the contraction cut into `splits`
   parts that multiply as one batched product (float32 partial sums, added in float32, returned in
-  x's dtype). A decode step multiplies one or two rows by each weight; cuBLAS tiles such a product
-  over its output columns only, so a 2048-wide output runs on a quarter of an H100's SMs. The
-  split multiplies the blocks in flight by `splits`, and the partial sums' addition fuses into the
-  consumer (the residual add, RoPE). `splits=1` is the plain product."""
+  `out_dtype`, by default x's). A decode step multiplies one or two rows by each weight; cuBLAS
+  tiles such a product over its output columns only, so a 2048-wide output runs on a quarter of an
+  H100's SMs. The split multiplies the blocks in flight by `splits`, and the partial sums' addition
+  fuses into the consumer (the residual add, RoPE). `splits=1` is the plain product."""
   lead, out = x.shape[:-n_contract], w.shape[n_contract:]
   k = math.prod(x.shape[-n_contract:])
   if w.shape[:n_contract] != x.shape[-n_contract:] or k % splits:
     raise ValueError(f"split_k_product: x {x.shape} and w {w.shape} must share {n_contract} contracted axes "
                      f"whose size divides into splits={splits}")
-  if splits == 1:
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  if splits == 1 and out_dtype == x.dtype:
     return jnp.tensordot(x, w, n_contract)
   xs = x.reshape(*lead, splits, k // splits)
   ws = w.reshape(splits, k // splits, math.prod(out))
   partial = einsum_f32("...sk,skn->s...n", xs, ws)
-  return partial.sum(0).reshape(*lead, *out).astype(x.dtype)
+  return partial.sum(0).reshape(*lead, *out).astype(out_dtype)
+
+
+def scaled_rows(y: jax.Array, row_scale: jax.Array | None, dtype: Any) -> jax.Array:
+  """y (float32 sums of a product) times a per-row factor ([B, L, 1], broadcast over y's trailing
+  axes), in `dtype`; no factor: y in `dtype`."""
+  if row_scale is not None:
+    y = y * row_scale.reshape(row_scale.shape + (1,) * (y.ndim - row_scale.ndim))
+  return y.astype(dtype)
+
+
+def rms_factor(x_BxLxD: jax.Array, eps: float) -> jax.Array:
+  """1 / rms(x) over the last axis in float32, kept as an axis of size 1: rms_norm(x, scale) is
+  x * rms_factor(x) * scale. The fused layout (`models.fused`) folds `scale` into the weight that
+  follows and multiplies this factor into that product's output instead."""
+  x = x_BxLxD.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
 def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   """x / rms(x) * scale, computed in float32, returned in x's dtype (Zhang & Sennrich 2019)."""
-  x = x_BxLxD.astype(jnp.float32)
-  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  x = x_BxLxD.astype(jnp.float32) * rms_factor(x_BxLxD, eps)
   return (x * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
 
 
@@ -147,11 +164,15 @@ class MLP(nnx.Module):
       self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
     self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan, split_k: int = 1) -> jax.Array:
-    """`split_k`: the down product's contraction cut into parts (`split_k_product`; decode only)."""
+  def __call__(self, x_BxLxD: jax.Array, plan: ShardingPlan, split_k: int = 1,
+               row_scale: jax.Array | None = None) -> jax.Array:
+    """`split_k`: the products' contractions cut into parts (`split_k_product`; decode only; gate/up
+    only in the fused layout). `row_scale` [B, L, 1]: the fused layout's RMSNorm factor
+    (`rms_factor`; the norm's scale is folded into `w_gate_up`), multiplied into gate and up."""
     x = x_BxLxD.astype(self.dtype)
     if self.fused:
-      y = jnp.einsum("bld,dtf->bltf", x, self.w_gate_up[...].astype(self.dtype))
+      y = split_k_product(x, self.w_gate_up[...].astype(self.dtype), 1, split_k, jnp.float32)
+      y = scaled_rows(y, row_scale, self.dtype)
       gate, up = y[:, :, 0], y[:, :, 1]
     else:
       gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))

@@ -9,9 +9,10 @@ us each per layer. Here it is one launch per layer: one program per (row, kv hea
 positions) streams its positions in blocks of `block_s`, with a running maximum and sum (the online
 softmax of FlashAttention); part 0 folds the new token's key and value in first. Positions past the
 row's length are masked off in the loads, so they are never read from memory. The parts' partial
-softmaxes then combine in one small XLA fusion (flash-decoding): a batch-1 step has only rows x kv
-heads = 16 (row, head) pairs, and one program streaming a head's whole span runs at a fraction of
-an SM's share of the bandwidth.
+softmaxes then combine in a second, small launch (flash-decoding): a batch-1 step has only rows x
+kv heads = 16 (row, head) pairs, and one program streaming a head's whole span runs at a fraction of
+an SM's share of the bandwidth. The new token's query heads, key and value reach the kernel as one
+block per (row, kv head), so that XLA writes them in one fusion.
 
   decode_attention(q [B, H, D], k_new [B, K, D], v_new [B, K, D], cache_k [B, K, S, D],
                    cache_v [B, K, S, D], cache_len [B]) -> [B, H, D]
@@ -84,19 +85,21 @@ def default_splits(rows: int, kv_heads: int, span: int, programs: int = 256) -> 
   return p
 
 
-def _kernel(layer_ref, len_ref, table_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
-            block_s: int, chunk: int, page_size: int, pages: int, scale: float):
+def _kernel(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
+            groups: int, block_s: int, chunk: int, page_size: int, pages: int, scale: float):
   """One program: row b, kv head h, positions [p * chunk, (p + 1) * chunk) of layer `layer_ref[0]`
   of the stacked cache. Writes the part's unnormalised output, running maximum and sum; part 0 also
-  folds in the new token. `page_size` > 0: the cache is `pages` pages and `table_ref` row b's table."""
+  folds in the new token. `page_size` > 0: the cache is `pages` pages and `table_ref` row b's table.
+  `q_ref` [R, D]: this kv head's `groups` query heads, then the new token's key and value, then zeros
+  (the rows past the queries compute outputs nobody reads)."""
   from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - masked loads
 
   b, h, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  q = q_ref[...]  # [R, D]: this kv head's query heads, padded to R rows
+  q = q_ref[...]
   length = len_ref[pl.ds(b, 1)][0]
   layer = layer_ref[pl.ds(0, 1)][0]
-  k_new = kn_ref[pl.ds(b, 1), pl.ds(h, 1), :][0].astype(F32)  # [1, D]
-  v_new = vn_ref[pl.ds(b, 1), pl.ds(h, 1), :][0].astype(F32)
+  k_new = q_ref[pl.ds(groups, 1), :].astype(F32)  # [1, D]
+  v_new = q_ref[pl.ds(groups + 1, 1), :].astype(F32)
   first = part == 0
   # Part 0 opens with the new token's score; the others start empty (their maximum at float32's
   # lowest, so a part with no valid position weighs exp(lowest - real maximum) = 0 in the combine).
@@ -143,6 +146,16 @@ def _kernel(layer_ref, len_ref, table_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, 
   acc_ref[...], m_ref[...], sum_ref[...] = acc, m, total
 
 
+def _combine_kernel(acc_ref, m_ref, sum_ref, out_ref):
+  """One program per (row, kv head, query head of it): the parts' partial softmaxes combined, each
+  rescaled to the overall maximum (a part with no valid position weighs 0), then one division by
+  the overall sum."""
+  m = m_ref[...]  # [P]
+  weight = jnp.exp(m - jnp.max(m))
+  out = jnp.sum(acc_ref[...] * weight[:, None], axis=0) / jnp.sum(sum_ref[...] * weight)
+  out_ref[...] = out.astype(out_ref.dtype)
+
+
 def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array, cache_k_BxKxSxD: jax.Array,
                      cache_v_BxKxSxD: jax.Array, cache_len_B: jax.Array, *, layer: jax.Array | None = None,
                      page_table: jax.Array | None = None, splits: int | None = None, block_s: int | None = None,
@@ -184,8 +197,9 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
     raise ValueError(f"decode_attention: page_size={page_size} must be a multiple of {MIN_ROWS} (a block of "
                      f"positions lies inside one page)")
   splits = default_splits(b, kv, s) if splits is None else splits
-  if splits < 1 or s % splits:
-    raise ValueError(f"decode_attention: splits={splits} must be >= 1 and divide the cache's {s} positions")
+  if splits < 1 or splits & (splits - 1) or s % splits:
+    raise ValueError(f"decode_attention: splits={splits} must be a power of two (a Triton block) dividing the "
+                     f"cache's {s} positions")
   chunk = s // splits
   if block_s is None:
     block_s = min(block_size(chunk), block_size(page_size)) if page_size else block_size(chunk)
@@ -196,27 +210,33 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
   if d & (d - 1):
     raise ValueError(f"decode_attention: head dim {d} must be a power of two (a Triton block)")
   g = h // kv
-  rows = max(MIN_ROWS, pl.next_power_of_2(g))
-  q = jnp.pad(q_BxHxD.reshape(b, kv, g, d), ((0, 0), (0, 0), (0, rows - g), (0, 0))).astype(cache_k_BxKxSxD.dtype)
+  rows = max(MIN_ROWS, pl.next_power_of_2(g + 2))
+  # One block per (row, kv head): its query heads, the new key, the new value, zeros (one XLA fusion
+  # writes it, with RoPE and the parts of a split product summed, instead of three).
+  packed = jnp.concatenate([q_BxHxD.reshape(b, kv, g, d), k_new_BxKxD[:, :, None], v_new_BxKxD[:, :, None]], axis=2)
+  packed = jnp.pad(packed.astype(cache_k_BxKxSxD.dtype), ((0, 0), (0, 0), (0, rows - g - 2), (0, 0)))
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j, p: (0,) * len(shape))
-  kernel = functools.partial(_kernel, block_s=block_s, chunk=chunk, page_size=page_size, pages=pages,
+  kernel = functools.partial(_kernel, groups=g, block_s=block_s, chunk=chunk, page_size=page_size, pages=pages,
                              scale=d ** -0.5)
   layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
   table = jnp.zeros((b, 1), jnp.int32) if page_table is None else page_table.astype(jnp.int32)
+  params = lambda warps, stages: None if interpret else _compiler_params(warps, stages)
   acc, m, total = pl.pallas_call(
       kernel, grid=(b, kv, splits),
       out_shape=(jax.ShapeDtypeStruct((b, kv, splits, rows, d), F32), jax.ShapeDtypeStruct((b, kv, splits, rows), F32),
                  jax.ShapeDtypeStruct((b, kv, splits, rows), F32)),
       in_specs=[whole((1,)), whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
-                whole((b, kv, d)), whole((b, kv, d)), whole(stacked), whole(stacked)],
+                whole(stacked), whole(stacked)],
       out_specs=(pl.BlockSpec((None, None, None, rows, d), lambda i, j, p: (i, j, p, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0))),
-      interpret=interpret, compiler_params=None if interpret else _compiler_params(num_warps, num_stages))(
-          layer, cache_len_B.astype(jnp.int32), table, q, k_new_BxKxD, v_new_BxKxD, cache_k_BxKxSxD.reshape(stacked),
+      interpret=interpret, compiler_params=params(num_warps, num_stages))(
+          layer, cache_len_B.astype(jnp.int32), table, packed, cache_k_BxKxSxD.reshape(stacked),
           cache_v_BxKxSxD.reshape(stacked))
-  # The parts' softmaxes combined: each rescaled to the overall maximum (parts with no valid
-  # position have weight 0), then one division by the overall sum.
-  weight = jnp.exp(m - m.max(axis=2, keepdims=True))  # [B, K, P, R]
-  out = (acc * weight[..., None]).sum(2) / (total * weight).sum(2)[..., None]  # [B, K, R, D]
-  return out[:, :, :g].reshape(b, h, d).astype(q_BxHxD.dtype)
+  # The parts combined in a second launch (one program per query head), not in three XLA fusions.
+  part = lambda *tail: pl.BlockSpec((None, None, splits, None) + tail, lambda i, j, r: (i, j, 0, r) + (0,) * len(tail))
+  out = pl.pallas_call(
+      _combine_kernel, grid=(b, kv, g), out_shape=jax.ShapeDtypeStruct((b, kv, g, d), q_BxHxD.dtype),
+      in_specs=[part(d), part(), part()], out_specs=pl.BlockSpec((None, None, None, d), lambda i, j, r: (i, j, r, 0)),
+      interpret=interpret, compiler_params=params(2, 1))(acc, m, total)
+  return out.reshape(b, h, d)

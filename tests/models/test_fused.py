@@ -1,6 +1,6 @@
 """The decoder's fused layout (`models.fused`) against the model with separate q/k/v and gate/up
-weights: the same logits and, since fusing is a rearrangement, gradients that are the separate
-model's gradients rearranged the same way."""
+weights and its norms: the same logits, and the same gradients with respect to the separate
+parameters when the loss runs the fused model on `fuse_projections` of them."""
 
 import dataclasses
 
@@ -46,25 +46,36 @@ def test_fused_layout_computes_what_the_separate_weights_do(case):
   tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, cfg.vocab_size)
   target = jax.random.normal(jax.random.key(3), (2, 17, cfg.vocab_size))
 
-  def value_and_grad(graphdef, p):  # a loss that weighs every logit differently
-    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens) * target)
-    return jax.jit(jax.value_and_grad(loss))(p)
+  def value_and_grad(graphdef, layout):  # a loss that weighs every logit differently
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, layout(p))(tokens) * target)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
-  (want_loss, want_grads), (loss, grads) = value_and_grad(graph_s, params), value_and_grad(graph_f, fused_params)
+  # Gradients with respect to the separate parameters, through the fusing itself: the norm scales'
+  # gradients then check that the folded scales act where the norms did.
+  want_loss, want_grads = value_and_grad(graph_s, lambda p: p)
+  loss, grads = value_and_grad(graph_f, lambda p: fuse_projections(cfg, p))
   logits = jax.jit(lambda p: nnx.merge(graph_f, p)(tokens))(fused_params)
   assert_close(logits, jax.jit(lambda p: nnx.merge(graph_s, p)(tokens))(params), what="logits")
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-  assert_close(grads, fuse_projections(cfg, want_grads), what="gradients")
+  assert_close(grads, want_grads, what="gradients")
 
 
 def test_fused_weight_holds_each_kv_heads_queries_then_key_then_value():
-  """By hand: entry [d, j, i] of wqkv is query head j*G + i for i < G, then kv head j's key and value."""
+  """By hand: entry [d, j, i] of wqkv is query head j*G + i for i < G, then kv head j's key and
+  value, each row d times the attention norm's scale[d]; w_gate_up [d, 0] and [d, 1] are gate and
+  up times the MLP norm's scale[d]; the norms' parameters are gone."""
   params = _random_params(Transformer(CFG, rngs=nnx.Rngs(0)), 4)
-  attn = params["layers"]["attn"]
-  wqkv = np.asarray(fuse_projections(CFG, params)["layers"]["attn"]["wqkv"])
+  layers = params["layers"]
+  fused = fuse_projections(CFG, params)["layers"]
+  assert "attn_norm" not in fused and "mlp_norm" not in fused
+  wqkv = np.asarray(fused["attn"]["wqkv"])
+  s = np.asarray(layers["attn_norm"]["scale"])[:, :, None]  # [L, D, 1]
   g = CFG.n_heads // CFG.n_kv_heads
   for j in range(CFG.n_kv_heads):
     for i in range(g):
-      np.testing.assert_array_equal(wqkv[:, :, j, i], np.asarray(attn["wq"])[:, :, j * g + i])
-    np.testing.assert_array_equal(wqkv[:, :, j, g], np.asarray(attn["wk"])[:, :, j])
-    np.testing.assert_array_equal(wqkv[:, :, j, g + 1], np.asarray(attn["wv"])[:, :, j])
+      np.testing.assert_allclose(wqkv[:, :, j, i], np.asarray(layers["attn"]["wq"])[:, :, j * g + i] * s, rtol=1e-6)
+    np.testing.assert_allclose(wqkv[:, :, j, g], np.asarray(layers["attn"]["wk"])[:, :, j] * s, rtol=1e-6)
+    np.testing.assert_allclose(wqkv[:, :, j, g + 1], np.asarray(layers["attn"]["wv"])[:, :, j] * s, rtol=1e-6)
+  w_gate_up, s = np.asarray(fused["mlp"]["w_gate_up"]), np.asarray(layers["mlp_norm"]["scale"])[:, :, None]
+  np.testing.assert_allclose(w_gate_up[:, :, 0], np.asarray(layers["mlp"]["w_gate"]) * s, rtol=1e-6)
+  np.testing.assert_allclose(w_gate_up[:, :, 1], np.asarray(layers["mlp"]["w_up"]) * s, rtol=1e-6)

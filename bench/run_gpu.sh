@@ -30,6 +30,9 @@
 #   decode_hlo  one GPU: batch-1 decode profiled (every kernel) with its compiled HLO, with XLA's
 #            attention and with the decode kernel and decode_split_k=4, then bench/serve_decode.py at
 #            batch 1 both ways
+#   decode_variants  one GPU: each decode product's speed per split of its contraction
+#            (bench/split_k_probe.py), then batch-1 decode with the decode kernel under XLA flags that may fuse the
+#            residual add with the norm's reduction, and at decode_split_k 2, 4 and 8
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -262,6 +265,25 @@ case $set_name in
     for variant in "xla:" "kernel_split4:$kernel"; do
       timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer ${variant#*:} \
         --out="$out/serve_decode_b1_${variant%%:*}.json" 2>&1 | quiet | tail -n 4
+    done
+    exit 0
+    ;;
+  decode_variants)
+    # batch-1 decode with the decode kernel and decode_split_k=4, then with XLA flags that may fuse
+    # the residual add with the norm's reduction (Triton multi-output fusions, no Triton softmax
+    # fusions), then decode_split_k=2 and 8
+    timeout 150 python3 bench/split_k_probe.py --out="$out/split_k_probe.json" 2>&1 | quiet | tail -n 6
+    base="--config=1b --batches=1 --max_len=1152 --span=512 --top=12 --set model.decode_attention=pallas"
+    for variant in "split4:" "multi_output:--xla_gpu_unsupported_enable_triton_multi_output_fusion=true" \
+        "no_triton_softmax:--xla_gpu_experimental_enable_triton_softmax_priority_fusion=false" \
+        "both:--xla_gpu_unsupported_enable_triton_multi_output_fusion=true --xla_gpu_experimental_enable_triton_softmax_priority_fusion=false"; do
+      label=${variant%%:*}
+      XLA_FLAGS="${variant#*:}" timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=4 --label=$label \
+        --out="$out/variant_$label.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    done
+    for k in 2 8; do
+      timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=$k --label=split$k \
+        --out="$out/variant_split$k.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
     done
     exit 0
     ;;

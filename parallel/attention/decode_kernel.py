@@ -221,20 +221,21 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
   layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
   table = jnp.zeros((b, 1), jnp.int32) if page_table is None else page_table.astype(jnp.int32)
   params = lambda warps, stages: None if interpret else _compiler_params(warps, stages)
+  # The parts' results are laid out [B, K, R, P(, D)], so that each query head's parts are contiguous
+  # for the combine.
+  part = lambda *tail: pl.BlockSpec((None, None, rows, None) + tail, lambda i, j, p: (i, j, 0, p) + (0,) * len(tail))
   acc, m, total = pl.pallas_call(
       kernel, grid=(b, kv, splits),
-      out_shape=(jax.ShapeDtypeStruct((b, kv, splits, rows, d), F32), jax.ShapeDtypeStruct((b, kv, splits, rows), F32),
-                 jax.ShapeDtypeStruct((b, kv, splits, rows), F32)),
+      out_shape=(jax.ShapeDtypeStruct((b, kv, rows, splits, d), F32), jax.ShapeDtypeStruct((b, kv, rows, splits), F32),
+                 jax.ShapeDtypeStruct((b, kv, rows, splits), F32)),
       in_specs=[whole((1,)), whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
                 whole(stacked), whole(stacked)],
-      out_specs=(pl.BlockSpec((None, None, None, rows, d), lambda i, j, p: (i, j, p, 0, 0)),
-                 pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0)),
-                 pl.BlockSpec((None, None, None, rows), lambda i, j, p: (i, j, p, 0))),
+      out_specs=(part(d), part(), part()),
       interpret=interpret, compiler_params=params(num_warps, num_stages))(
           layer, cache_len_B.astype(jnp.int32), table, packed, cache_k_BxKxSxD.reshape(stacked),
           cache_v_BxKxSxD.reshape(stacked))
   # The parts combined in a second launch (one program per query head), not in three XLA fusions.
-  part = lambda *tail: pl.BlockSpec((None, None, splits, None) + tail, lambda i, j, r: (i, j, 0, r) + (0,) * len(tail))
+  part = lambda *tail: pl.BlockSpec((None, None, None, splits) + tail, lambda i, j, r: (i, j, r, 0) + (0,) * len(tail))
   out = pl.pallas_call(
       _combine_kernel, grid=(b, kv, g), out_shape=jax.ShapeDtypeStruct((b, kv, g, d), q_BxHxD.dtype),
       in_specs=[part(d), part(), part()], out_specs=pl.BlockSpec((None, None, None, d), lambda i, j, r: (i, j, r, 0)),

@@ -75,9 +75,10 @@ class ModelConfig:
   # a batch-1 `1b` step on one H100 from 1.18 to 1.08 ms (BENCHMARKS.md); not the default because
   # it refuses meshes of several devices.
   decode_attention: str = "xla"
-  # A decode step's q/k/v, output and down products with their contraction cut into this many parts
-  # that multiply as one batched product (models/layers.py, split_k_product): more blocks in flight
-  # for products of one or two rows. One device only; 1 is the plain product.
+  # A decode step's q/k/v, output, gate/up (fused layout) and down products with their contraction
+  # cut into this many parts that multiply as one batched product (models/layers.py,
+  # split_k_product): more blocks in flight for products of one or two rows. One device only; 1 is
+  # the plain product.
   decode_split_k: int = 1
   remat: str = "none"  # one of REMAT_POLICIES
   # Attention kind of each layer, "S" softmax or "L" decayed linear attention, repeated to

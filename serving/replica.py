@@ -101,7 +101,7 @@ class Replica:
         decoded = self.speculative.rounds(self.last_token, active, sampling, self.decode_steps, remaining_S=remaining)
       else:
         decoded = (*self.runner.decode(self.last_token, active, sampling, self.decode_steps,
-                                       span=longest + self.decode_steps - 1), None)
+                                       span=longest + self.decode_steps), None)
     firsts = ([], [], None)
     if plan.chunks:
       bucket = next(b for b in self.buckets if b >= max(n for _, _, n in plan.chunks))

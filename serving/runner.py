@@ -13,8 +13,9 @@ so XLA updates it in place:
             The loop reads only the first `span` positions of every slot's cache (a static power of
             two above the longest active sequence): at 32-128 slots of a long context the cache, not
             the weights, is most of the bytes a step reads. Those positions are copied once per
-            loop into a window that every step reads and writes (besides the cache): a slice of
-            the positions axis read in every step would be a copy in every step.
+            loop into a window that every step reads and writes, and the loop's new positions are
+            copied back into the cache at its end: a slice of the positions axis read in every
+            step would be a copy in every step.
 
 Both are compiled per `greedy` (static): a step whose requests are all greedy compiles the argmax
 alone, with no sort over the vocabulary and no conditional on a device value (which the GPU
@@ -117,9 +118,10 @@ class ModelRunner:
 
   def forward(self, params, cache: KVCache, tokens_BxT, positions_BxT, slot_ids_B, cache_len_B, write_pos_BxT,
                new_len_B, window: KVCache | None = None, unroll: int | None = None):
-    """The model over new tokens with the cache, or with `window` (`KVCache.window`) read in its
-    place and written as well; returns the updated cache and window and the last hidden states [B, T, D].
-    `unroll`: layers per scan iteration (default: the config's)."""
+    """The model over new tokens with the cache, or with `window` (`KVCache.window`) read and
+    written in its place (the cache then unchanged: `KVCache.written_back`); returns the updated
+    cache and window and the last hidden states [B, T, D]. `unroll`: layers per scan iteration
+    (default: the config's)."""
     model = nnx.merge(self.graphdef, params)
     carry = model.embed_tokens(tokens_BxT, positions_BxT, plan=self.plan)
     carry["cache_lengths"] = cache_len_B
@@ -130,8 +132,9 @@ class ModelRunner:
       rows = (cache if window is None else window).rows(slot_ids_B)
     carry, new_kv = model.forward_layers_cached(carry, rows, plan=self.plan, unroll=unroll)
     new_kv = _after(new_kv, carry["x"])
-    cache = cache.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
-    if window is not None:
+    if window is None:
+      cache = cache.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
+    else:
       window = window.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
     return cache, window, carry["x"], model
 
@@ -151,7 +154,7 @@ class ModelRunner:
 
     def body(i, state):
       cache, window, tokens, out_tokens, out_logprobs = state
-      lengths = cache.lengths
+      lengths = (cache if window is None else window).lengths
       write_pos = jnp.where(active_S, lengths, self.max_len)[:, None]
       new_len = jnp.where(active_S, jnp.minimum(lengths + 1, self.max_len), lengths)
       cache, window, x, model = self.forward(params, cache, tokens[:, None], lengths[:, None], None, lengths,
@@ -164,7 +167,9 @@ class ModelRunner:
     # the decode kernel reads in place: none.
     window = cache.window(span) if span < self.max_len and not self.reads_pages_in_place else None
     init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
-    cache, _, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
+    cache, window_out, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
+    if window is not None:
+      cache = cache.written_back(window_out, cache.lengths, active_S, steps)
     return cache, out_tokens[:, :self.slots], out_logprobs[:, :self.slots]  # the padding rows cut here, not by the host
 
   def assign_pages(self, slot: int, pages: list[int]) -> None:
@@ -194,8 +199,8 @@ class ModelRunner:
              span: int | None = None) -> tuple:
     """`steps` tokens for every slot: (tokens [steps, slots], log-probabilities [steps, slots]),
     device arrays. `sampling`: (temperature, top_k, top_p, seed, index of the first new token), [slots] each.
-    `span`: the caller's bound on the cache positions the loop reads (every active slot's length
-    + steps - 1 must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
+    `span`: the caller's bound on the cache positions the loop reads and writes (every active
+    slot's length + steps must be <= span), rounded up by `span_bucket`; None reads all of max_len."""
     args, static = self.decode_args(tokens_S, active_S, sampling, steps, span)
     self.cache, tokens, logprobs = self._decode(self.params, self.cache, *args, **static)
     return tokens, logprobs

@@ -279,6 +279,27 @@ def test_decode_loop_updates_the_cache_in_place(unroll, span, greedy):
   np.testing.assert_array_equal(np.asarray(runner.cache.lengths), [3] * SLOTS)
 
 
+def test_a_window_hands_the_loop_tokens_back_to_the_cache():
+  """A decode loop over a span of the cache writes its tokens into the window alone and copies
+  them back at its end: the cache and tokens equal those of a loop over the whole cache, for slots
+  whose last token lands on the span's last position, short slots and an inactive one."""
+  params = tiny.random_params()
+  runners = [ModelRunner(tiny.CFG, params, plan=single_device_plan(), slots=3, max_len=tiny.MAX_LEN) for _ in range(2)]
+  greedy_rows = (np.zeros(3), np.zeros(3), np.ones(3), np.zeros(3), np.zeros(3))
+  prompts = [np.tile(tiny.PATTERN, 3)[:29], tiny.PATTERN[:5], tiny.PATTERN[:7]]
+  active = np.array([True, True, False])
+  out = []
+  for runner, span in zip(runners, (32, None)):
+    first, _ = runner.prefill([(np.asarray(p), slot, 0) for slot, p in enumerate(prompts)], 32,
+                              tuple(np.repeat(a[:1], 3) for a in greedy_rows))
+    tokens, _ = runner.decode(np.asarray(first)[:3], active, greedy_rows, 3, span=span)
+    out.append((np.asarray(tokens), jax.device_get((runner.cache.k, runner.cache.v, runner.cache.lengths))))
+  np.testing.assert_array_equal(out[0][1][2], [32, 8, 7])  # slot 0 wrote positions 29-31 of the 32
+  np.testing.assert_array_equal(out[0][0][:, :2], out[1][0][:, :2])
+  for got, want in zip(out[0][1], out[1][1]):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_warm_up_compiles_every_decode_program_and_writes_nothing():
   """After `warm_up_decode`, requests that grow through every span, greedy and sampled, compile no
   new decode program; the warm-up left the cache empty, so their tokens are those of a cold engine."""

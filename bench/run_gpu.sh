@@ -32,7 +32,8 @@
 #            batch 1 both ways
 #   decode_variants  one GPU: each decode product's speed per split of its contraction
 #            (bench/split_k_probe.py), then batch-1 decode with the decode kernel under XLA flags that may fuse the
-#            residual add with the norm's reduction, and at decode_split_k 2, 4 and 8
+#            residual add with the norm's reduction, and at decode_split_k 2, 4 and 8; then the engine
+#            at batch 1 with the kernel and decode_split_k=4 (bench/serve_decode.py)
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -285,6 +286,9 @@ case $set_name in
       timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=$k --label=split$k \
         --out="$out/variant_split$k.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
     done
+    timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
+      --set model.decode_attention=pallas --set model.decode_split_k=4 --out="$out/serve_decode_b1_split4.json" \
+      2>&1 | quiet | tail -n 3
     exit 0
     ;;
   persistent)

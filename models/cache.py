@@ -75,20 +75,10 @@ class KVCache:
     """A copy of positions [0, span) of every slot: a cache of max_len `span` with the same lengths.
     A decode loop whose every sequence stays below `span` reads and writes this window instead of
     the cache (a slice of the positions axis is not contiguous, so XLA copies it: once per loop, not
-    once per step), then hands the loop's tokens back (`written_back`)."""
+    once per step), then hands the loop's tokens back (`write_back`)."""
     if not 0 < span <= self.max_len:
       raise ValueError(f"span={span} must be in [1, max_len={self.max_len}]")
     return KVCache(self.k[:, :, :, :span], self.v[:, :, :, :span], self.lengths)
-
-  def written_back(self, window: KVCache, starts_S: jax.Array, active_S: jax.Array, steps: int) -> KVCache:
-    """This cache with the positions [start, start + steps) of every active slot copied from
-    `window` (`window`) and its lengths: a decode loop that wrote `steps` tokens into the window
-    alone hands them to the cache in one gather and one scatter, not one scatter per step."""
-    positions = starts_S[:, None] + jnp.arange(steps, dtype=starts_S.dtype)[None]  # [S, steps]
-    read = jnp.minimum(positions, window.max_len - 1)[None, :, None, :, None]
-    take = lambda a: jnp.take_along_axis(a, read, axis=3).transpose(0, 1, 3, 2, 4)  # [L, S, steps, K, D]
-    write = jnp.where(active_S[:, None], positions, self.max_len)
-    return self.write({"k": take(window.k), "v": take(window.v)}, None, write, window.lengths)
 
   def rows(self, slot_ids_B: jax.Array | None) -> dict:
     """The per-layer inputs of the layer stack for rows that write into `slot_ids_B` (None: the
@@ -115,6 +105,18 @@ class KVCache:
     k = self.k.at[idx].set(to_view(new_kv["k"]), mode="drop")
     v = self.v.at[idx].set(to_view(new_kv["v"]), mode="drop")
     return KVCache(k, v, self.lengths.at[slots].set(new_lengths_B.astype(jnp.int32), mode="drop"))
+
+
+def write_back(cache: Any, window: KVCache, starts_S: jax.Array, active_S: jax.Array, steps: int) -> Any:
+  """`cache` (a `KVCache` or a `models.paged_cache.PagedKVCache`) with the positions [start, start +
+  steps) of every active slot copied from `window` (`KVCache.window`), and the window's lengths: a
+  decode loop that wrote `steps` tokens into the window alone hands them to the cache in one gather
+  and one scatter, not one scatter per step."""
+  positions = starts_S[:, None] + jnp.arange(steps, dtype=starts_S.dtype)[None]  # [S, steps]
+  read = jnp.minimum(positions, window.max_len - 1)[None, :, None, :, None]
+  take = lambda a: jnp.take_along_axis(a, read, axis=3).transpose(0, 1, 3, 2, 4)  # [L, S, steps, K, D]
+  write = jnp.where(active_S[:, None], positions, cache.max_len)
+  return cache.write({"k": take(window.k), "v": take(window.v)}, None, write, window.lengths)
 
 
 def attend_with_cache(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, cache_k_BxKxSxD: jax.Array,

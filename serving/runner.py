@@ -41,7 +41,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.attention import reads_pages_in_place
-from models.cache import CACHE_AXES, KVCache
+from models.cache import CACHE_AXES, KVCache, write_back
 from models.paged_cache import PAGE_AXES, PagedKVCache
 from models.fused import fuse_projections
 from models.transformer import Transformer, abstract_params
@@ -119,7 +119,7 @@ class ModelRunner:
   def forward(self, params, cache: KVCache, tokens_BxT, positions_BxT, slot_ids_B, cache_len_B, write_pos_BxT,
                new_len_B, window: KVCache | None = None, unroll: int | None = None):
     """The model over new tokens with the cache, or with `window` (`KVCache.window`) read and
-    written in its place (the cache then unchanged: `KVCache.written_back`); returns the updated
+    written in its place (the cache then unchanged: `models.cache.write_back`); returns the updated
     cache and window and the last hidden states [B, T, D]. `unroll`: layers per scan iteration
     (default: the config's)."""
     model = nnx.merge(self.graphdef, params)
@@ -169,7 +169,7 @@ class ModelRunner:
     init = (cache, window, tokens_S, jnp.zeros((steps, slots), jnp.int32), jnp.zeros((steps, slots), jnp.float32))
     cache, window_out, _, out_tokens, out_logprobs = jax.lax.fori_loop(0, steps, body, init)
     if window is not None:
-      cache = cache.written_back(window_out, cache.lengths, active_S, steps)
+      cache = write_back(cache, window_out, cache.lengths, active_S, steps)
     return cache, out_tokens[:, :self.slots], out_logprobs[:, :self.slots]  # the padding rows cut here, not by the host
 
   def assign_pages(self, slot: int, pages: list[int]) -> None:

@@ -85,19 +85,20 @@ def default_splits(rows: int, kv_heads: int, span: int, programs: int = 256) -> 
   return p
 
 
-def _kernel(layer_ref, len_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
+def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
             groups: int, block_s: int, chunk: int, page_size: int, pages: int, scale: float):
-  """One program: row b, kv head h, positions [p * chunk, (p + 1) * chunk) of layer `layer_ref[0]`
-  of the stacked cache. Writes the part's unnormalised output, running maximum and sum; part 0 also
-  folds in the new token. `page_size` > 0: the cache is `pages` pages and `table_ref` row b's table.
-  `q_ref` [R, D]: this kv head's `groups` query heads, then the new token's key and value, then zeros
-  (the rows past the queries compute outputs nobody reads)."""
+  """One program: row b, kv head h, positions [p * chunk, (p + 1) * chunk) of one layer of the
+  stacked cache. Writes the part's unnormalised output, running maximum and sum; part 0 also folds
+  in the new token. `page_size` > 0: the cache is `pages` pages and `table_ref` row b's table.
+  `q_ref` [R, D]: this kv head's `groups` query heads, the new token's key, its value, the layer's
+  index (`_packed`), then zeros (the rows past the queries compute outputs nobody reads)."""
   from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - masked loads
 
   b, h, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   q = q_ref[...]
   length = len_ref[pl.ds(b, 1)][0]
-  layer = layer_ref[pl.ds(0, 1)][0]
+  code = lambda i: q_ref[pl.ds(groups + 2, 1), pl.ds(i, 1)][0, 0].astype(F32)
+  layer = (code(0) * 256 + code(1)).astype(jnp.int32)
   k_new = q_ref[pl.ds(groups, 1), :].astype(F32)  # [1, D]
   v_new = q_ref[pl.ds(groups + 1, 1), :].astype(F32)
   first = part == 0
@@ -156,6 +157,23 @@ def _combine_kernel(acc_ref, m_ref, sum_ref, out_ref):
   out_ref[...] = out.astype(out_ref.dtype)
 
 
+def _packed(q_BxKxGxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array, layer: jax.Array | None,
+            rows: int, dtype) -> jax.Array:
+  """The kernel's one input block per (row, kv head), [B, K, rows, D] in the cache's dtype: its G
+  query heads, the new key, the new value, the layer's index, zeros. One XLA fusion writes it (with
+  RoPE and the parts of a split product summed) instead of three, and the index rides in it rather
+  than in a buffer of its own, which XLA would write with a kernel of its own for every layer. The
+  index is two integers below 256 (exact in bf16): layer // 256, layer % 256."""
+  b, kv, g, d = q_BxKxGxD.shape
+  layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(())
+  column = jnp.arange(d)
+  code = jnp.where(column == 0, layer // 256, jnp.where(column == 1, layer % 256, 0)).astype(dtype)
+  code = jnp.broadcast_to(code, (b, kv, 1, d))
+  packed = jnp.concatenate([q_BxKxGxD.astype(dtype), k_new_BxKxD[:, :, None].astype(dtype),
+                            v_new_BxKxD[:, :, None].astype(dtype), code], axis=2)
+  return jnp.pad(packed, ((0, 0), (0, 0), (0, rows - g - 3), (0, 0)))
+
+
 def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array, cache_k_BxKxSxD: jax.Array,
                      cache_v_BxKxSxD: jax.Array, cache_len_B: jax.Array, *, layer: jax.Array | None = None,
                      page_table: jax.Array | None = None, splits: int | None = None, block_s: int | None = None,
@@ -177,6 +195,8 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
     raise ValueError(f"decode_attention: cache k must be {what}, or [L, {what[1:]} with `layer`, got "
                      f"{cache_k_BxKxSxD.shape} (layer {'given' if layer is not None else 'not given'})")
   _, lead, kv, s, _ = stacked
+  if stacked[0] > 256 * 256:
+    raise ValueError(f"decode_attention: {stacked[0]} layers: the kernel indexes at most {256 * 256}")
   page_size = pages = 0
   if page_table is not None:
     if page_table.ndim != 2 or page_table.shape[0] != b:
@@ -210,15 +230,11 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
   if d & (d - 1):
     raise ValueError(f"decode_attention: head dim {d} must be a power of two (a Triton block)")
   g = h // kv
-  rows = max(MIN_ROWS, pl.next_power_of_2(g + 2))
-  # One block per (row, kv head): its query heads, the new key, the new value, zeros (one XLA fusion
-  # writes it, with RoPE and the parts of a split product summed, instead of three).
-  packed = jnp.concatenate([q_BxHxD.reshape(b, kv, g, d), k_new_BxKxD[:, :, None], v_new_BxKxD[:, :, None]], axis=2)
-  packed = jnp.pad(packed.astype(cache_k_BxKxSxD.dtype), ((0, 0), (0, 0), (0, rows - g - 2), (0, 0)))
+  rows = max(MIN_ROWS, pl.next_power_of_2(g + 3))
+  packed = _packed(q_BxHxD.reshape(b, kv, g, d), k_new_BxKxD, v_new_BxKxD, layer, rows, cache_k_BxKxSxD.dtype)
   whole = lambda shape: pl.BlockSpec(shape, lambda i, j, p: (0,) * len(shape))
   kernel = functools.partial(_kernel, groups=g, block_s=block_s, chunk=chunk, page_size=page_size, pages=pages,
                              scale=d ** -0.5)
-  layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(jnp.int32)
   table = jnp.zeros((b, 1), jnp.int32) if page_table is None else page_table.astype(jnp.int32)
   params = lambda warps, stages: None if interpret else _compiler_params(warps, stages)
   # The parts' results are laid out [B, K, R, P(, D)], so that each query head's parts are contiguous
@@ -228,11 +244,11 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
       kernel, grid=(b, kv, splits),
       out_shape=(jax.ShapeDtypeStruct((b, kv, rows, splits, d), F32), jax.ShapeDtypeStruct((b, kv, rows, splits), F32),
                  jax.ShapeDtypeStruct((b, kv, rows, splits), F32)),
-      in_specs=[whole((1,)), whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
+      in_specs=[whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
                 whole(stacked), whole(stacked)],
       out_specs=(part(d), part(), part()),
       interpret=interpret, compiler_params=params(num_warps, num_stages))(
-          layer, cache_len_B.astype(jnp.int32), table, packed, cache_k_BxKxSxD.reshape(stacked),
+          cache_len_B.astype(jnp.int32), table, packed, cache_k_BxKxSxD.reshape(stacked),
           cache_v_BxKxSxD.reshape(stacked))
   # The parts combined in a second launch (one program per query head), not in three XLA fusions.
   part = lambda *tail: pl.BlockSpec((None, None, None, splits) + tail, lambda i, j, r: (i, j, r, 0) + (0,) * len(tail))

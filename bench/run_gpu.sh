@@ -34,6 +34,8 @@
 #            (bench/split_k_probe.py), then batch-1 decode with the decode kernel under XLA flags that may fuse the
 #            residual add with the norm's reduction, and at decode_split_k 2, 4 and 8; then the engine
 #            at batch 1 with the kernel and decode_split_k=4 (bench/serve_decode.py)
+#   decode_tune  one GPU: the decode kernel alone per parts and warps, batch-1 decode profiled at
+#            decode_split_k 4 and 2, then the engine at batch 1 with the kernel and decode_split_k=4
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -286,6 +288,22 @@ case $set_name in
       timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=$k --label=split$k \
         --out="$out/variant_split$k.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
     done
+    timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
+      --set model.decode_attention=pallas --set model.decode_split_k=4 --out="$out/serve_decode_b1_split4.json" \
+      2>&1 | quiet | tail -n 3
+    exit 0
+    ;;
+  decode_tune)
+    # the decode kernel alone per parts of the positions and warps (bench/decode_attention.py, two rows
+    # as batch-1 decode runs), batch-1 decode profiled at decode_split_k 4 and 2 (the latter's HLO
+    # kept), then the engine at batch 1 with the kernel and decode_split_k=4
+    timeout 120 python3 bench/decode_attention.py --batches=2 --splits=4,8,16 --warps=2,4 \
+      --out="$out/decode_attention.json" 2>&1 | quiet | tail -n 8
+    base="--config=1b --batches=1 --max_len=1152 --span=512 --top=40 --set model.decode_attention=pallas"
+    timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=4 --label=split4 \
+      --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=2 --label=split2 \
+      --hlo="$out/decode_b1_split2.hlo.gz" --out="$out/profile_split2.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
     timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
       --set model.decode_attention=pallas --set model.decode_split_k=4 --out="$out/serve_decode_b1_split4.json" \
       2>&1 | quiet | tail -n 3

@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import attend_with_cache
-from models.layers import apply_rope, param, rms_norm, rope_inv_freq, scaled_rows, split_k_product
+from models.layers import apply_rope, decode_split, param, rms_norm, rope_inv_freq, scaled_rows, split_k_product
 from parallel.attention.decode_kernel import decode_attention, tiles
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -154,7 +154,7 @@ class Attention(nnx.Module):
 
     A decode step (T == 1) on one device cuts its products' contractions into
     `model.decode_split_k` parts (`models.layers.split_k_product`). `row_scale`: as `project_qkv`."""
-    split_k = self.decode_split_k(x_BxTxD.shape[1], plan)
+    split_k = decode_split(self.cfg, x_BxTxD.shape[1], plan)
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT, plan, split_k, row_scale)
     layer = cache.get("layer")  # set: cache["k"], cache["v"] are every layer's (`reads_cache_in_place`)
     page_table = cache.get("page_table")  # set: they are pages, read in place (`reads_pages_in_place`)
@@ -169,10 +169,6 @@ class Attention(nnx.Module):
       out = attend_with_cache(q, k, v, own(cache["k"]), own(cache["v"]), cache_len_B)
     return self.project_out(out, plan, split_k), {"k": k, "v": v}
 
-  def decode_split_k(self, new_tokens: int, plan: ShardingPlan) -> int:
-    """`model.decode_split_k` for a decode step (one new token per row) on one device, else 1 (the
-    split would cut sharded contractions; the serving runner refuses that combination)."""
-    return self.cfg.decode_split_k if new_tokens == 1 and plan.mesh.size == 1 else 1
 
   def _decode_kernel(self, new_tokens: int, span: int, plan: ShardingPlan) -> bool:
     """With `model.decode_attention='pallas'`, one new token per row runs the one-kernel decode

@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.attention import Attention, layer_kinds
-from models.layers import MLP, RMSNorm, rms_factor
+from models.layers import MLP, RMSNorm, decode_split, rms_factor
 from models.moe import MoE
 from parallel.plan import ShardingPlan
 
@@ -53,7 +53,7 @@ class Block(nnx.Module):
       attn, new_kv = self.attn.with_cache(*self._normed(self.attn_norm, x, carry["positions"], cache,
                                                         carry["cache_lengths"], plan))
       h = plan.constrain(x + attn.astype(x.dtype), RESIDUAL_AXES)
-      split_k = self.attn.decode_split_k(x.shape[1], plan)
+      split_k = decode_split(self.attn.cfg, x.shape[1], plan)
       y = self.mlp(*self._normed(self.mlp_norm, h, plan, split_k))  # dense only (engine)
       out = h + y.astype(h.dtype)
       return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, new_kv

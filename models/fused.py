@@ -20,7 +20,8 @@ wqkv and w_gate_up times scale[d]; the norm's parameter is dropped): norm(x) @ w
 rms_factor(x) * (x @ (scale * w)), so the product reads the residual stream itself and the factor,
 one number per row, multiplies its output where RoPE or SwiGLU reads it. A decode step then runs no
 kernel that only normalises a row (two per layer). An MoE block keeps its MLP norm (the router reads
-the normed rows).
+the normed rows). The final norm folds into an untied output projection (`lm_head`) the same way;
+tied to the embedding table, it stays.
 """
 
 from __future__ import annotations
@@ -64,8 +65,12 @@ def fuse_mlp(mlp: dict, norm_scale_LxD: jax.Array) -> dict:
 def fuse_projections(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
   """The parameters of `Transformer(cfg)` (a pure dict) as those of `Transformer(cfg,
   fused_projections=True)`: every block's attention fused, and the MLP of the dense blocks, each
-  with the scale of the norm before it folded in."""
+  with the scale of the norm before it folded in; an untied output projection takes the final
+  norm's scale likewise."""
   out = dict(params)
+  if not cfg.tie_embeddings:
+    out["lm_head"] = fold_scale(params["lm_head"][None], params["final_norm"]["scale"][None])[0]
+    del out["final_norm"]
   for stack in ("layers", "moe_layers"):
     if stack in params:
       blocks = dict(params[stack])

@@ -55,6 +55,12 @@ def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int, ou
   return partial.sum(0).reshape(*lead, *out).astype(out_dtype)
 
 
+def decode_split(cfg: ModelConfig, new_tokens: int, plan: ShardingPlan) -> int:
+  """`model.decode_split_k` for a decode step's products (one new token per row) on one device,
+  else 1 (the split would cut sharded contractions; the serving runner refuses that combination)."""
+  return cfg.decode_split_k if new_tokens == 1 and plan.mesh.size == 1 else 1
+
+
 def scaled_rows(y: jax.Array, row_scale: jax.Array | None, dtype: Any) -> jax.Array:
   """y (float32 sums of a product) times a per-row factor ([B, L, 1], broadcast over y's trailing
   axes), in `dtype`; no factor: y in `dtype`."""

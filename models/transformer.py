@@ -17,7 +17,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.attention import layer_kinds, reads_cache_in_place
 from models.block import RESIDUAL_AXES, Block
-from models.layers import RMSNorm, param, rms_norm
+from models.layers import RMSNorm, decode_split, param, rms_factor, rms_norm, scaled_rows, split_k_product
 from models.moe import RouterBias, expert_width, is_sparse, stack_layout
 from models.stack import Carry, make_layer_fn, scan_layers
 from parallel.plan import ShardingPlan, single_device_plan
@@ -72,7 +72,8 @@ class Transformer(nnx.Module):
       self.layers = _stacked_blocks(cfg, rngs, cfg.n_layers - n_sparse, fused=fused_projections)
     if n_sparse:
       self.moe_layers = _stacked_blocks(cfg, rngs, n_sparse, sparse=True, fused=fused_projections)
-    self.final_norm = RMSNorm(cfg, rngs=rngs)
+    # The fused layout folds the final norm's scale into an untied output projection (`models.fused`).
+    self.final_norm = None if fused_projections and not cfg.tie_embeddings else RMSNorm(cfg, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -180,6 +181,10 @@ class Transformer(nnx.Module):
     upcasts to float32. (float32 logits would make the two backward matmuls of the output layer
     float32 too: about 2x slower on tensor cores.)"""
     out = self.embed[...] if self.lm_head is None else self.lm_head[...]
+    if self.final_norm is None:  # the fused layout: the norm's scale is in lm_head
+      cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+      y = split_k_product(x_BxLxD.astype(dt), out.astype(dt), 1, decode_split(cfg, x_BxLxD.shape[1], plan), jnp.float32)
+      return plan.constrain(scaled_rows(y, rms_factor(x_BxLxD, cfg.norm_eps), dt), ("batch", "length", "vocab"))
     return head_logits(self.cfg, self.final_norm.scale[...], out, x_BxLxD, plan)
 
 

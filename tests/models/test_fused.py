@@ -63,7 +63,8 @@ def test_fused_layout_computes_what_the_separate_weights_do(case):
 def test_fused_weight_holds_each_kv_heads_queries_then_key_then_value():
   """By hand: entry [d, j, i] of wqkv is query head j*G + i for i < G, then kv head j's key and
   value, each row d times the attention norm's scale[d]; w_gate_up [d, 0] and [d, 1] are gate and
-  up times the MLP norm's scale[d]; the norms' parameters are gone."""
+  up times the MLP norm's scale[d]; lm_head's row d times the final norm's scale[d]; the norms'
+  parameters are gone."""
   params = _random_params(Transformer(CFG, rngs=nnx.Rngs(0)), 4)
   layers = params["layers"]
   fused = fuse_projections(CFG, params)["layers"]
@@ -76,6 +77,10 @@ def test_fused_weight_holds_each_kv_heads_queries_then_key_then_value():
       np.testing.assert_allclose(wqkv[:, :, j, i], np.asarray(layers["attn"]["wq"])[:, :, j * g + i] * s, rtol=1e-6)
     np.testing.assert_allclose(wqkv[:, :, j, g], np.asarray(layers["attn"]["wk"])[:, :, j] * s, rtol=1e-6)
     np.testing.assert_allclose(wqkv[:, :, j, g + 1], np.asarray(layers["attn"]["wv"])[:, :, j] * s, rtol=1e-6)
+  top = fuse_projections(CFG, params)
+  assert "final_norm" not in top
+  np.testing.assert_allclose(top["lm_head"], np.asarray(params["lm_head"]) * np.asarray(params["final_norm"]["scale"])[:, None],
+                             rtol=1e-6)
   w_gate_up, s = np.asarray(fused["mlp"]["w_gate_up"]), np.asarray(layers["mlp_norm"]["scale"])[:, :, None]
   np.testing.assert_allclose(w_gate_up[:, :, 0], np.asarray(layers["mlp"]["w_gate"]) * s, rtol=1e-6)
   np.testing.assert_allclose(w_gate_up[:, :, 1], np.asarray(layers["mlp"]["w_up"]) * s, rtol=1e-6)

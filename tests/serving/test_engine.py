@@ -221,9 +221,10 @@ def test_split_k_decode_equals_full_forward(monkeypatch):
   full forward pass's greedy tokens and log-probabilities; refused on a mesh of several devices."""
   import models.attention  # noqa: PLC0415
   import models.layers  # noqa: PLC0415
+  import models.transformer  # noqa: PLC0415
 
   calls = []
-  for module in (models.attention, models.layers):
+  for module in (models.attention, models.layers, models.transformer):
     product = module.split_k_product
     monkeypatch.setattr(module, "split_k_product",
                         lambda x, w, n, k, out=None, product=product: calls.append((x.shape[1], w.shape, k))
@@ -239,8 +240,8 @@ def test_split_k_decode_equals_full_forward(monkeypatch):
   d, h, hd = tiny.CFG.d_model, tiny.CFG.n_heads, tiny.CFG.resolved_head_dim
   # (The fused layout's q/k/v and gate/up products of prompt chunks run through it unsplit.)
   assert {(t, k) for t, _, k in calls if k > 1 or t == 1} == {(1, 4)}, "only decode steps split, in four"
-  assert {w[:2] for _, w, k in calls if k > 1} == {(d, tiny.CFG.n_kv_heads), (h, hd), (d, 2), (tiny.CFG.d_ff, d)}, \
-      "q/k/v, output, gate/up, down"
+  assert {w[:2] for _, w, k in calls if k > 1} == {(d, tiny.CFG.n_kv_heads), (h, hd), (d, 2), (tiny.CFG.d_ff, d),
+                                                    (d, tiny.CFG.vocab_size)}, "q/k/v, output, gate/up, down, head"
   with pytest.raises(ValueError, match="decode_split_k=4 runs on one device"):
     make_engine(params, cfg=cfg, plan=make_plan(make_mesh({"tensor": 2}, jax.devices()[:2])))
 

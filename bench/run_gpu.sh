@@ -36,6 +36,8 @@
 #            at batch 1 with the kernel and decode_split_k=4 (bench/serve_decode.py)
 #   decode_tune  one GPU: the decode kernel alone per parts and warps, batch-1 decode profiled at
 #            decode_split_k 4 and 2, then the engine at batch 1 with the kernel and decode_split_k=4
+#   decode_final  one GPU: batch-1 decode profiled with the decode kernel and decode_split_k=4, then
+#            the engine at batch 1 that way and with the defaults
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -307,6 +309,18 @@ case $set_name in
     timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
       --set model.decode_attention=pallas --set model.decode_split_k=4 --out="$out/serve_decode_b1_split4.json" \
       2>&1 | quiet | tail -n 3
+    exit 0
+    ;;
+  decode_final)
+    # batch-1 decode profiled with the decode kernel and decode_split_k=4, then the engine at batch 1
+    # that way and with XLA's attention and no split (the defaults), bandwidth measured in each
+    timeout 90 python3 bench/serve_profile.py --config=1b --batches=1 --max_len=1152 --span=512 --top=40 \
+      --set model.decode_attention=pallas --set model.decode_split_k=4 --label=split4 \
+      --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+    for variant in "kernel_split4:--set model.decode_attention=pallas --set model.decode_split_k=4" "defaults:"; do
+      timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer ${variant#*:} \
+        --out="$out/serve_decode_b1_${variant%%:*}.json" 2>&1 | quiet | tail -n 2
+    done
     exit 0
     ;;
   persistent)

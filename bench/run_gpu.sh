@@ -315,7 +315,7 @@ case $set_name in
     # batch-1 decode profiled with the decode kernel and decode_split_k=4, then the engine at batch 1
     # that way and with XLA's attention and no split (the defaults), bandwidth measured in each
     timeout 90 python3 bench/serve_profile.py --config=1b --batches=1 --max_len=1152 --span=512 --top=40 \
-      --set model.decode_attention=pallas --set model.decode_split_k=4 --label=split4 \
+      --set model.decode_attention=pallas --set model.decode_split_k=4 --label=split4 --hlo="$out/decode_b1_split4.hlo.gz" \
       --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
     for variant in "kernel_split4:--set model.decode_attention=pallas --set model.decode_split_k=4" "defaults:"; do
       timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer ${variant#*:} \

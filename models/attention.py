@@ -150,7 +150,9 @@ class Attention(nnx.Module):
     """Softmax attention of T new tokens per row over the row's KV-cache slice (`cache`: {"k", "v":
     [B, K, S, D]}, or every layer's [L, B, K, S, D] and this one's index {"layer"}; `cache_len_B`
     positions valid) and themselves (`models.cache`). Returns the
-    output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache.
+    output [B, T, D] and the new tokens' {"k", "v"} [B, T, K, D] for the cache, or, when the decode
+    kernel writes them itself (`cache["write_positions"]` [B] given: each row's position, past the
+    span for a row that writes nothing), {"cache": the updated {"k", "v"}}.
 
     A decode step (T == 1) on one device cuts its products' contractions into
     `model.decode_split_k` parts (`models.layers.split_k_product`). `row_scale`: as `project_qkv`."""
@@ -159,8 +161,13 @@ class Attention(nnx.Module):
     layer = cache.get("layer")  # set: cache["k"], cache["v"] are every layer's (`reads_cache_in_place`)
     page_table = cache.get("page_table")  # set: they are pages, read in place (`reads_pages_in_place`)
     if self._decode_kernel(x_BxTxD.shape[1], cache["k"].shape[-2], plan):
+      writes = cache.get("write_positions")
       out = decode_attention(q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache_len_B, layer=layer,
-                             page_table=page_table, interpret=jax.default_backend() == "cpu")[:, None]
+                             page_table=page_table, write_positions=writes, interpret=jax.default_backend() == "cpu")
+      if writes is not None:  # the kernel wrote the new keys and values into the cache it read
+        out, cache_k, cache_v = out
+        return self.project_out(out[:, None], plan, split_k), {"cache": {"k": cache_k, "v": cache_v}}
+      out = out[:, None]
     elif page_table is not None:
       raise ValueError("a paged cache read in place needs the decode kernel: one new token per row, "
                        "model.decode_attention='pallas' on one device, pages a multiple of 16 positions")

@@ -45,18 +45,25 @@ class Block(nnx.Module):
     `layer_inputs`: None, or in a hybrid stack this layer's kind (1 linear attention, 0 softmax),
     or for a decoder this layer's KV-cache slice {"k", "v"} (`models.cache`), or its index {"layer"}
     into the whole cache the carry holds as "cache_stack" (`Transformer.forward_layers_cached`):
-    then the carry also holds "cache_lengths" [B], and the outputs are the new tokens' {"k", "v"}.
+    then the carry also holds "cache_lengths" [B], and the outputs are the new tokens' {"k", "v"};
+    with "cache_write_positions" [B] in the carry as well, a decode step's kernel writes them into
+    "cache_stack" itself and the outputs are empty.
     """
     x = carry["x"]
     if isinstance(layer_inputs, dict):
       cache = layer_inputs if "layer" not in layer_inputs else {**carry["cache_stack"], **layer_inputs}
+      if "layer" in layer_inputs and "cache_write_positions" in carry:
+        cache["write_positions"] = carry["cache_write_positions"]
       attn, new_kv = self.attn.with_cache(*self._normed(self.attn_norm, x, carry["positions"], cache,
                                                         carry["cache_lengths"], plan))
       h = plan.constrain(x + attn.astype(x.dtype), RESIDUAL_AXES)
       split_k = decode_split(self.attn.cfg, x.shape[1], plan)
       y = self.mlp(*self._normed(self.mlp_norm, h, plan, split_k))  # dense only (engine)
       out = h + y.astype(h.dtype)
-      return {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}, new_kv
+      carry = {**carry, "x": plan.constrain(out, RESIDUAL_AXES)}
+      if "cache" in new_kv:  # written in place by the decode kernel: the next layer reads the new cache
+        return {**carry, "cache_stack": {**carry["cache_stack"], **new_kv["cache"]}}, {}
+      return carry, new_kv
     linear = self.linear if self.linear is not None else layer_inputs == 1
     h = x + self.attn(*self._normed(self.attn_norm, x, carry["positions"], carry["segment_ids"], plan,
                                     linear)).astype(x.dtype)

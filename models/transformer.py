@@ -163,7 +163,9 @@ class Transformer(nnx.Module):
     as its layer input; the carry holds "cache_lengths" [B]. Returns the last carry and the new
     tokens' keys and values, {"k", "v"} [layers, B, T, K, D]. `unroll`: layers per scan
     iteration (default `model.scan_unroll`). With the decode kernel (`reads_cache_in_place`) the
-    whole cache rides in the carry ("cache_stack") and each layer gets its index ({"layer"})."""
+    whole cache rides in the carry ("cache_stack") and each layer gets its index ({"layer"}); a
+    decode step given each row's write position (carry "cache_write_positions" [B]) has its kernel
+    write the new tokens into that cache and returns {"written": the cache rows, updated} instead."""
     if set(layer_kinds(self.cfg)) != {"S"}:
       raise ValueError(f"layer_pattern={self.cfg.layer_pattern!r}: the KV cache decodes softmax layers only")
     fn, stacked = self.layer_fn(plan)
@@ -174,7 +176,9 @@ class Transformer(nnx.Module):
     # cache rides in the carry, unchanged, and each layer gets its index instead of its slice.
     layers = {"layer": jnp.arange(self.cfg.n_layers, dtype=jnp.int32)}
     carry, new_kv = run_layers(fn, stacked, {**carry, "cache_stack": cache_rows}, layers, unroll=unroll)
-    return {k: v for k, v in carry.items() if k != "cache_stack"}, new_kv
+    if not new_kv:  # a decode step whose kernel wrote the new tokens into the cache it read
+      new_kv = {"written": carry["cache_stack"]}
+    return {k: v for k, v in carry.items() if k not in ("cache_stack", "cache_write_positions")}, new_kv
 
   def head(self, x_BxLxD: jax.Array, *, plan: ShardingPlan) -> jax.Array:
     """The last piece: final norm and output projection. Logits in the compute dtype; the loss

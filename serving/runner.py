@@ -32,6 +32,7 @@ heads over `tensor`). XLA inserts the all-reduce after each row-parallel matmul,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -130,12 +131,19 @@ class ModelRunner:
       rows = cache.pages_in_place()
     else:
       rows = (cache if window is None else window).rows(slot_ids_B)
+    if tokens_BxT.shape[1] == 1 and slot_ids_B is None:  # a decode step: the kernel may write the new tokens
+      carry["cache_write_positions"] = write_pos_BxT[:, 0]
     carry, new_kv = model.forward_layers_cached(carry, rows, plan=self.plan, unroll=unroll)
-    new_kv = _after(new_kv, carry["x"])
-    if window is None:
-      cache = cache.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
+    if "written" in new_kv:  # written where they were read (the decode kernel): only the lengths are left
+      update = lambda c: dataclasses.replace(c, k=new_kv["written"]["k"], v=new_kv["written"]["v"],
+                                             lengths=new_len_B.astype(jnp.int32))
     else:
-      window = window.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
+      new_kv = _after(new_kv, carry["x"])
+      update = lambda c: c.write(new_kv, slot_ids_B, write_pos_BxT, new_len_B)
+    if window is None:
+      cache = update(cache)
+    else:
+      window = update(window)
     return cache, window, carry["x"], model
 
   def _prefill_fn(self, params, cache, tokens_RxC, slots_R, starts_R, n_valid_R, sampling, *, greedy):

@@ -53,11 +53,13 @@ def sample(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array, 
   """
   logits = logits_BxV.astype(jnp.float32)
   tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  if not greedy:
-    filtered = jax.vmap(filter_logits)(logits, temperature_B, top_k_B, top_p_B)
-    keys = row_keys(seeds_B, indices_B)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-    tokens = jnp.where(temperature_B > 0, drawn, tokens)
+  if greedy:  # the chosen logit is the maximum: log p = -log(sum(exp(logits - max))), no gather
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return tokens, -jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+  filtered = jax.vmap(filter_logits)(logits, temperature_B, top_k_B, top_p_B)
+  keys = row_keys(seeds_B, indices_B)
+  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  tokens = jnp.where(temperature_B > 0, drawn, tokens)
   chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
   logprobs = chosen - jax.nn.logsumexp(logits, axis=-1)
   return tokens, logprobs

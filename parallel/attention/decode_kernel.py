@@ -85,13 +85,15 @@ def default_splits(rows: int, kv_heads: int, span: int, programs: int = 256) -> 
   return p
 
 
-def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
+def _kernel(len_ref, write_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *cache_out,
             groups: int, block_s: int, chunk: int, page_size: int, pages: int, scale: float):
   """One program: row b, kv head h, positions [p * chunk, (p + 1) * chunk) of one layer of the
   stacked cache. Writes the part's unnormalised output, running maximum and sum; part 0 also folds
   in the new token. `page_size` > 0: the cache is `pages` pages and `table_ref` row b's table.
   `q_ref` [R, D]: this kv head's `groups` query heads, the new token's key, its value, the layer's
-  index (`_packed`), then zeros (the rows past the queries compute outputs nobody reads)."""
+  index (`_packed`), then zeros (the rows past the queries compute outputs nobody reads). With
+  `cache_out` (the caches' outputs, the same buffers as `k_ref` and `v_ref`), part 0 also writes the
+  new key and value at the row's position `write_ref[b]` (none past the span: an inactive row)."""
   from jax.experimental.pallas import triton as plt  # noqa: PLC0415 - masked loads
 
   b, h, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -150,6 +152,20 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, sum_ref, *,
   plt.store(acc_ref, acc, mask=jnp.broadcast_to(heads[:, None], acc.shape))
   plt.store(m_ref, m, mask=heads)
   plt.store(sum_ref, total, mask=heads)
+  if cache_out:
+    span = table_ref.shape[1] * page_size if page_size else k_ref.shape[3]  # a row's positions
+    position = write_ref[pl.ds(b, 1)][0]
+    keep = first & (position < span)
+    position = jnp.minimum(position, span - 1)
+    if page_size:
+      entry = table_ref[pl.ds(b, 1), pl.ds(position // page_size, 1)][0, 0]
+      keep &= entry < pages  # an unassigned page: nothing written
+      where, offset = jnp.minimum(entry, pages - 1), position % page_size
+    else:
+      where, offset = b, position
+    at = (pl.ds(layer, 1), pl.ds(where, 1), pl.ds(h, 1), pl.ds(offset, 1), slice(None))
+    for ref, row in zip(cache_out, (groups, groups + 1)):
+      plt.store(ref.at[at], q_ref[pl.ds(row, 1), :][None, None, None], mask=jnp.broadcast_to(keep, (1, 1, 1, 1, d)))
 
 
 def _combine_kernel(acc_ref, m_ref, sum_ref, out_ref):
@@ -181,8 +197,9 @@ def _packed(q_BxKxGxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array
 
 def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: jax.Array, cache_k_BxKxSxD: jax.Array,
                      cache_v_BxKxSxD: jax.Array, cache_len_B: jax.Array, *, layer: jax.Array | None = None,
-                     page_table: jax.Array | None = None, splits: int | None = None, block_s: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
+                     page_table: jax.Array | None = None, write_positions: jax.Array | None = None,
+                     splits: int | None = None, block_s: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     interpret: bool = False) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax attention of one new token per row over cached positions [0, cache_len) and itself
   (module docstring). The positions split into `splits` parts (default `default_splits`), each a
   program per row and kv head, whose partial softmaxes combine afterwards (flash-decoding);
@@ -192,7 +209,12 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
   `layer` (an int32 scalar): the caches are every layer's, stacked [L, B, K, S, D], and the kernel
   reads this layer's in place (a slice handed to a custom call would be copied out first).
   `page_table` (int32 [B, P]): the caches are pages [pages, K, page_size, D] ([L, ...] with `layer`)
-  and row b's positions lie in the pages its table lists (module docstring)."""
+  and row b's positions lie in the pages its table lists (module docstring).
+
+  `write_positions` (int32 [B]): the kernel also writes the new keys and values into the caches,
+  row b's at position write_positions[b] (of `layer`; none at a position past the caches' span or on
+  an unassigned page), in place, and returns (output, cache k, cache v): a decode step then needs
+  no scatter of its new tokens afterwards."""
   b, h, d = q_BxHxD.shape
   stacked = cache_k_BxKxSxD.shape if layer is not None else (1, *cache_k_BxKxSxD.shape)
   what = "[pages, K, page_size, D]" if page_table is not None else "[B, K, S, D]"
@@ -216,8 +238,9 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
                      f"{k_new_BxKxD.shape} and {v_new_BxKxD.shape}")
   if h % kv:
     raise ValueError(f"decode_attention: {h} query heads do not group over {kv} key/value heads")
-  if cache_len_B.shape != (b,):
-    raise ValueError(f"decode_attention: cache_len must be [B={b}], got {cache_len_B.shape}")
+  if cache_len_B.shape != (b,) or (write_positions is not None and write_positions.shape != (b,)):
+    raise ValueError(f"decode_attention: cache_len and write_positions must be [B={b}], got {cache_len_B.shape} "
+                     f"and {None if write_positions is None else write_positions.shape}")
   if page_size and not block_size(page_size):
     raise ValueError(f"decode_attention: page_size={page_size} must be a multiple of {MIN_ROWS} (a block of "
                      f"positions lies inside one page)")
@@ -245,20 +268,27 @@ def decode_attention(q_BxHxD: jax.Array, k_new_BxKxD: jax.Array, v_new_BxKxD: ja
   # The parts' results are laid out [B, K, R, P(, D)], so that each query head's parts are contiguous
   # for the combine.
   part = lambda *tail: pl.BlockSpec((None, None, rows, None) + tail, lambda i, j, p: (i, j, 0, p) + (0,) * len(tail))
-  acc, m, total = pl.pallas_call(
+  lengths = cache_len_B.astype(jnp.int32)
+  caches = (cache_k_BxKxSxD.reshape(stacked), cache_v_BxKxSxD.reshape(stacked))
+  writes = write_positions is not None
+  results = pl.pallas_call(
       kernel, grid=(b, kv, splits),
       out_shape=(jax.ShapeDtypeStruct((b, kv, rows, splits, d), F32), jax.ShapeDtypeStruct((b, kv, rows, splits), F32),
-                 jax.ShapeDtypeStruct((b, kv, rows, splits), F32)),
-      in_specs=[whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
+                 jax.ShapeDtypeStruct((b, kv, rows, splits), F32),
+                 *([jax.ShapeDtypeStruct(stacked, cache_k_BxKxSxD.dtype)] * 2 if writes else [])),
+      in_specs=[whole((b,)), whole((b,)), whole(table.shape), pl.BlockSpec((None, None, rows, d), lambda i, j, p: (i, j, 0, 0)),
                 whole(stacked), whole(stacked)],
-      out_specs=(part(d), part(), part()),
+      out_specs=(part(d), part(), part(), *([whole(stacked)] * 2 if writes else [])),
+      input_output_aliases={4: 3, 5: 4} if writes else {},
       interpret=interpret, compiler_params=params(num_warps, num_stages))(
-          cache_len_B.astype(jnp.int32), table, packed, cache_k_BxKxSxD.reshape(stacked),
-          cache_v_BxKxSxD.reshape(stacked))
+          lengths, write_positions.astype(jnp.int32) if writes else lengths, table, packed, *caches)
+  acc, m, total = results[:3]
   # The parts combined in a second launch (one program per query head), not in three XLA fusions.
   part = lambda *tail: pl.BlockSpec((None, None, None, splits) + tail, lambda i, j, r: (i, j, r, 0) + (0,) * len(tail))
   out = pl.pallas_call(
       _combine_kernel, grid=(b, kv, g), out_shape=jax.ShapeDtypeStruct((b, kv, g, d), q_BxHxD.dtype),
       in_specs=[part(d), part(), part()], out_specs=pl.BlockSpec((None, None, None, d), lambda i, j, r: (i, j, r, 0)),
       interpret=interpret, compiler_params=params(2, 1))(acc, m, total)
+  if writes:
+    return out.reshape(b, h, d), results[3].reshape(cache_k_BxKxSxD.shape), results[4].reshape(cache_v_BxKxSxD.shape)
   return out.reshape(b, h, d)

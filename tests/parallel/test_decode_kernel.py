@@ -72,6 +72,23 @@ def test_decode_attention_reads_one_layer_of_a_stacked_cache():
   np.testing.assert_allclose(np.asarray(got), _numpy_reference(q, kn, vn, ck, cv, lens), rtol=1e-5, atol=1e-5)
 
 
+def test_decode_attention_writes_the_new_tokens_in_place():
+  """With `write_positions` the kernel also writes row b's new key and value at its position of
+  the traced layer (a row past the span writes nothing) and returns the caches: equal to numpy's
+  update of them, the other layers and positions untouched; the output is the one without writes."""
+  (q, kn, vn, ck, cv), lens = _inputs(2, 4, 2, 64, 16, [9, 50], jnp.float32, seed=5)
+  stacked = [np.stack([a, -a, 2 * a]) for a in (ck, cv)]  # [L=3, B, K, S, D]
+  positions = np.asarray([9, 64], np.int32)  # row 1 inactive (its position is past the span)
+  run = jax.jit(lambda layer, *args: decode_attention(*args, layer=layer, write_positions=jnp.asarray(positions),
+                                                      splits=2, interpret=True))
+  out, got_k, got_v = run(jnp.int32(2), *(jnp.asarray(a) for a in (q, kn, vn, *stacked, lens)))
+  np.testing.assert_allclose(np.asarray(out), _numpy_reference(q, kn, vn, 2 * ck, 2 * cv, lens), rtol=1e-5, atol=1e-5)
+  for got, want, new in zip((got_k, got_v), stacked, (kn, vn)):
+    want = want.copy()
+    want[2, 0, :, 9] = new[0]
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_decode_attention_rejects_bad_shapes():
   q = jnp.zeros((2, 4, 16))
   kv = jnp.zeros((2, 2, 16))
@@ -118,6 +135,16 @@ def test_decode_attention_reads_pages_in_place():
   for splits in (1, 4):
     got = run(jnp.int32(1), *(jnp.asarray(a) for a in (q, kn, vn, pages_k, pages_v, lengths)), splits=splits)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  # Writing the new tokens: row 0 at position 37 (page 6, offset 5), row 1 on an unassigned page and
+  # row 2 past the span write nothing.
+  write = jax.jit(lambda *args: decode_attention(*args, layer=jnp.int32(1), page_table=jnp.asarray(table),
+                                                 write_positions=jnp.asarray([37, 3, 64], jnp.int32), interpret=True))
+  out, got_k, got_v = write(*(jnp.asarray(a) for a in (q, kn, vn, pages_k, pages_v, lengths)))
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+  for got, pages, new in zip((got_k, got_v), (pages_k, pages_v), (kn, vn)):
+    expect = pages.copy()
+    expect[1, 6, :, 5] = new[0]
+    np.testing.assert_array_equal(np.asarray(got), expect)
 
 
 def test_decode_attention_rejects_bad_pages():

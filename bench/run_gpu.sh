@@ -80,6 +80,20 @@ loop_graphs="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,
 # the speculative draft: 2 layers of width 1,024 with the `1b` preset's vocabulary
 draft="--set model.n_layers=2 --set model.d_model=1024 --set model.n_heads=8 --set model.n_kv_heads=4 --set model.d_ff=2816 --set model.scan_unroll=2"
 
+profile_b1() {  # label, then serve_profile flags: the batch-1 decode loop over a 512-position span of 1,152
+  local label=$1; shift
+  timeout 90 python3 bench/serve_profile.py --config=1b --batches=1 --max_len=1152 --span=512 --label="$label" \
+    --out="$out/profile_$label.json" "$@" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+}
+
+engine_b1() {  # label, then serve_decode flags: the engine at batch 1, bandwidth measured in the same call
+  local label=$1; shift
+  timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
+    --out="$out/serve_decode_b1_$label.json" "$@" 2>&1 | quiet | tail -n 3
+}
+# the decode kernel with four-way split products, the fastest batch-1 decode measured
+kernel4="--set model.decode_attention=pallas --set model.decode_split_k=4"
+
 moe_speed() {  # output name, timeout, then moe_train_speed flags (the `moe` preset, 2 windows of 8 steps)
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 bench/moe_train_speed.py --config=moe --windows=2 --steps=8 --out="$out/$name.json" "$@" \
@@ -261,38 +275,26 @@ case $set_name in
   decode_hlo)
     # batch-1 decode profiled with every kernel listed and its compiled HLO kept: XLA's attention, then
     # the decode kernel with decode_split_k=4; then the engine at batch 1 both ways (bandwidth measured in each)
-    base="--config=1b --batches=1 --max_len=1152 --span=512 --top=400"
-    kernel="--set model.decode_attention=pallas --set model.decode_split_k=4"
-    timeout 90 python3 bench/serve_profile.py $base --label=xla --hlo="$out/decode_b1_xla.hlo.gz" \
-      --out="$out/profile_xla.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
-    timeout 90 python3 bench/serve_profile.py $base $kernel --label=kernel_split4 --hlo="$out/decode_b1_split4.hlo.gz" \
-      --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
-    for variant in "xla:" "kernel_split4:$kernel"; do
-      timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer ${variant#*:} \
-        --out="$out/serve_decode_b1_${variant%%:*}.json" 2>&1 | quiet | tail -n 4
-    done
+    profile_b1 xla --top=400 --hlo="$out/decode_b1_xla.hlo.gz"
+    profile_b1 kernel_split4 --top=400 $kernel4 --hlo="$out/decode_b1_split4.hlo.gz"
+    engine_b1 xla
+    engine_b1 kernel_split4 $kernel4
     exit 0
     ;;
   decode_variants)
-    # batch-1 decode with the decode kernel and decode_split_k=4, then with XLA flags that may fuse
-    # the residual add with the norm's reduction (Triton multi-output fusions, no Triton softmax
-    # fusions), then decode_split_k=2 and 8
+    # each product's speed per split (bench/split_k_probe.py); batch-1 decode with the decode kernel and
+    # decode_split_k=4, then with XLA flags that may fuse the residual add with the norm's reduction
+    # (Triton multi-output fusions, no Triton softmax fusions), then decode_split_k=2 and 8
     timeout 150 python3 bench/split_k_probe.py --out="$out/split_k_probe.json" 2>&1 | quiet | tail -n 6
-    base="--config=1b --batches=1 --max_len=1152 --span=512 --top=12 --set model.decode_attention=pallas"
     for variant in "split4:" "multi_output:--xla_gpu_unsupported_enable_triton_multi_output_fusion=true" \
         "no_triton_softmax:--xla_gpu_experimental_enable_triton_softmax_priority_fusion=false" \
         "both:--xla_gpu_unsupported_enable_triton_multi_output_fusion=true --xla_gpu_experimental_enable_triton_softmax_priority_fusion=false"; do
-      label=${variant%%:*}
-      XLA_FLAGS="${variant#*:}" timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=4 --label=$label \
-        --out="$out/variant_$label.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+      XLA_FLAGS="${variant#*:}" profile_b1 "${variant%%:*}" $kernel4
     done
     for k in 2 8; do
-      timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=$k --label=split$k \
-        --out="$out/variant_split$k.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
+      profile_b1 split$k --set model.decode_attention=pallas --set model.decode_split_k=$k
     done
-    timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
-      --set model.decode_attention=pallas --set model.decode_split_k=4 --out="$out/serve_decode_b1_split4.json" \
-      2>&1 | quiet | tail -n 3
+    engine_b1 kernel_split4 $kernel4
     exit 0
     ;;
   decode_tune)
@@ -301,26 +303,18 @@ case $set_name in
     # kept), then the engine at batch 1 with the kernel and decode_split_k=4
     timeout 120 python3 bench/decode_attention.py --batches=2 --splits=4,8,16 --warps=2,4 \
       --out="$out/decode_attention.json" 2>&1 | quiet | tail -n 8
-    base="--config=1b --batches=1 --max_len=1152 --span=512 --top=40 --set model.decode_attention=pallas"
-    timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=4 --label=split4 \
-      --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
-    timeout 90 python3 bench/serve_profile.py $base --set model.decode_split_k=2 --label=split2 \
-      --hlo="$out/decode_b1_split2.hlo.gz" --out="$out/profile_split2.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
-    timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
-      --set model.decode_attention=pallas --set model.decode_split_k=4 --out="$out/serve_decode_b1_split4.json" \
-      2>&1 | quiet | tail -n 3
+    profile_b1 split4 --top=40 $kernel4
+    profile_b1 split2 --top=40 --set model.decode_attention=pallas --set model.decode_split_k=2 \
+      --hlo="$out/decode_b1_split2.hlo.gz"
+    engine_b1 kernel_split4 $kernel4
     exit 0
     ;;
   decode_final)
-    # batch-1 decode profiled with the decode kernel and decode_split_k=4, then the engine at batch 1
-    # that way and with XLA's attention and no split (the defaults), bandwidth measured in each
-    timeout 90 python3 bench/serve_profile.py --config=1b --batches=1 --max_len=1152 --span=512 --top=40 \
-      --set model.decode_attention=pallas --set model.decode_split_k=4 --label=split4 --hlo="$out/decode_b1_split4.hlo.gz" \
-      --out="$out/profile_split4.json" 2>&1 | quiet | grep -E "^batch|Error|error" | tail -n 3
-    for variant in "kernel_split4:--set model.decode_attention=pallas --set model.decode_split_k=4" "defaults:"; do
-      timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer ${variant#*:} \
-        --out="$out/serve_decode_b1_${variant%%:*}.json" 2>&1 | quiet | tail -n 2
-    done
+    # batch-1 decode profiled with the decode kernel and decode_split_k=4 (its HLO kept), then the
+    # engine at batch 1 that way and with the defaults (XLA's attention, no split), bandwidth measured in each
+    profile_b1 split4 --top=40 $kernel4 --hlo="$out/decode_b1_split4.hlo.gz"
+    engine_b1 kernel_split4 $kernel4
+    engine_b1 defaults
     exit 0
     ;;
   persistent)

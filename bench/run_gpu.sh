@@ -36,8 +36,8 @@
 #            at batch 1 with the kernel and decode_split_k=4 (bench/serve_decode.py)
 #   decode_tune  one GPU: the decode kernel alone per parts and warps, batch-1 decode profiled at
 #            decode_split_k 4 and 2, then the engine at batch 1 with the kernel and decode_split_k=4
-#   decode_final  one GPU: batch-1 decode profiled with the decode kernel and decode_split_k=4, then
-#            the engine at batch 1 that way and with the defaults
+#   decode_final  one GPU: batch-1 decode profiled with the defaults, then the engine at batch 1 with
+#            the defaults and with XLA's attention unsplit
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -91,8 +91,9 @@ engine_b1() {  # label, then serve_decode flags: the engine at batch 1, bandwidt
   timeout 150 python3 bench/serve_decode.py --config=1b --batches=1 --batches_only --no_peer \
     --out="$out/serve_decode_b1_$label.json" "$@" 2>&1 | quiet | tail -n 3
 }
-# the decode kernel with four-way split products, the fastest batch-1 decode measured
+# the decode kernel with four-way split products (what "auto" picks on one GPU), and XLA's attention unsplit
 kernel4="--set model.decode_attention=pallas --set model.decode_split_k=4"
+xla1="--set model.decode_attention=xla --set model.decode_split_k=1"
 
 moe_speed() {  # output name, timeout, then moe_train_speed flags (the `moe` preset, 2 windows of 8 steps)
   local name=$1 limit=$2; shift 2
@@ -246,7 +247,7 @@ case $set_name in
   decode)
     for layout in separate fused; do
       flag=$([ $layout = separate ] && echo --separate_projections || echo "")
-      timeout 110 python3 bench/serve_profile.py --config=1b --batches=1,32 --max_len=1152 --span=512 $flag \
+      timeout 110 python3 bench/serve_profile.py --config=1b --batches=1,32 --max_len=1152 --span=512 $flag $xla1 \
         --label=$layout --out="$out/serve_profile_$layout.json" 2>&1 | quiet | tail -n 4
     done
     timeout 300 python3 bench/serve_decode.py --config=1b --batches_only --out="$out/serve_decode.json" 2>&1 | quiet | tail -n 12
@@ -258,8 +259,8 @@ case $set_name in
     # start-up cost: PDL (programmatic dependent launch), Triton fusions of a reduction with its
     # elementwise consumers, command buffers for the decode loop itself
     timeout 120 python3 bench/decode_attention.py --out="$out/decode_attention.json" 2>&1 | quiet | tail -n 9
-    base="--config=1b --batches=1 --max_len=1152 --span=512"
-    timeout 90 python3 bench/serve_profile.py $base --label=xla_attention \
+    base="--config=1b --batches=1 --max_len=1152 --span=512 --set model.decode_split_k=1"
+    timeout 90 python3 bench/serve_profile.py $base --set model.decode_attention=xla --label=xla_attention \
       --out="$out/flags_xla_attention.json" 2>&1 | quiet | tail -n 24
     base="$base --set model.decode_attention=pallas"
     timeout 90 python3 bench/serve_profile.py $base --label=kernel --hlo="$out/decode_b1.hlo.gz" \
@@ -275,9 +276,9 @@ case $set_name in
   decode_hlo)
     # batch-1 decode profiled with every kernel listed and its compiled HLO kept: XLA's attention, then
     # the decode kernel with decode_split_k=4; then the engine at batch 1 both ways (bandwidth measured in each)
-    profile_b1 xla --top=400 --hlo="$out/decode_b1_xla.hlo.gz"
+    profile_b1 xla --top=400 $xla1 --hlo="$out/decode_b1_xla.hlo.gz"
     profile_b1 kernel_split4 --top=400 $kernel4 --hlo="$out/decode_b1_split4.hlo.gz"
-    engine_b1 xla
+    engine_b1 xla $xla1
     engine_b1 kernel_split4 $kernel4
     exit 0
     ;;
@@ -310,11 +311,12 @@ case $set_name in
     exit 0
     ;;
   decode_final)
-    # batch-1 decode profiled with the decode kernel and decode_split_k=4 (its HLO kept), then the
-    # engine at batch 1 that way and with the defaults (XLA's attention, no split), bandwidth measured in each
-    profile_b1 split4 --top=40 $kernel4 --hlo="$out/decode_b1_split4.hlo.gz"
-    engine_b1 kernel_split4 $kernel4
+    # batch-1 decode profiled with the defaults (on one GPU: the decode kernel and decode_split_k=4; its
+    # HLO kept), then the engine at batch 1 with the defaults and with XLA's attention and no split,
+    # bandwidth measured in each
+    profile_b1 defaults --top=40 --hlo="$out/decode_b1_defaults.hlo.gz"
     engine_b1 defaults
+    engine_b1 xla $xla1
     exit 0
     ;;
   persistent)

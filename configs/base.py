@@ -20,7 +20,7 @@ CROSS_HOST_AXES = ("replica", "data", "fsdp", "stage")
 DATA_SOURCES = ("builtin", "text", "tokens", "synthetic")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_and_attention")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-DECODE_ATTENTIONS = ("xla", "pallas")
+DECODE_ATTENTIONS = ("auto", "xla", "pallas")
 DTYPES = ("float32", "bfloat16")
 
 # Named strategies of a `ShardingPlan` (parallel/plan.py), one tuple of choices per family.
@@ -70,16 +70,18 @@ class ModelConfig:
   # "auto": cuDNN flash attention on GPUs with bf16 compute, XLA otherwise; or force "xla" / "cudnn".
   attention_impl: str = "auto"
   # A served decode step's attention (one new token per row over the KV cache): "xla", or "pallas",
-  # one Pallas (Triton) kernel per layer (parallel/attention/decode_kernel.py; one device only; on
-  # CPUs it runs in the Pallas interpreter, which is slow: for tests). With decode_split_k=4 it took
-  # a batch-1 `1b` step on one H100 from 1.18 to 1.08 ms (BENCHMARKS.md); not the default because
-  # it refuses meshes of several devices.
-  decode_attention: str = "xla"
-  # A decode step's q/k/v, output, gate/up (fused layout) and down products with their contraction
-  # cut into this many parts that multiply as one batched product (models/layers.py,
+  # one Pallas (Triton) kernel per layer that also writes the new keys and values
+  # (parallel/attention/decode_kernel.py; one device only; on CPUs it runs in the Pallas
+  # interpreter, which is slow: for tests), or "auto": "pallas" when the engine runs on one GPU,
+  # "xla" otherwise. With decode_split_k=4 it took a batch-1 `1b` step on one H100 from 1.14 to
+  # 0.99 ms (BENCHMARKS.md).
+  decode_attention: str = "auto"
+  # A decode step's q/k/v, output, gate/up (fused layout), down and head products with their
+  # contraction cut into this many parts that multiply as one batched product (models/layers.py,
   # split_k_product): more blocks in flight for products of one or two rows. One device only; 1 is
-  # the plain product.
-  decode_split_k: int = 1
+  # the plain product; 0 ("auto") is 4 when the engine runs on one GPU (2 or 1 where 4 does not
+  # divide the contractions), else 1.
+  decode_split_k: int = 0
   remat: str = "none"  # one of REMAT_POLICIES
   # Attention kind of each layer, "S" softmax or "L" decayed linear attention, repeated to
   # n_layers: "S" (the default) is a plain Llama, "L" all linear, "LLS" a hybrid.

@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import attend_with_cache
-from models.layers import apply_rope, decode_split, param, rms_norm, rope_inv_freq, scaled_rows, split_k_product
+from models.layers import apply_rope, decode_split, on_one_gpu, param, rms_norm, rope_inv_freq, scaled_rows, split_k_product
 from parallel.attention.decode_kernel import decode_attention, tiles
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -176,20 +176,20 @@ class Attention(nnx.Module):
       out = attend_with_cache(q, k, v, own(cache["k"]), own(cache["v"]), cache_len_B)
     return self.project_out(out, plan, split_k), {"k": k, "v": v}
 
-
   def _decode_kernel(self, new_tokens: int, span: int, plan: ShardingPlan) -> bool:
-    """With `model.decode_attention='pallas'`, one new token per row runs the one-kernel decode
+    """With `model.decode_attention='pallas'` (or 'auto' on one GPU), one new token per row runs the one-kernel decode
     attention (`parallel.attention.decode_kernel`) instead of XLA's; not for spans or head dims the
     kernel cannot tile, nor on a mesh of several devices (the kernel is not partitioned; the
     serving runner refuses that combination)."""
-    return (new_tokens == 1 and self.cfg.decode_attention == "pallas" and plan.mesh.size == 1
-            and tiles(span, self.cfg.resolved_head_dim))
+    return new_tokens == 1 and reads_cache_in_place(self.cfg, plan) and tiles(span, self.cfg.resolved_head_dim)
 
 
 def reads_cache_in_place(cfg: ModelConfig, plan: ShardingPlan) -> bool:
   """Whether a decoder's layers read the stacked KV cache in place (`model.decode_attention='pallas'`
-  on one device: the kernel indexes the layer itself) rather than each its own slice."""
-  return cfg.decode_attention == "pallas" and plan.mesh.size == 1
+  on one device, or 'auto' on one GPU: the kernel indexes the layer itself) rather than each its own
+  slice."""
+  kind = cfg.decode_attention
+  return plan.mesh.size == 1 and (kind == "pallas" or (kind == "auto" and on_one_gpu(plan)))
 
 
 def reads_pages_in_place(cfg: ModelConfig, plan: ShardingPlan, page_size: int) -> bool:

@@ -55,10 +55,22 @@ def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int, ou
   return partial.sum(0).reshape(*lead, *out).astype(out_dtype)
 
 
+def on_one_gpu(plan: ShardingPlan) -> bool:
+  """Whether the plan's mesh is a single GPU (what `model.decode_attention` and
+  `model.decode_split_k` resolve "auto" by)."""
+  return plan.mesh.size == 1 and plan.mesh.devices.flat[0].platform == "gpu"
+
+
 def decode_split(cfg: ModelConfig, new_tokens: int, plan: ShardingPlan) -> int:
   """`model.decode_split_k` for a decode step's products (one new token per row) on one device,
-  else 1 (the split would cut sharded contractions; the serving runner refuses that combination)."""
-  return cfg.decode_split_k if new_tokens == 1 and plan.mesh.size == 1 else 1
+  else 1 (the split would cut sharded contractions; the serving runner refuses that combination).
+  0 (auto): 4 on one GPU (or the largest of 2 and 1 dividing every contraction), else 1."""
+  if new_tokens != 1 or plan.mesh.size != 1:
+    return 1
+  if cfg.decode_split_k:
+    return cfg.decode_split_k
+  widths = (cfg.d_model, cfg.n_heads * cfg.resolved_head_dim, cfg.d_ff)
+  return next(k for k in (4, 2, 1) if all(n % k == 0 for n in widths)) if on_one_gpu(plan) else 1
 
 
 def scaled_rows(y: jax.Array, row_scale: jax.Array | None, dtype: Any) -> jax.Array:

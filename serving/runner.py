@@ -94,10 +94,10 @@ class ModelRunner:
     (`models.paged_cache`) of `pages` pages, whose tables `assign_pages` fills."""
     if cfg.decode_attention == "pallas" and plan.mesh.size > 1:
       raise ValueError(f"model.decode_attention='pallas' runs on one device, but this engine's mesh has "
-                       f"{plan.mesh.size} ({dict(plan.mesh.shape)}): the kernel is not partitioned; use 'xla'")
+                       f"{plan.mesh.size} ({dict(plan.mesh.shape)}): the kernel is not partitioned; use 'auto' or 'xla'")
     if cfg.decode_split_k > 1 and plan.mesh.size > 1:
       raise ValueError(f"model.decode_split_k={cfg.decode_split_k} runs on one device, but this engine's mesh has "
-                       f"{plan.mesh.size} ({dict(plan.mesh.shape)}): the split would cut sharded contractions; use 1")
+                       f"{plan.mesh.size} ({dict(plan.mesh.shape)}): the split would cut sharded contractions; use 0 (auto) or 1")
     self.cfg, self.plan, self.max_len, self.slots = cfg, plan, max_len, slots
     slots = max(slots, MIN_DECODE_ROWS)
     model = lambda: Transformer(cfg, rngs=nnx.Rngs(0), fused_projections=fused_projections)

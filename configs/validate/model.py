@@ -29,9 +29,9 @@ def check(m: ModelConfig, backend: str) -> None:
                               f"{backend!r}; use 'auto' or 'xla'")
   require_choice(m.decode_attention, DECODE_ATTENTIONS, "model.decode_attention")
   k = m.decode_split_k
-  require(k >= 1 and all(n % k == 0 for n in (m.d_model, m.n_heads * m.resolved_head_dim, m.d_ff)),
-          f"model.decode_split_k={k}: must be >= 1 and divide model.d_model={m.d_model}, the attention width "
-          f"{m.n_heads * m.resolved_head_dim} and model.d_ff={m.d_ff} (the contractions it cuts)")
+  require(k == 0 or (k >= 1 and all(n % k == 0 for n in (m.d_model, m.n_heads * m.resolved_head_dim, m.d_ff))),
+          f"model.decode_split_k={k}: must be 0 (auto), or >= 1 and divide model.d_model={m.d_model}, the "
+          f"attention width {m.n_heads * m.resolved_head_dim} and model.d_ff={m.d_ff} (the contractions it cuts)")
   require(1 <= m.scan_unroll <= m.n_layers and m.n_layers % m.scan_unroll == 0,
           f"model.scan_unroll={m.scan_unroll}: must divide model.n_layers={m.n_layers}")
   require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta}: must be positive")

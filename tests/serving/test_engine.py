@@ -246,6 +246,28 @@ def test_split_k_decode_equals_full_forward(monkeypatch):
     make_engine(params, cfg=cfg, plan=make_plan(make_mesh({"tensor": 2}, jax.devices()[:2])))
 
 
+def test_auto_decode_options_pick_the_kernel_and_the_split_on_one_gpu(monkeypatch):
+  """`model.decode_attention='auto'` and `model.decode_split_k=0` (the defaults): XLA's attention and
+  no split on CPUs or on several devices; on one GPU the kernel and a split of 4, or the largest of
+  2 and 1 that divides every contraction."""
+  import models.attention  # noqa: PLC0415
+  import models.layers  # noqa: PLC0415
+  from models.attention import reads_cache_in_place  # noqa: PLC0415
+  from models.layers import decode_split  # noqa: PLC0415
+
+  one, two = single_device_plan(), make_plan(make_mesh({"tensor": 2}, jax.devices()[:2]))
+  cfg = tiny.CFG
+  assert (cfg.decode_attention, cfg.decode_split_k) == ("auto", 0)
+  assert not reads_cache_in_place(cfg, one) and decode_split(cfg, 1, one) == 1  # this machine's CPUs
+  for module in (models.attention, models.layers):
+    monkeypatch.setattr(module, "on_one_gpu", lambda plan: plan.mesh.size == 1)
+  assert reads_cache_in_place(cfg, one) and decode_split(cfg, 1, one) == 4
+  assert decode_split(cfg, 3, one) == 1, "prompt chunks are not split"
+  assert decode_split(dataclasses.replace(cfg, d_ff=cfg.d_ff + 2), 1, one) == 2
+  assert decode_split(dataclasses.replace(cfg, decode_split_k=2), 1, one) == 2
+  assert not reads_cache_in_place(cfg, two) and decode_split(cfg, 1, two) == 1
+
+
 @pytest.mark.parametrize("field,value", [("layer_pattern", "LS"), ("n_experts", 4), ("max_seq_len", 32)])
 def test_unservable_models_are_refused(field, value):
   cfg = dataclasses.replace(tiny.CFG, **{field: value})

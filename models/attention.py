@@ -9,7 +9,7 @@ from flax import nnx
 
 from configs import ModelConfig
 from models.cache import attend_with_cache
-from models.layers import apply_rope, decode_split, on_one_gpu, param, rms_norm, rope_inv_freq, scaled_rows, split_k_product
+from models.layers import apply_rope, decode_split, on_one_gpu, param, rms_norm, rope_inv_freq, scaled_product, split_k_product
 from parallel.attention.decode_kernel import decode_attention, tiles
 from parallel.attention.dispatch import attend
 from parallel.linear.dispatch import linear_attend
@@ -111,7 +111,7 @@ class Attention(nnx.Module):
     def product(spec, weight):
       if split_k == 1 and row_scale is None:
         return jnp.einsum(spec, x, weight)
-      return scaled_rows(split_k_product(x, weight, 1, split_k, jnp.float32), row_scale, self.dtype)
+      return scaled_product(x, weight, split_k, row_scale, self.dtype)
 
     def project(p, bias, axes):
       y = product("bld,dhk->blhk", w(p))

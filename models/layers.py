@@ -73,9 +73,10 @@ def decode_split(cfg: ModelConfig, new_tokens: int, plan: ShardingPlan) -> int:
   return next(k for k in (4, 2, 1) if all(n % k == 0 for n in widths)) if on_one_gpu(plan) else 1
 
 
-def scaled_rows(y: jax.Array, row_scale: jax.Array | None, dtype: Any) -> jax.Array:
-  """y (float32 sums of a product) times a per-row factor ([B, L, 1], broadcast over y's trailing
-  axes), in `dtype`; no factor: y in `dtype`."""
+def scaled_product(x: jax.Array, w: jax.Array, splits: int, row_scale: jax.Array | None, dtype: Any) -> jax.Array:
+  """x [B, L, D] times w [D, ...] (`split_k_product`, float32 sums), each row times its factor
+  ([B, L, 1]: the fused layout's `rms_factor`; None: none), in `dtype`."""
+  y = split_k_product(x, w, 1, splits, jnp.float32)
   if row_scale is not None:
     y = y * row_scale.reshape(row_scale.shape + (1,) * (y.ndim - row_scale.ndim))
   return y.astype(dtype)
@@ -189,8 +190,7 @@ class MLP(nnx.Module):
     (`rms_factor`; the norm's scale is folded into `w_gate_up`), multiplied into gate and up."""
     x = x_BxLxD.astype(self.dtype)
     if self.fused:
-      y = split_k_product(x, self.w_gate_up[...].astype(self.dtype), 1, split_k, jnp.float32)
-      y = scaled_rows(y, row_scale, self.dtype)
+      y = scaled_product(x, self.w_gate_up[...].astype(self.dtype), split_k, row_scale, self.dtype)
       gate, up = y[:, :, 0], y[:, :, 1]
     else:
       gate = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(self.dtype))

@@ -17,7 +17,7 @@ from flax import nnx
 from configs import ModelConfig
 from models.attention import layer_kinds, reads_cache_in_place
 from models.block import RESIDUAL_AXES, Block
-from models.layers import RMSNorm, decode_split, param, rms_factor, rms_norm, scaled_rows, split_k_product
+from models.layers import RMSNorm, decode_split, param, rms_factor, rms_norm, scaled_product
 from models.moe import RouterBias, expert_width, is_sparse, stack_layout
 from models.stack import Carry, make_layer_fn, scan_layers
 from parallel.plan import ShardingPlan, single_device_plan
@@ -187,8 +187,9 @@ class Transformer(nnx.Module):
     out = self.embed[...] if self.lm_head is None else self.lm_head[...]
     if self.final_norm is None:  # the fused layout: the norm's scale is in lm_head
       cfg, dt = self.cfg, jnp.dtype(self.cfg.compute_dtype)
-      y = split_k_product(x_BxLxD.astype(dt), out.astype(dt), 1, decode_split(cfg, x_BxLxD.shape[1], plan), jnp.float32)
-      return plan.constrain(scaled_rows(y, rms_factor(x_BxLxD, cfg.norm_eps), dt), ("batch", "length", "vocab"))
+      y = scaled_product(x_BxLxD.astype(dt), out.astype(dt), decode_split(cfg, x_BxLxD.shape[1], plan),
+                         rms_factor(x_BxLxD, cfg.norm_eps), dt)
+      return plan.constrain(y, ("batch", "length", "vocab"))
     return head_logits(self.cfg, self.final_norm.scale[...], out, x_BxLxD, plan)
 
 

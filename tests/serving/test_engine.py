@@ -221,10 +221,9 @@ def test_split_k_decode_equals_full_forward(monkeypatch):
   full forward pass's greedy tokens and log-probabilities; refused on a mesh of several devices."""
   import models.attention  # noqa: PLC0415
   import models.layers  # noqa: PLC0415
-  import models.transformer  # noqa: PLC0415
 
   calls = []
-  for module in (models.attention, models.layers, models.transformer):
+  for module in (models.attention, models.layers):
     product = module.split_k_product
     monkeypatch.setattr(module, "split_k_product",
                         lambda x, w, n, k, out=None, product=product: calls.append((x.shape[1], w.shape, k))

@@ -52,7 +52,12 @@ def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int, ou
   xs = x.reshape(*lead, splits, k // splits)
   ws = w.reshape(splits, k // splits, math.prod(out))
   partial = einsum_f32("...sk,skn->s...n", xs, ws)
-  return partial.sum(0).reshape(*lead, *out).astype(out_dtype)
+  # An explicit chain of adds, not a reduction over the split axis: XLA fuses elementwise adds into
+  # their consumer (and a residual add with the RMS reduction after it), a reduction it keeps apart.
+  total = partial[0]
+  for part in range(1, splits):
+    total = total + partial[part]
+  return total.reshape(*lead, *out).astype(out_dtype)
 
 
 def on_one_gpu(plan: ShardingPlan) -> bool:

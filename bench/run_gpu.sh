@@ -38,8 +38,9 @@
 #            decode_split_k 4 and 2, then the engine at batch 1 with the kernel and decode_split_k=4
 #   decode_final  one GPU: batch-1 decode profiled with the defaults, then the engine at batch 1 with
 #            the defaults and with XLA's attention unsplit
-#   decode_sum  one GPU: batch-1 decode profiled with the defaults, at decode_split_k 2 and 8 and with XLA's
-#            fusion autotuner off, then the engine at batch 1 with the defaults and with XLA's attention
+#   decode_sum  one GPU: batch-1 decode profiled with the defaults, the engine at batch 1 with the defaults,
+#            with XLA's attention and with 128 steps per dispatch, then the profile at decode_split_k 2
+#            and 8 and with XLA's fusion autotuner off
 #   persistent  one GPU: the 16-layer chain of a `1b` step's products run by one resident kernel
 #            (bench/persistent_chain.py, a grid barrier between products) against XLA's chain, over a
 #            sweep of programs/block sizes/warps (bench/decode_kernels.py --persistent_only)
@@ -322,15 +323,16 @@ case $set_name in
     exit 0
     ;;
   decode_sum)
-    # batch-1 decode profiled with the defaults (HLO kept), at decode_split_k 2 and 8, and with XLA's
-    # fusion autotuner off (its Triton reductions do not take the residual add in); then the engine at
-    # batch 1 with the defaults and with XLA's attention unsplit
+    # batch-1 decode profiled with the defaults (HLO kept); the engine at batch 1 with the defaults, with
+    # XLA's attention unsplit, and with 128 steps per dispatch; then the profile at decode_split_k 2, with
+    # XLA's fusion autotuner off (its Triton reductions do not take the residual add in), and at 8
     profile_b1 defaults --top=40 --hlo="$out/decode_b1_defaults.hlo.gz"
-    profile_b1 split2 --top=40 --set model.decode_split_k=2
-    profile_b1 split8 --top=40 --set model.decode_split_k=8
-    XLA_FLAGS=--xla_gpu_experimental_enable_fusion_autotuner=false profile_b1 no_fusion_tuner --top=40
     engine_b1 defaults
     engine_b1 xla $xla1
+    engine_b1 steps128 --decode_steps_single=128
+    profile_b1 split2 --top=40 --set model.decode_split_k=2
+    XLA_FLAGS=--xla_gpu_experimental_enable_fusion_autotuner=false profile_b1 no_fusion_tuner --top=40
+    profile_b1 split8 --top=40 --set model.decode_split_k=8
     exit 0
     ;;
   persistent)

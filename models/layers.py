@@ -52,8 +52,8 @@ def split_k_product(x: jax.Array, w: jax.Array, n_contract: int, splits: int, ou
   xs = x.reshape(*lead, splits, k // splits)
   ws = w.reshape(splits, k // splits, math.prod(out))
   partial = einsum_f32("...sk,skn->s...n", xs, ws)
-  # An explicit chain of adds, not a reduction over the split axis: XLA fuses elementwise adds into
-  # their consumer (and a residual add with the RMS reduction after it), a reduction it keeps apart.
+  # A chain of elementwise adds, not a reduction over the parts: the form in which XLA fuses the sum
+  # into its consumer, and a residual add with the RMS reduction after it, most readily.
   total = partial[0]
   for part in range(1, splits):
     total = total + partial[part]

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from configs import ModelConfig
-from models.attention import reads_pages_in_place
+from models.attention import reads_cache_in_place, reads_pages_in_place
 from models.cache import CACHE_AXES, KVCache, write_back
 from models.paged_cache import PAGE_AXES, PagedKVCache
 from models.fused import fuse_projections
@@ -112,6 +112,7 @@ class ModelRunner:
       shape = (cfg.n_layers, slots, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
       self.cache = KVCache.zeros(*dims, dtype=jnp.dtype(cfg.compute_dtype),
                                  sharding=plan.sharding(CACHE_AXES, plan.activations, shape))
+    self.reads_cache_in_place = reads_cache_in_place(cfg, plan)  # the decode kernel, which also writes
     # Decode steps read the paged cache's pages in place (the decode kernel), not gathered rows.
     self.reads_pages_in_place = bool(page_size) and reads_pages_in_place(cfg, plan, page_size)
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("greedy",))
@@ -131,7 +132,7 @@ class ModelRunner:
       rows = cache.pages_in_place()
     else:
       rows = (cache if window is None else window).rows(slot_ids_B)
-    if tokens_BxT.shape[1] == 1 and slot_ids_B is None:  # a decode step: the kernel may write the new tokens
+    if self.reads_cache_in_place and tokens_BxT.shape[1] == 1 and slot_ids_B is None:  # the kernel writes them
       carry["cache_write_positions"] = write_pos_BxT[:, 0]
     carry, new_kv = model.forward_layers_cached(carry, rows, plan=self.plan, unroll=unroll)
     if "written" in new_kv:  # written where they were read (the decode kernel): only the lengths are left
